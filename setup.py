@@ -1,0 +1,82 @@
+"""Build vqdna._C from csrc/.
+
+Environment switches:
+  VQDNA_BUILD_EXT=0        pure-Python install (no extension; reference and Triton paths only)
+  VQDNA_BUILD_CUDA=auto|0|1
+                           auto (default): build the CUDA ops when torch has CUDA and nvcc is found;
+                           1: require them (error if impossible); 0: skip them
+  VQDNA_CUDA_ARCHS="8.0;9.0"
+                           CUDA architectures (sets TORCH_CUDA_ARCH_LIST; default "8.0;9.0")
+  MAX_JOBS                 parallel compile jobs (default: from free memory, nvcc needs ~3 GB a job)
+"""
+
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+
+def _max_jobs() -> str:
+    if os.environ.get("MAX_JOBS"):
+        return os.environ["MAX_JOBS"]
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) for line in f}
+        free_gb = info.get("MemAvailable", 0) / 2**20
+    except OSError:
+        free_gb = 4.0
+    return str(max(1, min(os.cpu_count() or 1, int(free_gb // 3))))
+
+
+def _extensions():
+    if os.environ.get("VQDNA_BUILD_EXT", "1") == "0":
+        print("vqdna: VQDNA_BUILD_EXT=0, building a pure-Python package")
+        return [], {}
+    import torch
+    from torch.utils import cpp_extension
+
+    os.environ["MAX_JOBS"] = _max_jobs()
+    here = os.path.dirname(os.path.abspath(__file__))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-march=x86-64-v3" if _is_x86() else "-mcpu=native"]
+    nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    define_macros = []
+    want_cuda = os.environ.get("VQDNA_BUILD_CUDA", "auto").lower()
+    nvcc = cpp_extension.CUDA_HOME is not None and shutil.which("nvcc") is not None
+    has_cuda_torch = torch.version.cuda is not None
+    build_cuda = want_cuda in ("1", "true", "yes") or (want_cuda == "auto" and nvcc and has_cuda_torch)
+    if want_cuda in ("1", "true", "yes") and not (nvcc and has_cuda_torch):
+        raise RuntimeError(
+            "VQDNA_BUILD_CUDA=1 but the CUDA ops cannot be built: "
+            f"nvcc found={nvcc}, torch CUDA version={torch.version.cuda}"
+        )
+    if build_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("VQDNA_CUDA_ARCHS", "8.0;9.0"))
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        define_macros.append(("VQDNA_WITH_CUDA", "1"))
+        ext_cls = cpp_extension.CUDAExtension
+        extra = {"cxx": cxx_flags, "nvcc": nvcc_flags}
+    else:
+        ext_cls = cpp_extension.CppExtension
+        extra = {"cxx": cxx_flags}
+    print(f"vqdna: building vqdna._C (CUDA ops: {'yes' if build_cuda else 'no'}, MAX_JOBS={os.environ['MAX_JOBS']})")
+    ext = ext_cls(
+        name="vqdna._C",
+        sources=sources,
+        include_dirs=[os.path.join(here, "csrc")],
+        define_macros=define_macros,
+        extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
+    )
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+
+
+def _is_x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
