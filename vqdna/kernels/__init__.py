@@ -1,1 +1,8 @@
-"""vqdna kernels."""
+"""vqdna kernels: every op has a pure-PyTorch reference (reference.py, the spec) and fast backends
+chosen at one dispatch point (dispatch.py)."""
+
+from vqdna.kernels import reference
+from vqdna.kernels.dispatch import BACKENDS, available_backends, last_backend
+from vqdna.kernels.ops import lookup, raise_on_nonfinite
+
+__all__ = ["BACKENDS", "available_backends", "last_backend", "lookup", "raise_on_nonfinite", "reference"]

@@ -1,0 +1,19 @@
+"""The one tolerance table of the test suite.
+
+Inputs are rounded to their dtype before the float64 truth is computed, so what a backend may get
+wrong is only the float32 accumulation order (and, on GPUs, the tensor cores' accumulation). A
+distance is therefore allowed an error of TOL[dtype] * scale, with scale = ||z||^2 + max_k ||e_k||^2
+of that row (the size of the terms that cancel in ||e||^2 - 2 z.e + ||z||^2). Codes must be equal
+to the reference wherever the best and second-best exact distances differ by more than twice that;
+closer than that is a near-tie and either code may be chosen, as long as its exact distance is
+within the tolerance of the true minimum.
+"""
+
+import torch
+
+TOL = {
+    torch.float64: 1e-12,
+    torch.float32: 2e-5,
+    torch.bfloat16: 2e-5,
+    torch.float16: 2e-5,
+}

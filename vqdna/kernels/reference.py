@@ -1,0 +1,226 @@
+"""The executable spec (DESIGN section 2): pure PyTorch, written for clarity, float64-capable.
+
+Every fast backend of every op is tested against the function of the same name here.
+Conventions: z is [N, D]; a codebook is [K, D]; codes are int32; reductions accumulate in float32
+(or float64 when the inputs are float64); TF32 is never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+
+__all__ = ["lookup", "hrq_quantize", "ema_update", "kmeans", "stem", "BASE_PAD_ID", "NUM_BASES"]
+
+NUM_BASES = 5  # A C G T N
+BASE_PAD_ID = 5  # "no base here": contributes nothing to the stem, like Conv1d's zero padding
+
+# Rows per chunk when the reference forms a [chunk, K] distance block; keeps memory bounded.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _accum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@contextlib.contextmanager
+def _no_tf32():
+    """The spec is computed without TF32 on any device."""
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+def lookup(
+    z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest code per row (DESIGN 2.1).
+
+    z [N, D], codebook [K, D] (float32/bfloat16/float16/float64), codebook_sqnorm [K] (optional).
+    Returns codes int32 [N] = argmin_k ||e_k||^2 - 2 z.e_k (ties: smallest k; a NaN distance is
+    treated as +inf so it never wins) and dist [N] float32 (float64 for float64 inputs)
+    = that minimum + ||z||^2, clamped at 0 (NaN stays NaN).
+    """
+    acc = _accum_dtype(z.dtype)
+    e = codebook.to(acc)
+    e_sq = (e * e).sum(-1) if codebook_sqnorm is None else codebook_sqnorm.to(acc)
+    n = z.shape[0]
+    codes = torch.empty(n, dtype=torch.int32, device=z.device)
+    dist = torch.empty(n, dtype=acc, device=z.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, codebook.shape[0]))
+    with _no_tf32():
+        for start in range(0, n, chunk):
+            zc = z[start : start + chunk].to(acc)
+            scores = e_sq[None, :] - 2.0 * (zc @ e.T)  # [chunk, K]
+            scores = torch.where(torch.isnan(scores), torch.full_like(scores, math.inf), scores)
+            best, idx = scores.min(dim=1)  # first occurrence of the minimum -> smallest k
+            d = best + (zc * zc).sum(-1)
+            codes[start : start + chunk] = idx.to(torch.int32)
+            dist[start : start + chunk] = torch.where(d < 0, torch.zeros_like(d), d)
+    return codes, dist
+
+
+def hrq_quantize(
+    zs: Sequence[torch.Tensor], codebooks: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hierarchical residual quantization with residual doubling (DESIGN 2.2).
+
+    zs: L tensors [N, D] (encoder outputs at the tapped blocks); codebooks: L tensors [K_l, D].
+    H_1 = Z_1; H_l = 2 Z_l - C_{l-1}[M_{l-1}]; M_l = lookup(H_l, C_l); Hhat_l = C_l[M_l].
+    Returns codes int32 [L, N] and zhat_levels [L, N, D] (dtype of zs), the cumulative means
+    zhat_levels[l] = mean_{m<=l} Hhat_m, with the straight-through gradient of DESIGN 2.2: Hhat_l is
+    H_l + sg(Hhat_l - H_l) with the previous code embedding inside H_l detached, so
+    d zhat_levels[-1] / d Z_1 = 1/L and / d Z_l = 2/L.
+    """
+    if len(zs) != len(codebooks) or len(zs) == 0:
+        raise ValueError(f"hrq_quantize: got {len(zs)} inputs and {len(codebooks)} codebooks")
+    codes, levels = [], []
+    running = None
+    prev_embedding = None
+    for level, (z, cb) in enumerate(zip(zs, codebooks)):
+        h = z if level == 0 else 2.0 * z - prev_embedding.detach()
+        m, _ = lookup(h.detach(), cb.detach())
+        hhat = cb.detach()[m.long()].to(z.dtype)
+        hhat_ste = h + (hhat - h).detach()
+        running = hhat_ste if running is None else running + hhat_ste
+        levels.append(running / (level + 1))
+        codes.append(m)
+        prev_embedding = hhat
+    return torch.stack(codes), torch.stack(levels)
+
+
+def ema_update(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    cluster_size: torch.Tensor,
+    embed_sum: torch.Tensor,
+    *,
+    decay: float = 0.99,
+    eps: float = 1e-5,
+    mask: Optional[torch.Tensor] = None,
+    all_reduce: Optional[Callable[[torch.Tensor], None]] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """EMA codebook update (DESIGN 2.3), functional: returns new tensors, inputs untouched.
+
+    x [N, D] (the vectors that were quantised), codes [N] int in [0, K), cluster_size [K] float32,
+    embed_sum [K, D] float32, mask [N] bool (False rows are padding and count for nothing).
+    all_reduce: called in place on the concatenated float32 [K * (1 + D)] buffer [n | s] (e.g. a
+    torch.distributed SUM all_reduce) before the EMA.
+    Returns (cluster_size, embed_sum, codebook [K, D] float32).
+    """
+    k = cluster_size.shape[0]
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
+    weight = torch.ones(x.shape[0], dtype=acc, device=x.device)
+    if mask is not None:
+        weight = mask.to(acc)
+    idx = codes.long()
+    n = torch.zeros(k, dtype=acc, device=x.device).index_add_(0, idx, weight)
+    s = torch.zeros(k, x.shape[1], dtype=acc, device=x.device).index_add_(0, idx, xf * weight[:, None])
+    if all_reduce is not None:
+        buf = torch.cat([n, s.reshape(-1)])
+        all_reduce(buf)
+        n, s = buf[:k], buf[k:].reshape(k, -1)
+    new_cluster_size = decay * cluster_size.to(acc) + (1.0 - decay) * n
+    new_embed_sum = decay * embed_sum.to(acc) + (1.0 - decay) * s
+    total = new_cluster_size.sum()
+    smoothed = (new_cluster_size + eps) / (total + k * eps) * total
+    codebook = new_embed_sum / smoothed[:, None]
+    return new_cluster_size, new_embed_sum, codebook
+
+
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    iters: int = 10,
+    *,
+    init: str = "kmeans++",
+    seed: int = 0,
+) -> torch.Tensor:
+    """k-means on x [N, D] (DESIGN 2.4): assign with `lookup`, update with the `ema_update`
+    reduction at decay 0 (plain means). A cluster left empty keeps its previous centroid.
+    init: "kmeans++" (D^2 sampling) or "random" (distinct random rows). Deterministic for a seed.
+    Returns centroids [k, D] float32 (float64 for float64 x).
+    """
+    n, d = x.shape
+    if n == 0 or k < 1:
+        raise ValueError(f"kmeans: need N >= 1 rows and k >= 1, got N={n}, k={k}")
+    acc = _accum_dtype(x.dtype)
+    xf = x.to(acc)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if init == "random":
+        pick = torch.randperm(n, generator=gen)[:k]
+        if k > n:
+            pick = torch.cat([pick, torch.randint(n, (k - n,), generator=gen)])
+        centroids = xf[pick.to(x.device)].clone()
+    elif init == "kmeans++":
+        centroids = torch.empty(k, d, dtype=acc, device=x.device)
+        first = torch.randint(n, (1,), generator=gen).item()
+        centroids[0] = xf[first]
+        closest = ((xf - centroids[0]) ** 2).sum(-1)
+        for j in range(1, k):
+            weights = closest.clamp_min(0).cpu().double()
+            if not torch.isfinite(weights).all() or weights.sum() <= 0:
+                choice = torch.randint(n, (1,), generator=gen).item()
+            else:
+                choice = torch.multinomial(weights, 1, generator=gen).item()
+            centroids[j] = xf[choice]
+            closest = torch.minimum(closest, ((xf - centroids[j]) ** 2).sum(-1))
+    else:
+        raise ValueError(f"kmeans: unknown init {init!r} (expected 'kmeans++' or 'random')")
+    zeros_n = torch.zeros(k, dtype=acc, device=x.device)
+    zeros_s = torch.zeros(k, d, dtype=acc, device=x.device)
+    for _ in range(iters):
+        codes, _ = lookup(xf, centroids)
+        counts, sums, _ = ema_update(xf, codes, zeros_n, zeros_s, decay=0.0, eps=0.0)
+        means = sums / counts.clamp_min(1)[:, None]
+        centroids = torch.where((counts > 0)[:, None], means, centroids)
+    return centroids
+
+
+def stem(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    *,
+    ln_eps: float = 1e-6,
+) -> torch.Tensor:
+    """The tokenizer stem on base ids as a gather-sum (DESIGN 2.5), then LayerNorm and GELU.
+
+    ids [B, L] integer in 0..4 (A C G T N) or BASE_PAD_ID (5: no base, contributes nothing);
+    weight [D, 5, W] (Conv1d weight over the one-hot input, W odd, padding W // 2), bias [D],
+    ln_weight/ln_bias [D]. y[b, t] = bias + sum_j weight[:, ids[b, t + j - W//2], j], positions
+    outside [0, L) contribute nothing. Returns [B, L, D] in float32 (float64 for float64 weights):
+    GELU(LayerNorm(y)) with the exact (erf) GELU.
+    Equals GELU(LayerNorm(Conv1d(one_hot(ids)))) without ever building the one-hot tensor.
+    """
+    if ids.dim() != 2:
+        raise ValueError(f"stem: ids must be [B, L], got shape {tuple(ids.shape)}")
+    bad = (ids < 0) | (ids > BASE_PAD_ID)
+    if bool(bad.any()):
+        b, t = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"stem: ids[{b}, {t}] = {int(ids[b, t])} is not a base id (0..4) or the pad id 5")
+    acc = _accum_dtype(weight.dtype)
+    d, c, width = weight.shape
+    if c != NUM_BASES or width % 2 == 0:
+        raise ValueError(f"stem: weight must be [D, 5, odd width], got {tuple(weight.shape)}")
+    half = width // 2
+    batch, length = ids.shape
+    # A zero column appended at channel 5 makes the pad id (and positions off the edge) add nothing.
+    table = torch.cat([weight.to(acc), torch.zeros(d, 1, width, dtype=acc, device=weight.device)], dim=1)
+    padded = torch.full((batch, length + 2 * half), BASE_PAD_ID, dtype=torch.long, device=ids.device)
+    padded[:, half : half + length] = ids.long()
+    y = bias.to(acc).expand(batch, length, d).clone()
+    for j in range(width):
+        y += table[:, :, j].T[padded[:, j : j + length]]  # gather [B, L, D]
+    y = torch.nn.functional.layer_norm(y, (d,), ln_weight.to(acc), ln_bias.to(acc), ln_eps)
+    return torch.nn.functional.gelu(y)
