@@ -1,0 +1,35 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# On the project's CPU machines this pin is a CPU build on local disk; elsewhere the normal PyPI build.
+TORCH_PIN ?= torch==2.13.0
+SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h)
+
+.PHONY: install demo test test-slow bench bench-gpu clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py $(SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q numpy ninja "setuptools>=64" wheel "triton; platform_system == 'Linux'"
+	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
+	$(BIN)/python -c "import vqdna, vqdna._ext as e; assert e.extension_available(), 'vqdna._C failed to build'"
+	touch $@
+
+demo: install
+	$(BIN)/vqdna demo
+
+# CPU CI: every Triton kernel runs under the interpreter; heavier checks are behind -m slow.
+test: install
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m "not slow" tests
+
+test-slow: install
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m slow tests
+
+bench: install
+	$(BIN)/python -m pytest bench -q --benchmark-columns=min,median,rounds --benchmark-json=bench/results/last-cpu.json
+
+clean:
+	rm -rf build *.egg-info vqdna/_C*.so $(VENV)

@@ -1,0 +1,27 @@
+"""DNA bytes -> base ids (DESIGN 1 and 2.5): A C G T N = 0 1 2 3 4, any case; U -> T; every other
+IUPAC letter -> N. Whitespace (and line ends) is skipped; any other byte is invalid."""
+
+import numpy as np
+
+BASES = "ACGTN"
+NUM_BASES = 5
+INVALID = 255  # a byte that is no IUPAC letter
+SKIP = 254  # whitespace: dropped
+
+_IUPAC_N = "RYSWKMBDHVN"
+
+
+def _build_table() -> np.ndarray:
+    table = np.full(256, INVALID, dtype=np.uint8)
+    for i, base in enumerate("ACGT"):
+        table[ord(base)] = table[ord(base.lower())] = i
+    table[ord("U")] = table[ord("u")] = 3
+    for letter in _IUPAC_N:
+        table[ord(letter)] = table[ord(letter.lower())] = 4
+    for ws in b" \t\r\n\v\f":
+        table[ws] = SKIP
+    return table
+
+
+BYTE_TO_ID = _build_table()
+BYTE_TO_ID.setflags(write=False)

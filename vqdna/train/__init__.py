@@ -1,0 +1,1 @@
+"""Training loops (stages 1-3)."""
