@@ -17,13 +17,19 @@ DS = [1, 3, 17, 64, 384, 1030]
 KS = [1, 2, 513, 4096]
 
 # The Triton interpreter runs on the CPU at ~1 ms per tile step: larger problems go behind `slow`.
-_INTERPRETER_BUDGET = 40_000_000  # N * K * D
+_INTERPRETER_BUDGET = 3_000_000  # N * K * D
 
 
-def _shape_params():
+def _backend_shape_params():
+    """(backend, device, n, k, d); Triton-on-CPU cases above the interpreter budget carry `slow`."""
     params = []
-    for n, k, d in itertools.product(NS, KS, DS):
-        params.append(pytest.param(n, k, d, id=f"N{n}-K{k}-D{d}"))
+    for bp in backend_params():
+        backend, device = bp.values
+        for n, k, d in itertools.product(NS, KS, DS):
+            marks = list(bp.marks)
+            if backend == "triton" and device == "cpu" and n * k * d > _INTERPRETER_BUDGET:
+                marks.append(pytest.mark.slow)
+            params.append(pytest.param(backend, device, n, k, d, marks=marks, id=f"{bp.id}-N{n}-K{k}-D{d}"))
     return params
 
 
@@ -83,14 +89,10 @@ def assert_lookup_matches(z, codebook, codes, dist, dtype):
         assert bool((codes == 0).all())
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
-@pytest.mark.parametrize("n,k,d", _shape_params())
-def test_lookup_matches_reference(backend, device, dtype, n, k, d, rng, poison, request):
+@pytest.mark.parametrize("backend,device,n,k,d", _backend_shape_params())
+def test_lookup_matches_reference(backend, device, dtype, n, k, d, rng, poison):
     require_backend(backend, device)
-    if backend == "triton" and device == "cpu" and n * k * d > _INTERPRETER_BUDGET:
-        if "slow" not in request.config.getoption("-m", default=""):
-            pytest.skip("too large for the Triton interpreter outside -m slow")
     z, codebook = make_inputs(n, k, d, dtype, device, rng)
     codes, dist = lookup(z, codebook, backend=backend)
     assert dispatch.last_backend("lookup") == backend
