@@ -11,6 +11,26 @@ TORCH_LIBRARY(vqdna, m) {
   m.def("lookup_native(Tensor z, Tensor codebook, Tensor codebook_sqnorm) -> (Tensor, Tensor)");
   // Same contract on CUDA tensors (cuda/lookup.cu); registered only when built with CUDA.
   m.def("lookup_cuda(Tensor z, Tensor codebook, Tensor codebook_sqnorm) -> (Tensor, Tensor)");
+
+  // HRQ residual doubling, fused multi-level lookup (DESIGN 2.2). zs [L, N, D] contiguous
+  // (float32 / bfloat16 / float16); codebooks [sum_l K_l, D] contiguous, same dtype, level l's rows
+  // at offset sum_{m<l} K_m; codebook_sqnorms [sum_l K_l] float32; codebook_sizes [L] = K_l.
+  // H_0 = Z_0; H_l = 2 Z_l - C_{l-1}[M_{l-1}] (formed in float32, rounded to the input dtype before
+  // the lookup, exactly as the reference does); M_l = lookup(H_l, C_l).
+  // Returns codes int32 [L, N] (level-local indices) and zhat_levels [L, N, D] in the dtype of zs:
+  // zhat_levels[l] = mean_{m<=l} C_m[M_m] (accumulated in float32). H_l is never written.
+  // Forward only: the straight-through gradient is registered from Python.
+  m.def("hrq_quantize_native(Tensor zs, Tensor codebooks, Tensor codebook_sqnorms, int[] codebook_sizes) -> (Tensor, Tensor)");
+  m.def("hrq_quantize_cuda(Tensor zs, Tensor codebooks, Tensor codebook_sqnorms, int[] codebook_sizes) -> (Tensor, Tensor)");
+
+  // EMA statistics, the reduction of DESIGN 2.3: counts[k] = sum_i w_i [codes_i = k],
+  // sums[k] = sum_i w_i [codes_i = k] x_i, both float32, w_i = mask_i (1 when mask is None).
+  // x [N, D] contiguous float32 / bfloat16 / float16; codes [N] int32 in [0, num_codes);
+  // mask [N] bool or None. When prev_codes [N] int32 and prev_codebook [K', D] (dtype of x) are
+  // given, the vector of row i is 2 x_i - prev_codebook[prev_codes_i] (HRQ's H_l, recomputed on the
+  // fly). deterministic: no float atomics, bitwise repeatable run to run.
+  m.def("ema_stats_native(Tensor x, Tensor codes, Tensor? mask, Tensor? prev_codes, Tensor? prev_codebook, int num_codes, bool deterministic) -> (Tensor, Tensor)");
+  m.def("ema_stats_cuda(Tensor x, Tensor codes, Tensor? mask, Tensor? prev_codes, Tensor? prev_codebook, int num_codes, bool deterministic) -> (Tensor, Tensor)");
 }
 
 static bool built_with_cuda() {

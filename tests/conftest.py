@@ -16,8 +16,8 @@ def backend_params():
     return params
 
 
-def require_backend(backend: str, device: str) -> None:
-    """Skip (with the reason) when `backend` cannot run on `device` here.
+def require_backend(backend: str, device: str, op: str = "lookup") -> None:
+    """Skip (with the reason) when `backend` cannot run `op` on `device` here.
 
     The native CPU backend is never skipped: a missing extension is a failed build, unless
     VQDNA_ALLOW_NO_EXT=1 says this is a deliberate pure-Python install.
@@ -26,7 +26,7 @@ def require_backend(backend: str, device: str) -> None:
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    reason = dispatch._why_unavailable(backend, torch.device(device))
+    reason = dispatch._why_unavailable(backend, torch.device(device), op)
     if reason is None:
         return
     if backend == "native" and os.environ.get("VQDNA_ALLOW_NO_EXT") != "1":

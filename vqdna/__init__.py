@@ -3,3 +3,6 @@
 __version__ = "0.1.0"
 
 from vqdna import kernels  # noqa: E402,F401
+from vqdna.models.quantizer import HRQuantizer, VectorQuantizer  # noqa: E402
+
+__all__ = ["HRQuantizer", "VectorQuantizer", "kernels"]

@@ -3,6 +3,17 @@ chosen at one dispatch point (dispatch.py)."""
 
 from vqdna.kernels import reference
 from vqdna.kernels.dispatch import BACKENDS, available_backends, last_backend
-from vqdna.kernels.ops import lookup, raise_on_nonfinite
+from vqdna.kernels.ops import ema_stats, ema_update, hrq_quantize, kmeans, lookup, raise_on_nonfinite
 
-__all__ = ["BACKENDS", "available_backends", "last_backend", "lookup", "raise_on_nonfinite", "reference"]
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "ema_stats",
+    "ema_update",
+    "hrq_quantize",
+    "kmeans",
+    "last_backend",
+    "lookup",
+    "raise_on_nonfinite",
+    "reference",
+]

@@ -10,6 +10,7 @@ DEBUG level on the "vqdna.kernels" logger.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from typing import Optional
@@ -45,8 +46,18 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _why_unavailable(backend: str, device: torch.device) -> Optional[str]:
-    """None when `backend` can run tensors on `device`, else the reason it cannot."""
+# Ops that have a kernel file per backend; an op missing here for a backend has no such kernel yet.
+_TRITON_MODULES = {
+    "lookup": "vqdna.kernels.triton.lookup",
+    "hrq_quantize": "vqdna.kernels.triton.hrq_quantize",
+    "ema_stats": "vqdna.kernels.triton.ema_update",
+}
+
+
+def _why_unavailable(backend: str, device: torch.device, op: str = "lookup") -> Optional[str]:
+    """None when `backend` can run `op` on tensors on `device`, else the reason it cannot."""
+    from vqdna.kernels.native import has_kernel
+
     if backend == "reference":
         return None
     if backend == "native":
@@ -54,28 +65,34 @@ def _why_unavailable(backend: str, device: torch.device) -> Optional[str]:
             return f"the native backend runs CPU tensors, got {device.type}"
         if not _ext.extension_available():
             return f"vqdna._C is not built ({_ext.extension_error()})"
+        if not has_kernel(op, "native"):
+            return f"this build of vqdna._C has no native {op} kernel (rebuild: pip install --no-build-isolation -e .)"
         return None
     if backend == "cuda":
         if device.type != "cuda":
             return f"the cuda backend runs CUDA tensors, got {device.type}"
         if not _ext.cuda_ops_available():
             return "vqdna._C was built without its CUDA ops (install with a CUDA build of torch and nvcc)"
+        if not has_kernel(op, "cuda"):
+            return f"this build of vqdna._C has no CUDA {op} kernel"
         return None
     if backend == "triton":
         if not triton_available():
             return "triton is not installed"
+        if op not in _TRITON_MODULES or importlib.util.find_spec(_TRITON_MODULES[op]) is None:
+            return f"there is no Triton {op} kernel"
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreter()):
             return None
         return f"triton runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type}"
     return f"unknown backend {backend!r}; expected one of auto, {', '.join(BACKENDS)}"
 
 
-def available_backends(device: str | torch.device = "cpu") -> list[str]:
-    """Backends that can run tensors on `device` in this process, fastest first."""
+def available_backends(device: str | torch.device = "cpu", op: str = "lookup") -> list[str]:
+    """Backends that can run `op` on tensors on `device` in this process, fastest first."""
     device = torch.device(device)
     order = _AUTO_ORDER.get(device.type, ("reference",))
     extra = [b for b in BACKENDS if b not in order]
-    return [b for b in (*order, *extra) if _why_unavailable(b, device) is None]
+    return [b for b in (*order, *extra) if _why_unavailable(b, device, op) is None]
 
 
 def select_backend(op: str, requested: Optional[str], device: torch.device, dtype: torch.dtype) -> str:
@@ -88,9 +105,9 @@ def select_backend(op: str, requested: Optional[str], device: torch.device, dtyp
             chosen = "reference"  # only the spec computes in float64
         else:
             order = _AUTO_ORDER.get(device.type, ("reference",))
-            chosen = next(b for b in (*order, "reference") if _why_unavailable(b, device) is None)
+            chosen = next(b for b in (*order, "reference") if _why_unavailable(b, device, op) is None)
     else:
-        reason = _why_unavailable(requested, device)
+        reason = _why_unavailable(requested, device, op)
         if reason is not None:
             raise RuntimeError(f"vqdna.kernels.{op}: backend {requested!r} cannot run here: {reason}")
         if dtype == torch.float64 and requested != "reference":

@@ -8,11 +8,35 @@ import torch
 
 from vqdna import _ext
 
+_DISPATCH_KEY = {"native": "CPU", "cuda": "CUDA"}
+
+
+def has_kernel(op: str, backend: str) -> bool:
+    """True when vqdna._C registered a kernel for `vqdna::<op>_<backend>` (native: CPU, cuda: CUDA)."""
+    if not _ext.extension_available():
+        return False
+    name = f"vqdna::{op}_{backend}"
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(name, _DISPATCH_KEY[backend])
+    except RuntimeError:  # the schema is unknown to this (older) build
+        return False
+
+
 if _ext.extension_available():
 
     def _lookup_fake(z, codebook, codebook_sqnorm):
         n = z.shape[0]
         return z.new_empty(n, dtype=torch.int32), z.new_empty(n, dtype=torch.float32)
 
-    torch.library.register_fake("vqdna::lookup_native")(_lookup_fake)
-    torch.library.register_fake("vqdna::lookup_cuda")(_lookup_fake)
+
+    def _hrq_fake(zs, codebooks, codebook_sqnorms, codebook_sizes):
+        n_levels, n = zs.shape[0], zs.shape[1]
+        return zs.new_empty(n_levels, n, dtype=torch.int32), torch.empty_like(zs)
+
+    def _ema_stats_fake(x, codes, mask, prev_codes, prev_codebook, num_codes, deterministic):
+        return x.new_empty(num_codes, dtype=torch.float32), x.new_empty(num_codes, x.shape[1], dtype=torch.float32)
+
+    for _op, _fake in (("lookup", _lookup_fake), ("hrq_quantize", _hrq_fake), ("ema_stats", _ema_stats_fake)):
+        for _backend in ("native", "cuda"):
+            if has_kernel(_op, _backend):
+                torch.library.register_fake(f"vqdna::{_op}_{_backend}")(_fake)

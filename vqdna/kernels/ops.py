@@ -15,7 +15,7 @@ from vqdna.kernels import native as _native  # noqa: F401  (fake impls of the co
 from vqdna.kernels import reference
 from vqdna.kernels.dispatch import select_backend
 
-__all__ = ["lookup", "raise_on_nonfinite"]
+__all__ = ["lookup", "hrq_quantize", "ema_stats", "ema_update", "kmeans", "raise_on_nonfinite"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -130,3 +130,288 @@ def raise_on_nonfinite(dist: torch.Tensor, tensor_name: str = "input") -> None:
             f"{tensor_name}: row {tuple(first) if len(first) != 1 else first[0]} holds NaN or Inf "
             f"({count} non-finite row{'s' if count != 1 else ''} in all); pass check_finite=False to skip this check"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# hrq_quantize (DESIGN 2.2)
+
+
+@torch.library.custom_op("vqdna::hrq_quantize_reference", mutates_args=())
+def _hrq_quantize_reference(
+    zs: torch.Tensor, codebooks: torch.Tensor, codebook_sqnorms: torch.Tensor, codebook_sizes: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return reference.hrq_quantize(list(zs.unbind(0)), list(codebooks.split(codebook_sizes)))
+
+
+@_hrq_quantize_reference.register_fake
+def _(zs, codebooks, codebook_sqnorms, codebook_sizes):
+    return zs.new_empty(zs.shape[0], zs.shape[1], dtype=torch.int32), torch.empty_like(zs)
+
+
+def _hrq_setup_context(ctx, inputs, output):
+    ctx.zs_dtype = inputs[0].dtype
+
+
+def _hrq_backward(ctx, grad_codes, grad_levels):
+    """Straight-through gradient of DESIGN 2.2: zhat_levels[l] = mean_{m<=l} Hhat_m with
+    dHhat_m/dZ_0 = 1 (m = 0) and dHhat_m/dZ_m = 2 (m >= 1), so
+    dL/dZ_m = c_m * sum_{l>=m} grad_levels[l] / (l + 1), c_0 = 1, c_m = 2."""
+    if grad_levels is None:
+        return None, None, None, None
+    n_levels = grad_levels.shape[0]
+    scale = 1.0 / torch.arange(1, n_levels + 1, device=grad_levels.device, dtype=torch.float32)
+    per_level = grad_levels.float() * scale.view(-1, *([1] * (grad_levels.dim() - 1)))
+    suffix = per_level.flip(0).cumsum(0).flip(0)
+    factor = torch.full((n_levels,), 2.0, device=grad_levels.device)
+    factor[0] = 1.0
+    grad_zs = (suffix * factor.view(-1, *([1] * (grad_levels.dim() - 1)))).to(ctx.zs_dtype)
+    return grad_zs, None, None, None
+
+
+def _hrq_op(backend: str):
+    if backend == "reference":
+        return _hrq_quantize_reference
+    if backend == "native":
+        return torch.ops.vqdna.hrq_quantize_native
+    if backend == "cuda":
+        return torch.ops.vqdna.hrq_quantize_cuda
+    if backend == "triton":
+        from vqdna.kernels.triton.hrq_quantize import hrq_quantize_triton
+
+        return hrq_quantize_triton
+    raise AssertionError(backend)
+
+
+_hrq_autograd_registered: set[str] = set()
+
+
+def _hrq_op_with_autograd(backend: str):
+    op = _hrq_op(backend)
+    if backend not in _hrq_autograd_registered:
+        torch.library.register_autograd(
+            f"vqdna::hrq_quantize_{backend}", _hrq_backward, setup_context=_hrq_setup_context
+        )
+        _hrq_autograd_registered.add(backend)
+    return op
+
+
+def hrq_quantize(
+    zs,
+    codebooks,
+    *,
+    codebook_sqnorms=None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hierarchical residual quantization with residual doubling, all levels fused (DESIGN 2.2).
+
+    zs: L tensors [..., D] (or one tensor [L, ..., D]), one dtype (float32/bfloat16/float16) and device.
+    codebooks: L tensors [K_l, D] of that dtype. codebook_sqnorms: optional L tensors [K_l] float32.
+    Returns codes int32 [L, ...] (level-local code indices) and zhat_levels [L, ..., D] (dtype of zs),
+    zhat_levels[l] the cumulative mean of the chosen code embeddings of levels 0..l (the decoder input
+    is zhat_levels[-1]). Differentiable w.r.t. zs with the straight-through gradient of DESIGN 2.2
+    (d zhat_levels[-1] / d Z_0 = 1/L, / d Z_l = 2/L); codebooks get no gradient.
+    """
+    if isinstance(zs, torch.Tensor):
+        zs = list(zs.unbind(0))
+    zs, codebooks = list(zs), list(codebooks)
+    if len(zs) == 0 or len(zs) != len(codebooks):
+        raise ValueError(f"hrq_quantize: need L >= 1 inputs and as many codebooks, got {len(zs)} and {len(codebooks)}")
+    lead, d = zs[0].shape[:-1], zs[0].shape[-1]
+    for level, (z, cb) in enumerate(zip(zs, codebooks)):
+        if z.shape != zs[0].shape:
+            raise ValueError(f"hrq_quantize: zs[{level}] has shape {tuple(z.shape)}, zs[0] has {tuple(zs[0].shape)}")
+        _check_lookup_inputs(z, cb, None if codebook_sqnorms is None else codebook_sqnorms[level])
+        if z.dtype != zs[0].dtype or z.device != zs[0].device:
+            raise TypeError(f"hrq_quantize: zs[{level}] is {z.dtype} on {z.device}, zs[0] is {zs[0].dtype} on {zs[0].device}")
+    name = select_backend("hrq_quantize", backend, zs[0].device, zs[0].dtype)
+    stacked = torch.stack([z.reshape(-1, d) for z in zs]).contiguous()
+    sizes = [int(cb.shape[0]) for cb in codebooks]
+    packed = torch.cat([cb.detach() for cb in codebooks]).contiguous()
+    acc = torch.float64 if packed.dtype == torch.float64 else torch.float32
+    if codebook_sqnorms is None:
+        sq = packed.to(acc).pow(2).sum(-1)
+    else:
+        sq = torch.cat([s.detach().to(acc) for s in codebook_sqnorms]).contiguous()
+    codes, levels = _hrq_op_with_autograd(name)(stacked, packed, sq, sizes)
+    return codes.reshape(len(zs), *lead), levels.reshape(len(zs), *lead, d)
+
+
+# ---------------------------------------------------------------------------------------------
+# ema_update (DESIGN 2.3)
+
+
+@torch.library.custom_op("vqdna::ema_stats_reference", mutates_args=())
+def _ema_stats_reference(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    mask: Optional[torch.Tensor],
+    prev_codes: Optional[torch.Tensor],
+    prev_codebook: Optional[torch.Tensor],
+    num_codes: int,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    vectors = x.to(acc)
+    if prev_codes is not None:
+        vectors = 2.0 * vectors - prev_codebook.to(acc)[prev_codes.long()]
+    zeros_n = torch.zeros(num_codes, dtype=acc, device=x.device)
+    zeros_s = torch.zeros(num_codes, x.shape[1], dtype=acc, device=x.device)
+    counts, sums, _ = reference.ema_update(vectors, codes, zeros_n, zeros_s, decay=0.0, eps=0.0, mask=mask)
+    return counts, sums
+
+
+@_ema_stats_reference.register_fake
+def _(x, codes, mask, prev_codes, prev_codebook, num_codes, deterministic):
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(num_codes, dtype=acc), x.new_empty(num_codes, x.shape[1], dtype=acc)
+
+
+def _ema_stats_op(backend: str):
+    if backend == "reference":
+        return _ema_stats_reference
+    if backend == "native":
+        return torch.ops.vqdna.ema_stats_native
+    if backend == "cuda":
+        return torch.ops.vqdna.ema_stats_cuda
+    if backend == "triton":
+        from vqdna.kernels.triton.ema_update import ema_stats_triton
+
+        return ema_stats_triton
+    raise AssertionError(backend)
+
+
+def ema_stats(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    num_codes: int,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    prev_codes: Optional[torch.Tensor] = None,
+    prev_codebook: Optional[torch.Tensor] = None,
+    deterministic: Optional[bool] = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-code counts [K] and vector sums [K, D] (float32) of the rows of x [..., D] by codes [...].
+
+    mask [...] bool: False rows count for nothing. prev_codes [...] and prev_codebook [K', D]: the
+    vector of a row is 2 x - prev_codebook[prev_code] (HRQ's H_l, recomputed, never stored).
+    deterministic: no float atomics, bitwise repeatable; default torch.are_deterministic_algorithms_enabled().
+    """
+    d = x.shape[-1]
+    flat_x = x.detach().reshape(-1, d).contiguous()
+    flat_codes = codes.detach().reshape(-1).to(torch.int32).contiguous()
+    if flat_codes.shape[0] != flat_x.shape[0]:
+        raise ValueError(f"ema_stats: x has {flat_x.shape[0]} rows but codes has {flat_codes.shape[0]}")
+    if num_codes < 1:
+        raise ValueError(f"ema_stats: num_codes must be >= 1, got {num_codes}")
+    flat_mask = None if mask is None else mask.detach().reshape(-1).to(torch.bool).contiguous()
+    if flat_mask is not None and flat_mask.shape[0] != flat_x.shape[0]:
+        raise ValueError(f"ema_stats: mask has {flat_mask.shape[0]} rows, x has {flat_x.shape[0]}")
+    if (prev_codes is None) != (prev_codebook is None):
+        raise ValueError("ema_stats: pass prev_codes and prev_codebook together")
+    if prev_codes is not None:
+        prev_codes = prev_codes.detach().reshape(-1).to(torch.int32).contiguous()
+        prev_codebook = prev_codebook.detach().to(x.dtype).contiguous()
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    name = select_backend("ema_stats", backend, x.device, x.dtype)
+    return _ema_stats_op(name)(flat_x, flat_codes, flat_mask, prev_codes, prev_codebook, int(num_codes), bool(deterministic))
+
+
+def ema_update(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    cluster_size: torch.Tensor,
+    embed_sum: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    decay: float = 0.99,
+    eps: float = 1e-5,
+    mask: Optional[torch.Tensor] = None,
+    prev_codes: Optional[torch.Tensor] = None,
+    prev_codebook: Optional[torch.Tensor] = None,
+    process_group=None,
+    sync: bool = False,
+    deterministic: Optional[bool] = None,
+    backend: str = "auto",
+) -> None:
+    """EMA codebook update in place (DESIGN 2.3).
+
+    x [..., D] the quantised vectors (or Z_l with prev_codes/prev_codebook: see `ema_stats`),
+    codes [...] their codes; state: cluster_size [K] float32, embed_sum [K, D] float32, and the
+    codebook [K, D] (any float dtype) rewritten as embed_sum / Laplace-smoothed cluster_size.
+    sync: all_reduce (SUM) the fused [counts | sums] buffer over process_group first, so every rank
+    applies the same update.
+    """
+    k = cluster_size.shape[0]
+    counts, sums = ema_stats(
+        x, codes, k, mask=mask, prev_codes=prev_codes, prev_codebook=prev_codebook,
+        deterministic=deterministic, backend=backend,
+    )
+    if sync:
+        import torch.distributed as dist
+
+        buf = torch.cat([counts, sums.reshape(-1)])
+        dist.all_reduce(buf, group=process_group)
+        counts, sums = buf[:k], buf[k:].reshape(k, -1)
+    cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=1.0 - decay)
+    embed_sum.mul_(decay).add_(sums.to(embed_sum.dtype), alpha=1.0 - decay)
+    total = cluster_size.sum()
+    smoothed = (cluster_size + eps) / (total + k * eps) * total
+    codebook.copy_(embed_sum / smoothed[:, None])
+
+
+# ---------------------------------------------------------------------------------------------
+# kmeans (DESIGN 2.4)
+
+
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    iters: int = 10,
+    *,
+    init: str = "kmeans++",
+    seed: int = 0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """k-means on x [N, D] with the fast kernels: `lookup` assigns, `ema_stats` (decay 0) updates.
+    init "kmeans++" (D^2 sampling, on the device, no host sync per step) or "random".
+    A cluster left empty keeps its previous centroid. Deterministic for a seed (and backend).
+    Returns centroids [k, D] in float32 (float64 for float64 x).
+    """
+    x = x.detach().reshape(-1, x.shape[-1])
+    n, d = x.shape
+    if n == 0 or k < 1:
+        raise ValueError(f"kmeans: need N >= 1 rows and k >= 1, got N={n}, k={k}")
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    xf = x.to(acc)
+    if init == "random":
+        pick = torch.randperm(n, generator=gen)[:k]
+        if k > n:
+            pick = torch.cat([pick, torch.randint(n, (k - n,), generator=gen)])
+        centroids = xf[pick.to(x.device)].clone()
+    elif init == "kmeans++":
+        centroids = torch.empty(k, d, dtype=acc, device=x.device)
+        uniforms = torch.rand(k, generator=gen, dtype=torch.float64).to(x.device)
+        first = torch.randint(n, (1,), generator=gen).to(x.device)
+        centroids[0] = xf[first[0]]
+        closest = (xf - centroids[0]).pow(2).sum(-1)
+        for j in range(1, k):
+            # Inverse-CDF sampling with a pre-drawn uniform: stays on the device, no .item().
+            weights = torch.nan_to_num(closest.double().clamp_min(0), nan=0.0, posinf=0.0)
+            cdf = weights.cumsum(0)
+            target = uniforms[j] * cdf[-1]
+            choice = torch.searchsorted(cdf, target.reshape(1), right=True).clamp_(max=n - 1)
+            centroids[j] = xf[choice[0]]
+            closest = torch.minimum(closest, (xf - centroids[j]).pow(2).sum(-1))
+    else:
+        raise ValueError(f"kmeans: unknown init {init!r} (expected 'kmeans++' or 'random')")
+    work_dtype = x.dtype if x.dtype != torch.float64 else torch.float64
+    for _ in range(iters):
+        codes, _ = lookup(x, centroids.to(work_dtype), backend=backend)
+        counts, sums = ema_stats(x, codes, k, backend=backend)
+        means = sums.to(acc) / counts.to(acc).clamp_min(1)[:, None]
+        centroids = torch.where((counts > 0)[:, None], means, centroids)
+    return centroids

@@ -72,25 +72,29 @@ def hrq_quantize(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hierarchical residual quantization with residual doubling (DESIGN 2.2).
 
-    zs: L tensors [N, D] (encoder outputs at the tapped blocks); codebooks: L tensors [K_l, D].
-    H_1 = Z_1; H_l = 2 Z_l - C_{l-1}[M_{l-1}]; M_l = lookup(H_l, C_l); Hhat_l = C_l[M_l].
+    zs: L tensors [N, D] (encoder outputs at the tapped blocks, one dtype); codebooks: L tensors
+    [K_l, D] of that dtype. H_0 = Z_0; H_l = 2 Z_l - C_{l-1}[M_{l-1}] (rounded to the dtype of zs);
+    M_l = lookup(H_l, C_l); Hhat_l = C_l[M_l].
     Returns codes int32 [L, N] and zhat_levels [L, N, D] (dtype of zs), the cumulative means
-    zhat_levels[l] = mean_{m<=l} Hhat_m, with the straight-through gradient of DESIGN 2.2: Hhat_l is
-    H_l + sg(Hhat_l - H_l) with the previous code embedding inside H_l detached, so
-    d zhat_levels[-1] / d Z_1 = 1/L and / d Z_l = 2/L.
+    zhat_levels[l] = mean_{m<=l} Hhat_m, accumulated in float32 and rounded once.
+    Gradient (straight-through, DESIGN 2.2): Hhat_l carries the gradient of H_l, with the previous
+    code embedding inside H_l detached, so d zhat_levels[l] / d Z_0 = 1/(l+1) and / d Z_m = 2/(l+1)
+    for 1 <= m <= l. Codebooks get no gradient (they are updated by EMA).
     """
     if len(zs) != len(codebooks) or len(zs) == 0:
         raise ValueError(f"hrq_quantize: got {len(zs)} inputs and {len(codebooks)} codebooks")
+    acc = _accum_dtype(zs[0].dtype)
     codes, levels = [], []
     running = None
     prev_embedding = None
     for level, (z, cb) in enumerate(zip(zs, codebooks)):
-        h = z if level == 0 else 2.0 * z - prev_embedding.detach()
+        h = z if level == 0 else 2.0 * z - prev_embedding
         m, _ = lookup(h.detach(), cb.detach())
-        hhat = cb.detach()[m.long()].to(z.dtype)
-        hhat_ste = h + (hhat - h).detach()
+        hhat = cb.detach()[m.long()]
+        # hhat + (h - sg(h)): the value is exactly hhat, the gradient is h's.
+        hhat_ste = hhat.to(acc) + (h.to(acc) - h.detach().to(acc))
         running = hhat_ste if running is None else running + hhat_ste
-        levels.append(running / (level + 1))
+        levels.append((running / (level + 1)).to(z.dtype))
         codes.append(m)
         prev_embedding = hhat
     return torch.stack(codes), torch.stack(levels)

@@ -1,0 +1,307 @@
+"""Drop-in quantizer modules: `VectorQuantizer` (one EMA codebook) and `HRQuantizer` (hierarchical
+residual quantization with residual doubling, DESIGN 2.2). Both only call `vqdna.kernels`; the
+backend is chosen there, never here.
+
+Argument names follow vector-quantize-pytorch's `VectorQuantize` where the meaning is the same
+(`dim`, `codebook_size`, `decay`, `eps`, `commitment_weight`, `kmeans_init`, `kmeans_iters`,
+`threshold_ema_dead_code`, `sync_codebook`). Differences: forward returns (quantized, codes, loss)
+with codes int64 and the loss already weighted; the EMA state is always float32 buffers named
+`codebook`, `cluster_size` and `embed_sum`; non-finite inputs raise a ValueError naming the row.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vqdna import kernels
+
+__all__ = ["VectorQuantizer", "HRQuantizer"]
+
+_USAGE_DECAY = 0.9  # the recent-usage window of usage(): about the last 10 training batches
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _check_rows_finite(values: torch.Tensor, name: str) -> None:
+    """ValueError naming the first row of `values` [..., D] that holds NaN or Inf."""
+    if torch.compiler.is_compiling():
+        # A data-dependent Python branch would break the graph; assert on the device instead.
+        torch._assert_async(torch.isfinite(values).all(), f"{name}: NaN or Inf in the input")
+        return
+    kernels.raise_on_nonfinite(torch.where(torch.isfinite(values).all(-1), 0.0, math.nan), name)
+
+
+class _EMACodebook(nn.Module):
+    """One codebook with its float32 EMA state (DESIGN 2.3) and usage statistics."""
+
+    def __init__(self, dim: int, codebook_size: int, decay: float, eps: float, threshold_ema_dead_code: float):
+        super().__init__()
+        if codebook_size < 1 or dim < 1:
+            raise ValueError(f"need dim >= 1 and codebook_size >= 1, got dim={dim}, codebook_size={codebook_size}")
+        self.decay, self.eps, self.threshold_ema_dead_code = decay, eps, threshold_ema_dead_code
+        codebook = torch.randn(codebook_size, dim)
+        self.register_buffer("codebook", codebook)
+        self.register_buffer("cluster_size", torch.ones(codebook_size))
+        self.register_buffer("embed_sum", codebook.clone())
+        self.register_buffer("recent_counts", torch.zeros(codebook_size))
+        self.register_buffer("initted", torch.tensor(False))
+
+    def ema_step(self, vectors, codes, mask, sync, prev_codes=None, prev_codebook=None) -> None:
+        kernels.ema_update(
+            vectors, codes, self.cluster_size, self.embed_sum, self.codebook,
+            decay=self.decay, eps=self.eps, mask=mask, prev_codes=prev_codes, prev_codebook=prev_codebook,
+            sync=sync,
+        )
+
+    def track_usage(self, codes: torch.Tensor, mask: Optional[torch.Tensor]) -> None:
+        k = self.codebook.shape[0]
+        flat = codes.reshape(-1)
+        weight = None if mask is None else mask.reshape(-1).to(torch.float32)
+        counts = torch.zeros(k, device=flat.device).index_add_(
+            0, flat.long(), torch.ones_like(flat, dtype=torch.float32) if weight is None else weight
+        )
+        self.recent_counts.mul_(_USAGE_DECAY).add_(counts)
+
+    def restart_dead(self, vectors: torch.Tensor, sync: bool) -> None:
+        """Codes whose EMA cluster size fell below the threshold restart from random rows of this
+        batch (rank 0's rows, broadcast, so every rank restarts identically); their cluster_size and
+        embed_sum restart too. Runs every collective on every rank, dead codes or not."""
+        if self.threshold_ema_dead_code <= 0:
+            return
+        flat = vectors.detach().reshape(-1, vectors.shape[-1]).float()
+        k = self.codebook.shape[0]
+        if flat.shape[0] == 0:
+            return
+        picks = flat[torch.randint(flat.shape[0], (k,), device=flat.device)]
+        if sync:
+            dist.broadcast(picks, src=0)
+        dead = (self.cluster_size < self.threshold_ema_dead_code)[:, None]
+        size = torch.full_like(self.cluster_size, float(self.threshold_ema_dead_code))
+        self.codebook.copy_(torch.where(dead, picks, self.codebook))
+        self.embed_sum.copy_(torch.where(dead, picks * self.threshold_ema_dead_code, self.embed_sum))
+        self.cluster_size.copy_(torch.where(dead[:, 0], size, self.cluster_size))
+
+    @torch.no_grad()
+    def init_from(self, samples: torch.Tensor, iters: int, sync: bool) -> None:
+        """k-means on `samples` [..., D] (rank 0's result broadcast), then EMA state to match."""
+        flat = samples.detach().reshape(-1, samples.shape[-1])
+        centroids = kernels.kmeans(flat, self.codebook.shape[0], iters).to(self.codebook.dtype)
+        if sync:
+            dist.broadcast(centroids, src=0)
+        self.codebook.copy_(centroids)
+        self.cluster_size.fill_(1.0)
+        self.embed_sum.copy_(centroids)
+        self.recent_counts.zero_()
+        self.initted.fill_(True)
+
+    def usage(self) -> dict:
+        counts = self.recent_counts
+        total = counts.sum()
+        p = counts / total.clamp_min(1e-12)
+        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum()
+        used = (counts > 1e-3 * total.clamp_min(1e-12) / counts.numel()).float().mean()
+        return {"used_fraction": float(used) if total > 0 else 0.0, "perplexity": float(torch.exp(entropy)) if total > 0 else 0.0}
+
+
+class VectorQuantizer(nn.Module):
+    """VQ-VAE quantizer with an EMA codebook (DESIGN 1, Eq. 3).
+
+    forward(x [..., dim], mask [...] bool = None) -> (quantized [..., dim] (dtype of x; straight-through
+    gradient), codes int64 [...], loss scalar = commitment_weight * mean((x - sg(quantized))^2)).
+    In training mode the codebook is updated by EMA from the codebook used for that forward (never by
+    gradients); mask=False rows (padding) count for nothing. Buffers: codebook [K, D], cluster_size [K],
+    embed_sum [K, D] (float32).
+    sync_codebook: None = all_reduce the EMA statistics whenever torch.distributed is initialised with
+    more than one rank; True/False force it.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        commitment_weight: float = 0.5,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        threshold_ema_dead_code: float = 0.0,
+        sync_codebook: Optional[bool] = None,
+        check_finite: bool = True,
+    ):
+        super().__init__()
+        self.dim, self.codebook_size = dim, codebook_size
+        self.commitment_weight = commitment_weight
+        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
+        self.sync_codebook, self.check_finite = sync_codebook, check_finite
+        self._state = _EMACodebook(dim, codebook_size, decay, eps, threshold_ema_dead_code)
+
+    # The buffers live on the inner module; these names are the public ones.
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self._state.codebook
+
+    @property
+    def cluster_size(self) -> torch.Tensor:
+        return self._state.cluster_size
+
+    @property
+    def embed_sum(self) -> torch.Tensor:
+        return self._state.embed_sum
+
+    def _sync(self) -> bool:
+        return _distributed() if self.sync_codebook is None else bool(self.sync_codebook)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"VectorQuantizer: x has last dimension {x.shape[-1]}, expected dim={self.dim}")
+        sync = self._sync()
+        if self.training and self.kmeans_init and not bool(self._state.initted):
+            self._state.init_from(x if mask is None else x[mask], self.kmeans_iters, sync)
+        codebook = self.codebook.to(x.dtype)
+        codes, dist_ = kernels.lookup(x, codebook, codes_dtype=torch.int64)
+        if self.check_finite:
+            if torch.compiler.is_compiling():
+                torch._assert_async(torch.isfinite(dist_).all(), "VectorQuantizer: NaN or Inf in x")
+            else:
+                kernels.raise_on_nonfinite(dist_, "VectorQuantizer input x")
+        quantized = torch.nn.functional.embedding(codes, codebook)
+        if self.training:
+            with torch.no_grad():
+                self._state.ema_step(x, codes, mask, sync)
+                self._state.track_usage(codes, mask)
+                self._state.restart_dead(x if mask is None else x[mask], sync)
+        diff = (x.float() - quantized.detach().float()).pow(2)
+        if mask is not None:
+            m = mask[..., None].float()
+            loss = (diff * m).sum() / (m.sum() * self.dim).clamp_min(1)
+        else:
+            loss = diff.mean()
+        quantized = x + (quantized - x).detach()
+        return quantized, codes, self.commitment_weight * loss
+
+    @torch.no_grad()
+    def reinit_kmeans(self, samples: torch.Tensor) -> None:
+        """The one-time "repeated k-means" re-initialisation: k-means on samples [..., dim]."""
+        self._state.init_from(samples, self.kmeans_iters, self._sync())
+
+    def usage(self) -> dict:
+        """{"used_fraction", "perplexity"} of the codes over the recent training batches."""
+        return self._state.usage()
+
+
+class HRQuantizer(nn.Module):
+    """Hierarchical residual quantizer with residual doubling (DESIGN 2.2, Eq. 8).
+
+    forward(zs: L tensors [..., dim], mask [...] bool = None) -> (zhat [..., dim] (the decoder input:
+    mean of the L chosen code embeddings, straight-through: d zhat / d Z_0 = 1/L, / d Z_l = 2/L),
+    codes int64 [L, ...], loss = commitment_weight * sum_l mean((Z_l - sg(zhat^(l)))^2)).
+    Level l's codebook has codebook_sizes[l] codes and is EMA-updated on H_l (recomputed from Z_l and
+    the previous level's codes, never stored).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_sizes: Sequence[int] = (64, 512),
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        commitment_weight: float = 0.9,
+        kmeans_init: bool = False,
+        kmeans_iters: int = 10,
+        threshold_ema_dead_code: float = 0.0,
+        sync_codebook: Optional[bool] = None,
+        check_finite: bool = True,
+    ):
+        super().__init__()
+        if len(codebook_sizes) < 1:
+            raise ValueError("HRQuantizer: codebook_sizes needs at least one level")
+        self.dim, self.codebook_sizes = dim, tuple(int(k) for k in codebook_sizes)
+        self.commitment_weight = commitment_weight
+        self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
+        self.sync_codebook, self.check_finite = sync_codebook, check_finite
+        self.levels = nn.ModuleList(
+            _EMACodebook(dim, k, decay, eps, threshold_ema_dead_code) for k in self.codebook_sizes
+        )
+
+    @property
+    def codebooks(self) -> list[torch.Tensor]:
+        """The L codebooks, [K_l, dim] float32."""
+        return [level.codebook for level in self.levels]
+
+    def _sync(self) -> bool:
+        return _distributed() if self.sync_codebook is None else bool(self.sync_codebook)
+
+    def _residuals(self, zs, codes, dtype):
+        """H_l for every level (float32), from Z_l and the previous level's codes."""
+        hs = [zs[0].float()]
+        for level in range(1, len(zs)):
+            prev = self.levels[level - 1].codebook.to(dtype)[codes[level - 1]]
+            hs.append((2.0 * zs[level] - prev).float())
+        return hs
+
+    def forward(self, zs: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None):
+        zs = list(zs)
+        if len(zs) != len(self.levels):
+            raise ValueError(f"HRQuantizer: got {len(zs)} inputs for {len(self.levels)} levels")
+        for level, z in enumerate(zs):
+            if z.shape[-1] != self.dim:
+                raise ValueError(f"HRQuantizer: zs[{level}] has last dimension {z.shape[-1]}, expected dim={self.dim}")
+            if self.check_finite:
+                _check_rows_finite(z.detach(), f"HRQuantizer input zs[{level}]")
+        sync = self._sync()
+        dtype = zs[0].dtype
+        if self.training and self.kmeans_init and not bool(self.levels[0].initted):
+            self._init_levels(zs, mask, sync)
+        codes, zhat_levels = kernels.hrq_quantize(zs, [c.to(dtype) for c in self.codebooks])
+        codes = codes.long()
+        if self.training:
+            with torch.no_grad():
+                for level, state in enumerate(self.levels):
+                    if level == 0:
+                        state.ema_step(zs[0], codes[0], mask, sync)
+                    else:
+                        state.ema_step(
+                            zs[level], codes[level], mask, sync,
+                            prev_codes=codes[level - 1], prev_codebook=self.levels[level - 1].codebook.to(dtype),
+                        )
+                    state.track_usage(codes[level], mask)
+                if any(s.threshold_ema_dead_code > 0 for s in self.levels):
+                    hs = self._residuals([z.detach() for z in zs], codes, dtype)
+                    for state, h in zip(self.levels, hs):
+                        state.restart_dead(h if mask is None else h[mask], sync)
+        loss = zs[0].new_zeros((), dtype=torch.float32)
+        for level, z in enumerate(zs):
+            diff = (z.float() - zhat_levels[level].detach().float()).pow(2)
+            if mask is not None:
+                m = mask[..., None].float()
+                loss = loss + (diff * m).sum() / (m.sum() * self.dim).clamp_min(1)
+            else:
+                loss = loss + diff.mean()
+        return zhat_levels[-1], codes, self.commitment_weight * loss
+
+    @torch.no_grad()
+    def _init_levels(self, zs, mask, sync) -> None:
+        """k-means per level in order: level l's samples are H_l from the freshly initialised l-1."""
+        dtype = zs[0].dtype
+        prev_codes = None
+        for level, state in enumerate(self.levels):
+            z = zs[level].detach()
+            h = z if level == 0 else 2.0 * z - self.levels[level - 1].codebook.to(dtype)[prev_codes]
+            state.init_from(h if mask is None else h[mask], self.kmeans_iters, sync)
+            prev_codes, _ = kernels.lookup(h, state.codebook.to(dtype), codes_dtype=torch.int64)
+
+    @torch.no_grad()
+    def reinit_kmeans(self, zs: Sequence[torch.Tensor]) -> None:
+        """The one-time "repeated k-means" re-initialisation of every level from samples zs (L tensors)."""
+        self._init_levels(list(zs), None, self._sync())
+
+    def usage(self) -> list[dict]:
+        """Per level: {"used_fraction", "perplexity"} over the recent training batches."""
+        return [state.usage() for state in self.levels]
