@@ -56,7 +56,14 @@ _TRITON_MODULES = {
 
 def _why_unavailable(backend: str, device: torch.device, op: str = "lookup") -> Optional[str]:
     """None when `backend` can run `op` on tensors on `device`, else the reason it cannot."""
+    return _availability(backend, torch.device(device).type, op)
+
+
+@torch.compiler.assume_constant_result  # torch.compile evaluates it once while tracing
+def _availability(backend: str, device_type: str, op: str) -> Optional[str]:
     from vqdna.kernels.native import has_kernel
+
+    device = torch.device(device_type)
 
     if backend == "reference":
         return None

@@ -151,6 +151,7 @@ def _(zs, codebooks, codebook_sqnorms, codebook_sizes):
 
 def _hrq_setup_context(ctx, inputs, output):
     ctx.zs_dtype = inputs[0].dtype
+    ctx.mark_non_differentiable(output[0])  # codes
 
 
 def _hrq_backward(ctx, grad_codes, grad_levels):

@@ -192,7 +192,7 @@ class VectorQuantizer(nn.Module):
         self._state.init_from(samples, self.kmeans_iters, self._sync())
 
     def usage(self) -> dict:
-        """{"used_fraction", "perplexity"} of the codes over the recent training batches."""
+        """{"used_fraction", "perplexity"} of the codes over this rank's recent training batches."""
         return self._state.usage()
 
 
@@ -238,11 +238,12 @@ class HRQuantizer(nn.Module):
     def _sync(self) -> bool:
         return _distributed() if self.sync_codebook is None else bool(self.sync_codebook)
 
-    def _residuals(self, zs, codes, dtype):
-        """H_l for every level (float32), from Z_l and the previous level's codes."""
+    @staticmethod
+    def _residuals(zs, codes, codebooks):
+        """H_l for every level (float32), from Z_l, the previous level's codes and codebooks."""
         hs = [zs[0].float()]
         for level in range(1, len(zs)):
-            prev = self.levels[level - 1].codebook.to(dtype)[codes[level - 1]]
+            prev = codebooks[level - 1][codes[level - 1]]
             hs.append((2.0 * zs[level] - prev).float())
         return hs
 
@@ -259,7 +260,10 @@ class HRQuantizer(nn.Module):
         dtype = zs[0].dtype
         if self.training and self.kmeans_init and not bool(self.levels[0].initted):
             self._init_levels(zs, mask, sync)
-        codes, zhat_levels = kernels.hrq_quantize(zs, [c.to(dtype) for c in self.codebooks])
+        # A copy: the EMA below rewrites the codebooks in place, and level l's H_l must be formed
+        # with the level l-1 codebook that this forward used.
+        used = [c.to(dtype, copy=True) for c in self.codebooks]
+        codes, zhat_levels = kernels.hrq_quantize(zs, used)
         codes = codes.long()
         if self.training:
             with torch.no_grad():
@@ -269,11 +273,11 @@ class HRQuantizer(nn.Module):
                     else:
                         state.ema_step(
                             zs[level], codes[level], mask, sync,
-                            prev_codes=codes[level - 1], prev_codebook=self.levels[level - 1].codebook.to(dtype),
+                            prev_codes=codes[level - 1], prev_codebook=used[level - 1],
                         )
                     state.track_usage(codes[level], mask)
                 if any(s.threshold_ema_dead_code > 0 for s in self.levels):
-                    hs = self._residuals([z.detach() for z in zs], codes, dtype)
+                    hs = self._residuals([z.detach() for z in zs], codes, used)
                     for state, h in zip(self.levels, hs):
                         state.restart_dead(h if mask is None else h[mask], sync)
         loss = zs[0].new_zeros((), dtype=torch.float32)

@@ -1,0 +1,139 @@
+"""ema_stats / ema_update: every backend against the reference (DESIGN 2.3)."""
+
+import pytest
+import torch
+
+from tests.conftest import backend_params, require_backend
+from vqdna.kernels import dispatch, ema_stats, ema_update, reference
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(0, 5, 3), (1, 1, 1), (7, 3, 2), (100, 17, 64), (1000, 64, 513), (4099, 384, 512)]
+
+
+def reference_stats(x, codes, k, mask=None, prev_codes=None, prev_codebook=None):
+    vectors = x.double()
+    if prev_codes is not None:
+        vectors = 2 * vectors - prev_codebook.double()[prev_codes.long()]
+    n, s, _ = reference.ema_update(
+        vectors, codes, torch.zeros(k, dtype=torch.float64), torch.zeros(k, x.shape[1], dtype=torch.float64),
+        decay=0.0, eps=0.0, mask=mask,
+    )
+    return n, s
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("n,d,k", SHAPES, ids=lambda v: str(v))
+def test_ema_stats_match_reference(backend, device, dtype, n, d, k, deterministic, rng, poison):
+    require_backend(backend, device, "ema_stats")
+    if backend == "triton" and device == "cpu" and n * d > 100_000:
+        pytest.skip("too large for the Triton interpreter")
+    x = torch.randn(n, d, generator=rng).to(dtype)
+    # Skewed code frequencies: repeated codes and empty clusters both occur.
+    codes = (torch.rand(n, generator=rng).pow(3) * k).long().clamp_max(k - 1).to(torch.int32)
+    mask = torch.rand(n, generator=rng) < 0.8
+    for use_mask in (False, True):
+        m = mask if use_mask else None
+        counts, sums = ema_stats(x.to(device), codes.to(device), k, mask=None if m is None else m.to(device),
+                                 deterministic=deterministic, backend=backend)
+        assert dispatch.last_backend("ema_stats") == backend
+        ref_n, ref_s = reference_stats(x, codes, k, m)
+        assert counts.dtype == torch.float32 and sums.dtype == torch.float32 and sums.shape == (k, d)
+        assert torch.equal(counts.cpu().double(), ref_n)
+        scale = torch.zeros(k, dtype=torch.float64).index_add_(0, codes.long(), x.double().abs().sum(-1) / max(d, 1))
+        assert torch.allclose(sums.cpu().double(), ref_s, rtol=1e-5, atol=1e-5 * float(scale.max().clamp_min(1)))
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
+def test_ema_stats_with_previous_level(backend, device, dtype, rng, poison):
+    """HRQ's H_l = 2 Z_l - C_{l-1}[M_{l-1}] recomputed inside the reduction."""
+    require_backend(backend, device, "ema_stats")
+    n, d, k, kp = 300, 24, 40, 9
+    z = torch.randn(n, d, generator=rng).to(dtype)
+    prev_codebook = torch.randn(kp, d, generator=rng).to(dtype)
+    prev_codes = torch.randint(kp, (n,), generator=rng, dtype=torch.int32)
+    codes = torch.randint(k, (n,), generator=rng, dtype=torch.int32)
+    counts, sums = ema_stats(z.to(device), codes.to(device), k, prev_codes=prev_codes.to(device),
+                             prev_codebook=prev_codebook.to(device), backend=backend)
+    ref_n, ref_s = reference_stats(z, codes, k, prev_codes=prev_codes, prev_codebook=prev_codebook)
+    assert torch.equal(counts.cpu().double(), ref_n)
+    assert torch.allclose(sums.cpu().double(), ref_s, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_deterministic_mode_is_bitwise_repeatable(backend, device, rng):
+    require_backend(backend, device, "ema_stats")
+    n, d, k = 2000, 33, 7  # few codes: many rows collide on each
+    x = torch.randn(n, d, generator=rng).to(device)
+    codes = torch.randint(k, (n,), generator=rng, dtype=torch.int32).to(device)
+    first = ema_stats(x, codes, k, deterministic=True, backend=backend)
+    for _ in range(3):
+        again = ema_stats(x, codes, k, deterministic=True, backend=backend)
+        assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_deterministic_default_follows_torch(monkeypatch, rng):
+    seen = []
+    from vqdna.kernels import ops
+
+    real = ops._ema_stats_op
+
+    def spy(backend):
+        op = real(backend)
+        return lambda *a: seen.append(a[-1]) or op(*a)
+
+    monkeypatch.setattr(ops, "_ema_stats_op", spy)
+    x, codes = torch.randn(10, 4, generator=rng), torch.zeros(10, dtype=torch.int32)
+    ema_stats(x, codes, 3)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        ema_stats(x, codes, 3)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert seen == [False, True]
+
+
+def test_ema_update_one_step_by_hand():
+    """DESIGN 2.3 computed by hand for K=2, D=1, decay 0.5, eps 0.1."""
+    x = torch.tensor([[1.0], [3.0], [10.0]])
+    codes = torch.tensor([0, 0, 1])
+    cluster_size = torch.tensor([2.0, 0.0])
+    embed_sum = torch.tensor([[4.0], [0.0]])
+    codebook = torch.zeros(2, 1)
+    ema_update(x, codes, cluster_size, embed_sum, codebook, decay=0.5, eps=0.1)
+    # N = 0.5*[2, 0] + 0.5*[2, 1] = [2, 0.5]; S = 0.5*[4, 0] + 0.5*[4, 10] = [4, 5]
+    assert torch.allclose(cluster_size, torch.tensor([2.0, 0.5]))
+    assert torch.allclose(embed_sum, torch.tensor([[4.0], [5.0]]))
+    total = 2.5
+    smoothed = (torch.tensor([2.0, 0.5]) + 0.1) / (total + 2 * 0.1) * total
+    assert torch.allclose(codebook[:, 0], torch.tensor([4.0, 5.0]) / smoothed)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_ema_update_matches_reference_state(backend, device, rng):
+    require_backend(backend, device, "ema_stats")
+    n, d, k = 500, 16, 1
+    x = torch.randn(n, d, generator=rng)
+    codes = torch.zeros(n, dtype=torch.int32)
+    cs, es = torch.rand(k, generator=rng) + 0.5, torch.randn(k, d, generator=rng)
+    ref = reference.ema_update(x, codes, cs, es, decay=0.9, eps=1e-5)
+    cs2, es2, cb2 = cs.clone().to(device), es.clone().to(device), torch.empty(k, d).to(device)
+    ema_update(x.to(device), codes.to(device), cs2, es2, cb2, decay=0.9, eps=1e-5, backend=backend)
+    for got, want in zip((cs2, es2, cb2), ref):
+        assert torch.allclose(got.cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_ema_stats_opcheck(backend, device, rng):
+    require_backend(backend, device, "ema_stats")
+    from vqdna.kernels.ops import _ema_stats_op
+
+    x = torch.randn(30, 5, generator=rng).to(device)
+    codes = torch.randint(4, (30,), generator=rng, dtype=torch.int32).to(device)
+    mask = (torch.rand(30, generator=rng) < 0.5).to(device)
+    tests = ("test_schema", "test_faketensor")
+    if not (backend == "triton" and device == "cpu"):
+        tests = tests + ("test_aot_dispatch_dynamic",)
+    torch.library.opcheck(_ema_stats_op(backend), (x, codes, mask, None, None, 4, True), test_utils=tests)
