@@ -61,24 +61,46 @@ def matmul_peak_gflops(device: str, dtype: torch.dtype) -> float:
     return _peaks[key]
 
 
-def record(op, impl, device, dtype, shape, seconds, flops, kind="backend"):
-    """One measured point: impl is a backend name or a peer ("torch", "faiss")."""
-    peak = matmul_peak_gflops(device, torch.float32 if dtype == torch.float32 else dtype)
-    gflops = flops / seconds / 1e9
-    _results.append(
-        {
-            "op": op,
-            "backend": impl,
-            "kind": kind,
-            "device": device,
-            "dtype": str(dtype).replace("torch.", ""),
-            "shape": shape,
-            "ms": seconds * 1e3,
-            "gflops": gflops,
-            "peak_gflops": peak,
-            "fraction_of_peak": gflops / peak,
-        }
-    )
+def copy_bandwidth_gbps(device: str) -> float:
+    """The device's memory limit, measured now: best large copy (read + write bytes, GB/s)."""
+    key = (device, "copy")
+    if key not in _peaks:
+        n = (1 << 28) if torch.device(device).type == "cuda" else (1 << 25)
+        src = torch.empty(n, dtype=torch.float32, device=device).fill_(1.0)
+        dst = torch.empty_like(src)
+        best = float("inf")
+        for _ in range(5):
+            _sync(device)
+            t0 = time.perf_counter()
+            dst.copy_(src)
+            _sync(device)
+            best = min(best, time.perf_counter() - t0)
+        _peaks[key] = 2 * 4 * n / best / 1e9
+    return _peaks[key]
+
+
+def record(op, impl, device, dtype, shape, seconds, flops=None, kind="backend", bytes_moved=None):
+    """One measured point: impl is a backend name or a peer ("torch", "faiss", ...). Compute-bound
+    ops give flops (fraction of the measured matrix peak), memory-bound ones bytes_moved (fraction
+    of the measured copy bandwidth)."""
+    row = {
+        "op": op,
+        "backend": impl,
+        "kind": kind,
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "shape": shape,
+        "ms": seconds * 1e3,
+    }
+    if flops is not None:
+        peak = matmul_peak_gflops(device, torch.float32 if dtype == torch.float32 else dtype)
+        row.update(gflops=flops / seconds / 1e9, peak_gflops=peak)
+        row["fraction_of_peak"] = row["gflops"] / peak
+    else:
+        peak = copy_bandwidth_gbps(device)
+        row.update(gbps=bytes_moved / seconds / 1e9, peak_gbps=peak)
+        row["fraction_of_peak"] = row["gbps"] / peak
+    _results.append(row)
 
 
 def _ratios():
@@ -124,13 +146,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tr = terminalreporter
     tr.section("vqdna: ratios measured in this run")
     for (op, device, dtype, shape), rows in by_case.items():
-        tr.write_line(f"{op} {device} {dtype} {shape}  (measured matrix peak {rows[0]['peak_gflops']:.0f} GFLOP/s)")
+        compute = "gflops" in rows[0]
+        limit = f"matrix peak {rows[0]['peak_gflops']:.0f} GFLOP/s" if compute else f"copy bandwidth {rows[0]['peak_gbps']:.0f} GB/s"
+        tr.write_line(f"{op} {device} {dtype} {shape}  (measured {limit})")
         peers = [r["backend"] for r in rows if r["kind"] == "peer"]
-        head = f"  {'impl':<10} {'ms':>9} {'GFLOP/s':>9} {'of peak':>8} {'vs ref':>8}" + "".join(f" {'vs ' + p:>10}" for p in peers)
+        unit = "GFLOP/s" if compute else "GB/s"
+        head = f"  {'impl':<24} {'ms':>9} {unit:>9} {'of peak':>8} {'vs ref':>8}" + "".join(f" {'vs ' + p:>10}" for p in peers)
         tr.write_line(head)
         for r in sorted(rows, key=lambda r: r["ms"]):
             vs_ref = f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else "-"
-            line = f"  {r['backend']:<10} {r['ms']:9.2f} {r['gflops']:9.1f} {100 * r['fraction_of_peak']:7.1f}% {vs_ref:>8}"
+            rate = r["gflops"] if compute else r["gbps"]
+            line = f"  {r['backend']:<24} {r['ms']:9.2f} {rate:9.1f} {100 * r['fraction_of_peak']:7.1f}% {vs_ref:>8}"
             line += "".join(f" {r['speedup_vs_' + p]:9.2f}x" for p in peers)
             tr.write_line(line)
     out = config.getoption("--vqdna-results")

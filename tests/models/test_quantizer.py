@@ -221,3 +221,18 @@ def test_two_ranks_equal_one_process(kind, tmp_path, rng):
     for k in codebook_keys:
         live = r0[k].abs().amax(-1) < 40  # codes that never died
         assert torch.allclose(r0[k][live], nodead.state_dict()[k][live], atol=1e-5), k
+
+
+def test_vq_masked_loss_and_gradient(rng):
+    vq = VectorQuantizer(dim=4, codebook_size=6, commitment_weight=1.0)
+    vq.eval()
+    x = torch.randn(3, 5, 4, generator=rng, requires_grad=True)
+    mask = torch.rand(3, 5, generator=rng) < 0.6
+    _, codes, loss = vq(x, mask=mask)
+    q = vq.codebook[codes]
+    want = ((x - q).pow(2) * mask[..., None]).sum() / (mask.sum() * 4)
+    assert torch.allclose(loss, want, atol=1e-6)
+    (g,) = torch.autograd.grad(loss, x)
+    (g_want,) = torch.autograd.grad(want, x)
+    assert torch.allclose(g, g_want, atol=1e-7)
+    assert bool((g[~mask] == 0).all())

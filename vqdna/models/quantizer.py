@@ -25,6 +25,50 @@ __all__ = ["VectorQuantizer", "HRQuantizer"]
 _USAGE_DECAY = 0.9  # the recent-usage window of usage(): about the last 10 training batches
 
 
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized value exactly; backward: the gradient passes to x unchanged.
+    (x + (q - x).detach() computes the same in two extra passes over memory and rounds.)"""
+
+    @staticmethod
+    def forward(x, quantized):
+        return quantized
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _CommitmentLoss(torch.autograd.Function):
+    """Weighted mean((x - sg(q))^2) over the unmasked rows, its value taken from the lookup's
+    per-row squared distances (no extra pass over x). x, q [..., D]; row_sqdist [...] float32;
+    row_weight [...] float32 or None (all ones). Backward: 2 w (x - q) / (D * sum(w))."""
+
+    @staticmethod
+    def forward(x, quantized, row_sqdist, row_weight):
+        if row_weight is None:
+            return row_sqdist.sum() / x.numel()
+        return (row_sqdist * row_weight).sum() / (row_weight.sum().clamp_min(1) * x.shape[-1])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, quantized, _, row_weight = inputs
+        ctx.save_for_backward(x, quantized, row_weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, quantized, row_weight = ctx.saved_tensors
+        diff = x.float() - quantized.float()
+        if row_weight is None:
+            gx = diff * (grad * 2.0 / x.numel())
+        else:
+            gx = diff * row_weight[..., None] * (grad * 2.0 / (row_weight.sum().clamp_min(1) * x.shape[-1]))
+        return gx.to(x.dtype), None, None, None
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -177,14 +221,9 @@ class VectorQuantizer(nn.Module):
                 self._state.ema_step(x, codes, mask, sync)
                 self._state.track_usage(codes, mask)
                 self._state.restart_dead(x if mask is None else x[mask], sync)
-        diff = (x.float() - quantized.detach().float()).pow(2)
-        if mask is not None:
-            m = mask[..., None].float()
-            loss = (diff * m).sum() / (m.sum() * self.dim).clamp_min(1)
-        else:
-            loss = diff.mean()
-        quantized = x + (quantized - x).detach()
-        return quantized, codes, self.commitment_weight * loss
+        weight = None if mask is None else mask.to(dist_.dtype)
+        loss = _CommitmentLoss.apply(x, quantized.detach(), dist_, weight)
+        return _StraightThrough.apply(x, quantized), codes, self.commitment_weight * loss
 
     @torch.no_grad()
     def reinit_kmeans(self, samples: torch.Tensor) -> None:
