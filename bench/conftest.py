@@ -40,6 +40,17 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def time_call(benchmark, fn, device: str, rounds: int = 5) -> float:
+    """Best wall time (s) of fn over `rounds` after one warm-up, synchronising CUDA each call."""
+
+    def timed():
+        fn()
+        _sync(device)
+
+    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+    return benchmark.stats.stats.min
+
+
 def matmul_peak_gflops(device: str, dtype: torch.dtype) -> float:
     """The device's matrix limit, measured now: best of a few large square matmuls (GFLOP/s)."""
     key = (device, dtype)

@@ -4,7 +4,7 @@ VQ sizes (N=65536, D=384, K in {512, 4096}); GFLOP/s = 2 N K D / time."""
 import pytest
 import torch
 
-from bench.conftest import record, require_device
+from bench.conftest import record, require_device, time_call
 from vqdna.kernels import dispatch, lookup
 
 N, D = 65536, 384
@@ -18,16 +18,6 @@ def _inputs(k, dtype, device):
     codebook = torch.randn(k, D, generator=gen)
     z = codebook[torch.randint(k, (N,), generator=gen)] + 0.5 * torch.randn(N, D, generator=gen)
     return z.to(dtype).to(device), codebook.to(dtype).to(device)
-
-
-def _run(benchmark, fn, device, rounds):
-    def timed():
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
-    return benchmark.stats.stats.min
 
 
 def _cases():
@@ -49,7 +39,7 @@ def test_lookup_backend(benchmark, backend, device, dtype, k):
     sq = codebook.float().pow(2).sum(-1)
     benchmark.group = f"lookup-{device}-{str(dtype)[6:]}-K{k}"
     rounds = 2 if backend == "reference" else 5
-    t = _run(benchmark, lambda: lookup(z, codebook, codebook_sqnorm=sq, backend=backend), device, rounds)
+    t = time_call(benchmark, lambda: lookup(z, codebook, codebook_sqnorm=sq, backend=backend), device, rounds)
     assert dispatch.last_backend("lookup") == backend
     record("lookup", backend, device, dtype, {"N": N, "K": k, "D": D}, t, 2.0 * N * k * D)
 
@@ -63,7 +53,7 @@ def test_lookup_torch_addmm_argmin(benchmark, device, dtype, k):
     z, codebook = _inputs(k, dtype, device)
     sq = codebook.float().pow(2).sum(-1).to(dtype)
     benchmark.group = f"lookup-{device}-{str(dtype)[6:]}-K{k}"
-    t = _run(benchmark, lambda: torch.addmm(sq, z, codebook.T, alpha=-2).argmin(1), device, 5)
+    t = time_call(benchmark, lambda: torch.addmm(sq, z, codebook.T, alpha=-2).argmin(1), device, 5)
     record("lookup", "torch", device, dtype, {"N": N, "K": k, "D": D}, t, 2.0 * N * k * D, kind="peer")
 
 
@@ -76,5 +66,5 @@ def test_lookup_faiss(benchmark, k):
     index.add(codebook.numpy())
     zn = z.numpy()
     benchmark.group = f"lookup-cpu-float32-K{k}"
-    t = _run(benchmark, lambda: index.search(zn, 1), "cpu", 5)
+    t = time_call(benchmark, lambda: index.search(zn, 1), "cpu", 5)
     record("lookup", "faiss", "cpu", torch.float32, {"N": N, "K": k, "D": D}, t, 2.0 * N * k * D, kind="peer")

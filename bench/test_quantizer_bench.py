@@ -5,7 +5,7 @@ against torch index_add_, and VectorQuantizer against vector-quantize-pytorch's 
 import pytest
 import torch
 
-from bench.conftest import record, require_device
+from bench.conftest import record, require_device, time_call
 from vqdna import VectorQuantizer
 from vqdna.kernels import dispatch, ema_stats, hrq_quantize, lookup
 
@@ -18,16 +18,6 @@ def _skip_unless(backend, device, op):
     require_device(device)
     if dispatch._why_unavailable(backend, torch.device(device), op) is not None or (backend == "triton" and device == "cpu"):
         pytest.skip(f"{backend} {op} does not run on {device} here")
-
-
-def _time(benchmark, fn, device, rounds=5):
-    def timed():
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
-    return benchmark.stats.stats.min
 
 
 def _hrq_inputs(device, dtype):
@@ -44,7 +34,7 @@ def test_hrq_quantize(benchmark, backend, device, dtype):
     _skip_unless(backend, device, "hrq_quantize")
     zs, codebooks = _hrq_inputs(device, dtype)
     benchmark.group = f"hrq-{device}-{dtype}"
-    t = _time(benchmark, lambda: hrq_quantize(zs, codebooks, backend=backend), device, 2 if backend == "reference" else 5)
+    t = time_call(benchmark, lambda: hrq_quantize(zs, codebooks, backend=backend), device, 2 if backend == "reference" else 5)
     assert dispatch.last_backend("hrq_quantize") == backend
     flops = 2.0 * N * D * sum(HRQ_SIZES)
     record("hrq_quantize", backend, device, dtype, {"N": N, "D": D, "K": list(HRQ_SIZES)}, t, flops)
@@ -64,7 +54,7 @@ def test_hrq_two_plain_lookups(benchmark, backend, device, dtype):
         lookup(h1, codebooks[1], backend=backend)
 
     benchmark.group = f"hrq-{device}-{dtype}"
-    t = _time(benchmark, two, device)
+    t = time_call(benchmark, two, device)
     record("hrq_quantize", f"2x lookup ({backend})", device, dtype, {"N": N, "D": D, "K": list(HRQ_SIZES)}, t,
            2.0 * N * D * sum(HRQ_SIZES), kind="peer")
 
@@ -78,7 +68,7 @@ def test_ema_stats(benchmark, backend, device, deterministic):
     x = torch.randn(N, D, generator=gen).to(device)
     codes = torch.randint(K, (N,), generator=gen, dtype=torch.int32).to(device)
     benchmark.group = f"ema-{device}"
-    t = _time(benchmark, lambda: ema_stats(x, codes, K, deterministic=deterministic, backend=backend), device)
+    t = time_call(benchmark, lambda: ema_stats(x, codes, K, deterministic=deterministic, backend=backend), device)
     record("ema_stats", f"{backend}{'-det' if deterministic else ''}", device, torch.float32,
            {"N": N, "D": D, "K": K}, t, bytes_moved=x.numel() * 4 + codes.numel() * 4)
 
@@ -96,7 +86,7 @@ def test_ema_stats_torch_index_add(benchmark, device):
         return counts, sums
 
     benchmark.group = f"ema-{device}"
-    t = _time(benchmark, peer, device)
+    t = time_call(benchmark, peer, device)
     record("ema_stats", "torch index_add_", device, torch.float32, {"N": N, "D": D, "K": K}, t,
            bytes_moved=x.numel() * 4 + codes.numel() * 4, kind="peer")
 
@@ -125,7 +115,7 @@ def test_vector_quantizer_module(benchmark, impl, mode, device, monkeypatch):
         with torch.no_grad():
             module(inp)
 
-    t = _time(benchmark, step, device, 2 if impl == "reference" else 5)
+    t = time_call(benchmark, step, device, 2 if impl == "reference" else 5)
     name = "reference" if impl == "reference" else impl
     record(f"VectorQuantizer-{mode}", name, device, torch.float32, {"N": N, "D": D, "K": K}, t, 2.0 * N * K * D,
            kind="peer" if impl == "vector-quantize-pytorch" else "backend")

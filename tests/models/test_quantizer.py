@@ -38,8 +38,8 @@ def test_vq_ema_only_in_training_from_the_codebook_used(rng):
         assert torch.equal(v, before[k]), k
     vq.train()
     q, codes, _ = vq(x)
-    assert torch.allclose(q, before["_state.codebook"][codes])  # quantized with the old codebook
-    cs, es, cb = reference.ema_update(x, codes, before["_state.cluster_size"], before["_state.embed_sum"], decay=0.8, eps=1e-5)
+    assert torch.allclose(q, before["codebook"][codes])  # quantized with the old codebook
+    cs, es, cb = reference.ema_update(x, codes, before["cluster_size"], before["embed_sum"], decay=0.8, eps=1e-5)
     assert torch.allclose(vq.cluster_size, cs) and torch.allclose(vq.embed_sum, es, atol=1e-6)
     assert torch.allclose(vq.codebook, cb, atol=1e-6)
     assert vq.cluster_size.dtype == torch.float32 and vq.embed_sum.dtype == torch.float32
@@ -101,7 +101,7 @@ def test_kmeans_init_and_reinit_and_usage(rng):
     x = centers[torch.randint(4, (400,), generator=rng)] + 0.1 * torch.randn(400, 5, generator=rng)
     vq = VectorQuantizer(dim=5, codebook_size=4, kmeans_init=True, kmeans_iters=10)
     vq(x)
-    assert bool(vq._state.initted)
+    assert bool(vq.initted)
     assert bool((torch.cdist(centers, vq.codebook).min(1).values < 0.3).all())
     u = vq.usage()
     assert u["used_fraction"] == 1.0 and 3.0 < u["perplexity"] <= 4.0

@@ -7,13 +7,14 @@ backend runs.
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
 
 from vqdna.kernels import native as _native  # noqa: F401  (fake impls of the compiled ops)
 from vqdna.kernels import reference
-from vqdna.kernels.dispatch import select_backend
+from vqdna.kernels.dispatch import _TRITON_MODULES, select_backend
 
 __all__ = ["lookup", "hrq_quantize", "ema_stats", "ema_update", "kmeans", "raise_on_nonfinite"]
 
@@ -36,18 +37,20 @@ def _(z, codebook, codebook_sqnorm):
     return z.new_empty(n, dtype=torch.int32), z.new_empty(n, dtype=dist_dtype)
 
 
-def _lookup_op(backend: str):
+def _backend_op(op: str, backend: str):
+    """The registered op `vqdna::<op>_<backend>`: reference ops live here, native/CUDA ones in
+    vqdna._C, Triton ones in vqdna/kernels/triton/."""
     if backend == "reference":
-        return _lookup_reference
-    if backend == "native":
-        return torch.ops.vqdna.lookup_native
-    if backend == "cuda":
-        return torch.ops.vqdna.lookup_cuda
+        return _REFERENCE_OPS[op]
+    if backend in ("native", "cuda"):
+        return getattr(torch.ops.vqdna, f"{op}_{backend}")
     if backend == "triton":
-        from vqdna.kernels.triton.lookup import lookup_triton
-
-        return lookup_triton
+        return getattr(importlib.import_module(_TRITON_MODULES[op]), f"{op}_triton")
     raise AssertionError(backend)
+
+
+def _lookup_op(backend: str):
+    return _backend_op("lookup", backend)
 
 
 def _check_lookup_inputs(z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: Optional[torch.Tensor]) -> None:
@@ -170,25 +173,11 @@ def _hrq_backward(ctx, grad_codes, grad_levels):
     return grad_zs, None, None, None
 
 
-def _hrq_op(backend: str):
-    if backend == "reference":
-        return _hrq_quantize_reference
-    if backend == "native":
-        return torch.ops.vqdna.hrq_quantize_native
-    if backend == "cuda":
-        return torch.ops.vqdna.hrq_quantize_cuda
-    if backend == "triton":
-        from vqdna.kernels.triton.hrq_quantize import hrq_quantize_triton
-
-        return hrq_quantize_triton
-    raise AssertionError(backend)
-
-
 _hrq_autograd_registered: set[str] = set()
 
 
 def _hrq_op_with_autograd(backend: str):
-    op = _hrq_op(backend)
+    op = _backend_op("hrq_quantize", backend)
     if backend not in _hrq_autograd_registered:
         torch.library.register_autograd(
             f"vqdna::hrq_quantize_{backend}", _hrq_backward, setup_context=_hrq_setup_context
@@ -269,17 +258,14 @@ def _(x, codes, mask, prev_codes, prev_codebook, num_codes, deterministic):
 
 
 def _ema_stats_op(backend: str):
-    if backend == "reference":
-        return _ema_stats_reference
-    if backend == "native":
-        return torch.ops.vqdna.ema_stats_native
-    if backend == "cuda":
-        return torch.ops.vqdna.ema_stats_cuda
-    if backend == "triton":
-        from vqdna.kernels.triton.ema_update import ema_stats_triton
+    return _backend_op("ema_stats", backend)
 
-        return ema_stats_triton
-    raise AssertionError(backend)
+
+_REFERENCE_OPS = {
+    "lookup": _lookup_reference,
+    "hrq_quantize": _hrq_quantize_reference,
+    "ema_stats": _ema_stats_reference,
+}
 
 
 def ema_stats(
@@ -382,36 +368,10 @@ def kmeans(
     Returns centroids [k, D] in float32 (float64 for float64 x).
     """
     x = x.detach().reshape(-1, x.shape[-1])
-    n, d = x.shape
-    if n == 0 or k < 1:
-        raise ValueError(f"kmeans: need N >= 1 rows and k >= 1, got N={n}, k={k}")
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    xf = x.to(acc)
-    if init == "random":
-        pick = torch.randperm(n, generator=gen)[:k]
-        if k > n:
-            pick = torch.cat([pick, torch.randint(n, (k - n,), generator=gen)])
-        centroids = xf[pick.to(x.device)].clone()
-    elif init == "kmeans++":
-        centroids = torch.empty(k, d, dtype=acc, device=x.device)
-        uniforms = torch.rand(k, generator=gen, dtype=torch.float64).to(x.device)
-        first = torch.randint(n, (1,), generator=gen).to(x.device)
-        centroids[0] = xf[first[0]]
-        closest = (xf - centroids[0]).pow(2).sum(-1)
-        for j in range(1, k):
-            # Inverse-CDF sampling with a pre-drawn uniform: stays on the device, no .item().
-            weights = torch.nan_to_num(closest.double().clamp_min(0), nan=0.0, posinf=0.0)
-            cdf = weights.cumsum(0)
-            target = uniforms[j] * cdf[-1]
-            choice = torch.searchsorted(cdf, target.reshape(1), right=True).clamp_(max=n - 1)
-            centroids[j] = xf[choice[0]]
-            closest = torch.minimum(closest, (xf - centroids[j]).pow(2).sum(-1))
-    else:
-        raise ValueError(f"kmeans: unknown init {init!r} (expected 'kmeans++' or 'random')")
-    work_dtype = x.dtype if x.dtype != torch.float64 else torch.float64
+    centroids = reference.kmeans_init(x, k, init=init, seed=seed)
+    acc = centroids.dtype
     for _ in range(iters):
-        codes, _ = lookup(x, centroids.to(work_dtype), backend=backend)
+        codes, _ = lookup(x, centroids.to(x.dtype), backend=backend)
         counts, sums = ema_stats(x, codes, k, backend=backend)
         means = sums.to(acc) / counts.to(acc).clamp_min(1)[:, None]
         centroids = torch.where((counts > 0)[:, None], means, centroids)

@@ -13,7 +13,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["lookup", "hrq_quantize", "ema_update", "kmeans", "stem", "BASE_PAD_ID", "NUM_BASES"]
+__all__ = ["lookup", "hrq_quantize", "ema_update", "kmeans", "kmeans_init", "stem", "BASE_PAD_ID", "NUM_BASES"]
 
 NUM_BASES = 5  # A C G T N
 BASE_PAD_ID = 5  # "no base here": contributes nothing to the stem, like Conv1d's zero padding
@@ -140,18 +140,12 @@ def ema_update(
     return new_cluster_size, new_embed_sum, codebook
 
 
-def kmeans(
-    x: torch.Tensor,
-    k: int,
-    iters: int = 10,
-    *,
-    init: str = "kmeans++",
-    seed: int = 0,
-) -> torch.Tensor:
-    """k-means on x [N, D] (DESIGN 2.4): assign with `lookup`, update with the `ema_update`
-    reduction at decay 0 (plain means). A cluster left empty keeps its previous centroid.
-    init: "kmeans++" (D^2 sampling) or "random" (distinct random rows). Deterministic for a seed.
-    Returns centroids [k, D] float32 (float64 for float64 x).
+def kmeans_init(x: torch.Tensor, k: int, *, init: str = "kmeans++", seed: int = 0) -> torch.Tensor:
+    """Initial centroids [k, D] (float32; float64 for float64 x) from the rows of x [N, D].
+
+    "kmeans++": D^2 sampling by inverse CDF with uniforms drawn up front from a CPU generator, so it
+    runs on x's device without a host round trip per centroid; "random": distinct random rows
+    (repeated when k > N). Deterministic for a seed.
     """
     n, d = x.shape
     if n == 0 or k < 1:
@@ -163,24 +157,40 @@ def kmeans(
         pick = torch.randperm(n, generator=gen)[:k]
         if k > n:
             pick = torch.cat([pick, torch.randint(n, (k - n,), generator=gen)])
-        centroids = xf[pick.to(x.device)].clone()
-    elif init == "kmeans++":
-        centroids = torch.empty(k, d, dtype=acc, device=x.device)
-        first = torch.randint(n, (1,), generator=gen).item()
-        centroids[0] = xf[first]
-        closest = ((xf - centroids[0]) ** 2).sum(-1)
-        for j in range(1, k):
-            weights = closest.clamp_min(0).cpu().double()
-            if not torch.isfinite(weights).all() or weights.sum() <= 0:
-                choice = torch.randint(n, (1,), generator=gen).item()
-            else:
-                choice = torch.multinomial(weights, 1, generator=gen).item()
-            centroids[j] = xf[choice]
-            closest = torch.minimum(closest, ((xf - centroids[j]) ** 2).sum(-1))
-    else:
+        return xf[pick.to(x.device)].clone()
+    if init != "kmeans++":
         raise ValueError(f"kmeans: unknown init {init!r} (expected 'kmeans++' or 'random')")
+    centroids = torch.empty(k, d, dtype=acc, device=x.device)
+    uniforms = torch.rand(k, generator=gen, dtype=torch.float64).to(x.device)
+    first = torch.randint(n, (1,), generator=gen).to(x.device)
+    centroids[0] = xf[first[0]]
+    closest = (xf - centroids[0]).pow(2).sum(-1)
+    for j in range(1, k):
+        weights = torch.nan_to_num(closest.double().clamp_min(0), nan=0.0, posinf=0.0)
+        cdf = weights.cumsum(0)
+        choice = torch.searchsorted(cdf, (uniforms[j] * cdf[-1]).reshape(1), right=True).clamp_(max=n - 1)
+        centroids[j] = xf[choice[0]]
+        closest = torch.minimum(closest, (xf - centroids[j]).pow(2).sum(-1))
+    return centroids
+
+
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    iters: int = 10,
+    *,
+    init: str = "kmeans++",
+    seed: int = 0,
+) -> torch.Tensor:
+    """k-means on x [N, D] (DESIGN 2.4): `kmeans_init`, then `iters` rounds of assigning with
+    `lookup` and updating with the `ema_update` reduction at decay 0 (plain means). A cluster left
+    empty keeps its previous centroid. Returns centroids [k, D] float32 (float64 for float64 x).
+    """
+    centroids = kmeans_init(x, k, init=init, seed=seed)
+    acc = centroids.dtype
+    xf = x.to(acc)
     zeros_n = torch.zeros(k, dtype=acc, device=x.device)
-    zeros_s = torch.zeros(k, d, dtype=acc, device=x.device)
+    zeros_s = torch.zeros(k, x.shape[1], dtype=acc, device=x.device)
     for _ in range(iters):
         codes, _ = lookup(xf, centroids)
         counts, sums, _ = ema_update(xf, codes, zeros_n, zeros_s, decay=0.0, eps=0.0)

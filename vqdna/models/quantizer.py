@@ -146,6 +146,7 @@ class _EMACodebook(nn.Module):
         self.initted.fill_(True)
 
     def usage(self) -> dict:
+        """{"used_fraction", "perplexity"} of the codes over this rank's recent training batches."""
         counts = self.recent_counts
         total = counts.sum()
         p = counts / total.clamp_min(1e-12)
@@ -154,7 +155,11 @@ class _EMACodebook(nn.Module):
         return {"used_fraction": float(used) if total > 0 else 0.0, "perplexity": float(torch.exp(entropy)) if total > 0 else 0.0}
 
 
-class VectorQuantizer(nn.Module):
+def _sync_enabled(sync_codebook: Optional[bool]) -> bool:
+    return _distributed() if sync_codebook is None else bool(sync_codebook)
+
+
+class VectorQuantizer(_EMACodebook):
     """VQ-VAE quantizer with an EMA codebook (DESIGN 1, Eq. 3).
 
     forward(x [..., dim], mask [...] bool = None) -> (quantized [..., dim] (dtype of x; straight-through
@@ -179,35 +184,18 @@ class VectorQuantizer(nn.Module):
         sync_codebook: Optional[bool] = None,
         check_finite: bool = True,
     ):
-        super().__init__()
+        super().__init__(dim, codebook_size, decay, eps, threshold_ema_dead_code)
         self.dim, self.codebook_size = dim, codebook_size
         self.commitment_weight = commitment_weight
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
         self.sync_codebook, self.check_finite = sync_codebook, check_finite
-        self._state = _EMACodebook(dim, codebook_size, decay, eps, threshold_ema_dead_code)
-
-    # The buffers live on the inner module; these names are the public ones.
-    @property
-    def codebook(self) -> torch.Tensor:
-        return self._state.codebook
-
-    @property
-    def cluster_size(self) -> torch.Tensor:
-        return self._state.cluster_size
-
-    @property
-    def embed_sum(self) -> torch.Tensor:
-        return self._state.embed_sum
-
-    def _sync(self) -> bool:
-        return _distributed() if self.sync_codebook is None else bool(self.sync_codebook)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
         if x.shape[-1] != self.dim:
             raise ValueError(f"VectorQuantizer: x has last dimension {x.shape[-1]}, expected dim={self.dim}")
-        sync = self._sync()
-        if self.training and self.kmeans_init and not bool(self._state.initted):
-            self._state.init_from(x if mask is None else x[mask], self.kmeans_iters, sync)
+        sync = _sync_enabled(self.sync_codebook)
+        if self.training and self.kmeans_init and not bool(self.initted):
+            self.init_from(x if mask is None else x[mask], self.kmeans_iters, sync)
         codebook = self.codebook.to(x.dtype)
         codes, dist_ = kernels.lookup(x, codebook, codes_dtype=torch.int64)
         if self.check_finite:
@@ -218,9 +206,9 @@ class VectorQuantizer(nn.Module):
         quantized = torch.nn.functional.embedding(codes, codebook)
         if self.training:
             with torch.no_grad():
-                self._state.ema_step(x, codes, mask, sync)
-                self._state.track_usage(codes, mask)
-                self._state.restart_dead(x if mask is None else x[mask], sync)
+                self.ema_step(x, codes, mask, sync)
+                self.track_usage(codes, mask)
+                self.restart_dead(x if mask is None else x[mask], sync)
         weight = None if mask is None else mask.to(dist_.dtype)
         loss = _CommitmentLoss.apply(x, quantized.detach(), dist_, weight)
         return _StraightThrough.apply(x, quantized), codes, self.commitment_weight * loss
@@ -228,11 +216,7 @@ class VectorQuantizer(nn.Module):
     @torch.no_grad()
     def reinit_kmeans(self, samples: torch.Tensor) -> None:
         """The one-time "repeated k-means" re-initialisation: k-means on samples [..., dim]."""
-        self._state.init_from(samples, self.kmeans_iters, self._sync())
-
-    def usage(self) -> dict:
-        """{"used_fraction", "perplexity"} of the codes over this rank's recent training batches."""
-        return self._state.usage()
+        self.init_from(samples, self.kmeans_iters, _sync_enabled(self.sync_codebook))
 
 
 class HRQuantizer(nn.Module):
@@ -274,9 +258,6 @@ class HRQuantizer(nn.Module):
         """The L codebooks, [K_l, dim] float32."""
         return [level.codebook for level in self.levels]
 
-    def _sync(self) -> bool:
-        return _distributed() if self.sync_codebook is None else bool(self.sync_codebook)
-
     @staticmethod
     def _residuals(zs, codes, codebooks):
         """H_l for every level (float32), from Z_l, the previous level's codes and codebooks."""
@@ -295,7 +276,7 @@ class HRQuantizer(nn.Module):
                 raise ValueError(f"HRQuantizer: zs[{level}] has last dimension {z.shape[-1]}, expected dim={self.dim}")
             if self.check_finite:
                 _check_rows_finite(z.detach(), f"HRQuantizer input zs[{level}]")
-        sync = self._sync()
+        sync = _sync_enabled(self.sync_codebook)
         dtype = zs[0].dtype
         if self.training and self.kmeans_init and not bool(self.levels[0].initted):
             self._init_levels(zs, mask, sync)
@@ -343,7 +324,7 @@ class HRQuantizer(nn.Module):
     @torch.no_grad()
     def reinit_kmeans(self, zs: Sequence[torch.Tensor]) -> None:
         """The one-time "repeated k-means" re-initialisation of every level from samples zs (L tensors)."""
-        self._init_levels(list(zs), None, self._sync())
+        self._init_levels(list(zs), None, _sync_enabled(self.sync_codebook))
 
     def usage(self) -> list[dict]:
         """Per level: {"used_fraction", "perplexity"} over the recent training batches."""
