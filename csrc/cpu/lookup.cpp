@@ -12,14 +12,18 @@
 //    distances are compared against each row's running minimum and only when some lane beats it
 //    (rare after the first few panels) is the tile scanned in increasing code order. Strict `<`
 //    everywhere keeps the lowest index on ties, and an ordered compare means NaN never wins.
-#include <torch/extension.h>
-
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 #include <memory>
+#include <tuple>
+#include <type_traits>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
@@ -52,15 +56,12 @@ template <typename T>
 inline void row_to_float(const T* src, float* dst, int64_t n) {
   int64_t d = 0;
 #ifdef VQDNA_AVX2
-  if constexpr (std::is_same_v<T, float>) {
-    std::copy(src, src + n, dst);
-    return;
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
     for (; d + 8 <= n; d += 8) {  // bf16 is the high half of a float32
       __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
       _mm256_storeu_ps(dst + d, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
     }
-  } else {
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
     for (; d + 8 <= n; d += 8) {
       __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d));
       _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(h));
@@ -70,24 +71,45 @@ inline void row_to_float(const T* src, float* dst, int64_t n) {
   for (; d < n; ++d) dst[d] = static_cast<float>(src[d]);
 }
 
+// Multi-lane accumulation: a single scalar accumulator would be a serial FP-add chain.
+inline float sum_squares(const float* x, int64_t n) {
+  int64_t d = 0;
+  float s = 0.f;
+#ifdef VQDNA_AVX2
+  __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+  for (; d + 16 <= n; d += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + d), x1 = _mm256_loadu_ps(x + d + 8);
+    a0 = _mm256_fmadd_ps(x0, x0, a0);
+    a1 = _mm256_fmadd_ps(x1, x1, a1);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, _mm256_add_ps(a0, a1));
+  for (int i = 0; i < 8; ++i) s += lanes[i];
+#endif
+  for (; d < n; ++d) s += x[d] * x[d];
+  return s;
+}
+
 // ---- packing -------------------------------------------------------------------------------------
 
 // Packs `rows` rows of src (row stride D) into a [D][P] panel (P = kMR or kNR), zero-padding the
-// missing rows. `tmp` holds one float32 row. Returns nothing; optionally writes each row's ||x||^2.
+// missing rows, and optionally writes each row's float32 ||x||^2. `tmp` holds one float32 row.
 template <typename T, int64_t P>
 void pack_panel(const T* src, int64_t rows, int64_t D, float* panel, float* tmp, float* sqnorm_out) {
   for (int64_t r = 0; r < P; ++r) {
-    if (r < rows) {
-      row_to_float(src + r * D, tmp, D);
-      float s = 0.f;
-      for (int64_t d = 0; d < D; ++d) {
-        panel[d * P + r] = tmp[d];
-        s += tmp[d] * tmp[d];
-      }
-      if (sqnorm_out) sqnorm_out[r] = s;
-    } else {
+    if (r >= rows) {
       for (int64_t d = 0; d < D; ++d) panel[d * P + r] = 0.f;
+      continue;
     }
+    const float* x;
+    if constexpr (std::is_same_v<T, float>) {
+      x = src + r * D;
+    } else {
+      row_to_float(src + r * D, tmp, D);
+      x = tmp;
+    }
+    for (int64_t d = 0; d < D; ++d) panel[d * P + r] = x[d];
+    if (sqnorm_out) sqnorm_out[r] = sum_squares(x, D);
   }
 }
 
@@ -195,7 +217,10 @@ void lookup_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::Te
 
   // Block height: packed z block fits the L2 budget, and every thread gets at least one block.
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  int64_t mb = std::clamp<int64_t>(kBlockBytes / (D * int64_t(sizeof(float))), kMR, kMaxBlockRows);
+  static const int64_t kBB = getenv("VQ_BB") ? atol(getenv("VQ_BB")) * 1024 : kBlockBytes;
+  static const int64_t kMaxR = getenv("VQ_MAXR") ? atol(getenv("VQ_MAXR")) : kMaxBlockRows;
+  static const int kPF = getenv("VQ_PF") ? atoi(getenv("VQ_PF")) : 2;
+  int64_t mb = std::clamp<int64_t>(kBB / (D * int64_t(sizeof(float))), kMR, kMaxR);
   mb = std::min(mb, (N + nthreads - 1) / nthreads);
   mb = std::max<int64_t>(kMR, (mb + kMR - 1) / kMR * kMR);
   const int64_t n_blocks = (N + mb - 1) / mb;
@@ -216,8 +241,21 @@ void lookup_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::Te
       }
       std::fill(best.get(), best.get() + row_panels * kMR, std::numeric_limits<float>::infinity());
       std::fill(best_idx.get(), best_idx.get() + row_panels * kMR, 0);
+      // Pull the next block of z (streamed from DRAM) in while this block computes: spread the
+      // prefetches over the code panels so they overlap with the FMAs.
+      const char* next = reinterpret_cast<const char*>(zp + (r0 + mb) * D);
+      const int64_t next_lines = blk + 1 < blk1 ? (std::min(mb, N - r0 - mb) * D * int64_t(sizeof(T)) + 63) / 64 : 0;
+      const int64_t lines_per_panel = (next_lines + n_panels - 1) / n_panels;
       // Code panels in increasing order: required for lowest-index tie breaking.
       for (int64_t j = 0; j < n_panels; ++j) {
+        if (kPF) {
+        const int64_t l1 = std::min(next_lines, (j + 1) * lines_per_panel);
+        for (int64_t l = j * lines_per_panel; l < l1; ++l) {
+          if (kPF == 1) _mm_prefetch(next + l * 64, _MM_HINT_T0);
+          else if (kPF == 2) _mm_prefetch(next + l * 64, _MM_HINT_T1);
+          else _mm_prefetch(next + l * 64, _MM_HINT_T2);
+        }
+        }
         const float* B = bpack.get() + j * kNR * D;
         const float* sq = sqpad.get() + j * kNR;
         const int32_t k0 = static_cast<int32_t>(j * kNR);
