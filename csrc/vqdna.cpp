@@ -12,16 +12,16 @@ TORCH_LIBRARY(vqdna, m) {
   // Same contract on CUDA tensors (cuda/lookup.cu); registered only when built with CUDA.
   m.def("lookup_cuda(Tensor z, Tensor codebook, Tensor codebook_sqnorm) -> (Tensor, Tensor)");
 
-  // HRQ residual doubling, fused multi-level lookup (DESIGN 2.2). zs [L, N, D] contiguous
-  // (float32 / bfloat16 / float16); codebooks [sum_l K_l, D] contiguous, same dtype, level l's rows
+  // HRQ residual doubling, fused multi-level lookup (DESIGN 2.2). zs: L tensors [N, D], contiguous
+  // (float32 / bfloat16 / float16; a list, so the caller's per-level tensors are never stacked); codebooks [sum_l K_l, D] contiguous, same dtype, level l's rows
   // at offset sum_{m<l} K_m; codebook_sqnorms [sum_l K_l] float32; codebook_sizes [L] = K_l.
   // H_0 = Z_0; H_l = 2 Z_l - C_{l-1}[M_{l-1}] (formed in float32, rounded to the input dtype before
   // the lookup, exactly as the reference does); M_l = lookup(H_l, C_l).
   // Returns codes int32 [L, N] (level-local indices) and zhat_levels [L, N, D] in the dtype of zs:
   // zhat_levels[l] = mean_{m<=l} C_m[M_m] (accumulated in float32). H_l is never written.
   // Forward only: the straight-through gradient is registered from Python.
-  m.def("hrq_quantize_native(Tensor zs, Tensor codebooks, Tensor codebook_sqnorms, int[] codebook_sizes) -> (Tensor, Tensor)");
-  m.def("hrq_quantize_cuda(Tensor zs, Tensor codebooks, Tensor codebook_sqnorms, int[] codebook_sizes) -> (Tensor, Tensor)");
+  m.def("hrq_quantize_native(Tensor[] zs, Tensor codebooks, Tensor codebook_sqnorms, int[] codebook_sizes) -> (Tensor, Tensor)");
+  m.def("hrq_quantize_cuda(Tensor[] zs, Tensor codebooks, Tensor codebook_sqnorms, int[] codebook_sizes) -> (Tensor, Tensor)");
 
   // EMA statistics, the reduction of DESIGN 2.3: counts[k] = sum_i w_i [codes_i = k],
   // sums[k] = sum_i w_i [codes_i = k] x_i, both float32, w_i = mask_i (1 when mask is None).

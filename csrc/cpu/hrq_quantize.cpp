@@ -17,10 +17,11 @@ namespace {
 using namespace vqdna::cpu;
 
 template <typename T>
-void hrq_kernel(const at::Tensor& zs, const at::Tensor& codebooks, const at::Tensor& sqnorms,
+void hrq_kernel(const std::vector<at::Tensor>& zs, const at::Tensor& codebooks, const at::Tensor& sqnorms,
                 const std::vector<int64_t>& sizes, at::Tensor& codes, at::Tensor& levels) {
-  const int64_t L = zs.size(0), N = zs.size(1), D = zs.size(2);
-  const T* zp = zs.const_data_ptr<T>();
+  const int64_t L = static_cast<int64_t>(zs.size()), N = zs[0].size(0), D = zs[0].size(1);
+  std::vector<const T*> zp;
+  for (const auto& z : zs) zp.push_back(z.const_data_ptr<T>());
   const T* cbp = codebooks.const_data_ptr<T>();
   const float* sqp = sqnorms.const_data_ptr<float>();
   int32_t* codes_p = codes.mutable_data_ptr<int32_t>();
@@ -51,7 +52,7 @@ void hrq_kernel(const at::Tensor& zs, const at::Tensor& codebooks, const at::Ten
       const int64_t rows = std::min(mb, N - r0);
       const int64_t row_panels = (rows + kMR - 1) / kMR;
       for (int64_t l = 0; l < L; ++l) {
-        const T* z = zp + (l * N + r0) * D;
+        const T* z = zp[l] + r0 * D;
         for (int64_t p = 0; p < row_panels; ++p) {
           float* panel = apack.get() + p * kMR * D;
           for (int64_t r = 0; r < kMR; ++r) {
@@ -89,17 +90,28 @@ void hrq_kernel(const at::Tensor& zs, const at::Tensor& codebooks, const at::Ten
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> hrq_quantize_native_cpu(const at::Tensor& zs, const at::Tensor& codebooks,
+std::tuple<at::Tensor, at::Tensor> hrq_quantize_native_cpu(at::TensorList zs, const at::Tensor& codebooks,
                                                            const at::Tensor& codebook_sqnorms,
                                                            at::IntArrayRef codebook_sizes) {
-  TORCH_CHECK(zs.device().is_cpu() && codebooks.device().is_cpu() && codebook_sqnorms.device().is_cpu(),
-              "vqdna.hrq_quantize_native: all inputs must be CPU tensors");
-  TORCH_CHECK(zs.dim() == 3, "vqdna.hrq_quantize_native: zs must be [L, N, D], got shape ", zs.sizes());
-  TORCH_CHECK(codebooks.dim() == 2 && codebooks.size(1) == zs.size(2),
-              "vqdna.hrq_quantize_native: codebooks must be [sum K_l, D=", zs.size(2), "], got shape ",
-              codebooks.sizes());
-  const int64_t L = zs.size(0);
-  TORCH_CHECK(L >= 1 && static_cast<int64_t>(codebook_sizes.size()) == L, "vqdna.hrq_quantize_native: got ",
+  const int64_t L = static_cast<int64_t>(zs.size());
+  TORCH_CHECK(L >= 1, "vqdna.hrq_quantize_native: need at least one level");
+  TORCH_CHECK(zs[0].dim() == 2, "vqdna.hrq_quantize_native: zs[0] must be [N, D], got shape ", zs[0].sizes());
+  const auto dt = zs[0].scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "vqdna.hrq_quantize_native: zs must be float32, bfloat16 or float16, got ", dt);
+  std::vector<at::Tensor> zc;
+  for (int64_t l = 0; l < L; ++l) {
+    TORCH_CHECK(zs[l].device().is_cpu(), "vqdna.hrq_quantize_native: zs[", l, "] is not a CPU tensor");
+    TORCH_CHECK(zs[l].sizes() == zs[0].sizes() && zs[l].scalar_type() == dt, "vqdna.hrq_quantize_native: zs[", l,
+                "] is ", zs[l].scalar_type(), " ", zs[l].sizes(), ", zs[0] is ", dt, " ", zs[0].sizes());
+    zc.push_back(zs[l].contiguous());
+  }
+  const int64_t N = zs[0].size(0), D = zs[0].size(1);
+  TORCH_CHECK(codebooks.device().is_cpu() && codebook_sqnorms.device().is_cpu(),
+              "vqdna.hrq_quantize_native: codebooks must be CPU tensors");
+  TORCH_CHECK(codebooks.dim() == 2 && codebooks.size(1) == D, "vqdna.hrq_quantize_native: codebooks must be [sum K_l, D=",
+              D, "], got shape ", codebooks.sizes());
+  TORCH_CHECK(static_cast<int64_t>(codebook_sizes.size()) == L, "vqdna.hrq_quantize_native: got ",
               codebook_sizes.size(), " codebook sizes for L=", L, " levels");
   int64_t total = 0;
   for (int64_t l = 0; l < L; ++l) {
@@ -111,15 +123,12 @@ std::tuple<at::Tensor, at::Tensor> hrq_quantize_native_cpu(const at::Tensor& zs,
   TORCH_CHECK(codebook_sqnorms.dim() == 1 && codebook_sqnorms.size(0) == total &&
                   codebook_sqnorms.scalar_type() == at::kFloat,
               "vqdna.hrq_quantize_native: codebook_sqnorms must be float32 [", total, "]");
-  const auto dt = zs.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-              "vqdna.hrq_quantize_native: zs must be float32, bfloat16 or float16, got ", dt);
   TORCH_CHECK(codebooks.scalar_type() == dt, "vqdna.hrq_quantize_native: dtype mismatch: zs is ", dt,
               ", codebooks is ", codebooks.scalar_type());
-  const at::Tensor zc = zs.contiguous(), cbc = codebooks.contiguous(), sqc = codebook_sqnorms.contiguous();
-  at::Tensor codes = at::empty({L, zs.size(1)}, zc.options().dtype(at::kInt));
-  at::Tensor levels = at::empty_like(zc);
-  if (zs.size(1) == 0) return {codes, levels};
+  const at::Tensor cbc = codebooks.contiguous(), sqc = codebook_sqnorms.contiguous();
+  at::Tensor codes = at::empty({L, N}, zc[0].options().dtype(at::kInt));
+  at::Tensor levels = at::empty({L, N, D}, zc[0].options());
+  if (N == 0) return {codes, levels};
   const std::vector<int64_t> sizes(codebook_sizes.begin(), codebook_sizes.end());
   AT_DISPATCH_SWITCH(dt, "vqdna_hrq_quantize_native",
                      AT_DISPATCH_CASE(at::kFloat, [&] { hrq_kernel<float>(zc, cbc, sqc, sizes, codes, levels); })

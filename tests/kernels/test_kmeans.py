@@ -16,7 +16,9 @@ def blobs(n, d, k, gen):
 def test_kmeans_finds_separated_clusters(backend, device, rng):
     require_backend(backend, device, "ema_stats")
     require_backend(backend, device, "lookup")
-    x, centers = blobs(600, 8, 6, rng)
+    # Fixed data: k-means++ misses a cluster with a small probability on any data, and that is a
+    # property of the algorithm, not of a backend (backends are compared in the next test).
+    x, centers = blobs(600, 8, 6, torch.Generator().manual_seed(0))
     got = kmeans(x.to(device), 6, iters=10, seed=3, backend=backend).cpu()
     # every true center has a centroid next to it
     nearest = torch.cdist(centers, got).min(1).values

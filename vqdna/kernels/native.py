@@ -30,8 +30,8 @@ if _ext.extension_available():
 
 
     def _hrq_fake(zs, codebooks, codebook_sqnorms, codebook_sizes):
-        n_levels, n = zs.shape[0], zs.shape[1]
-        return zs.new_empty(n_levels, n, dtype=torch.int32), torch.empty_like(zs)
+        n, d = zs[0].shape
+        return zs[0].new_empty(len(zs), n, dtype=torch.int32), zs[0].new_empty(len(zs), n, d)
 
     def _ema_stats_fake(x, codes, mask, prev_codes, prev_codebook, num_codes, deterministic):
         return x.new_empty(num_codes, dtype=torch.float32), x.new_empty(num_codes, x.shape[1], dtype=torch.float32)

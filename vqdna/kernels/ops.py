@@ -141,19 +141,20 @@ def raise_on_nonfinite(dist: torch.Tensor, tensor_name: str = "input") -> None:
 
 @torch.library.custom_op("vqdna::hrq_quantize_reference", mutates_args=())
 def _hrq_quantize_reference(
-    zs: torch.Tensor, codebooks: torch.Tensor, codebook_sqnorms: torch.Tensor, codebook_sizes: list[int]
+    zs: list[torch.Tensor], codebooks: torch.Tensor, codebook_sqnorms: torch.Tensor, codebook_sizes: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        return reference.hrq_quantize(list(zs.unbind(0)), list(codebooks.split(codebook_sizes)))
+        return reference.hrq_quantize(list(zs), list(codebooks.split(codebook_sizes)))
 
 
 @_hrq_quantize_reference.register_fake
 def _(zs, codebooks, codebook_sqnorms, codebook_sizes):
-    return zs.new_empty(zs.shape[0], zs.shape[1], dtype=torch.int32), torch.empty_like(zs)
+    n, d = zs[0].shape
+    return zs[0].new_empty(len(zs), n, dtype=torch.int32), zs[0].new_empty(len(zs), n, d)
 
 
 def _hrq_setup_context(ctx, inputs, output):
-    ctx.zs_dtype = inputs[0].dtype
+    ctx.zs_dtype = inputs[0][0].dtype
     ctx.mark_non_differentiable(output[0])  # codes
 
 
@@ -170,7 +171,7 @@ def _hrq_backward(ctx, grad_codes, grad_levels):
     factor = torch.full((n_levels,), 2.0, device=grad_levels.device)
     factor[0] = 1.0
     grad_zs = (suffix * factor.view(-1, *([1] * (grad_levels.dim() - 1)))).to(ctx.zs_dtype)
-    return grad_zs, None, None, None
+    return list(grad_zs.unbind(0)), None, None, None
 
 
 _hrq_autograd_registered: set[str] = set()
@@ -215,7 +216,7 @@ def hrq_quantize(
         if z.dtype != zs[0].dtype or z.device != zs[0].device:
             raise TypeError(f"hrq_quantize: zs[{level}] is {z.dtype} on {z.device}, zs[0] is {zs[0].dtype} on {zs[0].device}")
     name = select_backend("hrq_quantize", backend, zs[0].device, zs[0].dtype)
-    stacked = torch.stack([z.reshape(-1, d) for z in zs]).contiguous()
+    flat = [z.reshape(-1, d).contiguous() for z in zs]
     sizes = [int(cb.shape[0]) for cb in codebooks]
     packed = torch.cat([cb.detach() for cb in codebooks]).contiguous()
     acc = torch.float64 if packed.dtype == torch.float64 else torch.float32
@@ -223,7 +224,7 @@ def hrq_quantize(
         sq = packed.to(acc).pow(2).sum(-1)
     else:
         sq = torch.cat([s.detach().to(acc) for s in codebook_sqnorms]).contiguous()
-    codes, levels = _hrq_op_with_autograd(name)(stacked, packed, sq, sizes)
+    codes, levels = _hrq_op_with_autograd(name)(flat, packed, sq, sizes)
     return codes.reshape(len(zs), *lead), levels.reshape(len(zs), *lead, d)
 
 
