@@ -13,6 +13,10 @@
 #include <memory>
 #include <type_traits>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #include <immintrin.h>
 #define VQDNA_AVX2 1
@@ -175,6 +179,21 @@ inline void tile_6x16(const float* __restrict A, const float* __restrict B, int6
 }
 
 #endif
+
+// Large fresh outputs are written once, and first-touch page faults on 4 KiB pages can cost as much
+// as the writes; asking for transparent huge pages (where the system allows it) removes most of
+// them. Advice only: nothing changes if it is refused.
+inline void advise_huge_pages(void* data, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(data) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(data) + bytes) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
 
 // ---- a codebook packed once per call ----------------------------------------------------------------
 

@@ -129,6 +129,7 @@ std::tuple<at::Tensor, at::Tensor> hrq_quantize_native_cpu(at::TensorList zs, co
   at::Tensor codes = at::empty({L, N}, zc[0].options().dtype(at::kInt));
   at::Tensor levels = at::empty({L, N, D}, zc[0].options());
   if (N == 0) return {codes, levels};
+  advise_huge_pages(levels.data_ptr(), levels.nbytes());
   const std::vector<int64_t> sizes(codebook_sizes.begin(), codebook_sizes.end());
   AT_DISPATCH_SWITCH(dt, "vqdna_hrq_quantize_native",
                      AT_DISPATCH_CASE(at::kFloat, [&] { hrq_kernel<float>(zc, cbc, sqc, sizes, codes, levels); })
