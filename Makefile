@@ -28,8 +28,10 @@ test: install
 test-slow: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m slow tests
 
+# CPU microbenchmarks; the ratio table (with device, versions, commit, command) goes to bench/results/.
 bench: install
-	$(BIN)/python -m pytest bench -q --benchmark-columns=min,median,rounds --benchmark-json=bench/results/last-cpu.json
+	$(BIN)/python -m pytest bench -q -m "not cuda" --benchmark-columns=min,median,rounds \
+		--vqdna-results=bench/results/cpu-$$(date -u +%Y%m%d).json
 
 clean:
 	rm -rf build *.egg-info vqdna/_C*.so $(VENV)

@@ -156,8 +156,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if not _results:
         return
     by_case = _ratios()
-    tr = terminalreporter
-    tr.section("vqdna: ratios measured in this run")
+    lines: list[str] = []
+
+    class _Tee:
+        def write_line(self, line):
+            lines.append(line)
+            terminalreporter.write_line(line)
+
+    tr = _Tee()
+    terminalreporter.section("vqdna: ratios measured in this run")
     for (op, device, dtype, shape), rows in by_case.items():
         compute = "gflops" in rows[0]
         limit = f"matrix peak {rows[0]['peak_gflops']:.0f} GFLOP/s" if compute else f"copy bandwidth {rows[0]['peak_gbps']:.0f} GB/s"
@@ -175,6 +182,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     out = config.getoption("--vqdna-results")
     if out:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        prov = _provenance(config)
         with open(out, "w") as f:
-            json.dump({**_provenance(config), "results": _results}, f, indent=1)
-        tr.write_line(f"wrote {out}")
+            json.dump({**prov, "results": _results}, f, indent=1)
+        md = os.path.splitext(out)[0] + ".md"
+        with open(md, "w") as f:
+            f.write("# vqdna benchmark results\n\n")
+            f.write("".join(f"- {k}: {v}\n" for k, v in prov.items()))
+            f.write("\n```\n" + "\n".join(lines) + "\n```\n")
+        terminalreporter.write_line(f"wrote {out} and {md}")
