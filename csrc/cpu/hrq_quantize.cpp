@@ -71,7 +71,7 @@ void hrq_kernel(const std::vector<at::Tensor>& zs, const at::Tensor& codebooks, 
           }
         }
         search_block(apack.get(), row_panels, packed[l], best.get(), idx.get());
-        const float inv = 1.f / static_cast<float>(l + 1);
+        const float count = static_cast<float>(l + 1);  // divide, not multiply by 1/count: as the spec
         T* out = levels_p + (l * N + r0) * D;
         for (int64_t r = 0; r < rows; ++r) {
           codes_p[l * N + r0 + r] = idx[r];
@@ -82,7 +82,7 @@ void hrq_kernel(const std::vector<at::Tensor>& zs, const at::Tensor& codebooks, 
           } else {
             for (int64_t d = 0; d < D; ++d) acc[d] += e[d];
           }
-          for (int64_t d = 0; d < D; ++d) out[r * D + d] = static_cast<T>(acc[d] * inv);
+          for (int64_t d = 0; d < D; ++d) out[r * D + d] = static_cast<T>(acc[d] / count);
           prev[r] = idx[r];
         }
       }
