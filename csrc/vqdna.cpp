@@ -18,8 +18,7 @@ TORCH_LIBRARY(vqdna, m) {
   // H_0 = Z_0; H_l = 2 Z_l - C_{l-1}[M_{l-1}] (formed in float32, rounded to the input dtype before
   // the lookup, exactly as the reference does); M_l = lookup(H_l, C_l).
   // Returns codes int32 [L, N] (level-local indices) and zhat_levels [L, N, D] in the dtype of zs:
-  // zhat_levels[l] = mean_{m<=l} C_m[M_m] (accumulated in float32). The native and Triton kernels
-  // never write H_l; the first CUDA version stages it in one scratch buffer reused by every level.
+  // zhat_levels[l] = mean_{m<=l} C_m[M_m] (accumulated in float32). H_l is never written.
   // Forward only: the straight-through gradient is registered from Python.
   m.def("hrq_quantize_native(Tensor[] zs, Tensor codebooks, Tensor codebook_sqnorms, int[] codebook_sizes) -> (Tensor, Tensor)");
   m.def("hrq_quantize_cuda(Tensor[] zs, Tensor codebooks, Tensor codebook_sqnorms, int[] codebook_sizes) -> (Tensor, Tensor)");

@@ -1,14 +1,15 @@
 // CUDA dispatch of torch.ops.vqdna.ema_stats_cuda (schema in csrc/vqdna.cpp; kernels in
-// ema_stats.cu). Same contract and checks as the CPU kernel (cpu/ema_stats.cpp).
+// ema_stats.cu).
 //
-// Code-range checks: like the CPU path, codes (and prev_codes) outside their range are an error.
-// On CUDA that needs the min / max on the host, i.e. one device -> host synchronisation per call
-// (a single small copy of at most 4 scalars). The kernels additionally ignore out-of-range rows, so
-// they never read or write out of bounds even without the check.
+// Code ranges: codes must lie in [0, num_codes) and prev_codes in [0, K'); anything else is the
+// CALLER'S ERROR. It is not validated here, because that would cost a device -> host
+// synchronisation per call; the kernels ignore such rows (they never read or write out of bounds),
+// so an out-of-range code silently drops its row from counts and sums.
 //
-// deterministic = false: float atomics into zeroed outputs (fast, order of additions unspecified).
-// deterministic = true: codes are stably sorted here (at::sort(stable=true)), segment starts come
-// from at::searchsorted, and one block per (code, D tile) sums its rows in sorted order.
+// deterministic = false: float atomics into zeroed outputs (fast; order of additions unspecified).
+// deterministic = true: codes are stably sorted here (at::sort(stable=true), deterministic on
+// CUDA), then ema_stats.cu's sorted-segment kernels sum every code's rows in a fixed order with no
+// float atomics: bitwise repeatable run to run.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -20,7 +21,6 @@
 #include <limits>
 #include <optional>
 #include <tuple>
-#include <vector>
 
 #include "ema_stats.cuh"
 
@@ -40,13 +40,8 @@ namespace {
   }
 }
 
-// Throws with the first offending index when some entry of `c` (int32, on device) is outside [0, hi).
-void check_first_out_of_range(const at::Tensor& c, int64_t hi, const char* name) {
-  const at::Tensor bad = at::logical_or(c.lt(0), c.ge(hi)).nonzero();
-  if (bad.size(0) == 0) return;
-  const int64_t i = bad[0][0].item<int64_t>();
-  TORCH_CHECK(false, "vqdna.ema_stats_cuda: ", name, "[", i, "] = ", c[i].item<int32_t>(),
-              " is outside [0, ", hi, ")");
+bool aligned_to(const at::Tensor& t, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
 }
 
 }  // namespace
@@ -57,92 +52,98 @@ std::tuple<at::Tensor, at::Tensor> ema_stats_cuda(const at::Tensor& x, const at:
                                                   const std::optional<at::Tensor>& prev_codebook,
                                                   int64_t num_codes, bool deterministic) {
   TORCH_CHECK(x.is_cuda(), "vqdna.ema_stats_cuda: x must be a CUDA tensor, got ", x.device());
-  TORCH_CHECK(codes.device() == x.device(), "vqdna.ema_stats_cuda: codes must be on ", x.device(),
-              ", got ", codes.device());
-  TORCH_CHECK(x.dim() == 2, "vqdna.ema_stats_cuda: x must be [N, D], got shape ", x.sizes());
-  const int64_t N = x.size(0), D = x.size(1);
-  TORCH_CHECK(codes.dim() == 1 && codes.size(0) == N && codes.scalar_type() == at::kInt,
-              "vqdna.ema_stats_cuda: codes must be int32 [", N, "], got ", codes.scalar_type(), " ",
-              codes.sizes());
-  TORCH_CHECK(num_codes >= 1, "vqdna.ema_stats_cuda: num_codes must be >= 1, got ", num_codes);
-  TORCH_CHECK(num_codes <= int64_t{std::numeric_limits<int32_t>::max()} - 1,
-              "vqdna.ema_stats_cuda: num_codes = ", num_codes, " is too large");
+  TORCH_CHECK(codes.is_cuda() && codes.device() == x.device(), "vqdna.ema_stats_cuda: codes must be on ",
+              x.device(), ", got ", codes.device());
+  TORCH_CHECK(x.dim() == 2, "vqdna.ema_stats_cuda: x must be 2-D [N, D], got shape ", x.sizes());
+  const int64_t n = x.size(0);
+  const int64_t d = x.size(1);
   const auto dt = x.scalar_type();
   const auto dtype = ema_dtype(dt);
-  const c10::cuda::CUDAGuard device_guard(x.device());
+  TORCH_CHECK(x.is_contiguous(), "vqdna.ema_stats_cuda: x must be contiguous");
+  TORCH_CHECK(codes.dim() == 1 && codes.size(0) == n, "vqdna.ema_stats_cuda: codes must be 1-D [", n,
+              "], got shape ", codes.sizes());
+  TORCH_CHECK(codes.scalar_type() == at::kInt, "vqdna.ema_stats_cuda: codes must be int32, got ",
+              codes.scalar_type());
+  TORCH_CHECK(codes.is_contiguous(), "vqdna.ema_stats_cuda: codes must be contiguous");
+  TORCH_CHECK(num_codes >= 1, "vqdna.ema_stats_cuda: num_codes must be >= 1, got ", num_codes);
+  TORCH_CHECK(num_codes <= int64_t{std::numeric_limits<int32_t>::max()} - 1,
+              "vqdna.ema_stats_cuda: num_codes = ", num_codes, " is too large (codes are int32)");
 
-  at::Tensor mc;
+  const uint8_t* mask_ptr = nullptr;
   if (mask.has_value()) {
-    TORCH_CHECK(mask->device() == x.device(), "vqdna.ema_stats_cuda: mask must be on ", x.device(),
-                ", got ", mask->device());
-    TORCH_CHECK(mask->dim() == 1 && mask->size(0) == N && mask->scalar_type() == at::kBool,
-                "vqdna.ema_stats_cuda: mask must be bool [", N, "]");
-    mc = mask->contiguous();
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.is_cuda() && m.device() == x.device(), "vqdna.ema_stats_cuda: mask must be on ",
+                x.device(), ", got ", m.device());
+    TORCH_CHECK(m.dim() == 1 && m.size(0) == n, "vqdna.ema_stats_cuda: mask must be 1-D [", n,
+                "], got shape ", m.sizes());
+    TORCH_CHECK(m.scalar_type() == at::kBool, "vqdna.ema_stats_cuda: mask must be bool, got ",
+                m.scalar_type());
+    TORCH_CHECK(m.is_contiguous(), "vqdna.ema_stats_cuda: mask must be contiguous");
+    mask_ptr = reinterpret_cast<const uint8_t*>(m.data_ptr());
   }
   TORCH_CHECK(prev_codes.has_value() == prev_codebook.has_value(),
               "vqdna.ema_stats_cuda: pass prev_codes and prev_codebook together");
-  at::Tensor pc, pcb;
+  const int32_t* prev_ptr = nullptr;
+  const void* prev_cb_ptr = nullptr;
+  int64_t prev_k = 0;
   if (prev_codes.has_value()) {
-    TORCH_CHECK(prev_codes->device() == x.device() && prev_codebook->device() == x.device(),
-                "vqdna.ema_stats_cuda: prev_codes and prev_codebook must be on ", x.device());
-    TORCH_CHECK(prev_codes->dim() == 1 && prev_codes->size(0) == N && prev_codes->scalar_type() == at::kInt,
-                "vqdna.ema_stats_cuda: prev_codes must be int32 [", N, "]");
-    TORCH_CHECK(prev_codebook->dim() == 2 && prev_codebook->size(1) == D && prev_codebook->scalar_type() == dt,
-                "vqdna.ema_stats_cuda: prev_codebook must be [K', ", D, "] of dtype ", dt);
-    pc = prev_codes->contiguous();
-    pcb = prev_codebook->contiguous();
+    const at::Tensor& pc = *prev_codes;
+    const at::Tensor& pcb = *prev_codebook;
+    TORCH_CHECK(pc.is_cuda() && pc.device() == x.device() && pcb.is_cuda() && pcb.device() == x.device(),
+                "vqdna.ema_stats_cuda: prev_codes and prev_codebook must be on ", x.device(), ", got ",
+                pc.device(), " and ", pcb.device());
+    TORCH_CHECK(pc.dim() == 1 && pc.size(0) == n, "vqdna.ema_stats_cuda: prev_codes must be 1-D [", n,
+                "], got shape ", pc.sizes());
+    TORCH_CHECK(pc.scalar_type() == at::kInt, "vqdna.ema_stats_cuda: prev_codes must be int32, got ",
+                pc.scalar_type());
+    TORCH_CHECK(pc.is_contiguous(), "vqdna.ema_stats_cuda: prev_codes must be contiguous");
+    TORCH_CHECK(pcb.dim() == 2 && pcb.size(1) == d, "vqdna.ema_stats_cuda: prev_codebook must be 2-D [K', ",
+                d, "], got shape ", pcb.sizes());
+    TORCH_CHECK(pcb.scalar_type() == dt, "vqdna.ema_stats_cuda: prev_codebook must have the dtype of x (",
+                dt, "), got ", pcb.scalar_type());
+    TORCH_CHECK(pcb.is_contiguous(), "vqdna.ema_stats_cuda: prev_codebook must be contiguous");
+    TORCH_CHECK(aligned_to(pcb, pcb.element_size()),
+                "vqdna.ema_stats_cuda: prev_codebook must be aligned to its element size");
+    prev_ptr = pc.data_ptr<int32_t>();
+    prev_cb_ptr = pcb.data_ptr();
+    prev_k = pcb.size(0);
   }
+  TORCH_CHECK(aligned_to(x, x.element_size()), "vqdna.ema_stats_cuda: x must be aligned to its element size");
 
-  const at::Tensor xc = x.contiguous(), cc = codes.contiguous();
-  at::Tensor counts = at::zeros({num_codes}, xc.options().dtype(at::kFloat));
-  at::Tensor sums = at::zeros({num_codes, D}, xc.options().dtype(at::kFloat));
-  if (N == 0) return {counts, sums};
-
-  // Range checks: min / max of codes (and prev_codes) in one device -> host copy.
-  {
-    std::vector<at::Tensor> ext;
-    const auto cm = at::aminmax(cc);
-    ext.push_back(std::get<0>(cm).to(at::kLong).reshape({1}));
-    ext.push_back(std::get<1>(cm).to(at::kLong).reshape({1}));
-    if (pc.defined()) {
-      const auto pm = at::aminmax(pc);
-      ext.push_back(std::get<0>(pm).to(at::kLong).reshape({1}));
-      ext.push_back(std::get<1>(pm).to(at::kLong).reshape({1}));
-    }
-    const at::Tensor host = at::cat(ext).cpu();
-    const int64_t* h = host.const_data_ptr<int64_t>();
-    if (h[0] < 0 || h[1] >= num_codes) check_first_out_of_range(cc, num_codes, "codes");
-    if (pc.defined() && (h[2] < 0 || h[3] >= pcb.size(0))) check_first_out_of_range(pc, pcb.size(0), "prev_codes");
-  }
-
-  const auto elem = static_cast<uintptr_t>(xc.element_size());
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(xc.data_ptr()) % elem == 0 &&
-                  (!pcb.defined() || reinterpret_cast<uintptr_t>(pcb.data_ptr()) % elem == 0),
-              "vqdna.ema_stats_cuda: inputs must be aligned to their element size");
-
-  const uint8_t* mp = mc.defined() ? reinterpret_cast<const uint8_t*>(mc.const_data_ptr<bool>()) : nullptr;
-  const int32_t* pp = pc.defined() ? pc.const_data_ptr<int32_t>() : nullptr;
-  const void* pcbp = pcb.defined() ? pcb.const_data_ptr() : nullptr;
-  const int64_t prev_k = pcb.defined() ? pcb.size(0) : 0;
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const auto fopts = x.options().dtype(at::kFloat);
+  if (n == 0) return {at::zeros({num_codes}, fopts), at::zeros({num_codes, d}, fopts)};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
 
+  at::Tensor counts, sums;
   cudaError_t err;
   if (!deterministic) {
-    err = ::vqdna::cuda::launch_ema_stats_atomic(xc.const_data_ptr(), cc.const_data_ptr<int32_t>(), mp, pp, pcbp,
-                                                 prev_k, counts.mutable_data_ptr<float>(),
-                                                 sums.mutable_data_ptr<float>(), N, D, num_codes, dtype, stream);
+    counts = at::zeros({num_codes}, fopts);
+    sums = at::zeros({num_codes, d}, fopts);
+    err = ::vqdna::cuda::launch_ema_stats_atomic(x.data_ptr(), codes.data_ptr<int32_t>(), mask_ptr, prev_ptr,
+                                                 prev_cb_ptr, prev_k, counts.data_ptr<float>(),
+                                                 sums.data_ptr<float>(), n, d, num_codes, dtype, stream);
   } else {
-    // Stable sort keeps the rows of one code in ascending row order (the CPU kernel's order).
-    const auto sorted = at::sort(cc, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-    const at::Tensor sorted_codes = std::get<0>(sorted).contiguous();
+    // Every element of counts / sums is written by the kernels: no zero fill needed.
+    counts = at::empty({num_codes}, fopts);
+    sums = at::empty({num_codes, d}, fopts);
+    const auto sorted = at::sort(codes, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+    const at::Tensor sorted_codes = std::get<0>(sorted).contiguous();  // int32
     const at::Tensor order = std::get<1>(sorted).to(at::kLong).contiguous();
-    const at::Tensor bounds = at::arange(num_codes + 1, cc.options());  // int32, like sorted_codes
-    const at::Tensor starts =
-        at::searchsorted(sorted_codes, bounds, /*out_int32=*/false, /*right=*/false).to(at::kLong).contiguous();
-    err = ::vqdna::cuda::launch_ema_stats_segment(xc.const_data_ptr(), order.const_data_ptr<int64_t>(),
-                                                  starts.const_data_ptr<int64_t>(), mp, pp, pcbp, prev_k,
-                                                  counts.mutable_data_ptr<float>(),
-                                                  sums.mutable_data_ptr<float>(), D, num_codes, dtype, stream);
+    const int64_t chunks = ::vqdna::cuda::ema_stats_chunk_capacity(n, num_codes);
+    const int64_t slots = ::vqdna::cuda::ema_stats_partial_capacity(n);
+    TORCH_CHECK(chunks <= int64_t{std::numeric_limits<int32_t>::max()},
+                "vqdna.ema_stats_cuda: N = ", n, " with num_codes = ", num_codes, " is too large");
+    const auto lopts = x.options().dtype(at::kLong);
+    at::Tensor starts = at::empty({num_codes + 1}, lopts);
+    at::Tensor chunk_code = at::empty({chunks}, x.options().dtype(at::kInt));
+    at::Tensor partial = at::empty({slots, d}, fopts);
+    at::Tensor partial_count = at::empty({slots}, fopts);
+    err = ::vqdna::cuda::launch_ema_stats_sorted(
+        x.data_ptr(), sorted_codes.data_ptr<int32_t>(), order.data_ptr<int64_t>(), mask_ptr, prev_ptr,
+        prev_cb_ptr, prev_k, starts.data_ptr<int64_t>(), chunk_code.data_ptr<int32_t>(),
+        partial.data_ptr<float>(), partial_count.data_ptr<float>(), counts.data_ptr<float>(),
+        sums.data_ptr<float>(), n, d, num_codes, dtype, stream);
   }
   C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,10 +1,5 @@
-// CUDA dispatch of torch.ops.vqdna.hrq_quantize_cuda (schema in csrc/vqdna.cpp; kernels in
-// hrq_quantize.cu, which reuses the lookup kernel of lookup.cu). Same contract and checks as the
-// CPU kernel (cpu/hrq_quantize.cpp).
-//
-// This first version materialises H_l in a scratch buffer [N, D] (see hrq_quantize.cu); the
-// schema comment "H_l is never written" describes the fused kernels and only means H_l is not an
-// output. The level offsets are copied to the device once per call (a small blocking H2D copy).
+// CUDA dispatch of torch.ops.vqdna.hrq_quantize_cuda (schema in csrc/vqdna.cpp; kernel in
+// hrq_quantize.cu).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -21,7 +16,7 @@
 namespace vqdna {
 namespace {
 
-::vqdna::cuda::DType hrq_dtype(at::ScalarType t) {
+::vqdna::cuda::DType to_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat:
       return ::vqdna::cuda::DType::kFloat32;
@@ -34,81 +29,89 @@ namespace {
   }
 }
 
+bool aligned_to(const at::Tensor& t, uintptr_t bytes) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> hrq_quantize_cuda(at::TensorList zs, const at::Tensor& codebooks,
                                                      const at::Tensor& codebook_sqnorms,
                                                      at::IntArrayRef codebook_sizes) {
   const int64_t L = static_cast<int64_t>(zs.size());
-  TORCH_CHECK(L >= 1, "vqdna.hrq_quantize_cuda: need at least one level");
-  TORCH_CHECK(zs[0].is_cuda(), "vqdna.hrq_quantize_cuda: zs[0] must be a CUDA tensor, got ", zs[0].device());
-  TORCH_CHECK(zs[0].dim() == 2, "vqdna.hrq_quantize_cuda: zs[0] must be [N, D], got shape ", zs[0].sizes());
-  const auto device = zs[0].device();
-  const auto dt = zs[0].scalar_type();
-  const auto dtype = hrq_dtype(dt);
-  const c10::cuda::CUDAGuard device_guard(device);
+  TORCH_CHECK(L >= 1, "vqdna.hrq_quantize_cuda: need at least one level (L >= 1), got none");
+  TORCH_CHECK(L <= ::vqdna::cuda::kHrqMaxLevels, "vqdna.hrq_quantize_cuda: at most ",
+              ::vqdna::cuda::kHrqMaxLevels, " levels per call, got ", L);
+  const at::Tensor& z0 = zs[0];
+  TORCH_CHECK(z0.is_cuda(), "vqdna.hrq_quantize_cuda: zs[0] must be a CUDA tensor, got ", z0.device());
+  TORCH_CHECK(z0.dim() == 2, "vqdna.hrq_quantize_cuda: zs[0] must be 2-D [N, D], got shape ", z0.sizes());
+  const auto dt = z0.scalar_type();
+  const auto dtype = to_dtype(dt);
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& z = zs[l];
+    TORCH_CHECK(z.is_cuda() && z.device() == z0.device(), "vqdna.hrq_quantize_cuda: zs[", l,
+                "] is on ", z.device(), ", zs[0] is on ", z0.device(), " (all must be on one CUDA device)");
+    TORCH_CHECK(z.scalar_type() == dt, "vqdna.hrq_quantize_cuda: zs[", l, "] is ", z.scalar_type(),
+                ", zs[0] is ", dt);
+    TORCH_CHECK(z.sizes() == z0.sizes(), "vqdna.hrq_quantize_cuda: zs[", l, "] has shape ", z.sizes(),
+                ", zs[0] has ", z0.sizes());
+    TORCH_CHECK(z.is_contiguous(), "vqdna.hrq_quantize_cuda: zs[", l, "] must be contiguous");
+    TORCH_CHECK(aligned_to(z, z.element_size()), "vqdna.hrq_quantize_cuda: zs[", l,
+                "] must be aligned to its element size");
+  }
+  const int64_t n = z0.size(0);
+  const int64_t d = z0.size(1);
 
-  std::vector<at::Tensor> zc;
-  zc.reserve(L);
-  for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(zs[l].device() == device, "vqdna.hrq_quantize_cuda: zs[", l, "] is on ", zs[l].device(),
-                ", zs[0] is on ", device);
-    TORCH_CHECK(zs[l].sizes() == zs[0].sizes() && zs[l].scalar_type() == dt, "vqdna.hrq_quantize_cuda: zs[", l,
-                "] is ", zs[l].scalar_type(), " ", zs[l].sizes(), ", zs[0] is ", dt, " ", zs[0].sizes());
-    zc.push_back(zs[l].contiguous());
-  }
-  const int64_t N = zs[0].size(0), D = zs[0].size(1);
-  TORCH_CHECK(codebooks.device() == device && codebook_sqnorms.device() == device,
-              "vqdna.hrq_quantize_cuda: codebooks and codebook_sqnorms must be on ", device);
-  TORCH_CHECK(codebooks.dim() == 2 && codebooks.size(1) == D, "vqdna.hrq_quantize_cuda: codebooks must be [sum K_l, D=",
-              D, "], got shape ", codebooks.sizes());
+  TORCH_CHECK(codebooks.is_cuda() && codebooks.device() == z0.device(),
+              "vqdna.hrq_quantize_cuda: codebooks must be a CUDA tensor on ", z0.device(), ", got ",
+              codebooks.device());
+  TORCH_CHECK(codebook_sqnorms.is_cuda() && codebook_sqnorms.device() == z0.device(),
+              "vqdna.hrq_quantize_cuda: codebook_sqnorms must be a CUDA tensor on ", z0.device(),
+              ", got ", codebook_sqnorms.device());
+  TORCH_CHECK(codebooks.dim() == 2, "vqdna.hrq_quantize_cuda: codebooks must be 2-D [sum K_l, D], got shape ",
+              codebooks.sizes());
+  TORCH_CHECK(codebooks.size(1) == d, "vqdna.hrq_quantize_cuda: zs have D = ", d,
+              " but codebooks have D = ", codebooks.size(1));
+  TORCH_CHECK(codebooks.scalar_type() == dt, "vqdna.hrq_quantize_cuda: dtype mismatch: zs are ", dt,
+              ", codebooks are ", codebooks.scalar_type());
+  TORCH_CHECK(codebooks.is_contiguous(), "vqdna.hrq_quantize_cuda: codebooks must be contiguous");
   TORCH_CHECK(static_cast<int64_t>(codebook_sizes.size()) == L, "vqdna.hrq_quantize_cuda: got ",
-              codebook_sizes.size(), " codebook sizes for L=", L, " levels");
-  std::vector<int64_t> offsets(L + 1, 0);
+              codebook_sizes.size(), " codebook sizes for L = ", L, " levels");
+  int64_t total = 0;
   for (int64_t l = 0; l < L; ++l) {
-    TORCH_CHECK(codebook_sizes[l] >= 1, "vqdna.hrq_quantize_cuda: level ", l, " has an empty codebook");
+    TORCH_CHECK(codebook_sizes[l] >= 1, "vqdna.hrq_quantize_cuda: level ", l,
+                " has an empty codebook (K_", l, " = ", codebook_sizes[l], ")");
     TORCH_CHECK(codebook_sizes[l] <= (int64_t{1} << 30), "vqdna.hrq_quantize_cuda: level ", l, " has K = ",
-                codebook_sizes[l], " > 2^30 codes");
-    offsets[l + 1] = offsets[l] + codebook_sizes[l];
+                codebook_sizes[l], ", more than 2^30 codes");
+    total += codebook_sizes[l];
   }
-  const int64_t total = offsets[L];
   TORCH_CHECK(total == codebooks.size(0), "vqdna.hrq_quantize_cuda: codebook sizes sum to ", total,
               " but codebooks has ", codebooks.size(0), " rows");
-  TORCH_CHECK(codebook_sqnorms.dim() == 1 && codebook_sqnorms.size(0) == total &&
-                  codebook_sqnorms.scalar_type() == at::kFloat,
-              "vqdna.hrq_quantize_cuda: codebook_sqnorms must be float32 [", total, "]");
-  TORCH_CHECK(codebooks.scalar_type() == dt, "vqdna.hrq_quantize_cuda: dtype mismatch: zs is ", dt,
-              ", codebooks is ", codebooks.scalar_type());
+  TORCH_CHECK(codebook_sqnorms.dim() == 1 && codebook_sqnorms.size(0) == total,
+              "vqdna.hrq_quantize_cuda: codebook_sqnorms must be 1-D [", total, "], got shape ",
+              codebook_sqnorms.sizes());
+  TORCH_CHECK(codebook_sqnorms.scalar_type() == at::kFloat,
+              "vqdna.hrq_quantize_cuda: codebook_sqnorms must be float32, got ",
+              codebook_sqnorms.scalar_type());
+  TORCH_CHECK(codebook_sqnorms.is_contiguous(), "vqdna.hrq_quantize_cuda: codebook_sqnorms must be contiguous");
+  TORCH_CHECK(aligned_to(codebooks, codebooks.element_size()) && aligned_to(codebook_sqnorms, 4),
+              "vqdna.hrq_quantize_cuda: codebooks must be aligned to their element size");
 
-  const at::Tensor cbc = codebooks.contiguous(), sqc = codebook_sqnorms.contiguous();
-  at::Tensor codes = at::empty({L, N}, zc[0].options().dtype(at::kInt));
-  at::Tensor levels = at::empty({L, N, D}, zc[0].options());
-  if (N == 0) return {codes, levels};
+  const c10::cuda::CUDAGuard device_guard(z0.device());
+  auto codes = at::empty({L, n}, z0.options().dtype(at::kInt));
+  auto levels = at::empty({L, n, d}, z0.options());
+  if (n == 0) return {codes, levels};
 
-  const auto elem = static_cast<uintptr_t>(zc[0].element_size());
-  bool aligned = reinterpret_cast<uintptr_t>(cbc.data_ptr()) % elem == 0 &&
-                 reinterpret_cast<uintptr_t>(sqc.data_ptr()) % 4 == 0;
-  std::vector<const void*> zptrs;
-  zptrs.reserve(L);
-  for (const auto& z : zc) {
-    aligned = aligned && reinterpret_cast<uintptr_t>(z.data_ptr()) % elem == 0;
-    zptrs.push_back(z.const_data_ptr());
+  std::vector<const void*> ptrs(static_cast<size_t>(L));
+  std::vector<int64_t> sizes(static_cast<size_t>(L));
+  for (int64_t l = 0; l < L; ++l) {
+    ptrs[static_cast<size_t>(l)] = zs[l].data_ptr();
+    sizes[static_cast<size_t>(l)] = codebook_sizes[l];
   }
-  TORCH_CHECK(aligned, "vqdna.hrq_quantize_cuda: inputs must be aligned to their element size");
-
-  // Scratch: H_l (levels >= 1 only), the lookup's unused distances, the level offsets on device.
-  at::Tensor h_scratch;
-  if (L > 1) h_scratch = at::empty({N, D}, zc[0].options());
-  at::Tensor dist_scratch = at::empty({N}, zc[0].options().dtype(at::kFloat));
-  const at::Tensor offsets_dev =
-      at::tensor(at::ArrayRef<int64_t>(offsets.data(), L), at::TensorOptions().dtype(at::kLong)).to(device);
-
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const cudaError_t err = ::vqdna::cuda::launch_hrq_quantize(
-      zptrs.data(), L, cbc.const_data_ptr(), sqc.const_data_ptr<float>(), offsets.data(),
-      offsets_dev.const_data_ptr<int64_t>(), h_scratch.defined() ? h_scratch.mutable_data_ptr() : nullptr,
-      dist_scratch.mutable_data_ptr<float>(), codes.mutable_data_ptr<int32_t>(), levels.mutable_data_ptr(), N, D,
-      dtype, stream);
+      ptrs.data(), L, codebooks.data_ptr(), codebook_sqnorms.data_ptr<float>(), sizes.data(),
+      codes.data_ptr<int32_t>(), levels.data_ptr(), n, d, dtype, stream);
   C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {codes, levels};

@@ -1,135 +1,27 @@
 // CUDA nearest-code lookup (DESIGN 2.1): codes[i] = argmin_k (||e_k||^2 - 2 z_i.e_k),
 // dist[i] = min + ||z_i||^2 clamped at 0. The N x K distance matrix never leaves the SM.
 //
-// Work decomposition (both kernels): one thread block owns BM = 128 rows of z and sweeps the
-// whole codebook in K tiles of BN = 128 codes, in increasing k order; each K tile sweeps D in
-// chunks of BK through a STAGES-deep shared-memory ring (cp.async where legal). The (kt, dc)
-// iteration space is flattened into one pipelined loop, so prefetching runs across K-tile
-// boundaries without a bubble. After the last D chunk of a K tile the fp32 accumulators are turned
-// into distances (sqnorm[k] - 2 acc) and folded into per-thread running (min, index) pairs for the
-// rows the thread owns, visiting that thread's codes in increasing k with a strict `<`: so NaN
-// never wins, and among equal values the first (smallest) k is kept. At the end the per-thread
-// pairs of a row are combined with a lexicographic (value, index) min (shuffles within a warp,
-// then shared memory across warps), which again yields the smallest k among equal minima: the
-// result is exactly argmin over k with NaN treated as +inf and ties to the smallest index.
-// Initial pairs are (+inf, 0), so a row whose distances are all NaN/+inf gets code 0.
+// One thread block owns 128 rows of z and runs the shared tile search of lookup_tile.cuh (design,
+// tie and NaN rules, tails: see there) with the plain A source (rows of z, loaded like the codebook
+// tiles: 16-byte cp.async for bf16/fp16 when z and codebook are 16-byte aligned and D % 8 == 0,
+// otherwise bounds-checked 2-byte loads; 4-byte cp.async for float32).
 //
 // ||z_i||^2 is accumulated in fp32 from the z tiles in shared memory while the first K tile is
 // processed (the zero padding of the D tail adds nothing).
-//
-// Tails: rows >= N, codes >= K and columns >= D are zero-filled in shared memory; rows >= N are
-// never written, codes >= K are masked out of the running min, and zero columns add 0 to every dot
-// product. All global offsets are 64-bit (N * D exceeds 2^31).
-//
-// bf16 / fp16 kernel: 8 warps as 2 (M) x 4 (N), warp tile 64 x 32, mma.sync.m16n8k16 with fp32
-//   accumulators (4 x 4 fragments = 64 floats per thread), operands fed by ldmatrix.x4 from row-major
-//   [rows][BK + 8] tiles (the +8 element pad makes the 8 row addresses of every ldmatrix phase hit
-//   distinct banks). Tiles are loaded with 16-byte cp.async when z and codebook are 16-byte aligned
-//   and D % 8 == 0; otherwise with bounds-checked 2-byte loads (any D, any 2-byte alignment).
-// float32 kernel: 16 x 16 threads, each an 8 x 8 register micro-tile of exact fp32 FMAs (no TF32),
-//   tiles stored k-major ([BK][BM + 4]) so a thread reads its 8 rows / 8 codes with 4 float4 loads;
-//   loaded with 4-byte cp.async (legal for any float-aligned pointer and any D).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include "lookup.cuh"
+#include "lookup_tile.cuh"
 
 namespace vqdna::cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kBM = kLookupBlockRows;  // rows of z per block
-constexpr int kBN = 128;               // codes per K tile
-constexpr int kStages = 3;             // shared-memory ring depth
-constexpr int kMaxK = 1 << 30;         // keeps every code index (and kt * kBN + 127) in int32
+using tile::kBM;
+using tile::kThreads;
 
-static_assert(kBM == 128 && kBN == 128 && kThreads == 256, "index math below assumes these");
-
-// ------------------------------------------------------------------------------------------------
-// Small PTX / math helpers
-// ------------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float pos_inf() { return __int_as_float(0x7f800000); }
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy global -> shared (L2 only). Both addresses must be 16-byte aligned.
-__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src)
-               : "memory");
-}
-
-// 4-byte async copy global -> shared. Both addresses must be 4-byte aligned.
-__device__ __forceinline__ void cp_async_4(void* smem_dst, const void* gmem_src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src)
-               : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem_row_ptr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(smem_row_ptr))
-               : "memory");
-}
-
-// Per-element-type pieces of the tensor-core kernel.
-template <typename T>
-struct MmaTraits;
-
-template <>
-struct MmaTraits<__nv_bfloat16> {
-  // D = A(16x16, row) * B(16x8, col) + D, fp32 accumulate.
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  // Sum of squares (fp32) of the two bf16 packed in w (low half = lower address).
-  static __device__ __forceinline__ float sumsq2(uint32_t w) {
-    const float lo = __uint_as_float(w << 16);           // exact bf16 -> fp32
-    const float hi = __uint_as_float(w & 0xffff0000u);
-    return fmaf(hi, hi, lo * lo);
-  }
-};
-
-template <>
-struct MmaTraits<__half> {
-  static __device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                             uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ float sumsq2(uint32_t w) {
-    const float lo = __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
-    const float hi = __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
-    return fmaf(hi, hi, lo * lo);
-  }
-};
-
-// Lexicographic (value, index) min: (v, i) <- (ov, oi) when ov < v, or ov == v and oi < i.
-// Values reaching this are never NaN (running minima start at +inf and only take non-NaN values).
-__device__ __forceinline__ void lex_min(float& v, int& i, float ov, int oi) {
-  if (ov < v || (ov == v && oi < i)) {
-    v = ov;
-    i = oi;
-  }
-}
+static_assert(kBM == kLookupBlockRows, "lookup.cuh advertises the tile height");
 
 __device__ __forceinline__ void write_row(int32_t* codes, float* dist, int64_t row, float best,
                                           int idx, float zsq) {
@@ -138,302 +30,21 @@ __device__ __forceinline__ void write_row(int32_t* codes, float* dist, int64_t r
   codes[row] = idx;
 }
 
-// ------------------------------------------------------------------------------------------------
-// bf16 / fp16: tensor-core kernel
-// ------------------------------------------------------------------------------------------------
-
-namespace mma_cfg {
-constexpr int BK = 32;            // D chunk (elements) per stage = 2 mma k-steps
-constexpr int LDS = BK + 8;       // smem row stride (elements): 80 bytes, 16-byte multiple
-constexpr int kTileElems = kBM * LDS;  // one operand tile (kBM == kBN)
-constexpr int kWarpsN = 4;        // warp grid 2 (M) x 4 (N)
-constexpr int WM = 64, WN = 32;   // warp tile
-constexpr int MF = WM / 16;       // m16 fragments per warp (4)
-constexpr int NF = WN / 8;        // n8 fragments per warp (4)
-constexpr size_t kSmemBytes =
-    size_t(2) * kStages * kTileElems * 2      // A and B rings (2-byte elements)
-    + size_t(kWarpsN) * kBM * (4 + 4)         // per-warp-column (min, idx) candidates
-    + size_t(kBM) * 4;                        // ||z||^2 per row
-static_assert(kBM == kBN, "A and B tiles share kTileElems");
-static_assert(2 * WM == kBM && kWarpsN * WN == kBN, "warp grid must cover the block tile");
-static_assert((LDS * 2) % 16 == 0, "cp.async / ldmatrix rows must stay 16-byte aligned");
-}  // namespace mma_cfg
-
-// Loads rows [row0, row0 + 128) x cols [col0, col0 + BK) of a row-major [nrows, d] matrix of
-// 2-byte elements into a [128][LDS] smem tile, zero-filling out-of-range rows/cols.
-// kVec: 16-byte cp.async (requires a 16-byte aligned base and d % 8 == 0, so every 8-element chunk
-// is either fully inside or fully outside [0, d) and 16-byte aligned); otherwise synchronous
-// bounds-checked 2-byte loads.
-template <bool kVec>
-__device__ __forceinline__ void load_tile_b16(uint16_t* __restrict__ tile,
-                                              const uint16_t* __restrict__ src, int64_t nrows,
-                                              int64_t row0, int64_t d, int64_t col0, int tid) {
-  using namespace mma_cfg;
-  if constexpr (kVec) {
-    // 128 rows x 4 chunks of 8 elements = 512 chunks, 2 per thread; 4 consecutive threads read
-    // one row's 64 contiguous bytes.
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int c = tid + i * kThreads;
-      const int r = c >> 2;
-      const int cc = (c & 3) * 8;
-      const int64_t grow = row0 + r;
-      const int64_t gcol = col0 + cc;
-      uint16_t* dst = tile + r * LDS + cc;
-      if (grow < nrows && gcol < d) {
-        cp_async_16(dst, src + grow * d + gcol);
-      } else {
-        *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
-      }
-    }
-  } else {
-    // 128 rows x 32 cols, 16 elements per thread: thread owns column tid % 32 of rows
-    // tid / 32 + 8 i, so a warp reads 32 contiguous elements of one row.
-    const int cc = tid & 31;
-    const int rb = tid >> 5;
-    const int64_t gcol = col0 + cc;
-    const bool col_ok = gcol < d;
-    uint16_t v[16];
-#pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const int64_t grow = row0 + rb + 8 * i;
-      v[i] = (col_ok && grow < nrows) ? src[grow * d + gcol] : static_cast<uint16_t>(0);
-    }
-#pragma unroll
-    for (int i = 0; i < 16; ++i) tile[(rb + 8 * i) * LDS + cc] = v[i];
-  }
-}
-
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads, 2)
     lookup_mma_kernel(const uint16_t* __restrict__ z, const uint16_t* __restrict__ cb,
                       const float* __restrict__ sqnorm, int32_t* __restrict__ codes,
                       float* __restrict__ dist, int64_t n, int k, int64_t d) {
-  using namespace mma_cfg;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  uint16_t* const sA = reinterpret_cast<uint16_t*>(smem_raw);  // [kStages][kBM][LDS]
-  uint16_t* const sB = sA + kStages * kTileElems;              // [kStages][kBN][LDS]
-  float* const s_best = reinterpret_cast<float*>(sB + kStages * kTileElems);  // [kWarpsN][kBM]
-  int* const s_idx = reinterpret_cast<int*>(s_best + kWarpsN * kBM);         // [kWarpsN][kBM]
-  float* const s_zsq = reinterpret_cast<float*>(s_idx + kWarpsN * kBM);      // [kBM]
-
   const int tid = static_cast<int>(threadIdx.x);
-  const int lane = tid & 31;
-  const int warp = tid >> 5;
-  const int wm = warp / kWarpsN;  // 0..1: rows wm*64 .. +64
-  const int wn = warp % kWarpsN;  // 0..3: codes wn*32 .. +32 of each K tile
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
-
-  const int num_kt = (k + kBN - 1) / kBN;
-  const int64_t num_dc = d > 0 ? (d + BK - 1) / BK : 1;  // d == 0: one all-zero chunk
-  const int64_t total = static_cast<int64_t>(num_kt) * num_dc;
-
-  float acc[MF][NF][4];
-#pragma unroll
-  for (int mf = 0; mf < MF; ++mf)
-#pragma unroll
-    for (int nf = 0; nf < NF; ++nf)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[mf][nf][e] = 0.f;
-
-  // Running (min, idx) for this thread's 8 rows: wm*64 + mf*16 + h*8 + lane/4.
-  float best[MF][2];
-  int best_i[MF][2];
-#pragma unroll
-  for (int mf = 0; mf < MF; ++mf)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      best[mf][h] = pos_inf();
-      best_i[mf][h] = 0;
-    }
-  float zsq = 0.f;  // partial ||z||^2 of row tid/2, columns (tid&1)*16 .. +16 of each chunk
-
-  // Producer state: next (kt, dc) to load and its ring slot.
-  int ld_kt = 0;
-  int64_t ld_dc = 0;
-  auto load_next = [&](int slot) {
-    const int64_t col0 = ld_dc * BK;
-    load_tile_b16<kVec>(sA + slot * kTileElems, z, n, row0, d, col0, tid);
-    load_tile_b16<kVec>(sB + slot * kTileElems, cb, static_cast<int64_t>(k),
-                        static_cast<int64_t>(ld_kt) * kBN, d, col0, tid);
-    if (++ld_dc == num_dc) {
-      ld_dc = 0;
-      ++ld_kt;
-    }
-  };
-
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < total) load_next(s);
-    cp_async_commit();  // always commit (possibly empty) so group counting stays uniform
-  }
-
-  int c_kt = 0;       // consumer K tile
-  int64_t c_dc = 0;   // consumer D chunk
-  int slot = 0;       // ring slot of iteration t
-  int ld_slot = kStages - 1;
-  for (int64_t t = 0; t < total; ++t) {
-    cp_async_wait<kStages - 2>();  // the group of iteration t has landed (this thread's copies)
-    __syncthreads();               // ... everyone's; and slot ld_slot (read at t-1) is free
-    if (t + (kStages - 1) < total) load_next(ld_slot);
-    cp_async_commit();
-    ld_slot = (ld_slot + 1 == kStages) ? 0 : ld_slot + 1;
-
-    const uint16_t* const a_tile = sA + slot * kTileElems;
-    const uint16_t* const b_tile = sB + slot * kTileElems;
-
-    if (c_kt == 0) {  // first K tile: accumulate ||z||^2 from the staged z chunk
-      const uint16_t* p = a_tile + (tid >> 1) * LDS + (tid & 1) * 16;
-      const uint4 q0 = *reinterpret_cast<const uint4*>(p);
-      const uint4 q1 = *reinterpret_cast<const uint4*>(p + 8);
-      zsq += MmaTraits<T>::sumsq2(q0.x) + MmaTraits<T>::sumsq2(q0.y) + MmaTraits<T>::sumsq2(q0.z) +
-             MmaTraits<T>::sumsq2(q0.w);
-      zsq += MmaTraits<T>::sumsq2(q1.x) + MmaTraits<T>::sumsq2(q1.y) + MmaTraits<T>::sumsq2(q1.z) +
-             MmaTraits<T>::sumsq2(q1.w);
-    }
-
-#pragma unroll
-    for (int ks = 0; ks < BK / 16; ++ks) {
-      // A fragments: matrix j = lane/8 of the x4 covers rows +8*(j&1), cols +8*(j>>1)
-      // -> registers a0..a3 = (r0-7,k0-7), (r8-15,k0-7), (r0-7,k8-15), (r8-15,k8-15).
-      uint32_t a[MF][4];
-#pragma unroll
-      for (int mf = 0; mf < MF; ++mf) {
-        const int r = wm * WM + mf * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        const int c = ks * 16 + (lane >> 4) * 8;
-        ldmatrix_x4(a[mf], a_tile + r * LDS + c);
-      }
-      // B fragments (codebook tile is [n][k] row-major == the "col" B operand): matrix j covers
-      // codes +8*(j>>1), cols +8*(j&1) -> b[2p][0], b[2p][1], b[2p+1][0], b[2p+1][1].
-      uint32_t b[NF][2];
-#pragma unroll
-      for (int p = 0; p < NF / 2; ++p) {
-        const int r = wn * WN + p * 16 + (lane & 7) + (lane >> 4) * 8;
-        const int c = ks * 16 + ((lane >> 3) & 1) * 8;
-        uint32_t q[4];
-        ldmatrix_x4(q, b_tile + r * LDS + c);
-        b[2 * p][0] = q[0];
-        b[2 * p][1] = q[1];
-        b[2 * p + 1][0] = q[2];
-        b[2 * p + 1][1] = q[3];
-      }
-#pragma unroll
-      for (int mf = 0; mf < MF; ++mf)
-#pragma unroll
-        for (int nf = 0; nf < NF; ++nf) MmaTraits<T>::mma(acc[mf][nf], a[mf], b[nf][0], b[nf][1]);
-    }
-
-    if (++c_dc == num_dc) {
-      // Epilogue of K tile c_kt: acc[mf][nf][h*2 + j] = <z_row, e_col> with
-      //   row = wm*64 + mf*16 + h*8 + lane/4,  col = c_kt*128 + wn*32 + nf*8 + (lane%4)*2 + j.
-      // For each row the (nf, j) loop visits this thread's codes in increasing k.
-      const int col_base = c_kt * kBN + wn * WN + (lane & 3) * 2;
-      float sq[NF][2];
-      bool ok[NF][2];
-#pragma unroll
-      for (int nf = 0; nf < NF; ++nf)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-          const int col = col_base + nf * 8 + j;
-          ok[nf][j] = col < k;
-          sq[nf][j] = ok[nf][j] ? __ldg(sqnorm + col) : 0.f;
-        }
-#pragma unroll
-      for (int nf = 0; nf < NF; ++nf)
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-#pragma unroll
-          for (int mf = 0; mf < MF; ++mf)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-              const float v = fmaf(-2.f, acc[mf][nf][h * 2 + j], sq[nf][j]);
-              if (ok[nf][j] && v < best[mf][h]) {  // strict: NaN and later ties never win
-                best[mf][h] = v;
-                best_i[mf][h] = col_base + nf * 8 + j;
-              }
-              acc[mf][nf][h * 2 + j] = 0.f;
-            }
-      c_dc = 0;
-      ++c_kt;
-    }
-    slot = (slot + 1 == kStages) ? 0 : slot + 1;
-  }
-  cp_async_wait<0>();  // only empty groups can remain; drain them anyway
-
-  // ||z||^2: lanes 2r and 2r+1 (same warp) hold the two halves of row r.
-  zsq += __shfl_xor_sync(0xffffffffu, zsq, 1);
-  if ((tid & 1) == 0) s_zsq[tid >> 1] = zsq;
-
-  // Combine the 4 lanes of a quad (same rows, interleaved codes), then the 4 warp columns.
-#pragma unroll
-  for (int mf = 0; mf < MF; ++mf)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      float v = best[mf][h];
-      int i = best_i[mf][h];
-#pragma unroll
-      for (int off = 1; off <= 2; off <<= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, v, off);
-        const int oi = __shfl_xor_sync(0xffffffffu, i, off);
-        lex_min(v, i, ov, oi);
-      }
-      if ((lane & 3) == 0) {
-        const int r = wm * WM + mf * 16 + h * 8 + (lane >> 2);
-        s_best[wn * kBM + r] = v;
-        s_idx[wn * kBM + r] = i;
-      }
-    }
-  __syncthreads();
-
+  tile::PlainTileB16<kVec> src{z, n, row0, d};
+  float best = 0.f, zsq = 0.f;
+  int idx = 0;
+  tile::mma_tile_search<T, kVec, /*kZsq=*/true>(src, cb, sqnorm, k, d, smem_raw, best, idx, zsq);
   if (tid < kBM) {
     const int64_t row = row0 + tid;
-    if (row < n) {
-      float v = s_best[tid];
-      int i = s_idx[tid];
-#pragma unroll
-      for (int w = 1; w < kWarpsN; ++w) lex_min(v, i, s_best[w * kBM + tid], s_idx[w * kBM + tid]);
-      write_row(codes, dist, row, v, i, s_zsq[tid]);
-    }
-  }
-}
-
-// ------------------------------------------------------------------------------------------------
-// float32: exact FMA kernel
-// ------------------------------------------------------------------------------------------------
-
-namespace f32_cfg {
-constexpr int BK = 16;          // D chunk per stage
-constexpr int LDS = kBM + 4;    // k-major tile row stride (floats): 528 bytes, 16-byte multiple
-constexpr int kTileElems = BK * LDS;
-constexpr size_t kSmemBytes = size_t(2) * kStages * kTileElems * 4  // A and B rings
-                              + size_t(kBM) * (4 + 4);              // per-row (min, idx)
-static_assert(kBM == kBN, "A and B tiles share kTileElems");
-static_assert(LDS % 4 == 0, "float4 reads need 16-byte aligned rows");
-}  // namespace f32_cfg
-
-// Loads rows [row0, row0 + 128) x cols [col0, col0 + 16) of a row-major [nrows, d] float matrix
-// transposed into a k-major [16][LDS] smem tile, zero-filling out-of-range elements.
-// 2048 elements, 8 per thread: col = tid % 8 + 8 (i & 1), row = tid / 8 + 32 (i >> 1). A warp covers
-// 4 rows x 8 cols: 32 contiguous bytes per row in global memory, and smem words
-// 4 * col + row (mod 32) that are all distinct (conflict-free).
-__device__ __forceinline__ void load_tile_f32(float* __restrict__ tile, const float* __restrict__ src,
-                                              int64_t nrows, int64_t row0, int64_t d, int64_t col0,
-                                              int tid) {
-  using namespace f32_cfg;
-  const int cl = tid & 7;
-  const int rb = tid >> 3;
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int cc = cl + 8 * (i & 1);
-    const int r = rb + 32 * (i >> 1);
-    const int64_t grow = row0 + r;
-    const int64_t gcol = col0 + cc;
-    float* dst = tile + cc * LDS + r;
-    if (grow < nrows && gcol < d) {
-      cp_async_4(dst, src + grow * d + gcol);
-    } else {
-      *dst = 0.f;
-    }
+    if (row < n) write_row(codes, dist, row, best, idx, zsq);
   }
 }
 
@@ -441,143 +52,16 @@ __global__ void __launch_bounds__(kThreads, 2)
     lookup_f32_kernel(const float* __restrict__ z, const float* __restrict__ cb,
                       const float* __restrict__ sqnorm, int32_t* __restrict__ codes,
                       float* __restrict__ dist, int64_t n, int k, int64_t d) {
-  using namespace f32_cfg;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  float* const sA = reinterpret_cast<float*>(smem_raw);        // [kStages][BK][LDS]
-  float* const sB = sA + kStages * kTileElems;                 // [kStages][BK][LDS]
-  float* const s_best = sB + kStages * kTileElems;             // [kBM]
-  int* const s_idx = reinterpret_cast<int*>(s_best + kBM);     // [kBM]
-
   const int tid = static_cast<int>(threadIdx.x);
-  const int tx = tid & 15;  // codes tx*4 + {0..3} and 64 + tx*4 + {0..3}
-  const int ty = tid >> 4;  // rows   ty*4 + {0..3} and 64 + ty*4 + {0..3}
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
-
-  const int num_kt = (k + kBN - 1) / kBN;
-  const int64_t num_dc = d > 0 ? (d + BK - 1) / BK : 1;
-  const int64_t total = static_cast<int64_t>(num_kt) * num_dc;
-
-  float acc[8][8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i)
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[i][j] = 0.f;
-  float best[8];
-  int best_i[8];
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    best[i] = pos_inf();
-    best_i[i] = 0;
-  }
-  float zsq = 0.f;  // ||z||^2 of row tid (threads < 128)
-
-  int ld_kt = 0;
-  int64_t ld_dc = 0;
-  auto load_next = [&](int slot) {
-    const int64_t col0 = ld_dc * BK;
-    load_tile_f32(sA + slot * kTileElems, z, n, row0, d, col0, tid);
-    load_tile_f32(sB + slot * kTileElems, cb, static_cast<int64_t>(k),
-                  static_cast<int64_t>(ld_kt) * kBN, d, col0, tid);
-    if (++ld_dc == num_dc) {
-      ld_dc = 0;
-      ++ld_kt;
-    }
-  };
-
-#pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < total) load_next(s);
-    cp_async_commit();
-  }
-
-  int c_kt = 0;
-  int64_t c_dc = 0;
-  int slot = 0;
-  int ld_slot = kStages - 1;
-  for (int64_t t = 0; t < total; ++t) {
-    cp_async_wait<kStages - 2>();
-    __syncthreads();
-    if (t + (kStages - 1) < total) load_next(ld_slot);
-    cp_async_commit();
-    ld_slot = (ld_slot + 1 == kStages) ? 0 : ld_slot + 1;
-
-    const float* const a_tile = sA + slot * kTileElems;
-    const float* const b_tile = sB + slot * kTileElems;
-
-    if (c_kt == 0 && tid < kBM) {  // warps 0..3: warp-uniform branch
-#pragma unroll
-      for (int kk = 0; kk < BK; ++kk) {
-        const float x = a_tile[kk * LDS + tid];
-        zsq = fmaf(x, x, zsq);
-      }
-    }
-
-#pragma unroll
-    for (int kk = 0; kk < BK; ++kk) {
-      const float4 a0 = *reinterpret_cast<const float4*>(a_tile + kk * LDS + ty * 4);
-      const float4 a1 = *reinterpret_cast<const float4*>(a_tile + kk * LDS + 64 + ty * 4);
-      const float4 b0 = *reinterpret_cast<const float4*>(b_tile + kk * LDS + tx * 4);
-      const float4 b1 = *reinterpret_cast<const float4*>(b_tile + kk * LDS + 64 + tx * 4);
-      const float av[8] = {a0.x, a0.y, a0.z, a0.w, a1.x, a1.y, a1.z, a1.w};
-      const float bv[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
-#pragma unroll
-      for (int i = 0; i < 8; ++i)
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
-    }
-
-    if (++c_dc == num_dc) {
-      // acc[i][j]: row (i < 4 ? ty*4 + i : 64 + ty*4 + i - 4),
-      //            col c_kt*128 + (j < 4 ? tx*4 + j : 64 + tx*4 + j - 4)  -- increasing in j.
-      float sq[8];
-      bool ok[8];
-      int col[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        col[j] = c_kt * kBN + (j < 4 ? tx * 4 + j : 64 + tx * 4 + (j - 4));
-        ok[j] = col[j] < k;
-        sq[j] = ok[j] ? __ldg(sqnorm + col[j]) : 0.f;
-      }
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int i = 0; i < 8; ++i) {
-          const float v = fmaf(-2.f, acc[i][j], sq[j]);
-          if (ok[j] && v < best[i]) {  // strict: NaN and later ties never win
-            best[i] = v;
-            best_i[i] = col[j];
-          }
-          acc[i][j] = 0.f;
-        }
-      c_dc = 0;
-      ++c_kt;
-    }
-    slot = (slot + 1 == kStages) ? 0 : slot + 1;
-  }
-  cp_async_wait<0>();
-
-  // The 16 lanes with the same ty (lane bits 0..3 = tx) share rows: butterfly over tx.
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    float v = best[i];
-    int bi = best_i[i];
-#pragma unroll
-    for (int off = 8; off >= 1; off >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, v, off);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, off);
-      lex_min(v, bi, ov, oi);
-    }
-    if (tx == 0) {
-      const int r = i < 4 ? ty * 4 + i : 64 + ty * 4 + (i - 4);
-      s_best[r] = v;
-      s_idx[r] = bi;
-    }
-  }
-  __syncthreads();
-
+  tile::PlainTileF32 src{z, n, row0, d};
+  float best = 0.f, zsq = 0.f;
+  int idx = 0;
+  tile::f32_tile_search</*kZsq=*/true>(src, cb, sqnorm, k, d, smem_raw, best, idx, zsq);
   if (tid < kBM) {
     const int64_t row = row0 + tid;
-    if (row < n) write_row(codes, dist, row, s_best[tid], s_idx[tid], zsq);
+    if (row < n) write_row(codes, dist, row, best, idx, zsq);
   }
 }
 
@@ -599,20 +83,18 @@ cudaError_t launch_with_smem(Kernel kernel, size_t smem_bytes, unsigned grid, cu
   return cudaSuccess;
 }
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
-
 template <typename T>
 cudaError_t launch_mma(const void* z, const void* cb, const float* sqnorm, int32_t* codes,
                        float* dist, int64_t n, int k, int64_t d, unsigned grid, cudaStream_t stream) {
   const auto* zz = static_cast<const uint16_t*>(z);
   const auto* cc = static_cast<const uint16_t*>(cb);
-  const bool vec = d > 0 && d % 8 == 0 && aligned16(z) && aligned16(cb);
+  const bool vec = d > 0 && d % 8 == 0 && tile::aligned16(z) && tile::aligned16(cb);
   if (vec) {
-    return launch_with_smem(lookup_mma_kernel<T, true>, mma_cfg::kSmemBytes, grid, stream, zz, cc,
-                            sqnorm, codes, dist, n, k, d);
+    return launch_with_smem(lookup_mma_kernel<T, true>, tile::mma_cfg::kSmemBytes, grid, stream, zz,
+                            cc, sqnorm, codes, dist, n, k, d);
   }
-  return launch_with_smem(lookup_mma_kernel<T, false>, mma_cfg::kSmemBytes, grid, stream, zz, cc,
-                          sqnorm, codes, dist, n, k, d);
+  return launch_with_smem(lookup_mma_kernel<T, false>, tile::mma_cfg::kSmemBytes, grid, stream, zz,
+                          cc, sqnorm, codes, dist, n, k, d);
 }
 
 }  // namespace
@@ -620,7 +102,7 @@ cudaError_t launch_mma(const void* z, const void* cb, const float* sqnorm, int32
 cudaError_t launch_lookup(const void* z, const void* codebook, const float* codebook_sqnorm,
                           int32_t* codes, float* dist, int64_t n, int64_t k, int64_t d, DType dtype,
                           cudaStream_t stream) {
-  if (n < 0 || k < 1 || k > kMaxK || d < 0) return cudaErrorInvalidValue;
+  if (n < 0 || k < 1 || k > tile::kMaxK || d < 0) return cudaErrorInvalidValue;
   if (n == 0) return cudaSuccess;
   const int64_t blocks = (n + kBM - 1) / kBM;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
@@ -628,7 +110,7 @@ cudaError_t launch_lookup(const void* z, const void* codebook, const float* code
   const int kk = static_cast<int>(k);
   switch (dtype) {
     case DType::kFloat32:
-      return launch_with_smem(lookup_f32_kernel, f32_cfg::kSmemBytes, grid, stream,
+      return launch_with_smem(lookup_f32_kernel, tile::f32_cfg::kSmemBytes, grid, stream,
                               static_cast<const float*>(z), static_cast<const float*>(codebook),
                               codebook_sqnorm, codes, dist, n, kk, d);
     case DType::kBFloat16:
