@@ -1,10 +1,17 @@
 """Triton HRQ residual doubling (DESIGN 2.2): one launch does every level for a tile of rows.
 
 Level 0 searches C_0 with Z_0; level l >= 1 gathers the previous level's chosen code rows (the codes
-are in registers), forms H_l = 2 Z_l - C_{l-1}[M_{l-1}] in float32 on chip, rounds it to the input
-dtype (as the reference does) and searches C_l with it; H_l never reaches global memory. The
-cumulative means of the chosen code embeddings are accumulated in float32 and rounded once.
-Registered as `vqdna::hrq_quantize_triton`.
+stay in registers), forms H_l = 2 Z_l - C_{l-1}[M_{l-1}] on chip, rounded to the input dtype exactly
+as the reference rounds `2.0 * z - prev_embedding`, and searches C_l with it; H_l never reaches
+global memory (its [BLOCK_N, BLOCK_D] chunks are recomputed for every K tile: Z_l is in L2 by then
+and the codebooks always are). The cumulative means of the chosen code embeddings are summed in
+float32 in level order and rounded once, as in the reference.
+
+Registered as the custom op `vqdna::hrq_quantize_triton` (torch.library.triton_op).
+
+Roofline note (H100, N = 2^20, D = 384, K = 64 + 512, bf16): the search is 2 N D sum_l K_l = 464
+GFLOP (~0.47 ms at the dense bf16 peak) but the kernel must read Z (1.6 GB) and write zhat_levels
+(1.6 GB): ~1 ms at 3.35 TB/s, so it is memory bound there and is best judged by bandwidth.
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ from torch.library import triton_op, wrap_triton
 
 __all__ = ["hrq_quantize_triton"]
 
+# Levels fused into one launch (one pointer argument each). More levels run as further launches
+# that pick up the earlier levels' codes from the codes output (L is 2-4 in practice: one launch).
+_LEVELS_PER_LAUNCH = 4
+
 
 def _interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -25,33 +36,71 @@ def _interpreter() -> bool:
 
 def _configs():
     if _interpreter():
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_D": 64}, num_warps=1)]
-    return [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=w, num_stages=s)
-        for bn, bk, bd, w, s in [
-            (128, 128, 64, 8, 3),
-            (128, 64, 64, 4, 3),
-            (64, 128, 64, 4, 3),
-            (128, 128, 32, 4, 4),
-            (64, 64, 32, 4, 2),
-        ]
-    ]
+        # The interpreter runs on the CPU: one small tile keeps the tests fast.
+        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=1)]
+    configs = []
+    # Each compiles for sm_90 without register spills at NUM_LEVELS <= 4 (bf16; checked with
+    # cuobjdump). 128 x 256 tiles spill there, so BLOCK_K = 256 pairs with BLOCK_N = 64.
+    for block_n, block_k, block_d, warps, stages in [
+        (128, 128, 64, 8, 3),
+        (128, 128, 64, 8, 4),
+        (128, 64, 64, 8, 3),
+        (64, 256, 64, 8, 3),  # K = 512: half the H recomputation of BLOCK_K = 128
+        (64, 128, 64, 4, 3),
+        (64, 64, 64, 4, 3),
+        (64, 64, 32, 4, 2),
+        (32, 32, 32, 2, 2),
+    ]:
+        configs.append(
+            triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_d}, num_warps=warps, num_stages=stages)
+        )
+    return configs
 
 
-@triton.autotune(configs=_configs(), key=["D", "L", "IEEE_FP32", "UPCAST"])
+@triton.jit
+def _pick(j: tl.constexpr, a, b, c, d):
+    """The j-th of four values (j a compile-time level index)."""
+    if j == 0:
+        return a
+    elif j == 1:
+        return b
+    elif j == 2:
+        return c
+    else:
+        return d
+
+
+@triton.jit
+def _round(x, dtype: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr):
+    """float32 x rounded to dtype, to nearest even (what .to() does on a GPU). The Triton interpreter
+    truncates float32 -> bfloat16, so there the rounding is done on the bits first."""
+    if EMULATE_BF16_RTNE:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)  # NaN stays NaN
+    return x.to(dtype)
+
+
+@triton.autotune(configs=_configs(), key=["D", "K_MAX", "NUM_LEVELS", "HAS_EARLIER", "IEEE_FP32", "UPCAST"])
 @triton.jit
 def _hrq_kernel(
-    z_ptr,  # [L, N, D] stacked levels
-    e_ptr,  # [sum K_l, D] packed codebooks
+    z0_ptr,  # Z of levels FIRST .. FIRST + NUM_LEVELS - 1, each [N, D] (unused slots: any tensor)
+    z1_ptr,
+    z2_ptr,
+    z3_ptr,
+    e_ptr,  # [sum K_l, D] packed codebooks, dtype of Z
     e_sqnorm_ptr,  # [sum K_l] float32
-    offsets_ptr,  # [L + 1] int32: level l's codes are rows offsets[l] .. offsets[l+1]
-    codes_ptr,  # [L, N] int32 out
-    levels_ptr,  # [L, N, D] out (dtype of z)
+    offsets_ptr,  # [L + 1] int32: level l's codes are the rows offsets[l] .. offsets[l + 1] - 1
+    codes_ptr,  # [L, N] int32 out (level-local codes)
+    levels_ptr,  # [L, N, D] out, dtype of Z
     N,
     D,
-    L: tl.constexpr,
+    K_MAX,  # largest K_l of this launch: only an autotuning key
+    FIRST,  # first level of this launch
+    NUM_LEVELS: tl.constexpr,  # levels in this launch, 1 .. 4
+    HAS_EARLIER: tl.constexpr,  # FIRST > 0: earlier levels' codes are read from codes_ptr
     IEEE_FP32: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr,  # bfloat16 under the interpreter (see the launcher)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -59,12 +108,23 @@ def _hrq_kernel(
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    rows64 = rows.to(tl.int64)
-    prev_code = tl.zeros([BLOCK_N], dtype=tl.int64)  # global row of the previous level's code
-    for level in tl.static_range(L):
-        z_rows = z_ptr + (level * N + rows64)[:, None] * D
-        k_start = tl.load(offsets_ptr + level)
-        k_end = tl.load(offsets_ptr + level + 1)
+    rows64 = rows.to(tl.int64)  # 64-bit offsets: L * N * D can exceed 2^31
+
+    # Packed-codebook row of the previous level's chosen code, per row (used by levels >= 1).
+    prev_row = tl.zeros([BLOCK_N], dtype=tl.int64)
+    if HAS_EARLIER:
+        prev_row = tl.load(codes_ptr + (FIRST - 1) * N + rows64, mask=row_ok, other=0).to(tl.int64)
+        prev_row += tl.load(offsets_ptr + FIRST - 1)
+    # The chosen packed rows of this launch's levels, kept for the cumulative means.
+    row0 = prev_row
+    row1 = prev_row
+    row2 = prev_row
+    row3 = prev_row
+
+    for j in tl.static_range(NUM_LEVELS):
+        z_rows = _pick(j, z0_ptr, z1_ptr, z2_ptr, z3_ptr) + rows64[:, None] * D
+        k_start = tl.load(offsets_ptr + FIRST + j)
+        k_end = tl.load(offsets_ptr + FIRST + j + 1)
         best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
         best_code = tl.zeros([BLOCK_N], dtype=tl.int32)
         for k0 in range(k_start, k_end, BLOCK_K):
@@ -74,13 +134,16 @@ def _hrq_kernel(
             dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 dims = d0 + tl.arange(0, BLOCK_D)
-                dim_ok = (dims < D)[None, :]
-                h = tl.load(z_rows + dims[None, :], mask=row_ok[:, None] & dim_ok, other=0.0)
-                if level > 0:
-                    prev = tl.load(e_ptr + prev_code[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok, other=0.0)
-                    h = (2.0 * h.to(tl.float32) - prev.to(tl.float32)).to(z_ptr.dtype.element_ty)
-                et = tl.load(e_rows + dims[None, :], mask=code_ok[:, None] & dim_ok, other=0.0)
-                if UPCAST:  # the interpreter's tl.dot misreads bfloat16 (see triton/lookup.py)
+                ok = row_ok[:, None] & (dims < D)[None, :]
+                h = tl.load(z_rows + dims[None, :], mask=ok, other=0.0)
+                if HAS_EARLIER or j > 0:
+                    # H = 2 Z - C_prev[M_prev], rounded like the reference's `2.0 * z - prev`: 2 Z is
+                    # rounded to the dtype first (it can overflow in float16), then the difference.
+                    prev = tl.load(e_ptr + prev_row[:, None] * D + dims[None, :], mask=ok, other=0.0)
+                    twice = _round(h.to(tl.float32) * 2.0, h.dtype, UPCAST)
+                    h = _round(twice.to(tl.float32) - prev.to(tl.float32), h.dtype, UPCAST)
+                et = tl.load(e_rows + dims[None, :], mask=code_ok[:, None] & (dims < D)[None, :], other=0.0)
+                if UPCAST:
                     h = h.to(tl.float32)
                     et = et.to(tl.float32)
                 if IEEE_FP32 or UPCAST:
@@ -89,53 +152,90 @@ def _hrq_kernel(
                     dot = tl.dot(h, tl.trans(et), dot)
             e_sqnorm = tl.load(e_sqnorm_ptr + codes, mask=code_ok, other=0.0)
             scores = e_sqnorm[None, :] - 2.0 * dot
+            # Padding codes and NaN scores must never win; ties resolve to the leftmost (smallest) code.
             scores = tl.where(code_ok[None, :] & (scores == scores), scores, float("inf"))
             tile_best, tile_code = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            better = tile_best < best
+            better = tile_best < best  # strict: an equal score in a later tile keeps the earlier code
             best = tl.where(better, tile_best, best)
             best_code = tl.where(better, tile_code + (k0 - k_start), best_code)
-        tl.store(codes_ptr + level * N + rows, best_code, mask=row_ok)
-        prev_code = best_code.to(tl.int64) + k_start
+        tl.store(codes_ptr + (FIRST + j) * N + rows64, best_code, mask=row_ok)
+        prev_row = best_code.to(tl.int64) + k_start
+        if j == 0:
+            row0 = prev_row
+        elif j == 1:
+            row1 = prev_row
+        elif j == 2:
+            row2 = prev_row
+        else:
+            row3 = prev_row
 
-    # Cumulative means, from the codes this program just wrote (summed in level order in float32).
-    tl.debug_barrier()
-    for level in tl.static_range(L):
-        for d0 in range(0, D, BLOCK_D):
-            dims = d0 + tl.arange(0, BLOCK_D)
-            ok = row_ok[:, None] & (dims < D)[None, :]
-            acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            for m in tl.static_range(level + 1):
-                code = tl.load(codes_ptr + m * N + rows, mask=row_ok, other=0).to(tl.int64) + tl.load(offsets_ptr + m)
-                acc += tl.load(e_ptr + code[:, None] * D + dims[None, :], mask=ok, other=0.0).to(tl.float32)
-            out = levels_ptr + (level * N + rows64)[:, None] * D + dims[None, :]
-            tl.store(out, (acc / (level + 1)).to(levels_ptr.dtype.element_ty), mask=ok)
+    # Cumulative means: sum the chosen code rows in level order in float32, divide (correctly
+    # rounded, as torch divides), round once to the output dtype.
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        ok = row_ok[:, None] & (dims < D)[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        if HAS_EARLIER:
+            for m in range(0, FIRST):
+                r = tl.load(codes_ptr + m * N + rows64, mask=row_ok, other=0).to(tl.int64) + tl.load(offsets_ptr + m)
+                acc += tl.load(e_ptr + r[:, None] * D + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+        for j in tl.static_range(NUM_LEVELS):
+            r = _pick(j, row0, row1, row2, row3)
+            acc += tl.load(e_ptr + r[:, None] * D + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+            count = tl.full([BLOCK_N, BLOCK_D], 1.0, tl.float32) * (FIRST + j + 1)
+            out = levels_ptr + ((FIRST + j) * N + rows64)[:, None] * D + dims[None, :]
+            tl.store(out, _round(tl.div_rn(acc, count), levels_ptr.dtype.element_ty, UPCAST), mask=ok)
 
 
 @triton_op("vqdna::hrq_quantize_triton", mutates_args=())
 def hrq_quantize_triton(
     zs: list[torch.Tensor], codebooks: torch.Tensor, codebook_sqnorms: torch.Tensor, codebook_sizes: list[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """zs: L tensors [N, D] (float32/bfloat16/float16); codebooks [sum K_l, D] same dtype;
-    codebook_sqnorms [sum K_l] float32. Returns codes int32 [L, N] (level-local) and zhat_levels
-    [L, N, D] (DESIGN 2.2)."""
+    """zs: L tensors [N, D] contiguous (float32/bfloat16/float16); codebooks [sum K_l, D] contiguous,
+    same dtype, level l's rows at offset sum_{m<l} K_m; codebook_sqnorms [sum K_l] float32;
+    codebook_sizes [L] = K_l. Returns codes int32 [L, N] (level-local) and zhat_levels [L, N, D] in
+    the dtype of zs (DESIGN 2.2). The per-level tensors are read in place, never stacked."""
     n_levels = len(zs)
     n, d = zs[0].shape
-    codes = torch.empty(n_levels, n, dtype=torch.int32, device=zs[0].device)
-    levels = torch.empty(n_levels, n, d, dtype=zs[0].dtype, device=zs[0].device)
+    device, dtype = zs[0].device, zs[0].dtype
+    codes = torch.empty(n_levels, n, dtype=torch.int32, device=device)
+    levels = torch.empty(n_levels, n, d, dtype=dtype, device=device)
     if n == 0:
         return codes, levels
-    stacked = torch.stack(zs)  # one base pointer for the kernel; cheap next to the search
-    offsets = torch.tensor([0, *torch.tensor(codebook_sizes).cumsum(0).tolist()], dtype=torch.int32, device=zs[0].device)
+    bounds = [0]
+    for k in codebook_sizes:
+        bounds.append(bounds[-1] + int(k))
+    offsets = torch.tensor(bounds, dtype=torch.int32, device=device)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
 
-    wrap_triton(_hrq_kernel)[grid](
-        stacked, codebooks, codebook_sqnorms, offsets, codes, levels, n, d,
-        L=n_levels,
-        IEEE_FP32=zs[0].dtype == torch.float32,
-        UPCAST=zs[0].dtype == torch.bfloat16 and _interpreter(),
-    )
+    for first in range(0, n_levels, _LEVELS_PER_LAUNCH):
+        group = list(zs[first : first + _LEVELS_PER_LAUNCH])
+        num = len(group)
+        group += [group[0]] * (_LEVELS_PER_LAUNCH - num)  # unused pointer slots
+        wrap_triton(_hrq_kernel)[grid](
+            group[0],
+            group[1],
+            group[2],
+            group[3],
+            codebooks,
+            codebook_sqnorms,
+            offsets,
+            codes,
+            levels,
+            n,
+            d,
+            max(int(k) for k in codebook_sizes[first : first + num]),
+            first,
+            NUM_LEVELS=num,
+            HAS_EARLIER=first > 0,
+            IEEE_FP32=dtype == torch.float32,
+            # The Triton interpreter's tl.dot reads bfloat16 as raw bits; products of bf16 values are
+            # exact in float32, so upcasting there computes what the tensor cores compute on a GPU.
+            # It also truncates float32 -> bfloat16, so the kernel rounds to nearest even by hand.
+            UPCAST=dtype == torch.bfloat16 and _interpreter(),
+        )
     return codes, levels
 
 
