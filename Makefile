@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_PIN)
 	$(BIN)/pip install -q numpy ninja "setuptools>=64" wheel "triton; platform_system == 'Linux'"
-	$(BIN)/pip install -q --no-build-isolation -e ".[dev]"
+	$(BIN)/pip install -q --no-build-isolation -e ".[dev,train]"
 	$(BIN)/python -c "import vqdna, vqdna._ext as e; assert e.extension_available(), 'vqdna._C failed to build'"
 	touch $@
 
