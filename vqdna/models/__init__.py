@@ -2,4 +2,23 @@
 
 from vqdna.models.quantizer import HRQuantizer, VectorQuantizer
 
-__all__ = ["HRQuantizer", "VectorQuantizer"]
+__all__ = [
+    "HRQuantizer", "VectorQuantizer",
+    "ConvNeXt1dEncoder", "ConvNeXt1dDecoder", "VQDNATokenizerConfig", "VQDNATokenizerModel",
+]
+
+# The tokenizer pulls in transformers (seconds to import): load it on first use only.
+_LAZY = {
+    "ConvNeXt1dEncoder": "vqdna.models.convnext",
+    "ConvNeXt1dDecoder": "vqdna.models.convnext",
+    "VQDNATokenizerConfig": "vqdna.models.tokenizer",
+    "VQDNATokenizerModel": "vqdna.models.tokenizer",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vqdna.models' has no attribute {name!r}")
