@@ -5,6 +5,7 @@ from vqdna.models.quantizer import HRQuantizer, VectorQuantizer
 __all__ = [
     "HRQuantizer", "VectorQuantizer",
     "ConvNeXt1dEncoder", "ConvNeXt1dDecoder", "VQDNATokenizerConfig", "VQDNATokenizerModel",
+    "VQDNAConfig", "VQDNAModel", "VQDNAForMaskedLM", "VQDNAForSequenceClassification",
 ]
 
 # The tokenizer pulls in transformers (seconds to import): load it on first use only.
@@ -13,6 +14,10 @@ _LAZY = {
     "ConvNeXt1dDecoder": "vqdna.models.convnext",
     "VQDNATokenizerConfig": "vqdna.models.tokenizer",
     "VQDNATokenizerModel": "vqdna.models.tokenizer",
+    "VQDNAConfig": "vqdna.models.bert",
+    "VQDNAModel": "vqdna.models.bert",
+    "VQDNAForMaskedLM": "vqdna.models.bert",
+    "VQDNAForSequenceClassification": "vqdna.models.bert",
 }
 
 

@@ -1,0 +1,257 @@
+"""VQDNA BERT (vqdna/models/bert.py): ALiBi attention backends vs the reference, embeddings, heads, parameter
+count, padding invariance, save/load through the transformers Auto classes."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.tolerances import ATTENTION_ATOL
+from vqdna.models import bert
+from vqdna.models.bert import (
+    CLS, MASK, PAD, SEP, VQDNAConfig, VQDNAForMaskedLM, VQDNAForSequenceClassification, VQDNAModel, alibi_slopes,
+    build_inputs, reference_attention, sdpa_attention, special_ids,
+)
+
+SIZES = [4, 8]  # tiny two-level vocabulary for model tests
+TINY = dict(codebook_sizes=SIZES, codebook_dim=6, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=32)
+
+
+def naive_attention(q, k, v, slopes, mask):
+    """float64 loops straight from the formula: softmax_j(q_i.k_j / sqrt(d) - slope_h |i - j|, masked keys out)."""
+    b, h, length, d = q.shape
+    out = torch.zeros(b, h, length, d, dtype=torch.float64)
+    for bi in range(b):
+        keep = [j for j in range(length) if mask is None or bool(mask[bi, j])]
+        for hi in range(h):
+            for i in range(length):
+                s = torch.stack([q[bi, hi, i].double() @ k[bi, hi, j].double() / math.sqrt(d)
+                                 - float(slopes[hi]) * abs(i - j) for j in keep])
+                p = torch.softmax(s, 0)
+                out[bi, hi, i] = sum(p[n] * v[bi, hi, j].double() for n, j in enumerate(keep))
+    return out
+
+
+def random_mask(b, length, g):
+    lengths = torch.randint(1, length + 1, (b,), generator=g)
+    lengths[0] = length
+    return torch.arange(length)[None] < lengths[:, None]
+
+
+def test_alibi_slopes_follow_the_paper():
+    assert torch.allclose(alibi_slopes(8), torch.tensor([2.0 ** -(i + 1) for i in range(8)]))
+    # 12 heads: the 8-head slopes, then every other 16-head slope
+    want = [2.0 ** -(i + 1) for i in range(8)] + [2.0 ** -(0.5 * (2 * i + 1)) for i in range(4)]
+    assert torch.allclose(alibi_slopes(12), torch.tensor(want))
+
+
+def test_reference_attention_matches_formula(rng):
+    q, k, v = (torch.randn(2, 3, 7, 5, generator=rng) for _ in range(3))
+    mask = random_mask(2, 7, rng)
+    slopes = alibi_slopes(3)
+    got = reference_attention(q, k, v, slopes, mask)
+    torch.testing.assert_close(got.double(), naive_attention(q, k, v, slopes, mask), atol=1e-5, rtol=0)
+    got = reference_attention(q, k, v, slopes, None)
+    torch.testing.assert_close(got.double(), naive_attention(q, k, v, slopes, None), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 4, 7, 16), (3, 12, 33, 64), (2, 3, 130, 24)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_sdpa_matches_reference(shape, padded, rng, poison):
+    b, h, length, d = shape
+    q, k, v = (torch.randn(*shape, generator=rng) for _ in range(3))
+    mask = random_mask(b, length, rng) if padded else None
+    slopes = alibi_slopes(h)
+    want = reference_attention(q, k, v, slopes, mask)
+    got = sdpa_attention(q, k, v, slopes, mask)
+    torch.testing.assert_close(got, want, atol=ATTENTION_ATOL[torch.float32], rtol=0)
+    # the ALiBi bias matters: without it the outputs differ (L > 1)
+    assert length == 1 or not torch.allclose(want, reference_attention(q, k, v, slopes * 0, mask), atol=1e-3)
+
+
+def test_attention_ties_and_nonfinite(rng):
+    # identical keys (ties everywhere): attention is the ALiBi-weighted mean of values
+    q = torch.randn(1, 2, 5, 4, generator=rng)
+    k = torch.ones(1, 2, 5, 4)
+    v = torch.randn(1, 2, 5, 4, generator=rng)
+    slopes = alibi_slopes(2)
+    torch.testing.assert_close(sdpa_attention(q, k, v, slopes), reference_attention(q, k, v, slopes), atol=2e-5, rtol=0)
+    # a NaN query row stays NaN on every backend and does not leak into other rows
+    q[0, 1, 3, 0] = float("nan")
+    for fn in (reference_attention, sdpa_attention):
+        out = fn(q, k, v, slopes)
+        assert out[0, 1, 3].isnan().all() and out[0, 0].isfinite().all() and out[0, 1, :3].isfinite().all()
+
+
+def test_explicit_flash_without_flash_attn_raises():
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(RuntimeError, match="flash"):
+        bert.alibi_attention(q, q, q, alibi_slopes(2), None, backend="flash")
+
+
+@pytest.mark.cuda
+def test_flash_matches_reference_on_cuda():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if not bert.flash_available():
+        pytest.skip("flash_attn not installed")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 77, 64, generator=g).cuda().bfloat16() for _ in range(3))
+    mask = random_mask(3, 77, g).cuda()
+    slopes = alibi_slopes(4, device="cuda")
+    want = reference_attention(q, k, v, slopes, mask)
+    got = bert.flash_attention(q, k, v, slopes, mask)
+    keep = mask[:, None, :, None].expand_as(want)
+    torch.testing.assert_close(got[keep].float(), want[keep].float(), atol=ATTENTION_ATOL[torch.bfloat16], rtol=0)
+
+
+def test_build_inputs_layout():
+    codes = [torch.tensor([[1, 2], [3, 4], [0, 7]]), torch.tensor([[2, 5]])]
+    ids, mask = build_inputs(codes, SIZES)
+    assert ids.shape == (2, 5, 2) and ids.dtype == torch.int64
+    assert ids[0, 0].tolist() == special_ids(SIZES, CLS) and ids[0, 4].tolist() == special_ids(SIZES, SEP)
+    assert ids[0, 1:4].tolist() == codes[0].tolist()
+    assert ids[1, 2].tolist() == special_ids(SIZES, SEP) and ids[1, 3:].tolist() == [special_ids(SIZES, PAD)] * 2
+    assert mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
+    assert build_inputs(codes, SIZES, pad_to_multiple_of=8)[0].shape == (2, 8, 2)
+    with pytest.raises(ValueError, match=r"codes\[1\]"):
+        build_inputs([codes[0], torch.zeros(3, 3)], SIZES)
+
+
+def tiny_model(cls=VQDNAModel, **kw):
+    torch.manual_seed(0)
+    return cls(VQDNAConfig(**{**TINY, **kw})).eval()
+
+
+def random_ids(b, length, g):
+    codes = [torch.stack([torch.randint(0, k, (n,), generator=g) for k in SIZES], 1)
+             for n in torch.randint(1, length + 1, (b,), generator=g).tolist()]
+    return codes, *build_inputs(codes, SIZES)
+
+
+def test_embedding_codes_and_specials(rng):
+    model = tiny_model()
+    emb = model.embeddings
+    codes, ids, mask = random_ids(3, 6, rng)
+    ids[0, 2] = torch.tensor(special_ids(SIZES, MASK))
+    emb.eval()
+    got = emb(ids)
+    c0, c1 = emb.codebooks
+    # code positions: projection of the mean of the level embeddings; special ones: their learned row
+    want_code = emb.proj((c0[ids[1, 1, 0]] + c1[ids[1, 1, 1]]) / 2)
+    torch.testing.assert_close(got[1, 1], emb.LayerNorm(want_code))
+    torch.testing.assert_close(got[0, 2], emb.LayerNorm(emb.special.weight[MASK]))
+    torch.testing.assert_close(got[2, 0], emb.LayerNorm(emb.special.weight[CLS]))
+    assert not any(cb.requires_grad for cb in emb.codebooks) and all(cb.std() > 0.5 for cb in emb.codebooks)
+
+
+@pytest.mark.parametrize("bad,where", [((0, 9), "level 1"), ((-1, 2), "level 0"), ((4 + CLS, 3), "level 1"),
+                                       ((5, 8 + 3), "consistent")])
+def test_bad_ids_name_row_and_position(bad, where):
+    model = tiny_model()
+    ids, _ = build_inputs([torch.zeros(3, 2, dtype=torch.long)] * 2, SIZES)
+    ids[1, 2] = torch.tensor(bad)
+    with pytest.raises(ValueError, match=rf"row 1, position 2, {where if 'level' in where else ''}") as e:
+        model(ids)
+    assert where in str(e.value)
+
+
+@pytest.mark.parametrize("backend", ["reference", "sdpa"])
+def test_padded_record_encodes_as_alone(backend, rng):
+    model = tiny_model(attention_backend=backend)
+    codes, ids, mask = random_ids(4, 9, rng)
+    batch = model(ids, mask).last_hidden_state
+    for i, c in enumerate(codes):
+        alone_ids, alone_mask = build_inputs([c], SIZES)
+        alone = model(alone_ids, alone_mask).last_hidden_state[0]
+        torch.testing.assert_close(batch[i, : len(c) + 2], alone, atol=1e-5, rtol=0)
+    # the default mask (id != PAD) is the same mask
+    torch.testing.assert_close(model(ids).last_hidden_state, batch)
+
+
+def test_model_backends_agree(rng):
+    ref = tiny_model(VQDNAForMaskedLM, attention_backend="reference")
+    fast = tiny_model(VQDNAForMaskedLM, attention_backend="sdpa")
+    fast.load_state_dict(ref.state_dict())
+    _, ids, mask = random_ids(3, 11, rng)
+    for a, b in zip(ref(ids, mask).logits, fast(ids, mask).logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_mlm_loss_is_mean_over_levels(rng):
+    model = tiny_model(VQDNAForMaskedLM)
+    codes, ids, mask = random_ids(3, 8, rng)
+    labels = torch.full_like(ids, -100)
+    labels[:, 1] = ids[:, 1]
+    labels[0, 2] = ids[0, 2]
+    out = model(ids, mask, labels=labels)
+    assert [tuple(lg.shape) for lg in out.logits] == [(3, ids.shape[1], k) for k in SIZES]
+    want = torch.stack([F.cross_entropy(lg.flatten(0, 1), labels[..., l].flatten(), ignore_index=-100)
+                        for l, lg in enumerate(out.logits)]).mean()
+    torch.testing.assert_close(out.loss, want)
+    # no labelled position: zero loss, not NaN
+    assert model(ids, mask, labels=torch.full_like(ids, -100)).loss.item() == 0.0
+
+
+def test_sequence_classification_and_regression_losses(rng):
+    _, ids, mask = random_ids(4, 6, rng)
+    cls = tiny_model(VQDNAForSequenceClassification, num_labels=3)
+    y = torch.tensor([0, 2, 1, 2])
+    out = cls(ids, mask, labels=y)
+    assert out.logits.shape == (4, 3) and cls.config.problem_type == "single_label_classification"
+    torch.testing.assert_close(out.loss, F.cross_entropy(out.logits, y))
+    reg = tiny_model(VQDNAForSequenceClassification, num_labels=1)
+    y = torch.randn(4, generator=rng)
+    out = reg(ids, mask, labels=y)
+    assert out.logits.shape == (4, 1) and reg.config.problem_type == "regression"
+    torch.testing.assert_close(out.loss, F.mse_loss(out.logits[:, 0], y))
+
+
+def test_bert_base_parameter_count():
+    config = VQDNAConfig()  # defaults = BERT-base over a (64, 512)-code, 384-dim tokenizer
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (12, 768, 12)
+    with torch.device("meta"):
+        model = VQDNAForMaskedLM(config)
+    h, i, n = 768, 3072, 12
+    layer = 4 * (h * h + h) + 2 * 2 * h + (h * i + i) + (i * h + h)
+    embed = 384 * h + h + 4 * h + 2 * h
+    heads = h * h + h + 2 * h + (h + 1) * (64 + 512)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == n * layer + embed + heads
+    assert 85e6 < trainable < 88e6  # the paper's ~86 M (plus the frozen tokenizer codebooks below)
+    assert sum(b.numel() for b in model.buffers()) == (64 + 512) * 384  # frozen codebooks
+
+
+def test_save_load_through_auto_classes(tmp_path, rng):
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification
+
+    import vqdna  # noqa: F401  (registration happens at import)
+
+    model = tiny_model(VQDNAForMaskedLM)
+    with torch.no_grad():
+        model.vqdna.embeddings.codebooks[1].add_(3.0)  # not the init: must come back from the file
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "pytorch_model.bin").exists()
+    assert isinstance(AutoConfig.from_pretrained(tmp_path), VQDNAConfig)
+    _, ids, mask = random_ids(2, 7, rng)
+    loaded = AutoModelForMaskedLM.from_pretrained(tmp_path).eval()
+    assert type(loaded) is VQDNAForMaskedLM
+    for a, b in zip(model(ids, mask).logits, loaded(ids, mask).logits):
+        torch.testing.assert_close(a, b)
+    base = AutoModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(base(ids, mask).last_hidden_state, model.vqdna(ids, mask).last_hidden_state)
+    clf = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=2)
+    assert type(clf) is VQDNAForSequenceClassification
+    torch.testing.assert_close(clf.vqdna.embeddings.codebooks[1], model.vqdna.embeddings.codebooks[1])
+    assert not any(p.requires_grad for p in clf.buffers())
+    assert not any("codebook" in n for n, p in clf.named_parameters())
+
+
+def test_named_configs():
+    assert VQDNAConfig.named("bert-tiny", codebook_sizes=[8]).codebook_sizes == [8]
+    with pytest.raises(ValueError, match="bert-base"):
+        VQDNAConfig.named("bert-huge")
+    with pytest.raises(ValueError, match="attention_backend"):
+        VQDNAConfig(attention_backend="xformers")
