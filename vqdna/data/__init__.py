@@ -1,6 +1,18 @@
-"""Sequence data: the byte table and FASTA reading."""
+"""Sequence data: the byte table, FASTA/FASTQ reading and the random-access sequence index."""
 
-from vqdna.data.alphabet import BASES, BYTE_TO_ID
+from vqdna.data.alphabet import BASES, BYTE_TO_ID, PAD
 from vqdna.data.fasta import FastaFormatError, FastaRecord, bundled_fasta, read_fasta
+from vqdna.data.index import IndexRecord, SequenceIndex, Windows
 
-__all__ = ["BASES", "BYTE_TO_ID", "FastaFormatError", "FastaRecord", "bundled_fasta", "read_fasta"]
+__all__ = [
+    "BASES",
+    "BYTE_TO_ID",
+    "PAD",
+    "FastaFormatError",
+    "FastaRecord",
+    "IndexRecord",
+    "SequenceIndex",
+    "Windows",
+    "bundled_fasta",
+    "read_fasta",
+]

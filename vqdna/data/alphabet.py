@@ -5,6 +5,7 @@ import numpy as np
 
 BASES = "ACGTN"
 NUM_BASES = 5
+PAD = 5  # padding id in batches of windows (the models' mask is ids < NUM_BASES)
 INVALID = 255  # a byte that is no IUPAC letter
 SKIP = 254  # whitespace: dropped
 
