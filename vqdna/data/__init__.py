@@ -3,6 +3,7 @@
 from vqdna.data.alphabet import BASES, BYTE_TO_ID, PAD
 from vqdna.data.fasta import FastaFormatError, FastaRecord, bundled_fasta, read_fasta
 from vqdna.data.index import IndexRecord, SequenceIndex, Windows
+from vqdna.data.tokens import TokenDataset, TokenFileError
 
 __all__ = [
     "BASES",
@@ -12,6 +13,8 @@ __all__ = [
     "FastaRecord",
     "IndexRecord",
     "SequenceIndex",
+    "TokenDataset",
+    "TokenFileError",
     "Windows",
     "bundled_fasta",
     "read_fasta",

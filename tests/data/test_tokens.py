@@ -1,0 +1,187 @@
+"""Token files (vqdna.data.tokens): writer -> TokenDataset round trip, Megatron MMIDIDX layout,
+completeness checks, refusal of incomplete or corrupt directories."""
+
+import os
+import struct
+
+import numpy as np
+import pytest
+
+from vqdna.data.tokens import (
+    FORMAT_VERSION,
+    Piece,
+    ShardWriter,
+    TokenDataset,
+    TokenFileError,
+    codes_dtype,
+    read_shard_index,
+    shard_complete,
+    write_manifest,
+)
+
+
+def _records(rng, n_levels, sizes):
+    """Random records with awkward lengths (0, 1, ...), codes in range per level."""
+    lengths = [0, 1, 5, 0, 17, 130, 2, 64, 1000, 3]
+    out = []
+    for i, n in enumerate(lengths):
+        codes = np.stack([rng.integers(0, k, n) for k in sizes], axis=1) if n else np.zeros((0, n_levels), np.int64)
+        out.append((f"rec{i} é" if i == 4 else f"rec{i}", codes))
+    return out
+
+
+def _write(directory, records, sizes, shard_bases):
+    """Shards of at most shard_bases bases; long records split into pieces like the pipeline does."""
+    shards, pieces, chunks, bases = [], [], [], 0
+
+    def flush():
+        nonlocal pieces, chunks, bases
+        w = ShardWriter(str(directory), len(shards), pieces, sizes)
+        for c in chunks:
+            w.write(c)
+        w.close()
+        shards.append({"name": f"shard-{len(shards):05d}", "pieces": len(pieces), "bases": bases})
+        pieces, chunks, bases = [], [], 0
+
+    for ordinal, (name, codes) in enumerate(records):
+        start = 0
+        while True:
+            take = min(len(codes) - start, shard_bases - bases)
+            pieces.append(Piece(ordinal, name, start, take, len(codes)))
+            chunks.append(codes[start : start + take])
+            bases, start = bases + take, start + take
+            if bases >= shard_bases:
+                flush()
+            if start >= len(codes):
+                break
+    if pieces:
+        flush()
+    manifest = {
+        "format": "vqdna-tokens", "format_version": FORMAT_VERSION, "complete": True, "levels": len(sizes),
+        "codebook_sizes": list(sizes), "dtype": codes_dtype(sizes), "shards": shards, "records": len(records),
+        "bases": sum(len(c) for _, c in records),
+    }
+    write_manifest(str(directory), manifest)
+    return manifest
+
+
+@pytest.mark.parametrize("sizes", [(64, 512), (7,), (70000, 3, 65536)], ids=["uint16", "one-level", "uint32"])
+@pytest.mark.parametrize("shard_bases", [41, 10**6])
+def test_round_trip(tmp_path, sizes, shard_bases):
+    rng = np.random.default_rng(len(sizes) * 1000 + shard_bases)
+    records = _records(rng, len(sizes), sizes)
+    manifest = _write(tmp_path, records, sizes, shard_bases)
+    ds = TokenDataset(tmp_path)
+    assert len(ds) == len(records)
+    assert ds.lengths.tolist() == [len(c) for _, c in records]
+    want_dtype = np.uint16 if max(sizes) <= 65536 else np.uint32
+    for i, (name, codes) in enumerate(records):
+        got_name, got = ds[i]
+        assert got_name == name
+        assert got.dtype == want_dtype and got.shape == (len(codes), len(sizes))
+        np.testing.assert_array_equal(got, codes)
+    assert ds[-1][0] == records[-1][0]
+    with pytest.raises(IndexError):
+        ds[len(records)]
+    # A record held in one shard comes back memory-mapped, not copied.
+    whole = [i for i in range(len(ds)) if ds._first[i + 1] - ds._first[i] == 1 and ds.lengths[i] > 0]
+    assert whole or shard_bases == 1
+    for i in whole:
+        assert isinstance(ds[i][1].base, np.memmap) or isinstance(ds[i][1], np.memmap)
+    assert ds.find("rec4 é") == 4 and ds.find("rec0") == 0
+    with pytest.raises(KeyError, match="nope"):
+        ds.find("nope")
+    assert len(manifest["shards"]) >= 1
+
+
+def test_megatron_index_layout(tmp_path):
+    """The .idx reads like Megatron-LM's _IndexReader: header, int32 sizes, int64 byte pointers,
+    int64 document index; the .bin holds the sequences at those pointers (dtype code 8 = uint16)."""
+    sizes = (64, 512)
+    records = _records(np.random.default_rng(1), 2, sizes)
+    _write(tmp_path, records, sizes, 10**6)
+    raw = (tmp_path / "shard-00000.idx").read_bytes()
+    assert raw[:9] == b"MMIDIDX\x00\x00"
+    (version,) = struct.unpack("<Q", raw[9:17])
+    (code,) = struct.unpack("<B", raw[17:18])
+    n, n_docs = struct.unpack("<QQ", raw[18:34])
+    assert (version, code, n, n_docs) == (1, 8, len(records), len(records) + 1)
+    seq_sizes = np.frombuffer(raw, np.int32, n, 34)
+    pointers = np.frombuffer(raw, np.int64, n, 34 + 4 * n)
+    docs = np.frombuffer(raw, np.int64, n_docs, 34 + 12 * n)
+    assert seq_sizes.tolist() == [2 * len(c) for _, c in records]
+    assert docs.tolist() == list(range(n + 1))
+    data = np.fromfile(tmp_path / "shard-00000.bin", np.uint16)
+    for (_, codes), size, ptr in zip(records, seq_sizes, pointers):
+        np.testing.assert_array_equal(data[ptr // 2 : ptr // 2 + size], codes.reshape(-1))
+
+
+def test_incomplete_and_corrupt_directories(tmp_path):
+    sizes = (16, 32)
+    records = _records(np.random.default_rng(2), 2, sizes)
+    manifest = _write(tmp_path, records, sizes, 400)
+    n_levels, dtype = 2, "uint16"
+    assert all(shard_complete(str(tmp_path), k, n_levels, dtype) for k in range(len(manifest["shards"])))
+    write_manifest(str(tmp_path), {**manifest, "complete": False})
+    with pytest.raises(TokenFileError, match="incomplete.*--resume"):
+        TokenDataset(tmp_path)
+    write_manifest(str(tmp_path), manifest)
+    # A truncated .bin no longer counts as a complete shard.
+    bin0 = tmp_path / "shard-00000.bin"
+    bin0.write_bytes(bin0.read_bytes()[:-2])
+    assert not shard_complete(str(tmp_path), 0, n_levels, dtype)
+    # A damaged index: a clear error naming the file.
+    idx1 = tmp_path / "shard-00001.idx"
+    idx1.write_bytes(idx1.read_bytes()[:40])
+    assert not shard_complete(str(tmp_path), 1, n_levels, dtype)
+    with pytest.raises(TokenFileError, match="shard-00001.idx.*truncated"):
+        read_shard_index(str(idx1))
+    with pytest.raises(TokenFileError, match="shard-00001.idx"):
+        TokenDataset(tmp_path)
+    with pytest.raises(TokenFileError, match="no manifest.json"):
+        TokenDataset(tmp_path / "missing")
+    (tmp_path / "manifest.json").write_text('{"format": "vqdna-tokens", "format_version": 99}')
+    with pytest.raises(TokenFileError, match="format version 99"):
+        TokenDataset(tmp_path)
+
+
+def test_writer_checks(tmp_path):
+    pieces = [Piece(0, "a", 0, 3, 3), Piece(1, "b", 0, 2, 2)]
+    w = ShardWriter(str(tmp_path), 0, pieces, (4, 8))
+    with pytest.raises(ValueError, match="outside its codebook"):
+        w.write(np.array([[4, 0]]))
+    with pytest.raises(ValueError, match=r"must be \[m, 2\]"):
+        w.write(np.zeros((3, 3), np.int64))
+    w.write(np.array([[3, 7], [0, 0], [1, 1]]))
+    with pytest.raises(ValueError, match="got 3 rows.*hold 5"):
+        w.close()
+    w.abort()
+    # Until close() succeeds nothing carries a final name.
+    assert sorted(os.listdir(tmp_path)) == ["shard-00000.bin.tmp"]
+    assert not shard_complete(str(tmp_path), 0, 2, "uint16")
+
+
+def test_sample_windows(tmp_path):
+    sizes = (16, 32)
+    records = _records(np.random.default_rng(3), 2, sizes)
+    _write(tmp_path, records, sizes, 300)
+    ds = TokenDataset(tmp_path)
+    rng = np.random.default_rng(0)
+    windows = ds.sample_windows(200, 64, rng)
+    assert windows.shape == (200, 64, 2) and windows.dtype == np.int64
+    # Every window is a slice of some record (padded with -1 past a short record's end).
+    flat = {name: codes for name, codes in records}
+    for w in windows[:40]:
+        valid = int((w[:, 0] >= 0).sum())
+        assert (w[valid:] == -1).all()
+        assert any(
+            len(c) >= valid and any((c[s : s + valid] == w[:valid]).all() for s in range(len(c) - valid + 1))
+            for c in flat.values() if len(c)
+        )
+    # Short records (< 64) supply windows too, long ones most of them.
+    assert (windows[:, -1, 0] == -1).any() and (windows[:, -1, 0] >= 0).any()
+    with pytest.raises(ValueError, match="no bases"):
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        _write(empty, [("x", np.zeros((0, 2), np.int64))], sizes, 10)
+        TokenDataset(empty).sample_windows(1, 4)

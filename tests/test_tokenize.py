@@ -1,0 +1,319 @@
+"""Streaming tokenization (vqdna.tokenize, `vqdna tokenize`): streaming equals whole-record encoding,
+resume after a crash is byte-identical, two ranks equal one, malformed input and changed inputs give
+one clear error, disk errors are reported. A tiny random tokenizer keeps it fast."""
+
+import gzip
+import hashlib
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tests.tolerances import TOL
+from vqdna import cli
+from vqdna.data.tokens import TokenDataset
+from vqdna.kernels import reference
+from vqdna.tokenize import TokenizeError, tokenize_files, work_units
+
+# Record lengths around every boundary that matters: empty, shorter than the halo, one window,
+# window +- 1, several windows, longer than a shard.
+LENGTHS = [0, 1, 5, 9, 63, 64, 65, 200, 0, 1301, 3]
+
+
+def _tiny_model(seed: int = 0):
+    """A tiny random tokenizer (dim 16, 2 blocks, 2 levels) whose blocks matter (layer scale 1) and
+    whose codebooks are drawn from its own features, so codes spread over the codebooks."""
+    from vqdna.models import VQDNATokenizerConfig, VQDNATokenizerModel
+
+    torch.manual_seed(seed)
+    config = VQDNATokenizerConfig(dim=16, depth=2, taps=(1, 2), codebook_sizes=(16, 40), layer_scale_init=1.0)
+    model = VQDNATokenizerModel(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 5, (1, 3000), generator=g)
+    with torch.no_grad():
+        zs = [z[0] for z in model.encoder(ids)]
+        prev = None
+        for level, (z, book) in enumerate(zip(zs, model.codebooks)):
+            h = z if prev is None else 2 * z - prev
+            book.copy_(h[torch.randperm(h.shape[0], generator=g)[: book.shape[0]]])
+            codes, _ = reference.lookup(h, book)
+            prev = book[codes.long()]
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are microseconds of work: one intra-op thread avoids paying thread
+    wake-ups on every op (which dominate on a busy 2-core machine)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _tiny_model()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, model):
+    path = tmp_path_factory.mktemp("tokenizer")
+    model.save_pretrained(str(path))
+    return str(path)
+
+
+def _random_fasta(path, lengths=LENGTHS, seed=0, gz=False):
+    rng = np.random.default_rng(seed)
+    letters = np.frombuffer(b"ACGTACGTACGTNacgtRY", np.uint8)
+    lines = []
+    for i, n in enumerate(lengths):
+        seq = letters[rng.integers(0, len(letters), n)].tobytes().decode()
+        lines.append(f">r{i} record {i}")
+        lines.extend(seq[j : j + 60] for j in range(0, n, 60))
+    data = ("\n".join(lines) + "\n").encode()
+    (gzip.open if gz else open)(path, "wb").write(data)
+    return str(path)
+
+
+def _dir_bytes(path):
+    return {name: open(os.path.join(path, name), "rb").read() for name in sorted(os.listdir(path))}
+
+
+def _check_near_ties(model, ids, got, want):
+    """Codes from streaming (got) may differ from whole-record encoding (want) only at near-ties:
+    level l is compared where every earlier level agreed (else H_l differs by construction)."""
+    with torch.no_grad():
+        zs = [z[0].double() for z in model.encoder(torch.from_numpy(ids)[None].long())]
+    books = [b.double() for b in model.codebooks]
+    agree = np.ones(len(ids), bool)
+    prev = None
+    for level, (z, book) in enumerate(zip(zs, books)):
+        h = z if prev is None else 2 * z - prev
+        rows = np.flatnonzero(agree & (got[:, level] != want[:, level]))
+        if rows.size:
+            hr = h[rows]
+            d_got = ((hr - book[got[rows, level]]) ** 2).sum(-1)
+            d_want = ((hr - book[want[rows, level]]) ** 2).sum(-1)
+            scale = (hr * hr).sum(-1) + (book * book).sum(-1).max()
+            assert ((d_got - d_want).abs() <= 2 * TOL[torch.float32] * scale).all(), f"level {level}: rows {rows[:5]} differ beyond a near-tie"
+        prev = book[torch.from_numpy(want[:, level]).long()]
+        agree &= got[:, level] == want[:, level]
+    return int((~agree).sum())
+
+
+@pytest.mark.parametrize("window", [7, 64, 500])  # 7: shorter than the halo (8)
+def test_streaming_equals_whole_record(tmp_path, model, window):
+    fasta = _random_fasta(tmp_path / "in.fa", seed=window)
+    out = tmp_path / "out"
+    stats = tokenize_files([fasta], str(out), model, window=window, batch_size=16, shard_bases=700)
+    ds = TokenDataset(out)
+    assert len(ds) == len(LENGTHS) == stats.records == stats.total_records
+    assert stats.bases == sum(LENGTHS) and len(ds.manifest["shards"]) == stats.shards_written == -(-sum(LENGTHS) // 700)
+    from vqdna.data import read_fasta
+
+    differing = 0
+    for i, rec in enumerate(read_fasta(fasta)):
+        name, codes = ds[i]
+        assert name == rec.name and codes.shape == (len(rec.ids), 2)
+        if len(rec.ids) == 0:
+            continue
+        want = model.encode(torch.from_numpy(rec.ids)[None].long())[0].numpy()
+        differing += _check_near_ties(model, rec.ids, codes.astype(np.int64), want.astype(np.int64))
+    assert differing <= 3  # near-ties are rare; many would mean a halo bug hidden by the tolerance
+    assert sum(int(u.sum()) for u in stats.usage) == 2 * sum(LENGTHS)
+
+
+def test_work_units_are_deterministic(tmp_path):
+    fasta = _random_fasta(tmp_path / "in.fa")
+    units = list(work_units([fasta], 100, 4))
+    again = list(work_units([fasta], 100, 4))
+    assert [u.pieces for u in units] == [u.pieces for u in again]
+    assert all(u.bases <= 100 and len(u.pieces) <= 4 for u in units)
+    # Pieces tile every record exactly once, in input order.
+    covered = {}
+    for u in units:
+        for p in u.pieces:
+            assert covered.get(p.ordinal, 0) == p.start
+            covered[p.ordinal] = p.start + p.length
+    assert [covered[i] for i in range(len(LENGTHS))] == LENGTHS
+
+
+def test_resume_after_failure_is_byte_identical(tmp_path, model, monkeypatch):
+    fasta = _random_fasta(tmp_path / "in.fa.gz", gz=True)
+    kw = dict(window=50, batch_size=4, shard_bases=300)
+    tokenize_files([fasta], str(tmp_path / "a"), model, **kw)
+    # Crash while writing the 3rd shard: two shards complete, the third left as a temporary file.
+    from vqdna.data import tokens
+
+    real_close, closed = tokens.ShardWriter.close, []
+
+    def failing_close(self):
+        if len(closed) == 2:
+            self._file.write(b"partial garbage")
+            raise OSError(28, "No space left on device (injected)", self.bin_path)
+        closed.append(self.name)
+        real_close(self)
+
+    monkeypatch.setattr(tokens.ShardWriter, "close", failing_close)
+    with pytest.raises(OSError, match="injected"):
+        tokenize_files([fasta], str(tmp_path / "b"), model, **kw)
+    monkeypatch.setattr(tokens.ShardWriter, "close", real_close)
+    left = sorted(os.listdir(tmp_path / "b"))
+    assert "shard-00002.bin.tmp" in left and "shard-00002.idx" not in left
+    with pytest.raises(Exception, match="incomplete"):
+        TokenDataset(tmp_path / "b")
+    with pytest.raises(TokenizeError, match="--resume"):
+        tokenize_files([fasta], str(tmp_path / "b"), model, **kw)
+    stats = tokenize_files([fasta], str(tmp_path / "b"), model, resume=True, **kw)
+    assert stats.shards_skipped == 2 and stats.shards_written == len(TokenDataset(tmp_path / "a").manifest["shards"]) - 2
+    assert _dir_bytes(tmp_path / "a") == _dir_bytes(tmp_path / "b")
+    # Resuming a complete directory does nothing and changes nothing.
+    stats = tokenize_files([fasta], str(tmp_path / "b"), model, resume=True, **kw)
+    assert stats.shards_written == 0 and _dir_bytes(tmp_path / "a") == _dir_bytes(tmp_path / "b")
+
+
+def test_changed_input_or_tokenizer_is_refused(tmp_path, model):
+    fasta = _random_fasta(tmp_path / "in.fa")
+    out = str(tmp_path / "out")
+    tokenize_files([fasta], out, model, window=100, shard_bases=500)
+    with pytest.raises(TokenizeError, match="tokenizer changed"):
+        tokenize_files([fasta], out, _tiny_model(seed=1), window=100, shard_bases=500, resume=True)
+    with pytest.raises(TokenizeError, match="window was 100 and is now 90"):
+        tokenize_files([fasta], out, model, window=90, shard_bases=500, resume=True)
+    _random_fasta(tmp_path / "in.fa", seed=5)  # same lengths, other bases
+    with pytest.raises(TokenizeError, match=r"in\.fa changed since the manifest"):
+        tokenize_files([fasta], out, model, window=100, shard_bases=500, resume=True)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    with pytest.raises(TokenizeError, match="not a vqdna token directory"):
+        tokenize_files([fasta], str(tmp_path / "junk"), model)
+
+
+def _rank_main(rank, world, init_file, fasta, out, model_dir):
+    import torch.distributed as dist
+
+    from vqdna.models import VQDNATokenizerModel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = VQDNATokenizerModel.from_pretrained(model_dir)
+        tokenize_files([fasta], out, model, window=40, batch_size=4, shard_bases=250)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one(tmp_path, model_dir):
+    from vqdna.models import VQDNATokenizerModel
+
+    fasta = _random_fasta(tmp_path / "in.fa")
+    one = str(tmp_path / "one")
+    tokenize_files([fasta], one, VQDNATokenizerModel.from_pretrained(model_dir), window=40, batch_size=4, shard_bases=250)
+    two = str(tmp_path / "two")
+    torch.multiprocessing.spawn(
+        _rank_main, args=(2, str(tmp_path / "init"), fasta, two, model_dir), nprocs=2, join=True
+    )
+    assert len(TokenDataset(one).manifest["shards"]) >= 4
+    assert _dir_bytes(one) == _dir_bytes(two)
+
+
+# --- the CLI ---------------------------------------------------------------------------------------
+
+def _cli(capsys, *argv):
+    code = cli.main(["tokenize", *argv, "--no-progress"])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_smoke(tmp_path, model_dir, capsys):
+    fasta = _random_fasta(tmp_path / "in.fa")
+    out = str(tmp_path / "out")
+    code, stdout, err = _cli(capsys, fasta, "--out", out, "--model", model_dir, "--window", "100", "--device", "cpu")
+    assert code == 0, err
+    assert f"records  {len(LENGTHS)} in the output" in stdout and f"bases    {sum(LENGTHS):,}" in stdout
+    assert "M bases/s" in stdout and "reading" in stdout and "level 1" in stdout and "codes used" in stdout
+    ds = TokenDataset(out)
+    weights = open(os.path.join(model_dir, "model.safetensors"), "rb").read()
+    assert ds.manifest["tokenizer"]["sha256"] == hashlib.sha256(weights).hexdigest()
+    assert ds.lengths.tolist() == LENGTHS
+    code, _, err = _cli(capsys, fasta, "--out", out, "--model", model_dir, "--window", "100", "--device", "cpu")
+    assert code == 1 and "--resume" in err
+
+
+MALFORMED = {
+    "bad_byte.fa": (b">a\nACGT\nAC!T\n", "line 3"),
+    "before_header.fa": (b"ACGT\n>a\nACGT\n", "line 1"),
+    "junk.fa": (bytes(range(1, 200)), "line"),
+}
+
+
+@pytest.mark.parametrize("name", [*MALFORMED, "truncated.fa.gz"])
+def test_cli_malformed_input(tmp_path, model_dir, capsys, name):
+    path = tmp_path / name
+    if name == "truncated.fa.gz":
+        data = gzip.compress((">a\n" + "ACGT" * 5000 + "\n").encode())
+        path.write_bytes(data[: len(data) // 2])
+        where = "truncated"
+    else:
+        path.write_bytes(MALFORMED[name][0])
+        where = MALFORMED[name][1]
+    good = _random_fasta(tmp_path / "good.fa")
+    out = str(tmp_path / "out")
+    code, _, err = _cli(capsys, good, str(path), "--out", out, "--model", model_dir, "--shard-bases", "500")
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert str(path) in lines[0] and where in lines[0], lines[0]
+    with pytest.raises(Exception, match="incomplete"):
+        TokenDataset(out)
+
+
+def test_cli_legal_oddities(tmp_path, model_dir, capsys):
+    """CRLF, lowercase, IUPAC, U, blank lines and empty records tokenize like their clean form."""
+    odd = tmp_path / "odd.fa"
+    odd.write_bytes(b">x one\r\nacgu\r\n\r\nNRYk\r\n>empty\r\n>y\r\nGGGA\r\n")
+    clean = tmp_path / "clean.fa"
+    clean.write_bytes(b">x one\nACGTNNNN\n>empty\n>y\nGGGA\n")
+    for src in (odd, clean):
+        code, _, err = _cli(capsys, str(src), "--out", str(tmp_path / src.stem), "--model", model_dir)
+        assert code == 0, err
+    a, b = TokenDataset(tmp_path / "odd"), TokenDataset(tmp_path / "clean")
+    assert [a[i][0] for i in range(3)] == ["x", "empty", "y"] and a.lengths.tolist() == [8, 0, 4]
+    for i in range(3):
+        np.testing.assert_array_equal(a[i][1], b[i][1])
+
+
+def test_cli_disk_full_and_missing_input(tmp_path, model_dir, capsys):
+    fasta = _random_fasta(tmp_path / "in.fa")
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink("/dev/full", out / "shard-00000.bin.tmp")  # every write to the first shard fails
+    code, _, err = _cli(capsys, fasta, "--out", str(out), "--model", model_dir)
+    assert code == 1 and "No space left on device" in err and "Traceback" not in err, err
+    code, _, err = _cli(capsys, str(tmp_path / "nope.fa"), "--out", str(tmp_path / "o2"), "--model", model_dir)
+    assert code == 1 and "nope.fa: no such input file" in err
+    code, _, err = _cli(capsys, fasta, "--out", str(tmp_path / "o3"), "--model", str(tmp_path / "no-model"))
+    assert code == 1 and "cannot load the tokenizer" in err
+
+
+@pytest.mark.slow
+def test_kill_at_any_moment_then_resume(tmp_path, model_dir):
+    """kill -9 a real `vqdna tokenize` process at several moments; --resume gives the same bytes."""
+    fasta = _random_fasta(tmp_path / "in.fa", lengths=[3000] * 40)
+    args = [sys.executable, "-m", "vqdna.cli", "tokenize", fasta, "--model", model_dir, "--window", "200",
+            "--shard-bases", "4000", "--batch-size", "2", "--no-progress"]
+    subprocess.run(args + ["--out", str(tmp_path / "ref")], check=True, capture_output=True)
+    want = _dir_bytes(tmp_path / "ref")
+    for delay in (2.0, 4.0, 6.0):
+        out = str(tmp_path / f"killed-{delay}")
+        proc = subprocess.Popen(args + ["--out", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        subprocess.run(args + ["--out", out, "--resume"], check=True, capture_output=True)
+        assert _dir_bytes(out) == want

@@ -1,0 +1,107 @@
+"""`vqdna tokenize`: FASTA files -> token files (docs/token-files.md), resumable, on CPU or GPU(s)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+HELP = "tokenize FASTA files into token files with a trained tokenizer (CPU, GPU, or torchrun ranks)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="FASTA files (plain, .gz or .xz)")
+    parser.add_argument("--out", required=True, help="output directory (created; see docs/token-files.md)")
+    parser.add_argument("--model", default="vqdna-small", help="bundled tokenizer name or a directory (default: vqdna-small)")
+    parser.add_argument("--window", type=int, default=8192, help="bases per window; a halo of the receptive radius is added each side")
+    parser.add_argument("--batch-size", type=int, default=None, help="windows per batch (default 8 on CPU, 64 on CUDA)")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="inference precision (default bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--shard-bases", type=int, default=1 << 26, help="bases per shard (= per work unit)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run, skipping complete shards")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _error(message: str) -> int:
+    print(f"vqdna tokenize: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _os_error_message(exc: OSError) -> str:
+    where = exc.filename if exc.filename is not None else "output"
+    return f"{where}: {exc.strerror or exc}"
+
+
+def format_summary(stats, seconds_label: str = "") -> str:
+    """The end-of-run summary: records, bases, speed, time split, code usage per level."""
+    import numpy as np
+
+    rate = stats.bases / stats.seconds if stats.seconds > 0 else 0.0
+    lines = [
+        f"records  {stats.total_records:,} in the output ({stats.records:,} tokenized by this run)",
+        f"bases    {stats.total_bases:,} in the output ({stats.bases:,} by this run)",
+        f"speed    {rate / 1e6:.3f} M bases/s over {stats.seconds:.2f} s wall{seconds_label}",
+        f"stages   reading {stats.read_s:.2f} s, compute {stats.compute_s:.2f} s, writing {stats.write_s:.2f} s (busy time; they overlap)",
+        f"shards   {stats.shards_written} written, {stats.shards_skipped} already complete",
+    ]
+    for level, counts in enumerate(stats.usage):
+        total = counts.sum()
+        if total == 0:
+            lines.append(f"level {level}  {len(counts)} codes, none emitted by this run")
+            continue
+        p = counts[counts > 0] / total
+        perplexity = float(np.exp(-(p * np.log(p)).sum()))
+        lines.append(
+            f"level {level}  {int((counts > 0).sum())}/{len(counts)} codes used ({100.0 * (counts > 0).mean():.1f}%), perplexity {perplexity:.1f}"
+        )
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    from vqdna.data.fasta import FastaFormatError
+    from vqdna.data.tokens import TokenFileError
+    from vqdna.tokenize import TokenizeError, tokenize_files
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank = 0
+    try:
+        import torch
+
+        if distributed:
+            import torch.distributed as dist
+
+            cuda = args.device != "cpu" and torch.cuda.is_available()
+            dist.init_process_group("nccl" if cuda else "gloo")
+            rank = dist.get_rank()
+        from vqdna.models import VQDNATokenizerModel
+
+        try:
+            model = VQDNATokenizerModel.from_pretrained(args.model)
+        except (OSError, ValueError) as exc:
+            return _error(f"cannot load the tokenizer {args.model!r}: {exc}")
+        stats = tokenize_files(
+            args.inputs,
+            args.out,
+            model,
+            window=args.window,
+            batch_size=args.batch_size,
+            device=args.device,
+            dtype=args.dtype,
+            shard_bases=args.shard_bases,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+    except (FastaFormatError, TokenFileError, TokenizeError) as exc:
+        return _error(str(exc))
+    except OSError as exc:  # disk full, permissions, a vanished input
+        return _error(_os_error_message(exc))
+    finally:
+        if distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+    if rank == 0:
+        print(f"vqdna tokenize: {args.out} complete ({os.path.abspath(args.out)})")
+        print(format_summary(stats))
+    return 0
