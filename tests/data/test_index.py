@@ -154,3 +154,34 @@ def test_empty_inputs(tmp_path):
     assert idx.total == 0 and [r.name for r in idx.records] == ["a", "b"]
     with pytest.raises(ValueError, match="holds no bases"):
         idx.sample_windows(1, 8)
+
+
+def test_sample_windows_min_acgt(tmp_path):
+    path = tmp_path / "n.fa"
+    path.write_bytes(b">gap\n" + b"N" * 100 + b"ACGT" + b"N" * 100 + b"\n>allN\n" + b"n" * 50 + b"\n")
+    idx = SequenceIndex.build(path, cache=tmp_path / "cache")
+    w = idx.sample_windows(200, 32, rng=0, min_acgt=2)
+    assert ((w.ids < 4).sum(axis=1) >= 2).all() and (w.record == 0).all()
+    assert (w.start >= 100 + 2 - 32).all() and (w.start <= 102).all()
+    plain = idx.sample_windows(200, 32, rng=0)  # without the filter most windows are all N
+    assert ((plain.ids < 4).sum(axis=1) == 0).mean() > 0.5
+    with pytest.raises(ValueError, match="no window of 32 with >= 5 A/C/G/T"):
+        idx.sample_windows(10, 32, rng=0, min_acgt=5)
+
+
+def test_concurrent_builders_first_rename_wins(tmp_path, monkeypatch):
+    """Another process completes the same index while this one decodes: its copy is kept, ours
+    dropped, and no temporary directory remains."""
+    paths = _inputs(tmp_path)
+    cache = tmp_path / "cache"
+    real_rename = os.rename
+
+    def rename_after_a_rival(src, dst):
+        shutil.copytree(src, dst)  # the rival's complete index appears first
+        real_rename(src, dst)  # ours now fails: the destination is a non-empty directory
+
+    monkeypatch.setattr(index_module.os, "rename", rename_after_a_rival)
+    idx = SequenceIndex.build(paths, cache=cache)
+    monkeypatch.undo()
+    assert os.listdir(cache) == [os.path.basename(idx.directory)]
+    assert idx.total == sum(len(r.ids) for p in paths for r in read_fasta(p))

@@ -225,17 +225,29 @@ class SequenceIndex:
         o = int(self.offsets[i]) + start
         return self.data[o : o + length]
 
-    def sample_windows(self, n: int, length: int, rng: np.random.Generator | int | None = None) -> Windows:
+    def sample_windows(self, n: int, length: int, rng: np.random.Generator | int | None = None, *, min_acgt: int = 0) -> Windows:
         """n random windows of `length` bases, each inside one record: a record is drawn with
         probability proportional to its length (so every base is about equally likely), then a start
         uniformly among the window positions that fit. A record shorter than `length` gives the whole
-        record followed by PAD (5); empty records are never drawn. Returns Windows (ids [n, length]
-        uint8, a fresh writable array)."""
+        record followed by PAD (5); empty records are never drawn. Windows with fewer than `min_acgt`
+        A/C/G/T bases (e.g. inside N runs) are drawn again. rng: a numpy Generator or a seed.
+        Returns Windows (ids [n, length] uint8, a fresh writable array)."""
         if n < 0 or length < 1:
             raise ValueError(f"sample_windows: need n >= 0 and length >= 1, got n={n}, length={length}")
         if self.total == 0:
             raise ValueError(f"sample_windows: {self.directory} holds no bases")
         rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+        out = self._draw(n, length, rng)
+        for _ in range(1000):  # only the rejected rows are drawn again
+            redo = np.flatnonzero((out.ids < 4).sum(axis=1) < min_acgt) if min_acgt > 0 else ()
+            if len(redo) == 0:
+                return out
+            again = self._draw(len(redo), length, rng)
+            for mine, theirs in zip(out, again):
+                mine[redo] = theirs
+        raise ValueError(f"sample_windows: 1000 draws found no window of {length} with >= {min_acgt} A/C/G/T bases in {self.directory}")
+
+    def _draw(self, n: int, length: int, rng: np.random.Generator) -> Windows:
         base = rng.integers(0, self.total, size=n)
         record = np.searchsorted(self.offsets, base, side="right") - 1  # empty records have no base
         room = np.maximum(self.lengths[record] - length, 0)
