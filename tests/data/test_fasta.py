@@ -336,3 +336,22 @@ def test_missing_file_is_not_a_format_error(tmp_path):
         list(read_fasta(tmp_path / "absent.fa"))
     with pytest.raises(ValueError, match="block_size"):
         list(read_fasta(bundled_fasta(), block_size=0))
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.8])
+def test_truncated_fastq_names_record_and_line(tmp_path, fraction):
+    rng = np.random.default_rng(_seed("fastq-cut", fraction))
+    seqs = ["".join(rng.choice(list("ACGT"), size=50)) for _ in range(60)]
+    text = "".join(f"@q{i}\n{s}\n+\n{'I' * 50}\n" for i, s in enumerate(seqs)).encode()
+    blob = gzip.compress(text)
+    cut = blob[: int(len(blob) * fraction)]
+    prefix = zlib.decompressobj(31).decompress(cut)
+    complete = prefix[: prefix.rfind(b"\n") + 1].decode().splitlines()
+    current = [line[1:] for line in complete if line.startswith("@")][-1]
+    path = tmp_path / "cut.fq.gz"
+    path.write_bytes(cut)
+    for block_size in [1, 100, DEFAULT_BLOCK_SIZE]:
+        with pytest.raises(FastaFormatError) as info:
+            list(read_fasta(path, block_size=block_size))
+        line = prefix.count(b"\n") + 1
+        assert str(info.value).startswith(f"{path}: record {current!r}, line {line}: truncated or corrupt compressed stream (")

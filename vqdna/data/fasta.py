@@ -46,13 +46,13 @@ class FastaFormatError(ValueError):
 
 
 class _Cursor:
-    """Where the reader is, for error messages: the current record and the lines consumed so far."""
+    """What error messages need: the file, the record being read, and (error path only) the line and
+    column of a byte offset into the decompressed text, found by reading the file again up to it, so
+    the hot path never counts newlines."""
 
     def __init__(self, path: str):
         self.path = path
         self.record: str | None = None  # name of the record being read
-        self.lines = 0  # newlines in the blocks already consumed
-        self.col = 0  # bytes after the last of them
 
     def error(self, message: str, line: int | None = None, column: int | None = None, record: str | None = None) -> FastaFormatError:
         record = self.record if record is None else record
@@ -63,16 +63,24 @@ class _Cursor:
             where.append(f"column {column}")
         return FastaFormatError(f"{self.path}: {', '.join(where)}: {message}" if where else f"{self.path}: {message}")
 
-    def locate(self, buf: bytes, p: int) -> tuple[int, int]:
-        """1-based (line, column) of byte p of the current block (slow path: errors only)."""
-        last_nl = buf.rfind(b"\n", 0, p)
-        column = p - last_nl if last_nl >= 0 else self.col + p + 1
-        return self.lines + buf.count(b"\n", 0, p) + 1, column
-
-    def advance(self, buf: bytes) -> None:
-        last_nl = buf.rfind(b"\n")
-        self.col = self.col + len(buf) if last_nl < 0 else len(buf) - last_nl - 1
-        self.lines += buf.count(b"\n")
+    def position(self, offset: int) -> tuple[int, int]:
+        """1-based (line, column) of the byte at `offset` of the decompressed text."""
+        lines = col = done = 0
+        handle, compressed = _open(self.path)
+        with handle:
+            while done < offset:
+                try:  # read1 for compressed input: never reads past the offset into damage
+                    n = min(offset - done, DEFAULT_BLOCK_SIZE)
+                    chunk = handle.read1(n) if compressed else handle.read(n)
+                except (EOFError, zlib.error, lzma.LZMAError, OSError):
+                    break
+                if not chunk:
+                    break
+                last_nl = chunk.rfind(b"\n")
+                col = col + len(chunk) if last_nl < 0 else len(chunk) - last_nl - 1
+                lines += chunk.count(b"\n")
+                done += len(chunk)
+        return lines + 1, col + 1
 
 
 def _bad_byte_message(byte: int) -> str:
@@ -103,7 +111,7 @@ def _blocks(handle: BinaryIO, compressed: bool, block_size: int, cursor: _Cursor
             yield block
         return
     pending: list[bytes] = []
-    size = 0
+    size = done = 0  # done: bytes yielded (and, as the consumer pulls lazily, consumed)
     while True:
         try:
             chunk = handle.read1(block_size - size)
@@ -113,13 +121,14 @@ def _blocks(handle: BinaryIO, compressed: bool, block_size: int, cursor: _Cursor
                 raise
             if pending:
                 yield b"".join(pending)
-            raise cursor.error(f"truncated or corrupt compressed stream ({exc})", line=cursor.lines + 1) from exc
+                done += size
+            raise cursor.error(f"truncated or corrupt compressed stream ({exc})", line=cursor.position(done)[0]) from exc
         if chunk:
             pending.append(chunk)
             size += len(chunk)
         if size >= block_size or (not chunk and pending):
             yield pending[0] if len(pending) == 1 else b"".join(pending)
-            pending, size = [], 0
+            pending, done, size = [], done + size, 0
         if not chunk:
             return
 
@@ -133,6 +142,7 @@ class _FastaParser:
         self.name: str | None = None
         self.description = ""
         self.chunks: list[bytes] = []
+        self.offset = 0  # of the current block in the decompressed text
 
     def _record(self) -> FastaRecord:
         ids = np.frombuffer(bytearray().join(self.chunks), dtype=np.uint8)  # one copy, writable
@@ -144,30 +154,29 @@ class _FastaParser:
         if _INVALID in ids:
             codes = BYTE_TO_ID[np.frombuffer(seg, dtype=np.uint8)]
             p = start + int(np.argmax(codes == INVALID))
-            line, column = self.cursor.locate(buf, p)
-            raise self.cursor.error(_bad_byte_message(buf[p]), line, column)
+            raise self.cursor.error(_bad_byte_message(buf[p]), *self.cursor.position(self.offset + p))
         if not ids:
             return
         if self.name is None:
             p = start + len(seg) - len(seg.lstrip(_WHITESPACE))
-            raise self.cursor.error("sequence before the first '>' header", *self.cursor.locate(buf, p))
+            raise self.cursor.error("sequence before the first '>' header", *self.cursor.position(self.offset + p))
         self.chunks.append(ids)
 
-    def _header(self, raw: bytes, line_of) -> None:
-        """Start a record from the header line `raw` (without '>' and '\\n'); line_of() gives its line."""
+    def _header(self, raw: bytes, offset: int) -> None:
+        """Start a record from the header line `raw` (without '>' and '\\n') that starts at `offset`."""
         if raw.endswith(b"\r"):
             raw = raw[:-1]
         bad = _HEADER_CONTROL.search(raw)
         if bad is not None:
-            raise self.cursor.error(_bad_byte_message(raw[bad.start()]) + " in a header", line_of(), bad.start() + 2, record=None)
+            raise self.cursor.error(_bad_byte_message(raw[bad.start()]) + " in a header", self.cursor.position(offset)[0], bad.start() + 2, record=None)
         self.description = raw.decode("utf-8", errors="replace").strip()
         self.name = self.description.split(maxsplit=1)[0] if self.description else ""
         self.cursor.record = self.name
         self.chunks = []
 
     def parse(self, blocks: Iterable[bytes]) -> Iterator[FastaRecord]:
-        cursor = self.cursor
         header: list[bytes] | None = None  # pieces of a header line that spans blocks
+        header_offset = 0
         at_line_start = True
         for buf in blocks:
             n = len(buf)
@@ -176,12 +185,12 @@ class _FastaParser:
                 nl = buf.find(b"\n")
                 if nl < 0:
                     header.append(buf)
-                    cursor.advance(buf)
+                    self.offset += n
                     continue
                 header.append(buf[:nl])
                 if self.name is not None:
                     yield self._record()
-                self._header(b"".join(header), lambda: cursor.lines + 1)
+                self._header(b"".join(header), header_offset)
                 header = None
                 pos = nl
             while pos < n:
@@ -195,18 +204,18 @@ class _FastaParser:
                 self._sequence(buf, pos, g)
                 nl = buf.find(b"\n", g)
                 if nl < 0:
-                    header = [buf[g + 1 :]]
+                    header, header_offset = [buf[g + 1 :]], self.offset + g
                     break
                 if self.name is not None:
                     yield self._record()
-                self._header(buf[g + 1 : nl], lambda g=g: cursor.locate(buf, g)[0])
+                self._header(buf[g + 1 : nl], self.offset + g)
                 pos = nl
             at_line_start = buf.endswith(b"\n")
-            cursor.advance(buf)
+            self.offset += n
         if header is not None:  # a last header line with no line end
             if self.name is not None:
                 yield self._record()
-            self._header(b"".join(header), lambda: cursor.lines + 1)
+            self._header(b"".join(header), header_offset)
         if self.name is not None:
             yield self._record()
 
@@ -241,7 +250,6 @@ def _parse_fastq(blocks: Iterable[bytes], cursor: _Cursor) -> Iterator[FastaReco
     seq_line = seq_len = qual_len = 0
     for line in _lines(blocks):
         lineno += 1
-        cursor.lines = lineno
         if line.endswith(b"\r"):
             line = line[:-1]
         if state == 0:
