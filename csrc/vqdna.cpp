@@ -31,6 +31,15 @@ TORCH_LIBRARY(vqdna, m) {
   // fly). deterministic: no float atomics, bitwise repeatable run to run.
   m.def("ema_stats_native(Tensor x, Tensor codes, Tensor? mask, Tensor? prev_codes, Tensor? prev_codebook, int num_codes, bool deterministic) -> (Tensor, Tensor)");
   m.def("ema_stats_cuda(Tensor x, Tensor codes, Tensor? mask, Tensor? prev_codes, Tensor? prev_codebook, int num_codes, bool deterministic) -> (Tensor, Tensor)");
+
+  // Fused stem (DESIGN 2.5): ids [B, L] uint8 / int32 / int64 (0..4 = A C G T N, 5 = pad: adds
+  // nothing), weight [D, 5, W] (W odd), bias / ln_weight / ln_bias [D], all float32.
+  // y[b, t] = bias + sum_j weight[:, ids[b, t + j - W/2], j] (off-edge taps add nothing), then
+  // LayerNorm(ln_eps) and exact GELU, accumulated in float32; returns [B, L, D] in out_dtype
+  // (float32 / bfloat16 / float16). The native kernel raises naming ids[b, t] for an id outside 0..5;
+  // the CUDA kernel writes NaN at every position whose window holds one (the caller checks first).
+  m.def("stem_native(Tensor ids, Tensor weight, Tensor bias, Tensor ln_weight, Tensor ln_bias, float ln_eps, ScalarType out_dtype) -> Tensor");
+  m.def("stem_cuda(Tensor ids, Tensor weight, Tensor bias, Tensor ln_weight, Tensor ln_bias, float ln_eps, ScalarType out_dtype) -> Tensor");
 }
 
 static bool built_with_cuda() {

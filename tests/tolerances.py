@@ -25,3 +25,14 @@ ATTENTION_ATOL = {
     torch.bfloat16: 2e-2,
     torch.float16: 4e-3,
 }
+
+# stem (DESIGN 2.5), keyed by the output dtype: |got - want| <= atol + rtol * |want| against the float64
+# spec on the same parameters. The outputs are O(1) activations; float32 may differ by the float32
+# accumulation order, rsqrt and erf (~1 ulp); bfloat16 / float16 add one rounding of that float32
+# result (at most 2^-9 / 2^-12 relative; float16 subnormals absolute 2^-25), with a factor 2 margin.
+STEM_TOL = {
+    torch.float64: (1e-12, 1e-12),
+    torch.float32: (1e-5, 1e-5),
+    torch.bfloat16: (2**-8, 1e-5),
+    torch.float16: (2**-11, 1e-5),
+}

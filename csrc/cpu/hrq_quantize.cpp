@@ -16,6 +16,71 @@ namespace {
 
 using namespace vqdna::cpu;
 
+// h = T(2 z - e): the residual doubling, rounded to the input dtype as the reference computes it.
+template <typename T>
+inline void double_residual(const float* z, const float* e, float* h, int64_t D) {
+  int64_t d = 0;
+#ifdef VQDNA_AVX2
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 two = _mm256_set1_ps(2.f);
+    for (; d + 8 <= D; d += 8)
+      _mm256_storeu_ps(h + d, _mm256_fmsub_ps(two, _mm256_loadu_ps(z + d), _mm256_loadu_ps(e + d)));
+  }
+#endif
+  // 2z is exact, so the fused and the separate multiply-subtract round the same way.
+  for (; d < D; ++d) h[d] = static_cast<float>(static_cast<T>(2.f * z[d] - e[d]));
+}
+
+// out = T(acc / count). Division by a power of two is multiplication by its exact reciprocal;
+// other counts divide, as the spec does. Rows are written with streaming stores where aligned:
+// the [L, N, D] output is written once and not read back here, so it should not evict the
+// codebooks and packed rows from cache, nor be read for ownership.
+template <typename T>
+inline void store_mean(const float* acc, int64_t count, T* out, int64_t D) {
+  const float c = static_cast<float>(count);
+  const bool pow2 = (count & (count - 1)) == 0;
+  int64_t d = 0;
+#ifdef VQDNA_AVX2
+  const __m256 vc = _mm256_set1_ps(pow2 ? 1.f / c : c);
+  auto mean8 = [&](int64_t i) {
+    const __m256 a = _mm256_loadu_ps(acc + i);
+    return pow2 ? _mm256_mul_ps(a, vc) : _mm256_div_ps(a, vc);
+  };
+  if constexpr (std::is_same_v<T, float>) {
+    if ((reinterpret_cast<uintptr_t>(out) & 31) == 0) {
+      for (; d + 8 <= D; d += 8) _mm256_stream_ps(out + d, mean8(d));
+    }
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if ((reinterpret_cast<uintptr_t>(out) & 15) == 0) {
+      // Round to nearest even like c10::BFloat16 (NaN -> 0x7fc0), eight lanes at a time.
+      const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff), qnan = _mm256_set1_epi32(0x7fc0);
+      for (; d + 8 <= D; d += 8) {
+        const __m256 m = mean8(d);
+        const __m256i bits = _mm256_castps_si256(m);
+        __m256i r = _mm256_srli_epi32(
+            _mm256_add_epi32(bits, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(bits, 16), one))), 16);
+        r = _mm256_blendv_epi8(r, qnan, _mm256_castps_si256(_mm256_cmp_ps(m, m, _CMP_UNORD_Q)));
+        // Pack 8 x 32-bit (values < 2^16) to 8 x 16-bit in lane order.
+        const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+        _mm_stream_si128(reinterpret_cast<__m128i*>(out + d), packed);
+      }
+    }
+  } else if constexpr (std::is_same_v<T, c10::Half>) {
+    if ((reinterpret_cast<uintptr_t>(out) & 15) == 0) {
+      for (; d + 8 <= D; d += 8)
+        _mm_stream_si128(reinterpret_cast<__m128i*>(out + d), _mm256_cvtps_ph(mean8(d), _MM_FROUND_TO_NEAREST_INT));
+    }
+  }
+#endif
+  for (; d < D; ++d) out[d] = static_cast<T>(pow2 ? acc[d] * (1.f / c) : acc[d] / c);
+}
+
+inline void store_fence() {
+#ifdef VQDNA_AVX2
+  _mm_sfence();  // streaming stores are weakly ordered: publish them before returning
+#endif
+}
+
 template <typename T>
 void hrq_kernel(const std::vector<at::Tensor>& zs, const at::Tensor& codebooks, const at::Tensor& sqnorms,
                 const std::vector<int64_t>& sizes, at::Tensor& codes, at::Tensor& levels) {
@@ -61,32 +126,45 @@ void hrq_kernel(const std::vector<at::Tensor>& zs, const at::Tensor& codebooks, 
               for (int64_t d = 0; d < D; ++d) panel[d * kMR + r] = 0.f;
               continue;
             }
-            row_to_float(z + row * D, h.get(), D);
-            if (l > 0) {
-              const float* e = embeddings[l - 1].get() + int64_t(prev[row]) * D;
-              // Rounded to T exactly like the reference's `2 * z - prev_embedding` in T.
-              for (int64_t d = 0; d < D; ++d) h[d] = static_cast<float>(static_cast<T>(2.f * h[d] - e[d]));
+            const float* x;
+            if constexpr (std::is_same_v<T, float>) {
+              x = z + row * D;
+            } else {
+              row_to_float(z + row * D, h.get(), D);
+              x = h.get();
             }
-            for (int64_t d = 0; d < D; ++d) panel[d * kMR + r] = h[d];
+            if (l > 0) {
+              // Rounded to T exactly like the reference's `2 * z - prev_embedding` in T.
+              double_residual<T>(x, embeddings[l - 1].get() + int64_t(prev[row]) * D, h.get(), D);
+              x = h.get();
+            }
+            for (int64_t d = 0; d < D; ++d) panel[d * kMR + r] = x[d];
           }
         }
-        search_block(apack.get(), row_panels, packed[l], best.get(), idx.get());
-        const float count = static_cast<float>(l + 1);  // divide, not multiply by 1/count: as the spec
+        // While this level searches, pull the rows the next step packs (next level, or the next
+        // block's level 0) in from DRAM.
+        const bool last = l + 1 == L;
+        const int64_t next_r0 = last ? r0 + mb : r0;
+        const int64_t next_rows = last ? (blk + 1 < blk1 ? std::min(mb, N - next_r0) : 0) : rows;
+        const char* next = reinterpret_cast<const char*>(zp[last ? 0 : l + 1] + next_r0 * D);
+        search_block(apack.get(), row_panels, packed[l], best.get(), idx.get(), next,
+                     (next_rows * D * int64_t(sizeof(T)) + 63) / 64);
         T* out = levels_p + (l * N + r0) * D;
         for (int64_t r = 0; r < rows; ++r) {
           codes_p[l * N + r0 + r] = idx[r];
           const float* e = embeddings[l].get() + int64_t(idx[r]) * D;
           float* acc = running.get() + r * D;
           if (l == 0) {
-            for (int64_t d = 0; d < D; ++d) acc[d] = e[d];
+            std::copy(e, e + D, acc);
           } else {
             for (int64_t d = 0; d < D; ++d) acc[d] += e[d];
           }
-          for (int64_t d = 0; d < D; ++d) out[r * D + d] = static_cast<T>(acc[d] / count);
+          store_mean<T>(acc, l + 1, out + r * D, D);
           prev[r] = idx[r];
         }
       }
     }
+    store_fence();
   });
 }
 

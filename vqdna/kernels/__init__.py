@@ -3,7 +3,7 @@ chosen at one dispatch point (dispatch.py)."""
 
 from vqdna.kernels import reference
 from vqdna.kernels.dispatch import BACKENDS, available_backends, last_backend
-from vqdna.kernels.ops import ema_stats, ema_update, hrq_quantize, kmeans, lookup, raise_on_nonfinite
+from vqdna.kernels.ops import ema_stats, ema_update, hrq_quantize, kmeans, lookup, raise_on_nonfinite, stem
 
 __all__ = [
     "BACKENDS",
@@ -16,4 +16,5 @@ __all__ = [
     "lookup",
     "raise_on_nonfinite",
     "reference",
+    "stem",
 ]

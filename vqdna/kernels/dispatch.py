@@ -51,6 +51,7 @@ _TRITON_MODULES = {
     "lookup": "vqdna.kernels.triton.lookup",
     "hrq_quantize": "vqdna.kernels.triton.hrq_quantize",
     "ema_stats": "vqdna.kernels.triton.ema_update",
+    "stem": "vqdna.kernels.triton.stem",
 }
 
 

@@ -36,7 +36,12 @@ if _ext.extension_available():
     def _ema_stats_fake(x, codes, mask, prev_codes, prev_codebook, num_codes, deterministic):
         return x.new_empty(num_codes, dtype=torch.float32), x.new_empty(num_codes, x.shape[1], dtype=torch.float32)
 
-    for _op, _fake in (("lookup", _lookup_fake), ("hrq_quantize", _hrq_fake), ("ema_stats", _ema_stats_fake)):
+    def _stem_fake(ids, weight, bias, ln_weight, ln_bias, ln_eps, out_dtype):
+        return weight.new_empty(ids.shape[0], ids.shape[1], weight.shape[0], dtype=out_dtype)
+
+    for _op, _fake in (
+        ("lookup", _lookup_fake), ("hrq_quantize", _hrq_fake), ("ema_stats", _ema_stats_fake), ("stem", _stem_fake),
+    ):
         for _backend in ("native", "cuda"):
             if has_kernel(_op, _backend):
                 torch.library.register_fake(f"vqdna::{_op}_{_backend}")(_fake)

@@ -16,7 +16,7 @@ from vqdna.kernels import native as _native  # noqa: F401  (fake impls of the co
 from vqdna.kernels import reference
 from vqdna.kernels.dispatch import _TRITON_MODULES, select_backend
 
-__all__ = ["lookup", "hrq_quantize", "ema_stats", "ema_update", "kmeans", "raise_on_nonfinite"]
+__all__ = ["lookup", "hrq_quantize", "ema_stats", "ema_update", "kmeans", "raise_on_nonfinite", "stem"]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -377,3 +377,140 @@ def kmeans(
         means = sums.to(acc) / counts.to(acc).clamp_min(1)[:, None]
         centroids = torch.where((counts > 0)[:, None], means, centroids)
     return centroids
+
+
+# ---------------------------------------------------------------------------------------------
+# stem (DESIGN 2.5)
+
+_ID_DTYPES = (torch.uint8, torch.int32, torch.int64)  # what the backends read; other ints widen to int64
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@torch.library.custom_op("vqdna::stem_reference", mutates_args=())
+def _stem_reference(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    ln_eps: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return reference.stem(ids, weight, bias, ln_weight, ln_bias, ln_eps=ln_eps).to(out_dtype)
+
+
+@_stem_reference.register_fake
+def _(ids, weight, bias, ln_weight, ln_bias, ln_eps, out_dtype):
+    return weight.new_empty(ids.shape[0], ids.shape[1], weight.shape[0], dtype=out_dtype)
+
+
+_REFERENCE_OPS["stem"] = _stem_reference
+
+
+def _stem_recompute(ids, weight, bias, ln_weight, ln_bias, ln_eps):
+    """The stem in differentiable torch ops (the backward recomputes through it): F.embedding per
+    tap, whose backward is a scatter-add, so no one-hot tensor here either. No data-dependent checks,
+    so AOTAutograd can trace it; ids were validated by the forward (an invalid id made that forward
+    raise or write NaN; here it is read as pad)."""
+    d, _, width = weight.shape
+    half = width // 2
+    batch, length = ids.shape
+    ids = ids.long()
+    ids = torch.where((ids >= 0) & (ids <= reference.BASE_PAD_ID), ids, reference.BASE_PAD_ID)
+    padded = torch.nn.functional.pad(ids, (half, half), value=reference.BASE_PAD_ID)
+    table = torch.cat([weight, weight.new_zeros(d, 1, width)], dim=1)  # channel 5 (pad) adds 0
+    y = bias.expand(batch, length, d)
+    for j in range(width):
+        y = y + torch.nn.functional.embedding(padded[:, j : j + length], table[:, :, j].T)
+    y = torch.nn.functional.layer_norm(y, (d,), ln_weight, ln_bias, ln_eps)
+    return torch.nn.functional.gelu(y)
+
+
+def _stem_setup_context(ctx, inputs, output):
+    ids, weight, bias, ln_weight, ln_bias, ln_eps, _ = inputs
+    ctx.save_for_backward(ids, weight, bias, ln_weight, ln_bias)
+    ctx.ln_eps = ln_eps
+
+
+def _stem_backward(ctx, grad):
+    """Gradients of weight, bias, ln_weight, ln_bias by recomputing the forward in torch ops (the
+    fast forward is what matters; training pays one extra stem pass)."""
+    ids, *params = ctx.saved_tensors
+    needs = ctx.needs_input_grad[1:5]
+    grads = [None] * 4
+    if grad is not None and any(needs):
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_(n) for p, n in zip(params, needs)]
+            out = _stem_recompute(ids, *leaves, ctx.ln_eps)
+            wanted = [i for i, n in enumerate(needs) if n]
+            for i, g in zip(wanted, torch.autograd.grad(out, [leaves[i] for i in wanted], grad.to(out.dtype))):
+                grads[i] = g
+    return (None, *grads, None, None)
+
+
+_stem_autograd_registered: set[str] = set()
+
+
+def _stem_op_with_autograd(backend: str):
+    op = _backend_op("stem", backend)
+    if backend not in _stem_autograd_registered:
+        torch.library.register_autograd(f"vqdna::stem_{backend}", _stem_backward, setup_context=_stem_setup_context)
+        _stem_autograd_registered.add(backend)
+    return op
+
+
+def stem(
+    ids: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    *,
+    ln_eps: float = 1e-6,
+    out_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
+    check_ids: bool = True,
+) -> torch.Tensor:
+    """The tokenizer stem fused (DESIGN 2.5): GELU(LayerNorm(Conv1d(one_hot(ids)))) as a gather-sum,
+    never building the one-hot tensor or (on the fast backends) the pre-activation.
+
+    ids [B, L] integer (uint8 preferred): 0..4 = A C G T N, 5 = pad (adds nothing, like Conv1d's zero
+    padding), any layout. weight [D, 5, W] (the Conv1d weight, W odd, padding W // 2), bias,
+    ln_weight, ln_bias [D]: float32 / bfloat16 / float16 (float64 on the reference backend only), one
+    device. Accumulates in float32; returns [B, L, D] in out_dtype (default float32, float64 for
+    float64 weights; bfloat16 / float16 on request).
+    Differentiable w.r.t. weight, bias, ln_weight, ln_bias (backward recomputes in torch ops).
+    An id outside 0..5 raises ValueError naming ids[b, t]; check_ids=False skips the wrapper's check
+    on the Triton / CUDA backends (one host sync), which then write NaN around such an id (the native
+    kernel and the reference always check). backend: "auto" | "cuda" | "triton" | "native" | "reference".
+    """
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError(f"stem: ids must be a [B, L] tensor, got {tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids)}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"stem: ids must be an integer tensor, got {ids.dtype}")
+    if weight.dim() != 3 or weight.shape[1] != reference.NUM_BASES or weight.shape[2] % 2 == 0 or weight.shape[0] == 0:
+        raise ValueError(f"stem: weight must be [D >= 1, 5, odd width], got {tuple(weight.shape)}")
+    d = weight.shape[0]
+    for name, t in (("bias", bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t.shape != (d,):
+            raise ValueError(f"stem: {name} must be [D] = [{d}] (D from weight), got {tuple(t.shape)}")
+    for name, t in (("weight", weight), ("bias", bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"stem: {name} has dtype {t.dtype}; expected float32, bfloat16, float16 (or float64)")
+        if t.device != ids.device:
+            raise ValueError(f"stem: device mismatch: {name} is on {t.device}, ids on {ids.device}")
+    wide = torch.float64 in (weight.dtype, bias.dtype, ln_weight.dtype, ln_bias.dtype)
+    if out_dtype is None:
+        out_dtype = torch.float64 if wide else torch.float32
+    if out_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"stem: out_dtype must be float32, bfloat16 or float16 (or float64), got {out_dtype}")
+    name = select_backend("stem", backend, ids.device, torch.float64 if wide or out_dtype == torch.float64 else out_dtype)
+    if ids.dtype not in _ID_DTYPES:
+        ids = ids.to(torch.int64)
+    ids = ids.contiguous()
+    params = (weight, bias, ln_weight, ln_bias)
+    if name != "reference":
+        params = tuple(p.float().contiguous() for p in params)  # differentiable casts: gradients flow back
+        if name != "native" and check_ids and not torch.compiler.is_compiling():
+            reference.check_base_ids(ids)
+    return _stem_op_with_autograd(name)(ids, *params, float(ln_eps), out_dtype)

@@ -199,6 +199,14 @@ def kmeans(
     return centroids
 
 
+def check_base_ids(ids: torch.Tensor) -> None:
+    """Raise ValueError naming ids[b, t] for the first id of ids [B, L] outside 0..5."""
+    bad = (ids < 0) | (ids > BASE_PAD_ID)
+    if bool(bad.any()):
+        b, t = (int(v) for v in bad.nonzero()[0])
+        raise ValueError(f"stem: ids[{b}, {t}] = {int(ids[b, t])} is not a base id (0..4) or the pad id 5")
+
+
 def stem(
     ids: torch.Tensor,
     weight: torch.Tensor,
@@ -219,10 +227,7 @@ def stem(
     """
     if ids.dim() != 2:
         raise ValueError(f"stem: ids must be [B, L], got shape {tuple(ids.shape)}")
-    bad = (ids < 0) | (ids > BASE_PAD_ID)
-    if bool(bad.any()):
-        b, t = (int(v) for v in bad.nonzero()[0])
-        raise ValueError(f"stem: ids[{b}, {t}] = {int(ids[b, t])} is not a base id (0..4) or the pad id 5")
+    check_base_ids(ids)
     acc = _accum_dtype(weight.dtype)
     d, c, width = weight.shape
     if c != NUM_BASES or width % 2 == 0:
