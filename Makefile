@@ -29,9 +29,16 @@ test-slow: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m slow tests
 
 # CPU microbenchmarks; the ratio table (with device, versions, commit, command) goes to bench/results/.
+# BENCH_SIZE=tiny|small|full picks the case grid (vqdna/bench/cases.py).
+BENCH_SIZE ?= small
 bench: install
-	$(BIN)/python -m pytest bench -q -m "not cuda" --benchmark-columns=min,median,rounds \
+	$(BIN)/python -m pytest bench -q -m "not cuda" --vqdna-size $(BENCH_SIZE) --benchmark-columns=min,median,rounds \
 		--vqdna-results=bench/results/cpu-$$(date -u +%Y%m%d).json
+
+# On a GPU machine: build the CUDA ops for its architecture, run the CUDA tests and the GPU suite, write
+# bench/results/<gpu>-<date>.{json,md} (or under $$OUT). Uses PYTHON (default: .venv's, else python3).
+bench-gpu:
+	PYTHON=$${PYTHON:-$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3)} bench/gpu.sh $(GPU_ARGS)
 
 clean:
 	rm -rf build *.egg-info vqdna/_C*.so $(VENV)

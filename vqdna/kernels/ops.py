@@ -103,7 +103,7 @@ def lookup(
     lead, d = z.shape[:-1], z.shape[-1]
     flat = z.detach().reshape(-1, d).contiguous()
     n = flat.shape[0]
-    name = select_backend("lookup", backend, z.device, z.dtype)
+    name = select_backend("lookup", backend, z.device, z.dtype, size=(n, codebook.shape[0]))
     cb = codebook.detach().contiguous()
     if codebook_sqnorm is None:
         acc = torch.float64 if cb.dtype == torch.float64 else torch.float32
@@ -215,7 +215,9 @@ def hrq_quantize(
         _check_lookup_inputs(z, cb, None if codebook_sqnorms is None else codebook_sqnorms[level])
         if z.dtype != zs[0].dtype or z.device != zs[0].device:
             raise TypeError(f"hrq_quantize: zs[{level}] is {z.dtype} on {z.device}, zs[0] is {zs[0].dtype} on {zs[0].device}")
-    name = select_backend("hrq_quantize", backend, zs[0].device, zs[0].dtype)
+    name = select_backend(
+        "hrq_quantize", backend, zs[0].device, zs[0].dtype, size=(zs[0].numel() // max(d, 1), sum(cb.shape[0] for cb in codebooks))
+    )
     flat = [z.reshape(-1, d).contiguous() for z in zs]
     sizes = [int(cb.shape[0]) for cb in codebooks]
     packed = torch.cat([cb.detach() for cb in codebooks]).contiguous()
@@ -303,7 +305,7 @@ def ema_stats(
         prev_codebook = prev_codebook.detach().to(x.dtype).contiguous()
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    name = select_backend("ema_stats", backend, x.device, x.dtype)
+    name = select_backend("ema_stats", backend, x.device, x.dtype, size=(flat_x.shape[0], int(num_codes)))
     return _ema_stats_op(name)(flat_x, flat_codes, flat_mask, prev_codes, prev_codebook, int(num_codes), bool(deterministic))
 
 

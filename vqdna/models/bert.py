@@ -84,6 +84,7 @@ class VQDNAConfig(PretrainedConfig):
         attention_backend="auto",
         train_max_length=256,
         classifier_dropout=None,
+        classifier_pooling="cls",
         tokenizer_sha256=None,
         **kwargs,
     ):
@@ -101,10 +102,13 @@ class VQDNAConfig(PretrainedConfig):
         self.attention_backend = attention_backend
         self.train_max_length = train_max_length  # stage-2 window (tokens incl. CLS/SEP); ALiBi allows longer
         self.classifier_dropout = classifier_dropout
+        self.classifier_pooling = classifier_pooling
         self.tokenizer_sha256 = tokenizer_sha256
         super().__init__(**kwargs)
         if hidden_size % num_attention_heads:
             raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}")
+        if classifier_pooling not in ("cls", "mean"):
+            raise ValueError(f"classifier_pooling must be cls|mean, got {classifier_pooling!r}")
         if attention_backend not in ("auto", "flash", "sdpa", "reference"):
             raise ValueError(f"attention_backend must be auto|flash|sdpa|reference, got {attention_backend!r}")
 
@@ -433,7 +437,8 @@ class VQDNAForMaskedLM(VQDNAPreTrainedModel):
 
 
 class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
-    """Sequence classification or regression from the CLS token (pooler: dense + tanh), as BERT:
+    """Sequence classification or regression from the CLS token (config.classifier_pooling "cls", as
+    BERT) or the mean over real tokens ("mean"), then the pooler (dense + tanh) and the classifier:
     num_labels == 1 -> regression (MSE), integer labels -> single-label cross-entropy, float multi-hot
     labels -> multi-label BCE (config.problem_type overrides). labels [B]; logits [B, num_labels]."""
 
@@ -450,7 +455,15 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=None, return_dict=None):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         out = self.vqdna(input_ids, attention_mask, output_hidden_states=output_hidden_states, return_dict=True)
-        logits = self.classifier(self.dropout(self.pooler(out.last_hidden_state[:, 0])))
+        h = out.last_hidden_state
+        if self.config.classifier_pooling == "mean":
+            if attention_mask is None:
+                attention_mask = input_ids[..., 0] != self.config.codebook_sizes[0] + PAD
+            w = attention_mask.to(h.dtype)[..., None]
+            pooled = (h * w).sum(1) / w.sum(1).clamp(min=1)
+        else:
+            pooled = h[:, 0]
+        logits = self.classifier(self.dropout(self.pooler(pooled)))
         loss = None
         if labels is not None:
             if self.config.problem_type is None:

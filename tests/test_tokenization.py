@@ -1,0 +1,61 @@
+"""VQDNATokenizer (vqdna/tokenization.py): the transformers calling convention over the stage-1 encoder."""
+
+import pytest
+import torch
+
+from tests.train import _mlm
+from vqdna.models.bert import CLS, PAD, SEP, special_ids
+from vqdna.tokenization import VQDNATokenizer, dna_to_ids
+
+
+def test_call_convention_and_layout():
+    tok = _mlm.tokenizer()
+    seqs = ["ACGTACGGTTAC", "GGC", "ACGTNNACGTACGATCGATCGTAGCTAGCTAGCATCGA"]
+    enc = tok(seqs, padding=True, truncation=True, max_length=20, return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert ids.shape == (3, 20, 2) and ids.dtype == torch.int64 and mask.dtype == torch.int64
+    assert mask.sum(1).tolist() == [14, 5, 20]
+    sizes = tok.codebook_sizes
+    assert (ids[:, 0] == torch.tensor(special_ids(sizes, CLS))).all()
+    assert ids[1, 4].tolist() == special_ids(sizes, SEP) and ids[1, 5:].eq(torch.tensor(special_ids(sizes, PAD))).all()
+    # the codes are the stage-1 encoder's, each sequence encoded alone (truncation keeps the first bases)
+    for i, s in enumerate(seqs):
+        n = min(len(s), 18)
+        base = torch.from_numpy(dna_to_ids(s)[:n].astype("int64"))[None]
+        want = tok.model.encode(base).long()[0]
+        assert torch.equal(ids[i, 1 : n + 1], want), i
+    # without truncation the long sequence keeps all its bases
+    assert tok(seqs, padding=True, return_tensors="pt")["input_ids"].shape == (3, len(seqs[2]) + 2, 2)
+    assert tok(seqs[:2], padding="max_length", max_length=32, return_tensors="pt")["input_ids"].shape == (2, 32, 2)
+
+
+def test_lists_single_strings_and_alphabet():
+    tok = _mlm.tokenizer()
+    one = tok("acgtu")
+    assert len(one["input_ids"]) == 7 and one["attention_mask"] == [1] * 7
+    assert one["input_ids"] == tok("ACGTT")["input_ids"]  # lowercase = same base, U = T
+    assert tok(["RYKM"])["input_ids"] == tok(["NNNN"])["input_ids"]  # IUPAC ambiguity -> N
+    with pytest.raises(ValueError, match=r"sequence 1, position 2: '!'"):
+        tok(["ACGT", "AC!T"])
+    with pytest.raises(ValueError, match="padding=True"):
+        tok(["ACGT", "AC"], return_tensors="pt")
+    with pytest.raises(ValueError, match="max_length"):
+        tok(["ACGT"], truncation=True, max_length=2)
+
+
+def test_save_and_load(tmp_path):
+    tok = _mlm.tokenizer()
+    tok.save_pretrained(tmp_path)
+    again = VQDNATokenizer.from_pretrained(tmp_path)
+    assert again.tokenizer_sha256 == tok.tokenizer_sha256 and again.model_max_length == tok.model_max_length
+    seqs = ["ACGTTGACNNAC", "TTTAGGC"]
+    assert torch.equal(again(seqs, padding=True, return_tensors="pt")["input_ids"],
+                       tok(seqs, padding=True, return_tensors="pt")["input_ids"])
+    # a bare stage-1 directory loads too
+    direct = VQDNATokenizer.from_pretrained(tmp_path / "stage1_tokenizer")
+    assert direct.tokenizer_sha256 == tok.tokenizer_sha256
+    # replaced weights are detected
+    other = _mlm.VQDNATokenizerModel(tok.model.config)
+    other.save_pretrained(tmp_path / "stage1_tokenizer")
+    with pytest.raises(ValueError, match="sha256"):
+        VQDNATokenizer.from_pretrained(tmp_path)

@@ -1,0 +1,110 @@
+"""Stage 2 (vqdna/train/pretrain.py): masking statistics, windows, collator, a tiny pre-training with
+checkpoint resume, and its outputs loading through the Auto classes."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tests.train import _mlm
+from vqdna.models.bert import CLS, MASK, PAD, SEP, build_inputs, special_ids
+from vqdna.train.pretrain import CodeWindows, MLMCollator, mask_tokens
+
+SIZES = [8, 32]
+
+
+def test_mask_tokens_statistics(rng):
+    b, n = 64, 250
+    codes = [torch.stack([torch.randint(0, k, (n - (i % 7),), generator=rng) for k in SIZES], 1) for i in range(b)]
+    ids, mask = build_inputs(codes, SIZES)
+    g = torch.Generator().manual_seed(1)
+    out, labels = mask_tokens(ids, SIZES, 0.25, generator=g)
+    real = ids[..., 0] < SIZES[0]
+    chosen = labels[..., 0] != -100
+    # only real code positions are chosen; CLS / SEP / PAD never; all levels chosen together
+    assert not (chosen & ~real).any() and ((labels != -100) == chosen[..., None]).all()
+    n_real, n_chosen = int(real.sum()), int(chosen.sum())
+    sd = math.sqrt(n_real * 0.25 * 0.75)
+    assert abs(n_chosen - 0.25 * n_real) < 5 * sd
+    # labels are the original codes; unchosen positions are untouched
+    assert torch.equal(labels[chosen], ids[chosen])
+    assert torch.equal(out[~chosen], ids[~chosen])
+    # 80% [MASK] in every level, 10% random codes, 10% kept
+    is_mask = (out == torch.tensor(special_ids(SIZES, MASK))).all(-1) & chosen
+    changed = chosen & ~is_mask & (out != ids).any(-1)
+    kept = chosen & (out == ids).all(-1)
+    sd = math.sqrt(n_chosen * 0.1 * 0.9)
+    assert abs(int(is_mask.sum()) - 0.8 * n_chosen) < 5 * math.sqrt(n_chosen * 0.16)
+    # a random replacement equals the original with probability 1 / (8 * 32): counted as kept
+    assert abs(int(changed.sum()) - 0.1 * n_chosen * (1 - 1 / 256)) < 5 * sd
+    assert abs(int(kept.sum()) - 0.1 * n_chosen * (1 + 1 / 256)) < 5 * sd
+    # random codes: valid codes of each level, spread over the codebook
+    rand = out[changed]
+    for l, k in enumerate(SIZES):
+        assert rand[:, l].min() >= 0 and rand[:, l].max() < k
+        assert torch.unique(rand[:, l]).numel() == k
+    # specials stay in place
+    assert torch.equal(out[:, 0], ids[:, 0]) and (out[~mask.bool()] == torch.tensor(special_ids(SIZES, PAD))).all()
+
+
+def test_mask_tokens_probability_extremes():
+    ids, _ = build_inputs([torch.zeros(5, 2, dtype=torch.long)], SIZES)
+    out, labels = mask_tokens(ids, SIZES, 0.0)
+    assert torch.equal(out, ids) and (labels == -100).all()
+    out, labels = mask_tokens(ids, SIZES, 1.0)
+    assert (labels[0, 1:6] == 0).all() and (labels[0, [0, 6]] == -100).all()
+
+
+def test_code_windows_cover_records():
+    records = [("a", np.arange(10).reshape(5, 2)), ("b", np.zeros((0, 2))), ("c", np.arange(14).reshape(7, 2))]
+    w = CodeWindows(records, window=3)
+    got = [w[j] for j in range(len(w))]
+    assert [len(x) for x in got] == [3, 2, 3, 3, 1]
+    assert torch.equal(torch.cat(got[:2]), torch.arange(10).reshape(5, 2))
+    assert torch.equal(torch.cat(got[2:]), torch.arange(14).reshape(7, 2))
+    assert got[0].dtype == torch.int64
+    with pytest.raises(ValueError, match="window"):
+        CodeWindows(records, window=0)
+
+
+def test_collator_batches():
+    batch = MLMCollator(SIZES)([torch.zeros(5, 2, dtype=torch.long) + 1, torch.zeros(9, 2, dtype=torch.long) + 2])
+    assert batch["input_ids"].shape == (2, 16, 2) and batch["labels"].shape == (2, 16, 2)
+    assert batch["attention_mask"].sum(1).tolist() == [7, 11]
+    assert batch["input_ids"][1, 0].tolist() == special_ids(SIZES, CLS)
+    assert batch["input_ids"][1, 10].tolist() == special_ids(SIZES, SEP)
+
+
+def test_tiny_pretrain_learns_saves_and_resumes():
+    from transformers import AutoModelForMaskedLM
+
+    from vqdna.models.bert import VQDNAForMaskedLM
+    from vqdna.tokenization import VQDNATokenizer
+    from vqdna.train.pretrain import masked_accuracy, pretrain
+
+    out, trainer = _mlm.pretrained()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert trainer.state.global_step == 30 and len(losses) == 6
+    assert losses[-1] < losses[0]
+    model = AutoModelForMaskedLM.from_pretrained(out)
+    assert type(model) is VQDNAForMaskedLM and model.config.num_hidden_layers == 2
+    tok = _mlm.tokenizer()
+    # the codebooks are the tokenizer's, and the saved tokenizer encodes like the original
+    for a, b in zip(model.vqdna.embeddings.codebooks, tok.model.codebooks):
+        assert torch.equal(a, b.float())
+    assert model.config.tokenizer_sha256 == tok.tokenizer_sha256
+    again = VQDNATokenizer.from_pretrained(out)
+    seqs = ["ACGTTGCA" * 5, "GGGCCCAT"]
+    assert torch.equal(again(seqs, padding=True, return_tensors="pt")["input_ids"],
+                       tok(seqs, padding=True, return_tensors="pt")["input_ids"])
+    # better than an untrained model at the masked positions (level 0: 8 codes)
+    records = _mlm.code_records()[:16]
+    trained = masked_accuracy(model, records, tok.codebook_sizes, max_length=64)
+    fresh = masked_accuracy(VQDNAForMaskedLM(model.config), records, tok.codebook_sizes, max_length=64)
+    assert trained[0] > fresh[0] + 0.05, (trained, fresh)
+    # a second run in the same folder resumes from the step-30 checkpoint
+    resumed = pretrain(records, tok, out, config="bert-tiny", steps=35, batch_size=16, max_length=64, lr=2e-3,
+                       warmup_steps=3, logging_steps=5, save_steps=15, extra_args={"disable_tqdm": True})
+    steps = [h["step"] for h in resumed.state.log_history if "loss" in h]
+    assert resumed.state.global_step == 35 and steps[0] == 5 and steps[-1] == 35

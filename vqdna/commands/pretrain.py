@@ -1,0 +1,70 @@
+"""`vqdna pretrain`: stage-2 masked-LM pre-training on token files."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "masked-LM pre-training (stage 2) of a VQDNA BERT on token files"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokens", required=True, help="token-file folder written by `vqdna tokenize`")
+    parser.add_argument("--tokenizer", help="stage-1 tokenizer (directory or bundled name) that wrote the tokens "
+                        "(default: the bundled tokenizer whose sha256 the token manifest records)")
+    parser.add_argument("--config", default="bert-base", help="named model size: bert-base (default), bert-small, bert-tiny")
+    parser.add_argument("--out", required=True, help="output folder: checkpoints, final model and tokenizer")
+    parser.add_argument("--steps", type=int, default=100_000)
+    parser.add_argument("--batch-size", type=int, default=256, help="global batch (split over torchrun ranks)")
+    parser.add_argument("--max-length", type=int, default=256, help="tokens per window, CLS and SEP included")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--min-lr", type=float, default=1e-6)
+    parser.add_argument("--warmup-steps", type=float, default=10_000, help="steps, or a fraction of --steps when < 1")
+    parser.add_argument("--mlm-probability", type=float, default=0.25)
+    parser.add_argument("--save-steps", type=int, default=1000)
+    parser.add_argument("--logging-steps", type=int, default=50)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    from vqdna.tokenization import VQDNATokenizer
+    from vqdna.train.pretrain import open_token_dataset, pretrain
+
+    records = open_token_dataset(args.tokens)
+    name = args.tokenizer or _manifest_tokenizer(records, args.tokens)
+    tokenizer = VQDNATokenizer.from_pretrained(name)
+    _check_identity(records, tokenizer, args.tokens)
+    warmup = int(args.warmup_steps) if args.warmup_steps >= 1 else args.warmup_steps
+    trainer = pretrain(records, tokenizer, args.out, config=args.config, steps=args.steps, batch_size=args.batch_size,
+                       max_length=args.max_length, lr=args.lr, min_lr=args.min_lr, warmup_steps=warmup,
+                       mlm_probability=args.mlm_probability, seed=args.seed, resume=not args.no_resume,
+                       logging_steps=args.logging_steps, save_steps=args.save_steps, num_workers=args.num_workers)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if losses:
+        print(f"pretrain: {trainer.state.global_step} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; model in {args.out}")
+    return 0
+
+
+def _manifest_sha(records) -> str | None:
+    manifest = getattr(records, "manifest", None) or {}
+    return (manifest.get("tokenizer") or {}).get("sha256")
+
+
+def _manifest_tokenizer(records, tokens_dir) -> str:
+    """The bundled tokenizer whose weights' sha256 the manifest records (token files name no path)."""
+    from vqdna.models.tokenizer import VQDNATokenizerModel, bundled_tokenizers
+
+    want = _manifest_sha(records)
+    for name in bundled_tokenizers():
+        if want and VQDNATokenizerModel.from_pretrained(name).tokenizer_sha256 == want:
+            return name
+    raise SystemExit(f"vqdna pretrain: the tokens in {tokens_dir} were not written by a bundled tokenizer "
+                     f"(sha256 {want}); pass --tokenizer DIR")
+
+
+def _check_identity(records, tokenizer, tokens_dir) -> None:
+    want = _manifest_sha(records)
+    if want and want != tokenizer.tokenizer_sha256:
+        raise SystemExit(f"vqdna pretrain: {tokens_dir} was written by tokenizer sha256 {want}, "
+                         f"not by the given one ({tokenizer.tokenizer_sha256})")

@@ -1,0 +1,223 @@
+"""Stage 3: LoRA fine-tuning of a pre-trained VQDNA model on a GUE-format task (peft + transformers.Trainer).
+
+A task folder holds train.csv, dev.csv, test.csv with header `sequence,label`. Integer labels make a
+classification task (metrics MCC, macro-F1, accuracy; MCC selects), other numbers a regression task
+(Spearman selects; also Pearson and MSE). The encoder is frozen; LoRA (r 8, alpha 16, dropout 0.05)
+adapts the modules the model names (`lora_target_modules`) and the pooler + classifier head train in
+full. For every seed and learning rate of the grid the model trains for `epochs` epochs, evaluated on
+dev after each; the (learning rate, epoch) with the best dev metric is chosen per seed and its test
+metrics reported; the JSON summary gives the mean and standard deviation over seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "dev", "test")
+HEAD_MODULES = ["pooler", "classifier"]
+
+
+def read_gue_csv(path: str):
+    """(sequences, labels as strings) of a `sequence,label` CSV; errors name the file and line."""
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip().lower() for h in header[:2]] != ["sequence", "label"]:
+            raise ValueError(f"{path}: line 1: expected the header 'sequence,label', got {header}")
+        seqs, labels = [], []
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) != 2 or not row[0].strip() or not row[1].strip():
+                raise ValueError(f"{path}: line {lineno}: expected 'sequence,label', got {row}")
+            seqs.append(row[0].strip())
+            labels.append(row[1].strip())
+    if not seqs:
+        raise ValueError(f"{path}: no records")
+    return seqs, labels
+
+
+def load_task(data_dir: str, task: str = "auto"):
+    """{split: (sequences, labels)} and the task kind ("classification" | "regression"); labels are int64
+    class indices (0..C-1, as given) or float32 values."""
+    raw = {}
+    for split in SPLITS:
+        path = os.path.join(data_dir, f"{split}.csv")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing (a GUE task folder holds train.csv, dev.csv, test.csv)")
+        raw[split] = read_gue_csv(path)
+    every = [x for _, labels in raw.values() for x in labels]
+    if task == "auto":
+        task = "classification" if all(_is_int(x) for x in every) else "regression"
+    out = {}
+    for split, (seqs, labels) in raw.items():
+        if task == "classification":
+            bad = [i for i, x in enumerate(labels) if not _is_int(x) or int(x) < 0]
+            if bad:
+                raise ValueError(f"{data_dir}/{split}.csv: line {bad[0] + 2}: label {labels[bad[0]]!r} is not a class index >= 0")
+            y = torch.tensor([int(x) for x in labels], dtype=torch.long)
+        else:
+            y = torch.tensor([float(x) for x in labels], dtype=torch.float32)
+        out[split] = (seqs, y)
+    return out, task
+
+
+def _is_int(x: str) -> bool:
+    try:
+        int(x)
+        return True
+    except ValueError:
+        return False
+
+
+class EncodedTask(Dataset):
+    """Pre-tokenized sequences: item i -> {"codes": [n_i, n_levels] int64, "labels": scalar}."""
+
+    def __init__(self, codes, labels):
+        self.codes, self.labels = codes, labels
+
+    def __len__(self):
+        return len(self.codes)
+
+    def __getitem__(self, i):
+        return {"codes": self.codes[i], "labels": self.labels[i]}
+
+
+class ClassificationCollator:
+    def __init__(self, codebook_sizes):
+        self.codebook_sizes = codebook_sizes
+
+    def __call__(self, features):
+        from vqdna.models.bert import build_inputs
+
+        ids, mask = build_inputs([f["codes"] for f in features], self.codebook_sizes, pad_to_multiple_of=8)
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.stack([f["labels"] for f in features])}
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    pred = logits.argmax(-1)
+    return {"mcc": float(matthews_corrcoef(labels, pred)), "f1": float(f1_score(labels, pred, average="macro")),
+            "accuracy": float(accuracy_score(labels, pred))}
+
+
+def regression_metrics(pred: np.ndarray, labels: np.ndarray) -> dict:
+    from scipy.stats import pearsonr, spearmanr
+
+    pred = pred.reshape(-1)
+    constant = np.all(pred == pred[0])  # correlation of a constant is undefined: count it as 0
+    return {"spearman": 0.0 if constant else float(spearmanr(pred, labels).statistic),
+            "pearson": 0.0 if constant else float(pearsonr(pred, labels).statistic),
+            "mse": float(np.mean((pred - labels) ** 2))}
+
+
+def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules=None):
+    """Wrap `model` with peft LoRA on its named target modules; pooler and classifier train in full,
+    everything else is frozen. Raises ValueError when no module matches a target name."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = list(target_modules or getattr(model, "lora_target_modules", ()))
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    matched = [n for n in names if n.split(".")[-1] in targets]
+    if not targets or not matched:
+        raise ValueError(f"LoRA target modules {targets} match no Linear module of {type(model).__name__} "
+                         f"(its Linear modules end in: {sorted({n.split('.')[-1] for n in names})})")
+    missing = [t for t in targets if not any(n.split(".")[-1] == t for n in names)]
+    if missing:
+        raise ValueError(f"LoRA target modules {missing} match no Linear module of {type(model).__name__}")
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
+                     modules_to_save=[m for m in HEAD_MODULES if hasattr(model, m)], bias="none")
+    return get_peft_model(model, cfg)
+
+
+def trainable_parameter_names(model) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, seed, out_dir, lora, weight_decay):
+    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments, set_seed
+
+    set_seed(seed)
+    problem_type = "single_label_classification" if task == "classification" else "regression"
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, problem_type=problem_type)
+    model = apply_lora(model, **lora)
+    metric = "mcc" if task == "classification" else "spearman"
+
+    def compute_metrics(p):
+        logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
+        fn = classification_metrics if task == "classification" else regression_metrics
+        return fn(np.asarray(logits, dtype=np.float64), np.asarray(p.label_ids))
+
+    args = TrainingArguments(
+        output_dir=out_dir, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=max(batch_size, 64), learning_rate=lr, weight_decay=weight_decay,
+        lr_scheduler_type="linear", warmup_steps=0.05, eval_strategy="epoch", save_strategy="epoch",
+        save_total_limit=1, load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=True,
+        logging_strategy="epoch", seed=seed, report_to="none", remove_unused_columns=False,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["dev"],
+                      data_collator=ClassificationCollator(tok.codebook_sizes), compute_metrics=compute_metrics)
+    trainer.train()
+    dev = trainer.evaluate(data["dev"], metric_key_prefix="dev")
+    test = trainer.evaluate(data["test"], metric_key_prefix="test")
+    evals = [h for h in trainer.state.log_history if f"eval_{metric}" in h]
+    best = max(evals, key=lambda h: h[f"eval_{metric}"])
+    strip = lambda d, p: {k[len(p) + 1 :]: v for k, v in d.items() if k.startswith(p + "_") and "runtime" not in k
+                          and "per_second" not in k}
+    return model, {"lr": lr, "seed": seed, "best_epoch": round(best["epoch"]), "dev": strip(dev, "dev"),
+                   "test": strip(test, "test"), "dev_by_epoch": [h[f"eval_{metric}"] for h in evals]}
+
+
+def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5), epochs: int = 3,
+             batch_size: int = 32, seeds=(0,), task: str = "auto", max_length: int | None = None,
+             lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.05, weight_decay: float = 0.01,
+             tokenizer=None) -> dict:
+    """Grid over learning rates (epochs chosen on dev) per seed; writes out_dir/results.json and returns
+    it. model_dir: a pre-trained VQDNA model directory (with its tokenizer unless `tokenizer` is given).
+    max_length (tokens incl. CLS/SEP; default: the longest sequence) truncates longer sequences."""
+    from vqdna.tokenization import VQDNATokenizer
+
+    tok = tokenizer or VQDNATokenizer.from_pretrained(model_dir)
+    splits, task = load_task(data_dir, task)
+    num_labels = int(splits["train"][1].max()) + 1 if task == "classification" else 1
+    data = {}
+    for split, (seqs, labels) in splits.items():
+        codes = tok.encode_codes(seqs, max_length - 2 if max_length else None)
+        data[split] = EncodedTask(codes, labels)
+    lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
+    metric = "mcc" if task == "classification" else "spearman"
+    runs, chosen = [], []
+    for seed in seeds:
+        per_seed = []
+        for lr in lrs:
+            run_dir = os.path.join(out_dir, "runs", f"seed{seed}-lr{lr:g}")
+            _, res = train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, seed, run_dir, lora, weight_decay)
+            log.warning("seed %d lr %g: dev %s %.4f (epoch %d), test %.4f", seed, lr, metric, res["dev"][metric],
+                        res["best_epoch"], res["test"][metric])
+            per_seed.append(res)
+        runs += per_seed
+        chosen.append(max(per_seed, key=lambda r: r["dev"][metric]))
+    summary = {}
+    for key in chosen[0]["test"]:
+        vals = [c["test"][key] for c in chosen]
+        summary[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+    result = {"task": task, "metric": metric, "data": os.path.abspath(data_dir), "model": os.path.abspath(model_dir),
+              "tokenizer_sha256": tok.tokenizer_sha256, "num_labels": num_labels,
+              "sizes": {s: len(d) for s, d in data.items()}, "lora": lora, "lrs": list(lrs), "epochs": epochs,
+              "batch_size": batch_size, "seeds": list(seeds), "test": summary, "chosen": chosen, "runs": runs}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(result, f, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
+    return result

@@ -1,0 +1,206 @@
+"""Stage 2: masked-LM pre-training of VQDNAForMaskedLM on token files, on transformers.Trainer.
+
+Records of a token dataset (ds[i] -> (name, codes [length, n_levels])) are cut into windows of
+max_length - 2 codes (CLS and SEP complete a window). Masking follows BERT with the paper's 25%: a
+chosen position is replaced in every level by [MASK] (80%), by random codes (10%) or kept (10%); the
+labels are its original codes. AdamW (0.9, 0.98), weight decay 0.01, lr 5e-4 with linear warm-up and
+cosine decay to 1e-6; bf16 on GPUs that support it; DDP under torchrun (--batch-size is the global
+batch); checkpoints every save_steps and an automatic resume from the newest one in the output folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vqdna.models.bert import MASK, VQDNAConfig, VQDNAForMaskedLM, build_inputs, special_ids
+
+log = logging.getLogger(__name__)
+
+
+class CodeWindows(Dataset):
+    """Windows of at most `window` codes over the records of `records` (ds[i] -> (name, codes
+    [length, n_levels])); item j -> int64 codes [n, n_levels]. Records shorter than min_length codes
+    are skipped. Record lengths come from `records.lengths` when present, else are read once here."""
+
+    def __init__(self, records, window: int, min_length: int = 1):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.records, self.window = records, window
+        index = []
+        lengths = getattr(records, "lengths", None)  # TokenDataset knows them without reading codes
+        for i in range(len(records)):
+            n = int(lengths[i]) if lengths is not None else len(records[i][1])
+            starts = np.arange(0, n, window) if n >= min_length else np.zeros(0, np.int64)
+            index.append(np.stack([np.full(len(starts), i), starts], 1))
+        self.index = np.concatenate(index) if index else np.zeros((0, 2), np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        i, start = self.index[j]
+        codes = np.asarray(self.records[int(i)][1][start : start + self.window])
+        return torch.from_numpy(codes.astype(np.int64))
+
+
+def mask_tokens(input_ids: torch.Tensor, codebook_sizes, mlm_probability: float = 0.25, generator=None):
+    """BERT masking over whole positions. input_ids [B, L, n_levels] int64 (CLS/SEP/PAD never chosen).
+
+    Returns (masked input_ids, labels [B, L, n_levels] with -100 where not chosen). Of the chosen
+    positions 80% become [MASK] in every level, 10% random codes (drawn per level), 10% stay.
+    """
+    sizes = torch.tensor(codebook_sizes, device=input_ids.device)
+    candidates = input_ids[..., 0] < sizes[0]
+    shape = input_ids.shape[:2]
+    chosen = (torch.rand(shape, generator=generator, device=input_ids.device) < mlm_probability) & candidates
+    labels = torch.where(chosen[..., None], input_ids, -100)
+    action = torch.rand(shape, generator=generator, device=input_ids.device)
+    to_mask = chosen & (action < 0.8)
+    to_random = chosen & (action >= 0.8) & (action < 0.9)
+    out = input_ids.clone()
+    out[to_mask] = torch.tensor(special_ids(codebook_sizes, MASK), device=input_ids.device)
+    rand = (torch.rand(*shape, len(sizes), generator=generator, device=input_ids.device) * sizes).long()
+    out = torch.where(to_random[..., None], rand, out)
+    return out, labels
+
+
+class MLMCollator:
+    """list of code tensors [n_i, n_levels] -> {"input_ids", "attention_mask", "labels"} (CLS/SEP added,
+    padded to a multiple of 8, masked by mask_tokens)."""
+
+    def __init__(self, codebook_sizes, mlm_probability: float = 0.25, pad_to_multiple_of: int = 8):
+        self.codebook_sizes = [int(k) for k in codebook_sizes]
+        self.mlm_probability = mlm_probability
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features):
+        input_ids, mask = build_inputs(features, self.codebook_sizes, pad_to_multiple_of=self.pad_to_multiple_of)
+        input_ids, labels = mask_tokens(input_ids, self.codebook_sizes, self.mlm_probability)
+        return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def open_token_dataset(path):
+    """The stage-1 token files in `path` as a dataset (vqdna.data.TokenDataset)."""
+    from vqdna.data.tokens import TokenDataset
+
+    return TokenDataset(path)
+
+
+def build_model(config: str | VQDNAConfig, tokenizer_model, **overrides) -> VQDNAForMaskedLM:
+    """A fresh VQDNAForMaskedLM of named size `config` embedding through `tokenizer_model`'s codebooks."""
+    if isinstance(config, str):
+        config = VQDNAConfig.named(
+            config, codebook_sizes=list(tokenizer_model.config.codebook_sizes),
+            codebook_dim=int(tokenizer_model.codebooks[0].shape[1]),
+            tokenizer_sha256=tokenizer_model.tokenizer_sha256, **overrides,
+        )
+    model = VQDNAForMaskedLM(config)
+    model.set_codebooks([c.detach().float().cpu() for c in tokenizer_model.codebooks])
+    return model
+
+
+def pretrain(
+    records,
+    tokenizer,
+    out_dir: str,
+    config: str | VQDNAConfig = "bert-base",
+    steps: int = 100_000,
+    batch_size: int = 256,
+    max_length: int = 256,
+    lr: float = 5e-4,
+    min_lr: float = 1e-6,
+    warmup_steps: int | float = 10_000,
+    mlm_probability: float = 0.25,
+    weight_decay: float = 0.01,
+    seed: int = 0,
+    resume: bool = True,
+    logging_steps: int = 50,
+    save_steps: int = 1000,
+    num_workers: int = 0,
+    bf16: bool | None = None,
+    model_overrides: dict | None = None,
+    extra_args: dict | None = None,
+):
+    """Masked-LM pre-training; saves the model (safetensors) and the tokenizer in out_dir.
+
+    records: ds[i] -> (name, codes [length, n_levels]) (e.g. vqdna.data.TokenDataset); tokenizer: the
+    VQDNATokenizer whose stage-1 model produced the codes. batch_size is global (split over the
+    torchrun world). Returns the transformers Trainer (trainer.state.log_history holds the losses).
+    """
+    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    set_seed(seed)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_size % world:
+        raise ValueError(f"global batch size {batch_size} is not divisible by the world size {world}")
+    if max_length < 3:
+        raise ValueError(f"max_length must be >= 3 (CLS, one code, SEP), got {max_length}")
+    model = build_model(config, tokenizer.model, train_max_length=max_length, **(model_overrides or {}))
+    train = CodeWindows(records, max_length - 2)
+    if len(train) == 0:
+        raise ValueError("the token dataset holds no codes")
+    if bf16 is None:
+        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    args = TrainingArguments(
+        output_dir=out_dir,
+        max_steps=steps,
+        per_device_train_batch_size=batch_size // world,
+        learning_rate=lr,
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr": min_lr},
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        adam_beta1=0.9,
+        adam_beta2=0.98,
+        adam_epsilon=1e-6,
+        max_grad_norm=1.0,
+        bf16=bf16,
+        logging_steps=logging_steps,
+        save_steps=save_steps,
+        save_total_limit=2,
+        seed=seed,
+        dataloader_num_workers=num_workers,
+        remove_unused_columns=False,
+        report_to="none",
+        ddp_find_unused_parameters=False,
+        **(extra_args or {}),
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train,
+                      data_collator=MLMCollator(model.config.codebook_sizes, mlm_probability))
+    last = get_last_checkpoint(out_dir) if resume and os.path.isdir(out_dir) else None
+    if last:
+        log.warning("resuming from %s", last)
+    trainer.train(resume_from_checkpoint=last)
+    trainer.save_model(out_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.model_max_length = max_length
+        tokenizer.save_pretrained(out_dir)
+    return trainer
+
+
+def masked_accuracy(model, records, codebook_sizes, max_length=256, batch_size=32, mlm_probability=0.25, seed=0):
+    """Per-level accuracy of the MLM at masked positions on windows of `records` (no grad, eval mode)."""
+    g = torch.Generator().manual_seed(seed)
+    windows = CodeWindows(records, max_length - 2)
+    correct = torch.zeros(len(codebook_sizes))
+    total = 0
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for start in range(0, len(windows), batch_size):
+            feats = [windows[j] for j in range(start, min(start + batch_size, len(windows)))]
+            ids, mask = build_inputs(feats, codebook_sizes)
+            ids, labels = mask_tokens(ids, codebook_sizes, mlm_probability, generator=g)
+            logits = model(ids.to(device), mask.to(device)).logits
+            chosen = labels[..., 0] != -100
+            total += int(chosen.sum())
+            for l, lg in enumerate(logits):
+                correct[l] += (lg.argmax(-1).cpu()[chosen] == labels[..., l][chosen]).sum()
+    return (correct / max(total, 1)).tolist()
+
