@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import lzma
 import os
+import time
 
 import numpy as np
 import pytest
@@ -48,6 +49,14 @@ def _read_all(path) -> int:
     return sum(len(r.ids) for r in read_fasta(path))
 
 
+def _cpu_seconds(fn) -> float:
+    """CPU time of one call: the single-core rate even when other jobs share the cores (wall time
+    on a loaded 2-core machine measures the neighbours too)."""
+    t0 = time.process_time()
+    fn()
+    return time.process_time() - t0
+
+
 @pytest.mark.cpu
 @pytest.mark.parametrize("kind", ["plain", "gzip", "xz"])
 def test_read_fasta_throughput(benchmark, fasta_files, kind):
@@ -55,11 +64,13 @@ def test_read_fasta_throughput(benchmark, fasta_files, kind):
     text_bytes = os.path.getsize(fasta_files["plain" if kind == "plain" else "small"])
     benchmark.group = "read_fasta"
     bases = _read_all(path)
+    cpu = _cpu_seconds(lambda: _read_all(path))
     t = time_call(benchmark, lambda: _read_all(path), "cpu", rounds=3)
-    record("read_fasta", kind, "cpu", "uint8", {"MB": round(text_bytes / 1e6), "bases": bases}, t, bytes_moved=text_bytes)
-    print(f"\nread_fasta {kind}: {text_bytes / t / 1e6:.0f} MB/s of FASTA text, {bases / t / 1e6:.0f} Mbases/s")
+    shape = {"MB": round(text_bytes / 1e6), "bases": bases, "cpu_MB_per_s": round(text_bytes / cpu / 1e6)}
+    record("read_fasta", kind, "cpu", "uint8", shape, t, bytes_moved=text_bytes)
+    print(f"\nread_fasta {kind}: {text_bytes / t / 1e6:.0f} MB/s wall, {text_bytes / cpu / 1e6:.0f} MB/s of one core's CPU time, {bases / t / 1e6:.0f} Mbases/s wall")
     if kind == "plain":
-        assert text_bytes / t / 1e6 >= 100, "below the 100 MB/s target for plain FASTA on one core"
+        assert text_bytes / cpu / 1e6 >= 100, "below the 100 MB/s target for plain FASTA on one core"
 
 
 @pytest.mark.cpu
