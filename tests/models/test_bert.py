@@ -209,6 +209,17 @@ def test_sequence_classification_and_regression_losses(rng):
     torch.testing.assert_close(out.loss, F.mse_loss(out.logits[:, 0], y))
 
 
+def test_mean_pooling_ignores_padding(rng):
+    clf = tiny_model(VQDNAForSequenceClassification, num_labels=2, classifier_pooling="mean")
+    codes, ids, mask = random_ids(3, 7, rng)
+    batch = clf(ids, mask).logits
+    for i, c in enumerate(codes):
+        torch.testing.assert_close(batch[i], clf(*build_inputs([c], SIZES)).logits[0], atol=1e-5, rtol=0)
+    h = clf.vqdna(ids, mask).last_hidden_state
+    pooled = torch.stack([h[i, : len(c) + 2].mean(0) for i, c in enumerate(codes)])
+    torch.testing.assert_close(batch, clf.classifier(clf.pooler(pooled)))
+
+
 def test_bert_base_parameter_count():
     config = VQDNAConfig()  # defaults = BERT-base over a (64, 512)-code, 384-dim tokenizer
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (12, 768, 12)

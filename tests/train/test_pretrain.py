@@ -108,3 +108,31 @@ def test_tiny_pretrain_learns_saves_and_resumes():
                        warmup_steps=3, logging_steps=5, save_steps=15, extra_args={"disable_tqdm": True})
     steps = [h["step"] for h in resumed.state.log_history if "loss" in h]
     assert resumed.state.global_step == 35 and steps[0] == 5 and steps[-1] == 35
+
+
+def test_cli_pretrain_on_token_files(tmp_path, capsys):
+    """`vqdna pretrain` on token files written by vqdna.tokenize (the bundled phage lambda genome, 48 kb)."""
+    from transformers import AutoModelForMaskedLM
+
+    from vqdna.cli import main
+    from vqdna.data import bundled_fasta
+    from vqdna.data.tokens import TokenDataset
+    from vqdna.tokenize import tokenize_files
+
+    tok = _mlm.tokenizer()
+    tokenize_files([bundled_fasta()], str(tmp_path / "tokens"), tok.model, window=4096, device="cpu")
+    records = TokenDataset(tmp_path / "tokens")
+    assert records.manifest["tokenizer"]["sha256"] == tok.tokenizer_sha256
+    out = tmp_path / "mlm"
+    argv = ["pretrain", "--tokens", str(tmp_path / "tokens"), "--tokenizer", f"{_mlm.ROOT}/stage1", "--config",
+            "bert-tiny", "--out", str(out), "--steps", "4", "--batch-size", "8", "--max-length", "32",
+            "--warmup-steps", "1", "--logging-steps", "2", "--save-steps", "4"]
+    assert main(argv) == 0
+    assert "pretrain: 4 steps" in capsys.readouterr().out
+    model = AutoModelForMaskedLM.from_pretrained(out)
+    assert model.config.train_max_length == 32 and model.config.tokenizer_sha256 == tok.tokenizer_sha256
+    # token files from another tokenizer are refused
+    other = _mlm.VQDNATokenizerModel(tok.model.config)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit, match="written by tokenizer sha256"):
+        main(argv[:4] + [str(tmp_path / "other")] + argv[5:])
