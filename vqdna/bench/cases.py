@@ -117,10 +117,11 @@ def _lookup_case(n, k, d, dtype, device) -> Case:
         backends.remove("reference")
         case.skipped.append("reference: above the CPU reference budget")
     torch_ok = n * k * 4 <= _MATERIALISE_BYTES[torch.device(device).type]
-    if dtype != torch.float32:
-        torch_ok = torch_ok and _cpu_budget(device, flops, _CPU_TORCH_BF16_FLOPS)
     if not torch_ok:
         case.skipped.append("torch: the N x K matrix it builds is too large here")
+    elif dtype != torch.float32 and not _cpu_budget(device, flops, _CPU_TORCH_BF16_FLOPS):
+        torch_ok = False
+        case.skipped.append("torch: above the CPU budget for its half-precision GEMM")
     faiss_ok = torch.device(device).type == "cpu" and dtype == torch.float32 and _has("faiss")
     case.impl_names = [*backends, *(["torch"] if torch_ok else []), *(["faiss"] if faiss_ok else [])]
 

@@ -40,8 +40,9 @@ def winners(rows: list[dict], device_type: str = "cpu") -> list[dict]:
 def update_table(
     rows: list[dict], device_type: str, device_name: str, source: dict, path: Optional[str] = None
 ) -> tuple[str, dict]:
-    """Replace the entries of (device_type, device_name) in the table at `path` (default: the
-    packaged table) by the winners of `rows`; other devices' entries are kept. Returns (path, table)."""
+    """Write the winners of `rows` into the entry of (device_type, device_name) in the table at
+    `path` (default: the packaged table): the (op, dtype) pairs this run measured are replaced, the
+    device's other pairs and other devices are kept. Returns (path, table)."""
     path = str(path or DEFAULT_TABLE_PATH)
     table = load_backend_table(path) if os.path.exists(path) else {"schema": 1, "devices": {}}
     table.setdefault("schema", 1)
@@ -53,11 +54,18 @@ def update_table(
     entries = winners(rows, device_type)
     if not entries:
         raise ValueError("no vqdna backend results to build a table from (peers alone do not count)")
-    table["devices"][table_device_key(device_type, device_name)] = {
+    key = table_device_key(device_type, device_name)
+    old = table["devices"].get(key, {})
+    measured = {(e["op"], e["dtype"]) for e in entries}
+    kept = [e for e in old.get("entries", []) if (e["op"], e["dtype"]) not in measured]
+    sources = {op: src for op, src in old.get("sources", {}).items() if op not in {op for op, _ in measured}}
+    sources.update({op: source for op, _ in measured})
+    table["devices"][key] = {
         "device_type": device_type,
         "device_name": device_name,
-        "source": source,
-        "entries": entries,
+        "source": source,  # the latest run; `sources` says which run measured each op
+        "sources": dict(sorted(sources.items())),
+        "entries": sorted(kept + entries, key=lambda e: (e["op"], e["dtype"], e["N"], e["K"])),
     }
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
