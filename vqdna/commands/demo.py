@@ -1,11 +1,13 @@
-"""`vqdna demo`: nearest-code lookup on the bundled genome, every backend, timed."""
+"""`vqdna demo`: tokenize the bundled genome with the bundled tokenizer (when shipped) and print the
+summary; then nearest-code lookup on the same genome, every backend, timed. No network."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-HELP = "nearest-code lookup on the bundled genome, every backend, timed"
+HELP = "tokenize the bundled genome with the bundled tokenizer; nearest-code lookup on every backend, timed"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,19 +16,52 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--codebook-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default="vqdna-small", help="bundled tokenizer name or directory (default: vqdna-small)")
+    parser.add_argument("--skip-backends", action="store_true", help="only the tokenization part")
+
+
+def _tokenize(path: str, model_name: str) -> None:
+    """Streaming tokenization of `path` into a temporary token directory, then its summary."""
+    import os
+    import tempfile
+
+    from vqdna.commands.tokenize import format_summary
+    from vqdna.data import TokenDataset
+    from vqdna.models import VQDNATokenizerModel
+    from vqdna.tokenize import tokenize_files
+
+    model = VQDNATokenizerModel.from_pretrained(model_name)
+    with tempfile.TemporaryDirectory(prefix="vqdna-demo-") as out:
+        stats = tokenize_files([path], out, model, device="cpu", dtype="fp32")
+        ds = TokenDataset(out)
+        name, codes = ds[0]
+        print(f"vqdna demo: tokenized {path} with {model_name} (sha256 {model.tokenizer_sha256[:12]}...) "
+              f"into {len(ds.manifest['shards'])} shard(s), {sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)):,} bytes")
+        print(format_summary(stats))
+        shown = " ".join("/".join(str(int(c)) for c in row) for row in codes[:8])
+        print(f"first codes of {name} (level codes per base): {shown} ...")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Nearest-code lookup on real sequence features: the bundled phage lambda genome through a
-    seeded random stem (DESIGN 2.5) gives one D-dim feature per base; a k-means codebook is fit on a
-    sample; every base is then looked up on each backend available here, timed against the spec."""
+    """1. With the bundled tokenizer (or --model DIR): stream the genome into token files in a temporary
+    directory and print the run's summary. 2. Nearest-code lookup on real sequence features: the
+    genome through a seeded random stem (DESIGN 2.5) gives one D-dim feature per base; a k-means
+    codebook is fit on a sample; every base is looked up on each backend available here, timed
+    against the spec."""
     import torch
 
     from vqdna.data import bundled_fasta, read_fasta
     from vqdna.kernels import available_backends, lookup, reference
+    from vqdna.models.tokenizer import bundled_tokenizers
 
     torch.manual_seed(args.seed)
     path = args.fasta or bundled_fasta()
+    if args.model in bundled_tokenizers() or os.path.isdir(args.model):
+        _tokenize(path, args.model)
+    else:
+        print(f"vqdna demo: no tokenizer {args.model!r} here (bundled: {bundled_tokenizers()}); skipping tokenization")
+    if args.skip_backends:
+        return 0
     records = list(read_fasta(path))
     ids = torch.from_numpy(records[0].ids.copy())[None, :]
     n_bases = ids.shape[1]
