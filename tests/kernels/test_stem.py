@@ -272,3 +272,29 @@ def test_large_shapes(backend, device, b, length, d, width, rng, poison):
     ids, *params = make_inputs(b, length, d, width, rng, device)
     for dtype in OUT_DTYPES:
         assert_stem_close(stem(ids, *params, out_dtype=dtype, backend=backend), truth(ids, *params), dtype)
+
+
+def test_model_stem_module_is_the_op(rng):
+    """ConvNeXt1dEncoder's stem runs the fused op (default backend) yet equals the Conv1d(one_hot) +
+    LayerNorm + GELU of its own nn.Conv1d / nn.LayerNorm, forward and backward; checkpoint names stay."""
+    from vqdna.models.convnext import ConvNeXt1dEncoder
+
+    enc = ConvNeXt1dEncoder(24, 2, taps=(1, 2))
+    s = enc.stem
+    with torch.no_grad():
+        s.norm.weight.normal_(generator=rng)
+        s.norm.bias.normal_(generator=rng)
+    assert {"stem.conv.weight", "stem.conv.bias", "stem.norm.weight", "stem.norm.bias"} <= set(enc.state_dict())
+    ids = torch.randint(0, 6, (3, 40), generator=rng)
+    upstream = torch.randn(3, 40, 24, generator=rng)
+    got = s(ids)
+    assert dispatch.last_backend("stem") == dispatch.available_backends("cpu", "stem")[0]
+    (got * upstream).sum().backward()
+    got_grads = [p.grad.clone() for p in s.parameters()]
+    s.zero_grad()
+    one_hot = F.one_hot(ids, 6)[..., :5].permute(0, 2, 1).float()
+    want = F.gelu(s.norm(s.conv(one_hot).permute(0, 2, 1)))
+    (want * upstream).sum().backward()
+    assert_stem_close(got.detach(), want.detach().double(), torch.float32)
+    for g, p in zip(got_grads, s.parameters()):
+        assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-5 * float(p.grad.abs().max()))

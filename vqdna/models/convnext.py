@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqdna.kernels.ops import stem as fused_stem
 from vqdna.kernels.reference import BASE_PAD_ID, NUM_BASES
 
 __all__ = ["ConvNeXtBlock1d", "ConvNeXt1dStem", "ConvNeXt1dEncoder", "ConvNeXt1dDecoder", "base_mask"]
@@ -42,7 +43,7 @@ def _check_ids(ids: torch.Tensor) -> None:
 
 
 class ConvNeXt1dStem(nn.Module):
-    """ids [B, L] (0..4 bases, 5 pad) -> GELU(LayerNorm(Conv1d(one_hot(ids)))) [B, L, D] float32,
+    """ids [B, L] (0..4 bases, 5 pad) -> GELU(LayerNorm(Conv1d(one_hot(ids)))) [B, L, D] (weights' dtype),
     exactly `vqdna.kernels.reference.stem(ids, conv.weight, conv.bias, norm.weight, norm.bias, 1e-6)`
     (the pad id's one-hot row is all zeros). Masked positions are NOT zeroed here (the encoder does)."""
 
@@ -54,10 +55,10 @@ class ConvNeXt1dStem(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # one_hot over 6 classes, pad column dropped: the pad id becomes an all-zero input column.
-        onehot = F.one_hot(ids.long(), BASE_PAD_ID + 1)[..., :NUM_BASES].to(self.conv.weight.dtype)
-        y = self.conv(onehot.transpose(1, 2)).transpose(1, 2)
-        return F.gelu(self.norm(y))
+        # The fused op (DESIGN 2.5: gather-sum over the ids, LayerNorm, GELU; no one-hot tensor) on the
+        # fastest backend, differentiable w.r.t. the conv and norm parameters; output in their dtype.
+        w = self.conv.weight
+        return fused_stem(ids, w, self.conv.bias, self.norm.weight, self.norm.bias, ln_eps=self.norm.eps, out_dtype=w.dtype)
 
 
 class ConvNeXtBlock1d(nn.Module):
