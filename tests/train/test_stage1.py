@@ -1,0 +1,107 @@
+"""Stage-1 training on the bundled phage lambda genome (real sequence): the loss falls, an interrupted
+and resumed run equals an uninterrupted one bitwise, checkpoints hold no pickle, the CLI works."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vqdna.data import bundled_fasta
+from vqdna.models.tokenizer import VQDNATokenizerModel
+from vqdna.train.stage1 import GenomeWindows, Stage1Config, train_tokenizer
+
+LAMBDA = bundled_fasta("lambda.fa.gz")
+TINY = dict(dim=16, depth=2, mlp_ratio=2, taps=(1, 2), codebook_sizes=(8, 32))
+
+
+def _cfg(out, **kw):
+    base = dict(
+        genomes=[LAMBDA], out=str(out), config="vqdna-small", config_overrides=TINY, steps=8, batch_size=4,
+        warmup_steps=3, warmup_seq_len=32, seq_len=64, log_every=1, save_every=1000, progress=False,
+    )
+    return Stage1Config(**{**base, **kw})
+
+
+def _metrics(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_windows_are_real_sequence_and_seeded():
+    windows = GenomeWindows([LAMBDA])
+    assert windows.total == 48502
+    a = windows.sample(5, 100, torch.Generator().manual_seed(1))
+    b = windows.sample(5, 100, torch.Generator().manual_seed(1))
+    assert torch.equal(a, b) and a.shape == (5, 100) and int(a.max()) <= 4
+    whole = torch.from_numpy(windows.records[0].astype("int64"))
+    for row in a:  # every window is a substring of the genome
+        hits = (whole.unfold(0, 100, 1) == row).all(1)
+        assert bool(hits.any())
+
+
+def test_tiny_run_lowers_the_loss(tmp_path):
+    train_tokenizer(_cfg(tmp_path, steps=25, warmup_steps=4, lr=1e-2, batch_size=8))
+    m = _metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in m] == list(range(1, 26))
+    first = sum(r["recon_loss"] for r in m[:3]) / 3
+    last = sum(r["recon_loss"] for r in m[-3:]) / 3
+    assert last < 0.7 * first, (first, last)
+    assert m[-1]["recon_acc"] > 0.6 and m[-1]["seq_len"] == 64 and m[0]["seq_len"] == 32
+    assert all(u > 0.5 for u in m[-1]["usage"])
+    model = VQDNATokenizerModel.from_pretrained(tmp_path)  # the trained tokenizer
+    assert model.config.dim == 16 and model.tokenizer_sha256
+
+
+@pytest.mark.parametrize("interrupt_at", [3, 6], ids=["before-kmeans-reinit", "after-reinit"])
+def test_resume_equals_uninterrupted(tmp_path, interrupt_at):
+    train_tokenizer(_cfg(tmp_path / "straight"))
+    train_tokenizer(_cfg(tmp_path / "resumed", stop_after=interrupt_at))
+    assert not (tmp_path / "resumed" / "model.safetensors").exists()  # interrupted: no final model yet
+    ckpt = tmp_path / "resumed" / "checkpoint"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == interrupt_at
+    torch.manual_seed(12345)  # a different global RNG state must not matter: the checkpoint restores it
+    train_tokenizer(_cfg(tmp_path / "resumed", resume=True))
+    a = load_file(tmp_path / "straight" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    oa = load_file(tmp_path / "straight" / "checkpoint" / "optimizer.safetensors")
+    ob = load_file(ckpt / "optimizer.safetensors")
+    for key in oa:
+        assert torch.equal(oa[key], ob[key]), key
+    straight = _metrics(tmp_path / "straight" / "metrics.jsonl")
+    resumed = _metrics(tmp_path / "resumed" / "metrics.jsonl")
+    drop = ("tokens_per_s",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in straight] == [
+        {k: v for k, v in r.items() if k not in drop} for r in resumed
+    ]
+
+
+def test_resume_with_other_schedule_is_an_error(tmp_path):
+    train_tokenizer(_cfg(tmp_path, steps=4, stop_after=2))
+    with pytest.raises(ValueError, match="4-step schedule"):
+        train_tokenizer(_cfg(tmp_path, steps=5, resume=True))
+
+
+def test_cli_smoke(tmp_path, capsys):
+    from vqdna.cli import main
+
+    # A 3,000-base slice of lambda as the held-out file: two records, the second shorter than a window.
+    ids = GenomeWindows([LAMBDA]).records[0][:3000]
+    held = tmp_path / "held.fa"
+    held.write_text(">a\n" + "".join("ACGTN"[i] for i in ids[:2950]) + "\n>b\n" + "".join("ACGTN"[i] for i in ids[2950:]) + "\n")
+    out = tmp_path / "tok"
+    rc = main([
+        "train-tokenizer", "--genomes", LAMBDA, "--steps", "3", "--batch-size", "2", "--warmup-steps", "1",
+        "--seq-len", "64", "--out", str(out), "--no-progress", "--log-every", "1", "--holdout", str(held),
+    ])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "trained 3 steps" in text and "all held-out" in text
+    report = json.loads((out / "holdout.json").read_text())
+    assert report["all"]["bases"] == 3000 and 0 <= report["all"]["recon_acc"] <= 1
+    assert report["per_file"][str(held)]["bases"] == 3000
+    assert len(report["all"]["used_fraction"]) == 2
+    assert report["tokenizer_sha256"] == VQDNATokenizerModel.from_pretrained(out).tokenizer_sha256
+    assert len(_metrics(out / "metrics.jsonl")) == 3
