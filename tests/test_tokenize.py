@@ -294,26 +294,48 @@ def test_cli_disk_full_and_missing_input(tmp_path, model_dir, capsys):
     out.mkdir()
     os.symlink("/dev/full", out / "shard-00000.bin.tmp")  # every write to the first shard fails
     code, _, err = _cli(capsys, fasta, "--out", str(out), "--model", model_dir)
-    assert code == 1 and "No space left on device" in err and "Traceback" not in err, err
+    assert code == 1 and "shard-00000.bin.tmp: No space left on device" in err and "Traceback" not in err, err
     code, _, err = _cli(capsys, str(tmp_path / "nope.fa"), "--out", str(tmp_path / "o2"), "--model", model_dir)
     assert code == 1 and "nope.fa: no such input file" in err
     code, _, err = _cli(capsys, fasta, "--out", str(tmp_path / "o3"), "--model", str(tmp_path / "no-model"))
     assert code == 1 and "cannot load the tokenizer" in err
 
 
+_ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # the tiny model's ops are too small for two
+
+
+def _kill_when(args, out, ready):
+    """Start `vqdna tokenize`, kill -9 it as soon as ready(listing of out) holds; True if it was
+    still running then (killed mid-run), False if it had already finished."""
+    proc = subprocess.Popen(args + ["--out", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_ONE_THREAD)
+    while proc.poll() is None:
+        if os.path.isdir(out) and ready(sorted(os.listdir(out))):
+            proc.kill()
+            proc.wait()
+            return True
+        time.sleep(0.005)
+    return False
+
+
 @pytest.mark.slow
 def test_kill_at_any_moment_then_resume(tmp_path, model_dir):
-    """kill -9 a real `vqdna tokenize` process at several moments; --resume gives the same bytes."""
-    fasta = _random_fasta(tmp_path / "in.fa", lengths=[3000] * 40)
+    """kill -9 a real `vqdna tokenize` process at several moments (while the first shard is written,
+    right after a shard completed, between a .bin and its .idx...); --resume gives the same bytes."""
+    fasta = _random_fasta(tmp_path / "in.fa", lengths=[3000] * 60)
     args = [sys.executable, "-m", "vqdna.cli", "tokenize", fasta, "--model", model_dir, "--window", "200",
-            "--shard-bases", "4000", "--batch-size", "2", "--no-progress"]
-    subprocess.run(args + ["--out", str(tmp_path / "ref")], check=True, capture_output=True)
+            "--shard-bases", "4000", "--batch-size", "8", "--no-progress"]
+    subprocess.run(args + ["--out", str(tmp_path / "ref")], check=True, capture_output=True, env=_ONE_THREAD)
     want = _dir_bytes(tmp_path / "ref")
-    for delay in (2.0, 4.0, 6.0):
-        out = str(tmp_path / f"killed-{delay}")
-        proc = subprocess.Popen(args + ["--out", out], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(delay)
-        proc.kill()
-        proc.wait()
-        subprocess.run(args + ["--out", out, "--resume"], check=True, capture_output=True)
-        assert _dir_bytes(out) == want
+    moments = {
+        "first-shard-open": lambda names: "shard-00000.bin.tmp" in names,
+        "one-shard-done": lambda names: "shard-00000.idx" in names,
+        "bin-renamed": lambda names: any(n.endswith(".bin") and n[:-4] + ".idx" not in names for n in names),
+        "many-done": lambda names: "shard-00020.idx" in names,
+    }
+    killed = 0
+    for label, ready in moments.items():
+        out = str(tmp_path / label)
+        killed += _kill_when(args, out, ready)
+        subprocess.run(args + ["--out", out, "--resume"], check=True, capture_output=True, env=_ONE_THREAD)
+        assert _dir_bytes(out) == want, label
+    assert killed >= 3, "the runs finished before they could be killed; make the input larger"

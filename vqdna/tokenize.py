@@ -273,8 +273,9 @@ def _finish_directory(out_dir: str, settings: dict, n_units: int) -> dict:
         shards.append({"name": shard_name(k), "pieces": len(idx), "bases": idx.rows})
         records += int((idx.starts == 0).sum())
         bases += idx.rows
+    names = {s["name"] for s in shards}
     for name in os.listdir(out_dir):
-        stale_shard = name.startswith("shard-") and not any(name.startswith(s["name"] + ".") for s in shards)
+        stale_shard = name.startswith("shard-") and name.split(".")[0] not in names
         if name.endswith(TMP_SUFFIX) or stale_shard:
             os.remove(os.path.join(out_dir, name))
     manifest = {**settings, "complete": True, "shards": shards, "records": records, "bases": bases}
@@ -423,16 +424,15 @@ class _Pipeline:
                     writer.close()
                     stats.shards_written += 1
                     stats.records += sum(p.start == 0 for p in writer.pieces)
+                    for level, counts in enumerate(writer.usage):
+                        stats.usage[level] += counts
                     writer = None
                 else:
                     batch = item[1]
                     if batch.event is not None:  # GPU: wait for this batch's device-to-host copy only
                         batch.event.synchronize()
                         stats.compute_s += batch.timing[0].elapsed_time(batch.timing[1]) / 1e3
-                    codes = batch.codes.numpy().reshape(-1, levels)[batch.gather]
-                    writer.write(codes)
-                    for level in range(levels):
-                        stats.usage[level] += np.bincount(codes[:, level], minlength=sizes[level])
+                    writer.write(batch.codes.numpy().reshape(-1, levels)[batch.gather])
                     stats.bases += len(batch.gather)
                     bar.update(len(batch.gather))
                 stats.write_s += time.perf_counter() - t0

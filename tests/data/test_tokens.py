@@ -2,6 +2,7 @@
 completeness checks, refusal of incomplete or corrupt directories."""
 
 import os
+import pickle
 import struct
 
 import numpy as np
@@ -89,6 +90,9 @@ def test_round_trip(tmp_path, sizes, shard_bases):
     for i in whole:
         assert isinstance(ds[i][1].base, np.memmap) or isinstance(ds[i][1], np.memmap)
     assert ds.find("rec4 é") == 4 and ds.find("rec0") == 0
+    clone = pickle.loads(pickle.dumps(ds))  # DataLoader workers: reopened from the directory, not copied
+    assert len(pickle.dumps(ds)) < 1000 and clone[len(ds) - 2][0] == records[-2][0]
+    np.testing.assert_array_equal(clone[len(ds) - 2][1], records[-2][1])
     with pytest.raises(KeyError, match="nope"):
         ds.find("nope")
     assert len(manifest["shards"]) >= 1
@@ -148,8 +152,10 @@ def test_incomplete_and_corrupt_directories(tmp_path):
 def test_writer_checks(tmp_path):
     pieces = [Piece(0, "a", 0, 3, 3), Piece(1, "b", 0, 2, 2)]
     w = ShardWriter(str(tmp_path), 0, pieces, (4, 8))
-    with pytest.raises(ValueError, match="outside its codebook"):
+    with pytest.raises(ValueError, match="level-0 code is outside its codebook of 4"):
         w.write(np.array([[4, 0]]))
+    with pytest.raises(ValueError, match="level-1 code is outside its codebook of 8"):
+        w.write(np.array([[0, -1]]))
     with pytest.raises(ValueError, match=r"must be \[m, 2\]"):
         w.write(np.zeros((3, 3), np.int64))
     w.write(np.array([[3, 7], [0, 0], [1, 1]]))

@@ -15,6 +15,7 @@ written (a shard holds at most `shard_records` pieces), so memory never grows wi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -79,8 +80,9 @@ class ShardWriter:
     """Writes one shard under temporary names; `close()` makes it complete (renames .bin, then .idx).
 
     pieces: the shard's pieces in order. `write(codes)` appends codes [m, n_levels] (any integer dtype,
-    values checked against `codebook_sizes`) continuing where the last write stopped; close() checks
-    that exactly sum(length) rows arrived. Until close() returns, the shard does not look complete.
+    values checked against `codebook_sizes`, counted in `usage`) continuing where the last write
+    stopped; close() checks that exactly sum(length) rows arrived. Until close() returns, the shard
+    does not look complete.
     """
 
     def __init__(self, directory: str, index: int, pieces: Sequence[Piece], codebook_sizes: Sequence[int]):
@@ -90,6 +92,7 @@ class ShardWriter:
         self.n_levels = len(codebook_sizes)
         self.dtype = np.dtype(codes_dtype(codebook_sizes)).newbyteorder("<")
         self._limits = np.asarray(codebook_sizes, dtype=np.int64)
+        self.usage = [np.zeros(k, dtype=np.int64) for k in codebook_sizes]  # codes written, per level
         self.expected_rows = sum(p.length for p in self.pieces)
         self.rows = 0
         self.bin_path = os.path.join(directory, self.name + ".bin")
@@ -101,17 +104,27 @@ class ShardWriter:
             raise ValueError(f"{self.name}: codes must be [m, {self.n_levels}], got {codes.shape}")
         if self.rows + codes.shape[0] > self.expected_rows:
             raise ValueError(f"{self.name}: more codes than its pieces hold ({self.expected_rows} rows)")
-        if codes.size and (codes.min() < 0 or (codes.max(axis=0) >= self._limits).any()):
-            raise ValueError(f"{self.name}: a code is outside its codebook (sizes {self._limits.tolist()})")
-        self._file.write(np.ascontiguousarray(codes, dtype=self.dtype).tobytes())
+        # The usage histogram is also the range check (one pass per level): a negative code makes
+        # bincount raise, a code >= K lengthens its output.
+        for level, k in enumerate(self._limits.tolist()):
+            try:
+                counts = np.bincount(codes[:, level], minlength=k)
+            except (ValueError, TypeError):
+                counts = None
+            if counts is None or len(counts) > k:
+                raise ValueError(f"{self.name}: a level-{level} code is outside its codebook of {k} codes")
+            self.usage[level] += counts
+        with _naming(self.bin_path + TMP_SUFFIX):
+            self._file.write(np.ascontiguousarray(codes, dtype=self.dtype).tobytes())
         self.rows += codes.shape[0]
 
     def close(self) -> None:
         if self.rows != self.expected_rows:
             raise ValueError(f"{self.name}: got {self.rows} rows of codes, its pieces hold {self.expected_rows}")
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
+        with _naming(self.bin_path + TMP_SUFFIX):
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
         with open(self.idx_path + TMP_SUFFIX, "wb") as f:
             _write_index(f, self.pieces, self.dtype, self.n_levels)
             f.flush()
@@ -124,7 +137,21 @@ class ShardWriter:
     def abort(self) -> None:
         """Close without completing; the temporary file stays (a resumed run overwrites it)."""
         if not self._file.closed:
-            self._file.close()
+            try:
+                self._file.close()
+            except OSError:
+                pass  # the error that made us abort (disk full...) has already been raised
+
+
+@contextlib.contextmanager
+def _naming(path: str):
+    """Give a file-less OSError (a failed write or flush: disk full, quota) the file's name."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, path) from exc
+        raise
 
 
 def _fsync_dir(directory: str) -> None:
@@ -327,6 +354,13 @@ class TokenDataset:
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    # Pickled (DataLoader workers under spawn) as its directory: the memory maps are reopened, not copied.
+    def __getstate__(self) -> dict:
+        return {"directory": self.directory}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["directory"])
 
     def _piece(self, g: int) -> tuple[ShardIndex, int, int]:
         shard = bisect_right(self._shard_first, g) - 1
