@@ -215,8 +215,10 @@ def test_two_ranks_equal_one(tmp_path, model_dir):
     one = str(tmp_path / "one")
     tokenize_files([fasta], one, VQDNATokenizerModel.from_pretrained(model_dir), window=40, batch_size=4, shard_bases=250)
     two = str(tmp_path / "two")
-    torch.multiprocessing.spawn(
-        _rank_main, args=(2, str(tmp_path / "init"), fasta, two, model_dir), nprocs=2, join=True
+    # fork: the ranks inherit the imported modules (spawn would re-import torch and transformers in
+    # each); they run single-threaded, so no OpenMP pool is used across the fork.
+    torch.multiprocessing.start_processes(
+        _rank_main, args=(2, str(tmp_path / "init"), fasta, two, model_dir), nprocs=2, join=True, start_method="fork"
     )
     assert len(TokenDataset(one).manifest["shards"]) >= 4
     assert _dir_bytes(one) == _dir_bytes(two)
