@@ -364,24 +364,32 @@ class _Pipeline:
 
     def read(self, main: threading.Thread) -> None:
         s, stats = self.settings, self.stats
-        for unit in work_units(self.inputs, s["shard_bases"], s["shard_records"]):
+        units = work_units(self.inputs, s["shard_bases"], s["shard_records"])
+        while True:
+            t0 = time.perf_counter()
+            unit = next(units, None)  # FASTA decoding happens here
+            stats.read_s += time.perf_counter() - t0
+            if unit is None:
+                break
             self.n_units = unit.index + 1
             if unit.index % self.world != self.rank:
                 continue
             if self.resume and shard_complete(self.out_dir, unit.index, s["levels"], s["dtype"]):
                 stats.shards_skipped += 1
                 continue
-            t0 = time.perf_counter()
             if not self._put(self.in_q, ("unit", unit.index, unit.pieces), main):
                 return
-            for batch in _batches(unit, s["window"], s["halo"], s["batch_size"]):
-                if self.dev.type == "cuda":
+            batches = _batches(unit, s["window"], s["halo"], s["batch_size"])
+            while True:
+                t0 = time.perf_counter()
+                batch = next(batches, None)
+                if batch is not None and self.dev.type == "cuda":
                     batch.ids_t = torch.from_numpy(batch.ids).pin_memory()
                 stats.read_s += time.perf_counter() - t0
+                if batch is None:
+                    break
                 if not self._put(self.in_q, ("batch", batch), main):
                     return
-                t0 = time.perf_counter()
-            stats.read_s += time.perf_counter() - t0
             if not self._put(self.in_q, ("end", unit.index), main):
                 return
         self._put(self.in_q, ("done",), main)
@@ -410,11 +418,14 @@ class _Pipeline:
 
         stats, sizes, levels = self.stats, self.codebook_sizes, len(self.codebook_sizes)
         total = _estimate_bases(self.inputs) if self.progress else None
-        bar = tqdm.tqdm(total=total, unit="b", unit_scale=True, desc="tokenize", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm.tqdm(total=total, unit=" bases", unit_scale=True, desc="tokenize", disable=not self.progress, dynamic_ncols=True)
         writer: Optional[ShardWriter] = None
         try:
             while True:
                 item = self._get(self.out_q)
+                if item[0] == "done" and total is not None:
+                    bar.total = bar.n  # the total was an estimate from file sizes
+                    bar.refresh()
                 if item[0] in ("done", "stop"):
                     return
                 t0 = time.perf_counter()
