@@ -341,3 +341,10 @@ def test_kill_at_any_moment_then_resume(tmp_path, model_dir):
         subprocess.run(args + ["--out", out, "--resume"], check=True, capture_output=True, env=_ONE_THREAD)
         assert _dir_bytes(out) == want, label
     assert killed >= 3, "the runs finished before they could be killed; make the input larger"
+
+
+def test_demo_tokenizes_the_bundled_genome(model_dir, capsys):
+    """`vqdna demo` (tokenization part) on the bundled lambda genome with a given tokenizer."""
+    assert cli.main(["demo", "--model", model_dir, "--skip-backends"]) == 0
+    out = capsys.readouterr().out
+    assert "tokenized" in out and "lambda.fa.gz" in out and "bases    48,502 in the output" in out and "level 1" in out
