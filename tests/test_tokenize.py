@@ -290,13 +290,21 @@ def test_cli_legal_oddities(tmp_path, model_dir, capsys):
         np.testing.assert_array_equal(a[i][1], b[i][1])
 
 
-def test_cli_disk_full_and_missing_input(tmp_path, model_dir, capsys):
+def test_cli_disk_full_permissions_missing_input(tmp_path, model_dir, capsys):
     fasta = _random_fasta(tmp_path / "in.fa")
     out = tmp_path / "out"
     out.mkdir()
     os.symlink("/dev/full", out / "shard-00000.bin.tmp")  # every write to the first shard fails
     code, _, err = _cli(capsys, fasta, "--out", str(out), "--model", model_dir)
     assert code == 1 and "shard-00000.bin.tmp: No space left on device" in err and "Traceback" not in err, err
+    (tmp_path / "a-file").write_text("")
+    code, _, err = _cli(capsys, fasta, "--out", str(tmp_path / "a-file" / "out"), "--model", model_dir)
+    assert code == 1 and "a-file/out: Not a directory" in err and "Traceback" not in err, err
+    if os.geteuid() != 0:  # root ignores permissions
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        code, _, err = _cli(capsys, fasta, "--out", str(locked / "out"), "--model", model_dir)
+        assert code == 1 and "Permission denied" in err, err
     code, _, err = _cli(capsys, str(tmp_path / "nope.fa"), "--out", str(tmp_path / "o2"), "--model", model_dir)
     assert code == 1 and "nope.fa: no such input file" in err
     code, _, err = _cli(capsys, fasta, "--out", str(tmp_path / "o3"), "--model", str(tmp_path / "no-model"))
