@@ -292,6 +292,9 @@ at::Tensor stem_native_cpu(const at::Tensor& ids, const at::Tensor& weight, cons
   const int64_t B = idc.size(0), L = idc.size(1);
   at::Tensor out = at::empty({B, L, D}, weight.options().dtype(out_dtype));
   if (B * L == 0) return out;
+  // The output is the only large stream and is freshly allocated: its first-touch page faults cost
+  // about as much as the writes, which huge pages (where the system allows them) mostly remove.
+  advise_huge_pages(out.data_ptr(), static_cast<size_t>(out.nbytes()));
 
   // table[(j * 6 + c) * D + d] = W[d, c, j] (c < 5), 0 for the pad channel; + bias on the centre tap.
   const at::Tensor wc = weight.contiguous(), bc = bias.contiguous();
