@@ -136,3 +136,28 @@ def test_cli_pretrain_on_token_files(tmp_path, capsys):
     other.save_pretrained(tmp_path / "other")
     with pytest.raises(SystemExit, match="written by tokenizer sha256"):
         main(argv[:4] + [str(tmp_path / "other")] + argv[5:])
+
+
+@pytest.mark.slow
+def test_pretrain_ddp_two_ranks_gloo(tmp_path):
+    """`torchrun --nproc_per_node 2 vqdna pretrain` on CPU (gloo): one model written, the global batch split."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from vqdna.data import bundled_fasta
+    from vqdna.tokenize import tokenize_files
+
+    tok = _mlm.tokenizer()
+    tokenize_files([bundled_fasta()], str(tmp_path / "tokens"), tok.model, window=4096, device="cpu")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "vqdna.cli", "pretrain", "--tokens", str(tmp_path / "tokens"), "--tokenizer", f"{_mlm.ROOT}/stage1",
+           "--config", "bert-tiny", "--out", str(tmp_path / "mlm"), "--steps", "4", "--batch-size", "8",
+           "--max-length", "32", "--warmup-steps", "1", "--save-steps", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((tmp_path / "mlm" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["train_batch_size"] == 4  # per rank: 8 / 2
+    assert (tmp_path / "mlm" / "model.safetensors").exists() and (tmp_path / "mlm" / "vqdna_tokenizer.json").exists()
