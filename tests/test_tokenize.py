@@ -356,3 +356,17 @@ def test_demo_tokenizes_the_bundled_genome(model_dir, capsys):
     assert cli.main(["demo", "--model", model_dir, "--skip-backends"]) == 0
     out = capsys.readouterr().out
     assert "tokenized" in out and "lambda.fa.gz" in out and "bases    48,502 in the output" in out and "level 1" in out
+
+
+@pytest.mark.slow
+def test_torchrun_cli_equals_one_process(tmp_path, model_dir):
+    """`torchrun --nproc_per_node 2 -m vqdna.cli tokenize` (gloo on CPU) writes the same bytes as one process."""
+    fasta = _random_fasta(tmp_path / "in.fa")
+    args = ["-m", "vqdna.cli", "tokenize", fasta, "--model", model_dir, "--window", "40", "--shard-bases", "250",
+            "--device", "cpu", "--no-progress"]
+    subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], check=True, capture_output=True, env=_ONE_THREAD)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    done = subprocess.run([*torchrun, *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=_ONE_THREAD)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("vqdna tokenize: ") == 1  # only rank 0 prints the summary
+    assert _dir_bytes(tmp_path / "one") == _dir_bytes(tmp_path / "two")

@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
             import torch.distributed as dist
 
             cuda = args.device != "cpu" and torch.cuda.is_available()
+            if cuda:  # NCCL's object collectives use the current device: one GPU per rank
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if cuda else "gloo")
             rank = dist.get_rank()
         from vqdna.models import VQDNATokenizerModel
