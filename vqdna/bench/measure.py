@@ -202,7 +202,8 @@ def format_table(rows: list[dict]) -> list[str]:
             rate = r[rate_key] / (1e6 if rate_key == "bases_per_s" else 1)
             of_peak = "-" if r["fraction_of_peak"] is None else f"{100 * r['fraction_of_peak']:.1f}%"
             vs_ref = f"{r['speedup_vs_reference']:.2f}x" if r["speedup_vs_reference"] else "-"
-            line = f"  {r['backend']:<26} {r['ms']:10.3f} {rate:9.1f} {of_peak:>8} {vs_ref:>8}"
+            rate_text = f"{rate:9.1f}" if rate >= 10 else f"{rate:9.3g}"
+            line = f"  {r['backend']:<26} {r['ms']:10.3f} {rate_text} {of_peak:>8} {vs_ref:>8}"
             line += "".join(f" {r['speedup_vs_' + p]:11.2f}x" for p in peers)
             lines.append(line)
     return lines

@@ -60,7 +60,7 @@ def plot_results(rows: list[dict], path: str, title: str = "") -> str:
             ax_row[1].set_visible(False)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
