@@ -195,7 +195,9 @@ def _config_dict(model) -> dict:
     if config is None:
         return {}
     d = json.loads(config.to_json_string(use_diff=False))
-    d.pop("transformers_version", None)  # the tokenizer's identity is its sha256, not the library
+    # The tokenizer's identity is its sha256: not the library version, nor where it was loaded from.
+    for key in ("transformers_version", "_name_or_path"):
+        d.pop(key, None)
     return d
 
 
