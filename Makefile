@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h)
 
-.PHONY: install demo test test-slow bench bench-gpu clean
+.PHONY: install demo test test-slow bench bench-gpu clean tokenizer
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,19 @@ bench: install
 # bench/results/<gpu>-<date>.{json,md} (or under $$OUT). Uses PYTHON (default: .venv's, else python3).
 bench-gpu:
 	PYTHON=$${PYTHON:-$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3)} bench/gpu.sh $(GPU_ARGS)
+
+# The bundled vqdna-small tokenizer (vqdna/assets/vqdna-small/TRAINING.md): trained on one strain per
+# species, reported on the held-out strains. About 40 min on the shared 2-core CPU.
+GENOMES ?= ../shared/data/genomes
+TOKENIZER_OUT ?= build/tokenizer/vqdna-small
+tokenizer: install
+	OMP_NUM_THREADS=1 $(BIN)/vqdna train-tokenizer --config vqdna-small --steps 1000 --batch-size 32 \
+		--warmup-steps 100 --seed 0 --threads 1 --save-every 200 --log-every 20 --out $(TOKENIZER_OUT) \
+		--genomes $(GENOMES)/ecoli_MG1655.fasta.gz $(GENOMES)/hpylori_G27.fasta.gz $(GENOMES)/saureus_COL.fasta.gz \
+		$(GENOMES)/kpneumoniae_HS11286.fna.xz $(GENOMES)/vcholerae_O395.fasta.gz $(GENOMES)/yeast_someORF.fa \
+		$(GENOMES)/human_chr17_hg19_part.fa $(GENOMES)/virus_lambda.fa.gz $(GENOMES)/virus_dwv.fasta.gz \
+		--holdout $(GENOMES)/hpylori_SJM180.fasta.gz $(GENOMES)/saureus_N315.fasta.gz
+	install -m 644 $(TOKENIZER_OUT)/config.json $(TOKENIZER_OUT)/model.safetensors vqdna/assets/vqdna-small/
 
 clean:
 	rm -rf build *.egg-info vqdna/_C*.so $(VENV)

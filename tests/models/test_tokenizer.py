@@ -151,10 +151,15 @@ def test_named_configs():
     assert vqdna.VQDNATokenizerModel is VQDNATokenizerModel and vqdna.models.VQDNATokenizerConfig is VQDNATokenizerConfig
 
 
-@pytest.mark.skipif("vqdna-small" not in bundled_tokenizers(), reason="vqdna-small not bundled yet")
-def test_bundled_small_loads():
+def test_bundled_small_reconstructs_lambda():
+    """The shipped tokenizer (vqdna/assets/vqdna-small) loads by name and reconstructs real sequence."""
+    from vqdna.data import bundled_fasta, read_fasta
+
+    assert "vqdna-small" in bundled_tokenizers()
     model = VQDNATokenizerModel.from_pretrained("vqdna-small")
-    assert model.config.dim == 64 and model.receptive_radius == 14
+    assert model.config.dim == 64 and model.receptive_radius == 14 and model.config.codebook_sizes == [64, 256]
     assert len(model.tokenizer_sha256) == 64
-    ids = torch.randint(0, 5, (1, 300))
-    assert (model.encode(ids) >= 0).all()
+    ids = torch.from_numpy(next(read_fasta(bundled_fasta())).ids[:4096].astype("int64")).view(16, 256)
+    out = model(ids)
+    assert (out.logits.argmax(-1) == ids).float().mean() > 0.99
+    assert torch.equal(model.encode(ids).long(), out.codes)
