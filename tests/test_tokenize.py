@@ -370,3 +370,16 @@ def test_torchrun_cli_equals_one_process(tmp_path, model_dir):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("vqdna tokenize: ") == 1  # only rank 0 prints the summary
     assert _dir_bytes(tmp_path / "one") == _dir_bytes(tmp_path / "two")
+
+
+def test_fastq_input_equals_fasta(tmp_path, model):
+    """FASTQ reads (read_fasta takes both) tokenize like the same sequences given as FASTA."""
+    (tmp_path / "r.fq").write_text("@a x\nACGTTGCA\n+\nIIIIIIII\n@b\nGGGAAN\n+\nIIIIII\n")
+    (tmp_path / "r.fa").write_text(">a x\nACGTTGCA\n>b\nGGGAAN\n")
+    for name in ("r.fq", "r.fa"):
+        tokenize_files([str(tmp_path / name)], str(tmp_path / f"out-{name}"), model, window=4)
+    a, b = TokenDataset(tmp_path / "out-r.fq"), TokenDataset(tmp_path / "out-r.fa")
+    assert len(a) == len(b) == 2
+    for i in range(2):
+        assert a[i][0] == b[i][0]
+        np.testing.assert_array_equal(a[i][1], b[i][1])
