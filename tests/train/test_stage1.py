@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vqdna.data import bundled_fasta
+from vqdna.data import bundled_fasta, read_fasta
 from vqdna.models.tokenizer import VQDNATokenizerModel
 from vqdna.train.stage1 import GenomeWindows, Stage1Config, train_tokenizer
 
@@ -17,7 +17,7 @@ TINY = dict(dim=16, depth=2, mlp_ratio=2, taps=(1, 2), codebook_sizes=(8, 32))
 
 def _cfg(out, **kw):
     base = dict(
-        genomes=[LAMBDA], out=str(out), config="vqdna-small", config_overrides=TINY, steps=8, batch_size=4,
+        genomes=[LAMBDA], out=str(out), config="vqdna-small", config_overrides=TINY, steps=6, batch_size=4,
         warmup_steps=3, warmup_seq_len=32, seq_len=64, log_every=1, save_every=1000, progress=False,
     )
     return Stage1Config(**{**base, **kw})
@@ -27,13 +27,17 @@ def _metrics(path):
     return [json.loads(line) for line in open(path)]
 
 
-def test_windows_are_real_sequence_and_seeded():
-    windows = GenomeWindows([LAMBDA])
+def _lambda_ids():
+    return next(read_fasta(LAMBDA)).ids
+
+
+def test_windows_are_real_sequence_and_seeded(tmp_path):
+    windows = GenomeWindows([LAMBDA], cache=str(tmp_path))
     assert windows.total == 48502
-    a = windows.sample(5, 100, torch.Generator().manual_seed(1))
-    b = windows.sample(5, 100, torch.Generator().manual_seed(1))
-    assert torch.equal(a, b) and a.shape == (5, 100) and int(a.max()) <= 4
-    whole = torch.from_numpy(windows.records[0].astype("int64"))
+    a = windows.sample(5, 100, 1)
+    assert torch.equal(a, windows.sample(5, 100, 1)) and not torch.equal(a, windows.sample(5, 100, 2))
+    assert a.shape == (5, 100) and a.dtype == torch.int64 and int(a.max()) <= 4
+    whole = torch.from_numpy(_lambda_ids().astype("int64"))
     for row in a:  # every window is a substring of the genome
         hits = (whole.unfold(0, 100, 1) == row).all(1)
         assert bool(hits.any())
@@ -52,7 +56,7 @@ def test_tiny_run_lowers_the_loss(tmp_path):
     assert model.config.dim == 16 and model.tokenizer_sha256
 
 
-@pytest.mark.parametrize("interrupt_at", [3, 6], ids=["before-kmeans-reinit", "after-reinit"])
+@pytest.mark.parametrize("interrupt_at", [3, 5], ids=["before-kmeans-reinit", "after-reinit"])
 def test_resume_equals_uninterrupted(tmp_path, interrupt_at):
     train_tokenizer(_cfg(tmp_path / "straight"))
     train_tokenizer(_cfg(tmp_path / "resumed", stop_after=interrupt_at))
@@ -88,7 +92,7 @@ def test_cli_smoke(tmp_path, capsys):
     from vqdna.cli import main
 
     # A 3,000-base slice of lambda as the held-out file: two records, the second shorter than a window.
-    ids = GenomeWindows([LAMBDA]).records[0][:3000]
+    ids = _lambda_ids()[:3000]
     held = tmp_path / "held.fa"
     held.write_text(">a\n" + "".join("ACGTN"[i] for i in ids[:2950]) + "\n>b\n" + "".join("ACGTN"[i] for i in ids[2950:]) + "\n")
     out = tmp_path / "tok"

@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", help="JSONL metrics file (default OUT/metrics.jsonl)")
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--index-cache", help="sequence index cache directory (default OUT/seqidx)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is faster on a busy machine)")
     parser.add_argument("--holdout", nargs="*", default=[], metavar="FASTA", help="held-out FASTA files: report accuracy and code usage")
     parser.add_argument("--no-progress", action="store_true", help="no tqdm bar")
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = Stage1Config(
         genomes=args.genomes, out=args.out, config=args.config, steps=args.steps, batch_size=args.batch_size,
         lr=args.lr, warmup_steps=args.warmup_steps, seq_len=args.seq_len, seed=args.seed, resume=args.resume,
-        metrics=args.metrics, log_every=args.log_every, save_every=args.save_every, progress=not args.no_progress,
+        metrics=args.metrics, index_cache=args.index_cache, log_every=args.log_every, save_every=args.save_every, progress=not args.no_progress,
     )
     t0 = time.perf_counter()
     last = train_tokenizer(cfg)

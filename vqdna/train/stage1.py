@@ -25,7 +25,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from vqdna.data import read_fasta
 from vqdna.kernels.reference import BASE_PAD_ID
 from vqdna.models.tokenizer import NAMED_CONFIGS, VQDNATokenizerConfig, VQDNATokenizerModel
 from vqdna.train.checkpoint import load_checkpoint, save_checkpoint
@@ -59,6 +58,7 @@ class Stage1Config:
     kmeans_windows: Optional[int] = None  # windows encoded for the re-init (None: 64 * max K tokens)
     config_overrides: dict = dataclasses.field(default_factory=dict)
     progress: bool = True
+    index_cache: Optional[str] = None  # SequenceIndex cache directory (default: out/seqidx)
     stop_after: Optional[int] = None  # checkpoint and stop at this step (an interruption, for tests)
 
     def resolved_lr(self) -> float:
@@ -69,51 +69,31 @@ class Stage1Config:
 
 
 class GenomeWindows:
-    """All records of some FASTA files in memory, sampled as fixed-length windows.
+    """Training windows from FASTA files through `vqdna.data.SequenceIndex` (decoded once into a
+    memory-mapped cache, so genomes need not fit in memory and every torchrun rank shares it).
 
-    sample(n, length, generator) -> ids [n, length] int64 (0..4, 5 = pad past a record's end). A
-    record is drawn with probability proportional to its length, the start uniformly; windows
-    without a single A/C/G/T (e.g. N runs) are redrawn.
+    sample(n, length, seed) -> ids [n, length] int64 (0..4, 5 = pad past a short record's end): a
+    record drawn with probability proportional to its length, the start uniformly; windows without a
+    single A/C/G/T (N runs) are redrawn. The windows are a pure function of the seed.
     """
 
-    def __init__(self, paths: Sequence[str]):
-        self.paths = [os.fspath(p) for p in paths]
-        if not self.paths:
+    def __init__(self, paths: Sequence[str], cache: str):
+        from vqdna.data import SequenceIndex
+
+        if not paths:
             raise ValueError("GenomeWindows: no FASTA files given")
-        self.records: list[np.ndarray] = []
-        self.names: list[str] = []
-        for path in self.paths:
-            for rec in read_fasta(path):
-                if len(rec.ids):
-                    self.records.append(rec.ids)
-                    self.names.append(f"{path}:{rec.name}")
-        if not self.records:
-            raise ValueError(f"GenomeWindows: no sequence in {self.paths}")
-        lengths = np.array([len(r) for r in self.records], dtype=np.float64)
-        self.total = int(lengths.sum())
-        self._weights = torch.from_numpy(lengths / lengths.sum())
+        self.index = SequenceIndex.build([os.fspath(p) for p in paths], cache=cache)
+        self.total = self.index.total
+        if self.total == 0:
+            raise ValueError(f"GenomeWindows: no sequence in {list(paths)}")
 
-    def sample(self, n: int, length: int, generator: torch.Generator) -> torch.Tensor:
-        out = np.full((n, length), BASE_PAD_ID, dtype=np.int64)
-        row = 0
-        for _ in range(100):  # redraws of all-N windows; a genome of only N is an error below
-            need = n - row
-            picks = torch.multinomial(self._weights, need, replacement=True, generator=generator).tolist()
-            offsets = torch.rand(need, generator=generator, dtype=torch.float64).tolist()
-            for rec_index, u in zip(picks, offsets):
-                rec = self.records[rec_index]
-                start = int(u * max(1, len(rec) - length + 1))
-                window = rec[start : start + length]
-                if (window < 4).any():
-                    out[row, : len(window)] = window
-                    row += 1
-            if row == n:
-                return torch.from_numpy(out)
-        raise ValueError(f"GenomeWindows: could not draw windows with any A/C/G/T from {self.paths}")
+    def sample(self, n: int, length: int, seed: int) -> torch.Tensor:
+        windows = self.index.sample_windows(n, length, rng=seed, min_acgt=1)
+        return torch.from_numpy(windows.ids.astype(np.int64))
 
 
-def _window_generator(seed: int, step: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+def _window_seed(seed: int, step: int, rank: int) -> int:
+    return ((seed * 1_000_003 + step + 1) * 4099 + rank) % (1 << 63)
 
 
 def _setup_distributed() -> tuple[int, int, torch.device]:
@@ -142,7 +122,7 @@ def _reinit_codebooks(model: VQDNATokenizerModel, windows: GenomeWindows, cfg: S
     """The one-time repeated k-means: codebooks re-fit on encoder outputs of a fresh sample."""
     n_tokens = 64 * max(model.config.codebook_sizes)
     n_windows = cfg.kmeans_windows or max(1, math.ceil(n_tokens / cfg.seq_len))
-    ids = windows.sample(n_windows, cfg.seq_len, _window_generator(cfg.seed, -1, rank)).to(device)
+    ids = windows.sample(n_windows, cfg.seq_len, _window_seed(cfg.seed, -1, rank)).to(device)
     keep = ids < BASE_PAD_ID
     zs = [z[keep].float() for z in model.encoder(ids)]
     if model.config.quantizer == "vq":
@@ -176,7 +156,7 @@ def train_tokenizer(cfg: Stage1Config) -> dict:
         raise ValueError(f"warm-up steps ({warmup}) must be in [0, steps={cfg.steps})")
     ckpt_dir = os.path.join(cfg.out, "checkpoint")
     metrics_path = cfg.metrics or os.path.join(cfg.out, "metrics.jsonl")
-    windows = GenomeWindows(cfg.genomes)
+    windows = GenomeWindows(cfg.genomes, cfg.index_cache or os.path.join(cfg.out, "seqidx"))
 
     torch.manual_seed(cfg.seed)
     if cfg.resume and os.path.isfile(os.path.join(ckpt_dir, "trainer_state.json")):
@@ -220,7 +200,7 @@ def train_tokenizer(cfg: Stage1Config) -> dict:
         if step == warmup and warmup > 0:
             _reinit_codebooks(model, windows, cfg, rank, device)
         seq_len = cfg.warmup_seq_len if step < warmup else cfg.seq_len
-        ids = windows.sample(local_batch, seq_len, _window_generator(cfg.seed, step, rank))
+        ids = windows.sample(local_batch, seq_len, _window_seed(cfg.seed, step, rank))
         tokens_since += int((ids < BASE_PAD_ID).sum()) * world  # counted on the host: no device sync
         ids = ids.to(device, non_blocking=True)
         with autocast:
