@@ -56,6 +56,11 @@ def test_cpu_mode_writes_results_and_table(tmp_path):
     assert {r["backend"] for r in data["results"]} >= {"native", "reference", "torch"}
     assert result.with_suffix(".md").exists() and result.with_suffix(".png").exists()
     table = json.loads((tmp_path / "backend_table.json").read_text())
-    key = f"cpu/{data['device_name']}"
-    assert table["devices"][key]["entries"][0]["op"] == "lookup"
+    entries = table["devices"][f"cpu/{data['device_name']}"]["entries"]
+    # the run's (op, dtype) replaced the packaged points of that pair; the packaged others stay
+    assert [(e["N"], e["K"]) for e in entries if (e["op"], e["dtype"]) == ("lookup", "float32")] == [(1024, 64)]
+    packaged = json.loads((ROOT / "vqdna" / "kernels" / "backend_table.json").read_text())
+    others = [e for dev in packaged["devices"].values() if dev["device_name"] == data["device_name"]
+              for e in dev["entries"] if (e["op"], e["dtype"]) != ("lookup", "float32")]
+    assert all(e in entries for e in others)
     assert (tmp_path / f"suite-{result.stem.rsplit('-', 1)[0]}.log").exists()
