@@ -142,9 +142,10 @@ def _batch_metrics(out, ids: torch.Tensor) -> dict:
     }
 
 
-def train_tokenizer(cfg: Stage1Config) -> dict:
+def train_tokenizer(cfg: Stage1Config, return_model: bool = False):
     """Run stage 1; writes cfg.out/{config.json, model.safetensors} (the trained tokenizer),
-    cfg.out/checkpoint/ (resumable state) and metrics JSONL. Returns the last logged metrics."""
+    cfg.out/checkpoint/ (resumable state) and metrics JSONL. Returns the last logged metrics (and this
+    rank's model with return_model=True)."""
     from tqdm import tqdm
 
     rank, world, device = _setup_distributed()
@@ -232,7 +233,7 @@ def train_tokenizer(cfg: Stage1Config) -> dict:
         model.save_pretrained(cfg.out)
     if dist.is_initialized():
         dist.barrier()
-    return last
+    return (last, model) if return_model else last
 
 
 def _jsonable(cfg: Stage1Config) -> dict:
