@@ -1,5 +1,7 @@
 // CUDA dispatch of torch.ops.vqdna.stem_cuda (schema in csrc/vqdna.cpp; kernel in stem.cu).
-#include <ATen/ATen.h>
+// Narrow includes (not ATen/ATen.h): the host-compiler check in tests/build parses this file.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include <c10/cuda/CUDAException.h>
@@ -75,7 +77,7 @@ at::Tensor stem_cuda(const at::Tensor& ids, const at::Tensor& weight, const at::
               ::vqdna::cuda::stem_table_bytes(d, width), " bytes) exceeds this GPU's shared memory per block (",
               optin, " bytes); use backend='triton'");
 
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   C10_CUDA_CHECK(::vqdna::cuda::launch_stem(idc.data_ptr(), id_type, weight.data_ptr<float>(), bias.data_ptr<float>(),
                                             ln_weight.data_ptr<float>(), ln_bias.data_ptr<float>(), out.data_ptr(),
                                             out_type, batch * length, length, d, width,
