@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tests.train import _mlm
+from tests.train._mlm import one_thread  # noqa: F401  (autouse)
 from vqdna.models.bert import CLS, PAD, SEP, special_ids
 from vqdna.tokenization import VQDNATokenizer, dna_to_ids
 

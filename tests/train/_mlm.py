@@ -8,12 +8,23 @@ import shutil
 import tempfile
 
 import numpy as np
+import pytest
 import torch
 
 from vqdna.models.tokenizer import VQDNATokenizerConfig, VQDNATokenizerModel
 from vqdna.tokenization import VQDNATokenizer
 
 ROOT = tempfile.mkdtemp(prefix="vqdna-mlm-tests-")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models train fastest on one torch thread: with two, thread hand-offs dominate, and on a
+    shared 2-core machine spinning threads slow these tests down several times. Restored afterwards."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 atexit.register(shutil.rmtree, ROOT, ignore_errors=True)
 
 

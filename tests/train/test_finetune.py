@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.train import _mlm
+from tests.train._mlm import one_thread  # noqa: F401  (autouse)
 from vqdna.train.finetune import apply_lora, finetune, load_task, read_gue_csv, train_lora
 
 

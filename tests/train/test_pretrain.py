@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.train import _mlm
+from tests.train._mlm import one_thread  # noqa: F401  (autouse)
 from vqdna.models.bert import CLS, MASK, PAD, SEP, build_inputs, special_ids
 from vqdna.train.pretrain import CodeWindows, MLMCollator, mask_tokens
 
