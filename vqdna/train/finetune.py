@@ -159,8 +159,11 @@ def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, s
         fn = classification_metrics if task == "classification" else regression_metrics
         return fn(np.asarray(logits, dtype=np.float64), np.asarray(p.label_ids))
 
-    args = TrainingArguments(
-        output_dir=out_dir, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if batch_size % world:
+        raise ValueError(f"global batch size {batch_size} is not divisible by the world size {world}")
+    args = TrainingArguments(  # batch_size is global: the same optimisation whatever the GPU count
+        output_dir=out_dir, num_train_epochs=epochs, per_device_train_batch_size=batch_size // world,
         per_device_eval_batch_size=max(batch_size, 64), learning_rate=lr, weight_decay=weight_decay,
         lr_scheduler_type="linear", warmup_steps=0.05, eval_strategy="epoch", save_strategy="epoch",
         save_total_limit=1, load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=True,
