@@ -133,12 +133,12 @@ def test_reference_gradcheck_float64(rng):
 @pytest.mark.parametrize("backend,device", backend_params())
 def test_hrq_opcheck(backend, device, rng):
     require_backend(backend, device, "hrq_quantize")
-    from vqdna.kernels.ops import _hrq_op_with_autograd
+    from vqdna.kernels.ops import _op_with_autograd
 
     zs, codebooks = make_levels(20, 9, (4, 7), torch.float32, device, rng)
     leaves = [z.clone().requires_grad_() for z in zs]
     packed = torch.cat(codebooks)
-    op = _hrq_op_with_autograd(backend)
+    op = _op_with_autograd("hrq_quantize", backend)
     args = (leaves, packed, packed.pow(2).sum(-1), [4, 7])
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     if not (backend == "triton" and device == "cpu"):

@@ -208,9 +208,9 @@ def test_native_kernel_checks_its_arguments(rng):
 def test_opcheck(backend, device, rng):
     """torch.library's own checks of the registered op (schema, fake impl, autograd registration)."""
     require_backend(backend, device, "stem")
-    from vqdna.kernels.ops import _stem_op_with_autograd
+    from vqdna.kernels.ops import _op_with_autograd
 
-    op = _stem_op_with_autograd(backend)
+    op = _op_with_autograd("stem", backend)
     ids, *params = make_inputs(2, 11, 12, 5, rng, device)
     params = [p.requires_grad_() for p in params]
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")

@@ -174,17 +174,23 @@ def _hrq_backward(ctx, grad_codes, grad_levels):
     return list(grad_zs.unbind(0)), None, None, None
 
 
-_hrq_autograd_registered: set[str] = set()
+_autograd_registered: set[tuple[str, str]] = set()
 
 
-def _hrq_op_with_autograd(backend: str):
-    op = _backend_op("hrq_quantize", backend)
-    if backend not in _hrq_autograd_registered:
-        torch.library.register_autograd(
-            f"vqdna::hrq_quantize_{backend}", _hrq_backward, setup_context=_hrq_setup_context
-        )
-        _hrq_autograd_registered.add(backend)
-    return op
+def _op_with_autograd(op: str, backend: str):
+    """The backend op of `op` with its gradient formula registered. Reference, native and CUDA
+    ops get theirs at import (end of this file): registering while torch.compile traces a call is
+    not allowed. Triton ops register on first use, since importing Triton at import is costly."""
+    fn = _backend_op(op, backend)
+    if (op, backend) not in _autograd_registered:
+        _register_autograd(op, backend)
+    return fn
+
+
+def _register_autograd(op: str, backend: str) -> None:
+    backward, setup_context = _AUTOGRAD[op]
+    torch.library.register_autograd(f"vqdna::{op}_{backend}", backward, setup_context=setup_context)
+    _autograd_registered.add((op, backend))
 
 
 def hrq_quantize(
@@ -226,7 +232,7 @@ def hrq_quantize(
         sq = packed.to(acc).pow(2).sum(-1)
     else:
         sq = torch.cat([s.detach().to(acc) for s in codebook_sqnorms]).contiguous()
-    codes, levels = _hrq_op_with_autograd(name)(flat, packed, sq, sizes)
+    codes, levels = _op_with_autograd("hrq_quantize", name)(flat, packed, sq, sizes)
     return codes.reshape(len(zs), *lead), levels.reshape(len(zs), *lead, d)
 
 
@@ -450,15 +456,6 @@ def _stem_backward(ctx, grad):
     return (None, *grads, None, None)
 
 
-_stem_autograd_registered: set[str] = set()
-
-
-def _stem_op_with_autograd(backend: str):
-    op = _backend_op("stem", backend)
-    if backend not in _stem_autograd_registered:
-        torch.library.register_autograd(f"vqdna::stem_{backend}", _stem_backward, setup_context=_stem_setup_context)
-        _stem_autograd_registered.add(backend)
-    return op
 
 
 def stem(
@@ -515,4 +512,22 @@ def stem(
         params = tuple(p.float().contiguous() for p in params)  # differentiable casts: gradients flow back
         if name != "native" and check_ids and not torch.compiler.is_compiling():
             reference.check_base_ids(ids)
-    return _stem_op_with_autograd(name)(ids, *params, float(ln_eps), out_dtype)
+    return _op_with_autograd("stem", name)(ids, *params, float(ln_eps), out_dtype)
+
+
+_AUTOGRAD = {
+    "hrq_quantize": (_hrq_backward, _hrq_setup_context),
+    "stem": (_stem_backward, _stem_setup_context),
+}
+
+
+def _register_compiled_autograd() -> None:
+    from vqdna.kernels.native import has_kernel
+
+    for op in _AUTOGRAD:
+        for backend in ("reference", "native", "cuda"):
+            if backend == "reference" or has_kernel(op, backend):
+                _register_autograd(op, backend)
+
+
+_register_compiled_autograd()
