@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
 
 # Subcommand name -> module under vqdna.commands. Modules are imported only to build the parser
@@ -23,10 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqdna", description="Fast learned genome vocabularies (VQDNA).")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, module_name in COMMANDS.items():
-        qualified = f"vqdna.commands.{module_name}"
-        if importlib.util.find_spec(qualified) is None:  # TODO(session 9): every command lands, then drop this
-            continue
-        module = importlib.import_module(qualified)
+        module = importlib.import_module(f"vqdna.commands.{module_name}")
         command = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(command)
         command.set_defaults(func=module.run)

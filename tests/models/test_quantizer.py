@@ -207,8 +207,8 @@ def test_two_ranks_equal_one_process(kind, tmp_path, rng):
             es[-2:] = 50.0
     state = {k: v.clone() for k, v in single.state_dict().items()}
     mp.spawn(_worker, args=(2, _free_port(), kind, x, zs, state, str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     for k in r0:
         if not k.endswith("recent_counts"):  # usage monitoring is per rank by design
             assert torch.equal(r0[k], r1[k]), f"ranks drifted apart on {k}"
