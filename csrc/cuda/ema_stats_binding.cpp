@@ -22,29 +22,12 @@
 #include <optional>
 #include <tuple>
 
+#include "binding.h"
 #include "ema_stats.cuh"
 
 namespace vqdna {
-namespace {
 
-::vqdna::cuda::DType ema_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return ::vqdna::cuda::DType::kFloat32;
-    case at::kBFloat16:
-      return ::vqdna::cuda::DType::kBFloat16;
-    case at::kHalf:
-      return ::vqdna::cuda::DType::kFloat16;
-    default:
-      TORCH_CHECK(false, "vqdna.ema_stats_cuda: x must be float32, bfloat16 or float16, got ", t);
-  }
-}
-
-bool aligned_to(const at::Tensor& t, uintptr_t bytes) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
-}
-
-}  // namespace
+using ::vqdna::cuda::aligned_to;
 
 std::tuple<at::Tensor, at::Tensor> ema_stats_cuda(const at::Tensor& x, const at::Tensor& codes,
                                                   const std::optional<at::Tensor>& mask,
@@ -58,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> ema_stats_cuda(const at::Tensor& x, const at:
   const int64_t n = x.size(0);
   const int64_t d = x.size(1);
   const auto dt = x.scalar_type();
-  const auto dtype = ema_dtype(dt);
+  const auto dtype = ::vqdna::cuda::kernel_dtype(dt, "ema_stats_cuda", "x");
   TORCH_CHECK(x.is_contiguous(), "vqdna.ema_stats_cuda: x must be contiguous");
   TORCH_CHECK(codes.dim() == 1 && codes.size(0) == n, "vqdna.ema_stats_cuda: codes must be 1-D [", n,
               "], got shape ", codes.sizes());

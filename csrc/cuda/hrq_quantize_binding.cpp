@@ -11,29 +11,12 @@
 #include <tuple>
 #include <vector>
 
+#include "binding.h"
 #include "hrq_quantize.cuh"
 
 namespace vqdna {
-namespace {
 
-::vqdna::cuda::DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return ::vqdna::cuda::DType::kFloat32;
-    case at::kBFloat16:
-      return ::vqdna::cuda::DType::kBFloat16;
-    case at::kHalf:
-      return ::vqdna::cuda::DType::kFloat16;
-    default:
-      TORCH_CHECK(false, "vqdna.hrq_quantize_cuda: zs must be float32, bfloat16 or float16, got ", t);
-  }
-}
-
-bool aligned_to(const at::Tensor& t, uintptr_t bytes) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0;
-}
-
-}  // namespace
+using ::vqdna::cuda::aligned_to;
 
 std::tuple<at::Tensor, at::Tensor> hrq_quantize_cuda(at::TensorList zs, const at::Tensor& codebooks,
                                                      const at::Tensor& codebook_sqnorms,
@@ -46,7 +29,7 @@ std::tuple<at::Tensor, at::Tensor> hrq_quantize_cuda(at::TensorList zs, const at
   TORCH_CHECK(z0.is_cuda(), "vqdna.hrq_quantize_cuda: zs[0] must be a CUDA tensor, got ", z0.device());
   TORCH_CHECK(z0.dim() == 2, "vqdna.hrq_quantize_cuda: zs[0] must be 2-D [N, D], got shape ", z0.sizes());
   const auto dt = z0.scalar_type();
-  const auto dtype = to_dtype(dt);
+  const auto dtype = ::vqdna::cuda::kernel_dtype(dt, "hrq_quantize_cuda", "zs");
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor& z = zs[l];
     TORCH_CHECK(z.is_cuda() && z.device() == z0.device(), "vqdna.hrq_quantize_cuda: zs[", l,

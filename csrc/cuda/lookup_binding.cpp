@@ -9,25 +9,11 @@
 #include <cstdint>
 #include <tuple>
 
+#include "binding.h"
 #include "lookup.cuh"
 
 namespace vqdna {
-namespace {
 
-::vqdna::cuda::DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat:
-      return ::vqdna::cuda::DType::kFloat32;
-    case at::kBFloat16:
-      return ::vqdna::cuda::DType::kBFloat16;
-    case at::kHalf:
-      return ::vqdna::cuda::DType::kFloat16;
-    default:
-      TORCH_CHECK(false, "vqdna.lookup_cuda: z must be float32, bfloat16 or float16, got ", t);
-  }
-}
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> lookup_cuda(const at::Tensor& z, const at::Tensor& codebook,
                                                const at::Tensor& codebook_sqnorm) {
@@ -50,7 +36,7 @@ std::tuple<at::Tensor, at::Tensor> lookup_cuda(const at::Tensor& z, const at::Te
   TORCH_CHECK(codebook.scalar_type() == z.scalar_type(),
               "vqdna.lookup_cuda: z and codebook must have the same dtype, got ", z.scalar_type(),
               " and ", codebook.scalar_type());
-  const auto dtype = to_dtype(z.scalar_type());
+  const auto dtype = ::vqdna::cuda::kernel_dtype(z.scalar_type(), "lookup_cuda", "z");
   TORCH_CHECK(codebook_sqnorm.scalar_type() == at::kFloat,
               "vqdna.lookup_cuda: codebook_sqnorm must be float32, got ",
               codebook_sqnorm.scalar_type());
