@@ -21,7 +21,6 @@ Registered as the custom op `vqdna::ema_stats_triton` (torch.library.triton_op).
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
@@ -29,17 +28,15 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from vqdna.kernels.dispatch import triton_interpreter
+
 __all__ = ["ema_stats_triton"]
-
-
-def _interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # Tile sizes. They are fixed (not autotuned): the sorted path's summation order follows from them,
 # and deterministic mode must give the same bits in every process. Small under the interpreter,
 # which also makes the tests cut segments into several pieces.
-if _interpreter():
+if triton_interpreter():
     _BLOCK_R, _MAX_BLOCK_D, _PIECE_ROWS, _WARPS = 32, 64, 64, 1
     _SORTED_MIN_ROWS = 256  # low, so the tests run both fast-mode paths
 else:

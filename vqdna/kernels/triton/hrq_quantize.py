@@ -16,12 +16,13 @@ GFLOP (~0.47 ms at the dense bf16 peak) but the kernel must read Z (1.6 GB) and 
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
+
+from vqdna.kernels.dispatch import triton_interpreter
 
 __all__ = ["hrq_quantize_triton"]
 
@@ -30,12 +31,8 @@ __all__ = ["hrq_quantize_triton"]
 _LEVELS_PER_LAUNCH = 4
 
 
-def _interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _configs():
-    if _interpreter():
+    if triton_interpreter():
         # The interpreter runs on the CPU: one small tile keeps the tests fast.
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=1)]
     configs = []
@@ -234,7 +231,7 @@ def hrq_quantize_triton(
             # The Triton interpreter's tl.dot reads bfloat16 as raw bits; products of bf16 values are
             # exact in float32, so upcasting there computes what the tensor cores compute on a GPU.
             # It also truncates float32 -> bfloat16, so the kernel rounds to nearest even by hand.
-            UPCAST=dtype == torch.bfloat16 and _interpreter(),
+            UPCAST=dtype == torch.bfloat16 and triton_interpreter(),
         )
     return codes, levels
 

@@ -6,22 +6,19 @@ Registered as the custom op `vqdna::lookup_triton` (torch.library.triton_op), so
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from vqdna.kernels.dispatch import triton_interpreter
+
 __all__ = ["lookup_triton"]
 
 
-def _interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _configs():
-    if _interpreter():
+    if triton_interpreter():
         # The interpreter runs on the CPU: one small tile keeps the tests fast.
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 128, "BLOCK_D": 64}, num_warps=1)]
     configs = []
@@ -128,7 +125,7 @@ def lookup_triton(z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: torc
         IEEE_FP32=z.dtype == torch.float32,
         # The Triton interpreter's tl.dot reads bfloat16 as raw bits; products of bf16 values are
         # exact in float32, so upcasting there computes what the tensor cores compute on a GPU.
-        UPCAST=z.dtype == torch.bfloat16 and _interpreter(),
+        UPCAST=z.dtype == torch.bfloat16 and triton_interpreter(),
     )
     return codes, dist
 

@@ -15,18 +15,15 @@ Registered as the custom op `vqdna::stem_triton` (torch.library.triton_op).
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from vqdna.kernels.dispatch import triton_interpreter
+
 __all__ = ["stem_triton"]
-
-
-def _interpreter() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -89,7 +86,7 @@ def _stem_kernel(
 def _tile(d: int) -> tuple[int, int, int]:
     """(BLOCK_T, BLOCK_D, num_warps) for feature size d."""
     block_d = triton.next_power_of_2(max(d, 1))
-    if _interpreter():
+    if triton_interpreter():
         # The interpreter runs every op as one numpy call over the tile: big tiles, few programs.
         return max(1, min(256, 16384 // block_d)), block_d, 1
     # ~16 fp32 accumulator values per thread at 4-8 warps; positions fill what D leaves.
@@ -120,7 +117,7 @@ def stem_triton(
     wrap_triton(_stem_kernel)[(triton.cdiv(n, block_t),)](
         ids, table, bias, ln_weight, ln_bias, out, n, length, d, ln_eps,
         W=width, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps,
-        ROUND_BF16=out_dtype == torch.bfloat16 and _interpreter(),
+        ROUND_BF16=out_dtype == torch.bfloat16 and triton_interpreter(),
     )  # fmt: skip
     return out
 
