@@ -22,6 +22,11 @@ TORCH_LIBRARY(vqdna, m) {
   // Forward only: the straight-through gradient is registered from Python.
   m.def("hrq_quantize_native(Tensor[] zs, Tensor codebooks, Tensor codebook_sqnorms, int[] codebook_sizes) -> (Tensor, Tensor)");
   m.def("hrq_quantize_cuda(Tensor[] zs, Tensor codebooks, Tensor codebook_sqnorms, int[] codebook_sizes) -> (Tensor, Tensor)");
+  // The same into caller-owned outputs: codes int32 [L, N], zhat_levels [L, N, D] (dtype of zs), both
+  // contiguous. Reusing them across calls spares the page faults (and the kernel's zero-filling) of a
+  // fresh large output on every call.
+  m.def("hrq_quantize_native_out(Tensor[] zs, Tensor codebooks, Tensor codebook_sqnorms, int[] codebook_sizes, "
+        "Tensor(a!) codes, Tensor(b!) zhat_levels) -> ()");
 
   // EMA statistics, the reduction of DESIGN 2.3: counts[k] = sum_i w_i [codes_i = k],
   // sums[k] = sum_i w_i [codes_i = k] x_i, both float32, w_i = mask_i (1 when mask is None).

@@ -5,6 +5,7 @@
 // chosen code embeddings is kept in float32 and rounded once per level on output.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -168,9 +169,17 @@ void hrq_kernel(const std::vector<at::Tensor>& zs, const at::Tensor& codebooks, 
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> hrq_quantize_native_cpu(at::TensorList zs, const at::Tensor& codebooks,
-                                                           const at::Tensor& codebook_sqnorms,
-                                                           at::IntArrayRef codebook_sizes) {
+// Checks the inputs; returns them contiguous (zs) and the codebooks / sqnorms contiguous.
+struct HrqInputs {
+  std::vector<at::Tensor> zs;
+  at::Tensor codebooks, sqnorms;
+  std::vector<int64_t> sizes;
+  int64_t L, N, D;
+  at::ScalarType dtype;
+};
+
+HrqInputs check_inputs(at::TensorList zs, const at::Tensor& codebooks, const at::Tensor& codebook_sqnorms,
+                       at::IntArrayRef codebook_sizes) {
   const int64_t L = static_cast<int64_t>(zs.size());
   TORCH_CHECK(L >= 1, "vqdna.hrq_quantize_native: need at least one level");
   TORCH_CHECK(zs[0].dim() == 2, "vqdna.hrq_quantize_native: zs[0] must be [N, D], got shape ", zs[0].sizes());
@@ -203,19 +212,51 @@ std::tuple<at::Tensor, at::Tensor> hrq_quantize_native_cpu(at::TensorList zs, co
               "vqdna.hrq_quantize_native: codebook_sqnorms must be float32 [", total, "]");
   TORCH_CHECK(codebooks.scalar_type() == dt, "vqdna.hrq_quantize_native: dtype mismatch: zs is ", dt,
               ", codebooks is ", codebooks.scalar_type());
-  const at::Tensor cbc = codebooks.contiguous(), sqc = codebook_sqnorms.contiguous();
-  at::Tensor codes = at::empty({L, N}, zc[0].options().dtype(at::kInt));
-  at::Tensor levels = at::empty({L, N, D}, zc[0].options());
-  if (N == 0) return {codes, levels};
+  return {std::move(zc), codebooks.contiguous(), codebook_sqnorms.contiguous(),
+          std::vector<int64_t>(codebook_sizes.begin(), codebook_sizes.end()), L, N, D, dt};
+}
+
+void run(const HrqInputs& in, at::Tensor& codes, at::Tensor& levels) {
+  if (in.N == 0) return;
+  AT_DISPATCH_SWITCH(in.dtype, "vqdna_hrq_quantize_native",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { hrq_kernel<float>(in.zs, in.codebooks, in.sqnorms, in.sizes, codes, levels); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { hrq_kernel<c10::BFloat16>(in.zs, in.codebooks, in.sqnorms, in.sizes, codes, levels); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { hrq_kernel<c10::Half>(in.zs, in.codebooks, in.sqnorms, in.sizes, codes, levels); }));
+}
+
+std::tuple<at::Tensor, at::Tensor> hrq_quantize_native_cpu(at::TensorList zs, const at::Tensor& codebooks,
+                                                           const at::Tensor& codebook_sqnorms,
+                                                           at::IntArrayRef codebook_sizes) {
+  const HrqInputs in = check_inputs(zs, codebooks, codebook_sqnorms, codebook_sizes);
+  at::Tensor codes = at::empty({in.L, in.N}, in.zs[0].options().dtype(at::kInt));
+  at::Tensor levels = at::empty({in.L, in.N, in.D}, in.zs[0].options());
   advise_huge_pages(levels.data_ptr(), levels.nbytes());
-  const std::vector<int64_t> sizes(codebook_sizes.begin(), codebook_sizes.end());
-  AT_DISPATCH_SWITCH(dt, "vqdna_hrq_quantize_native",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { hrq_kernel<float>(zc, cbc, sqc, sizes, codes, levels); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { hrq_kernel<c10::BFloat16>(zc, cbc, sqc, sizes, codes, levels); })
-                     AT_DISPATCH_CASE(at::kHalf, [&] { hrq_kernel<c10::Half>(zc, cbc, sqc, sizes, codes, levels); }));
+  run(in, codes, levels);
   return {codes, levels};
+}
+
+void hrq_quantize_native_out_cpu(at::TensorList zs, const at::Tensor& codebooks, const at::Tensor& codebook_sqnorms,
+                                 at::IntArrayRef codebook_sizes, at::Tensor codes, at::Tensor levels) {
+  const HrqInputs in = check_inputs(zs, codebooks, codebook_sqnorms, codebook_sizes);
+  TORCH_CHECK(codes.device().is_cpu() && codes.scalar_type() == at::kInt && codes.is_contiguous() &&
+                  codes.sizes() == at::IntArrayRef({in.L, in.N}),
+              "vqdna.hrq_quantize_native_out: codes must be a contiguous int32 CPU tensor [", in.L, ", ", in.N,
+              "], got ", codes.scalar_type(), " ", codes.sizes(), codes.is_contiguous() ? "" : " (not contiguous)");
+  TORCH_CHECK(levels.device().is_cpu() && levels.scalar_type() == in.dtype && levels.is_contiguous() &&
+                  levels.sizes() == at::IntArrayRef({in.L, in.N, in.D}),
+              "vqdna.hrq_quantize_native_out: zhat_levels must be a contiguous ", in.dtype, " CPU tensor [", in.L, ", ",
+              in.N, ", ", in.D, "], got ", levels.scalar_type(), " ", levels.sizes(),
+              levels.is_contiguous() ? "" : " (not contiguous)");
+  for (const auto& z : in.zs) {
+    at::assert_no_overlap(levels, z);
+  }
+  at::assert_no_overlap(codes, levels);
+  run(in, codes, levels);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(vqdna, CPU, m) { m.impl("hrq_quantize_native", &hrq_quantize_native_cpu); }
+TORCH_LIBRARY_IMPL(vqdna, CPU, m) {
+  m.impl("hrq_quantize_native", &hrq_quantize_native_cpu);
+  m.impl("hrq_quantize_native_out", &hrq_quantize_native_out_cpu);
+}

@@ -3,6 +3,7 @@ the Markdown table and the plot; the device limits are measured positive; the ba
 writes round-trips into dispatch."""
 
 import json
+import time
 
 import pytest
 import torch
@@ -105,3 +106,16 @@ def test_cuda_without_gpu_is_a_clear_error(capsys):
         pytest.skip("a GPU is present")
     assert cli.main(["bench", "--device", "cuda", "--size", "tiny"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_time_interleaved_takes_calls_in_turn(monkeypatch):
+    """Each function is warmed up, then the timed calls alternate (a, b, a, b, ...), each function gets
+    at least its rounds, and the result is the best time per function."""
+    import vqdna.bench.measure as measure
+
+    monkeypatch.setattr(measure, "_MIN_TOTAL_S", 0.0)  # exactly the requested rounds
+    order = []
+    fns = [lambda: order.append("a"), lambda: (order.append("b"), time.sleep(0.002))]
+    best = measure.time_interleaved(fns, "cpu", rounds=[3, 2])
+    assert order == ["a", "b", "a", "b", "a", "b", "a"]
+    assert 0 <= best[0] < best[1] and best[1] >= 0.002

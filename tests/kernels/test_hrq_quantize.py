@@ -154,3 +154,47 @@ def test_hrq_errors():
         hrq_quantize([torch.randn(3, 4), torch.randn(2, 4)], [torch.randn(2, 4), torch.randn(2, 4)])
     with pytest.raises(ValueError, match="dimension mismatch"):
         hrq_quantize([torch.randn(3, 4)], [torch.randn(2, 5)])
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("n,d,sizes", [(1, 1, (1, 2)), (7, 3, (2, 5, 3)), (100, 17, (64, 130))], ids=lambda v: str(v))
+def test_hrq_out_equals_functional(backend, device, dtype, n, d, sizes, rng):
+    """out= writes every element of poisoned, caller-owned buffers, returns them, and equals the
+    functional call bit for bit; a second call into the same buffers with new inputs overwrites them."""
+    require_backend(backend, device, "hrq_quantize")
+    codes_out = torch.full((len(sizes), n), -7, dtype=torch.int32, device=device)
+    levels_out = torch.full((len(sizes), n, d), float("nan"), dtype=dtype, device=device)
+    for _ in range(2):
+        zs, codebooks = make_levels(n, d, sizes, dtype, device, rng)
+        codes, levels = hrq_quantize(zs, codebooks, backend=backend)
+        got = hrq_quantize(zs, codebooks, backend=backend, out=(codes_out, levels_out))
+        assert dispatch.last_backend("hrq_quantize") == backend
+        assert got[0] is codes_out and got[1] is levels_out
+        assert torch.equal(codes_out, codes) and torch.equal(levels_out, levels)
+
+
+def test_hrq_out_leading_shape_and_errors(rng):
+    zs, codebooks = make_levels(12, 5, (3, 4), torch.float32, "cpu", rng)
+    zs3 = [z.view(3, 4, 5) for z in zs]
+    codes, levels = hrq_quantize(zs3, codebooks)
+    out = (torch.empty(2, 3, 4, dtype=torch.int32), torch.empty(2, 3, 4, 5))
+    assert torch.equal(hrq_quantize(zs3, codebooks, out=out)[1], levels) and torch.equal(out[0], codes)
+    with pytest.raises(ValueError, match="out codes must be a contiguous torch.int32 tensor of shape \\(2, 3, 4\\)"):
+        hrq_quantize(zs3, codebooks, out=(torch.empty(2, 12, dtype=torch.int32), out[1]))
+    with pytest.raises(ValueError, match="zhat_levels .* got torch.float64"):
+        hrq_quantize(zs3, codebooks, out=(out[0], torch.empty(2, 3, 4, 5, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="not contiguous"):
+        hrq_quantize(zs3, codebooks, out=(out[0], torch.empty(5, 4, 3, 2).permute(3, 2, 1, 0)))
+    with pytest.raises(RuntimeError, match="autograd"):
+        hrq_quantize([z.requires_grad_() for z in zs3], codebooks, out=out)
+
+
+def test_hrq_native_out_rejects_overlap(rng):
+    require_backend("native", "cpu", "hrq_quantize")
+    zs, codebooks = make_levels(8, 4, (3, 4), torch.float32, "cpu", rng)
+    packed = torch.cat(codebooks)
+    levels = torch.stack(zs)  # the output aliases the inputs
+    with pytest.raises(RuntimeError, match="single memory location"):
+        torch.ops.vqdna.hrq_quantize_native_out([levels[0], levels[1]], packed, packed.pow(2).sum(-1), [3, 4],
+                                                torch.empty(2, 8, dtype=torch.int32), levels)

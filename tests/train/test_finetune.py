@@ -106,3 +106,59 @@ def test_finetune_regression(tmp_path):
     res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-2,), epochs=3, batch_size=16)
     assert res["task"] == "regression" and res["metric"] == "spearman"
     assert res["test"]["spearman"]["mean"] > 0.4, res["test"]
+
+
+def _encoded_task(tmp_path, labels=None, sizes=(320, 80, 80)):
+    from vqdna.train.finetune import EncodedTask
+
+    tok = _mlm.tokenizer()
+    kwargs = {} if labels is None else {"labels": labels}
+    _mlm.write_gue(tmp_path / "task", sizes=sizes, **kwargs)
+    splits, task = load_task(str(tmp_path / "task"))
+    return {s: EncodedTask(tok.encode_codes(q), y) for s, (q, y) in splits.items()}, task
+
+
+@pytest.mark.parametrize("kind", ["classification", "regression"])
+def test_probe_head_is_what_the_model_computes(tmp_path, kind):
+    """The probe's state, loaded into the classifier, reproduces the probe's own dev metric through the
+    model's forward (pooler = standardise + tanh, classifier = the fitted linear model), and the frozen
+    features of the learnable GC task give a probe far above chance."""
+    from transformers import AutoModelForSequenceClassification
+
+    from vqdna.train.finetune import classification_metrics, probe_head, regression_metrics
+
+    gc = lambda seqs: [f"{np.mean([c in 'GC' for c in s]):.4f}" for s in seqs]  # noqa: E731
+    data, task = _encoded_task(tmp_path, labels=gc if kind == "regression" else None)
+    assert task == kind
+    folder, _ = _mlm.pretrained()
+    num_labels = 2 if kind == "classification" else 1
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels).eval()
+    probe = probe_head(model, data, task, num_labels)
+    metric, fn = ("mcc", classification_metrics) if kind == "classification" else ("spearman", regression_metrics)
+    assert probe["dev"][metric] > 0.5 and probe["test"][metric] > 0.5, probe
+    assert set(probe["state"]) == {"pooler.0.weight", "pooler.0.bias", "classifier.weight", "classifier.bias"}
+    model.load_state_dict(probe["state"], strict=False)
+    from vqdna.train.finetune import ClassificationCollator
+
+    batch = ClassificationCollator(_mlm.tokenizer().codebook_sizes)([data["dev"][i] for i in range(len(data["dev"]))])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    got = fn(logits.double().numpy(), batch["labels"].numpy())
+    assert got[metric] == pytest.approx(probe["dev"][metric], abs=1e-6)
+
+
+def test_finetune_starts_from_the_probe_head(tmp_path, monkeypatch):
+    import vqdna.train.finetune as ft
+
+    folder, _ = _mlm.pretrained()
+    data = _mlm.write_gue(tmp_path / "task", sizes=(64, 32, 32))
+    seen = []
+    real = ft.train_lora
+    monkeypatch.setattr(ft, "train_lora", lambda *a, **k: seen.append(k.get("head_state")) or real(*a, **k))
+    res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, batch_size=16, head_init="probe")
+    assert res["head_init"] == "probe" and set(res["probe"]) == {"regularization", "dev", "test"}
+    assert len(seen) == 1 and torch.is_tensor(seen[0]["classifier.weight"])
+    res = finetune(data, folder, str(tmp_path / "out2"), lrs=(1e-3,), epochs=1, batch_size=16, head_init="random")
+    assert res["probe"] is None and seen[-1] is None
+    with pytest.raises(ValueError, match="head_init"):
+        finetune(data, folder, str(tmp_path / "out3"), lrs=(1e-3,), epochs=1, head_init="linear")

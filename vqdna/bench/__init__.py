@@ -11,11 +11,12 @@ from vqdna.bench.measure import (
     matmul_peak_gflops,
     provenance,
     time_fn,
+    time_interleaved,
     write_results,
 )
 from vqdna.bench.runner import run_case, run_cases
 
 __all__ = [
     "OPS", "SIZES", "Case", "Impl", "add_ratios", "copy_bandwidth_gbps", "format_table", "make_row",
-    "matmul_peak_gflops", "provenance", "run_case", "run_cases", "time_fn", "write_results",
+    "matmul_peak_gflops", "provenance", "run_case", "run_cases", "time_fn", "time_interleaved", "write_results",
 ]

@@ -175,7 +175,9 @@ def hrq_cases(device: str, size: str, dtypes) -> Iterator[Case]:
                 case.skipped.append("reference: above the CPU reference budget")
             torch_ok = dtype == torch.float32 or _cpu_budget(device, flops, _CPU_TORCH_BF16_FLOPS)
             fast = next((b for b in backends if b != "reference"), None)
-            case.impl_names = [*backends, *([f"2x lookup ({fast})"] if fast else []), *(["torch"] if torch_ok else [])]
+            reuse = "native" in backends  # out= buffers reused across calls: no fresh-page cost per call
+            case.impl_names = [*backends, *(["native (out=)"] if reuse else []), *([f"2x lookup ({fast})"] if fast else []),
+                               *(["torch"] if torch_ok else [])]
 
             def setup(n=n, dtype=dtype, backends=backends, torch_ok=torch_ok, fast=fast):
                 gen = _gen(device, n)
@@ -185,6 +187,9 @@ def hrq_cases(device: str, size: str, dtypes) -> Iterator[Case]:
                     Impl(b, (lambda b=b: hrq_quantize(zs, cbs, backend=b)), rounds=2 if b == "reference" else None)
                     for b in backends
                 ]
+                if "native" in backends:
+                    out = (torch.empty(len(HRQ_SIZES), n, dtype=torch.int32), torch.empty(len(HRQ_SIZES), n, d, dtype=dtype))
+                    impls.append(Impl("native (out=)", lambda: hrq_quantize(zs, cbs, backend="native", out=out), kind="variant"))
                 if fast is not None:
                     # The cost floor of fused HRQ: the two plain lookups it contains, H_2 given free.
                     h2 = 2 * zs[1] - cbs[0][torch.randint(HRQ_SIZES[0], (n,), generator=gen, device=device)]

@@ -72,6 +72,28 @@ def time_fn(fn: Callable, device: str | torch.device, rounds: int = 5, warmup: i
     return best
 
 
+def time_interleaved(fns: list[Callable], device: str | torch.device, rounds: list[int], warmup: int = 1) -> list[float]:
+    """Best wall time in seconds of each of `fns`, their timed calls taken in turn (round robin) rather
+    than one function after another, so drifting machine load (a shared VM's neighbours, clock
+    changes) falls on every implementation alike and their ratios stay comparable. Function i gets at
+    least rounds[i] timed calls (more when short, see choose_rounds) after `warmup` calls."""
+    calls = [timed(fn, device) for fn in fns]
+    todo = []
+    for call, r in zip(calls, rounds):
+        t0 = time.perf_counter()
+        for _ in range(max(1, warmup)):
+            call()
+        todo.append(choose_rounds((time.perf_counter() - t0) / max(1, warmup), r))
+    best = [float("inf")] * len(calls)
+    for step in range(max(todo, default=0)):
+        for i, call in enumerate(calls):
+            if step < todo[i]:
+                t0 = time.perf_counter()
+                call()
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return best
+
+
 def limit_dtype(device: str | torch.device, dtype: torch.dtype) -> torch.dtype:
     """The dtype whose matrix peak bounds a kernel on `device`: on the CPU every backend computes
     half-precision inputs in float32 (and torch's CPU bf16 GEMM is far slower), so float32."""

@@ -1,5 +1,5 @@
-"""Run benchmark cases: time every implementation of a case in one pass, so the ratios compare
-implementations under the same machine load."""
+"""Run benchmark cases: time every implementation of a case in one pass, their calls interleaved, so
+the ratios compare implementations under the same machine load."""
 
 from __future__ import annotations
 
@@ -9,18 +9,19 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from vqdna.bench.cases import Case
-from vqdna.bench.measure import make_row, time_fn
+from vqdna.bench.measure import make_row, time_interleaved
 
 
 def run_case(case: Case, rounds: int = 5, peak_size: Optional[int] = None, log: Optional[Callable[[str], None]] = None) -> list[dict]:
-    """Time each implementation of `case` (best of `rounds` after a warm-up); one result row each."""
+    """Time each implementation of `case` (best of `rounds` after a warm-up, the implementations'
+    calls interleaved); one result row each."""
     rows = []
     impls = case.setup()
     if [i.name for i in impls] != list(case.impl_names):
         raise AssertionError(f"{case.id}: setup() built {[i.name for i in impls]}, the case declares {case.impl_names}")
     try:
-        for impl in impls:
-            seconds = time_fn(impl.fn, case.device, rounds=impl.rounds or rounds, warmup=1)
+        best = time_interleaved([i.fn for i in impls], case.device, [i.rounds or rounds for i in impls])
+        for impl, seconds in zip(impls, best):
             row = make_row(
                 case.op, impl.name, case.device, case.dtype, case.shape, seconds,
                 flops=case.flops, bytes_moved=case.bytes_moved, bases=case.bases, kind=impl.kind, peak_size=peak_size,

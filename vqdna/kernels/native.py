@@ -45,3 +45,9 @@ if _ext.extension_available():
         for _backend in ("native", "cuda"):
             if has_kernel(_op, _backend):
                 torch.library.register_fake(f"vqdna::{_op}_{_backend}")(_fake)
+
+    if has_kernel("hrq_quantize", "native"):
+
+        @torch.library.register_fake("vqdna::hrq_quantize_native_out")
+        def _hrq_out_fake(zs, codebooks, codebook_sqnorms, codebook_sizes, codes, zhat_levels):
+            return None

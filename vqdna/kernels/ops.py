@@ -199,6 +199,7 @@ def hrq_quantize(
     *,
     codebook_sqnorms=None,
     backend: str = "auto",
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hierarchical residual quantization with residual doubling, all levels fused (DESIGN 2.2).
 
@@ -208,6 +209,12 @@ def hrq_quantize(
     zhat_levels[l] the cumulative mean of the chosen code embeddings of levels 0..l (the decoder input
     is zhat_levels[-1]). Differentiable w.r.t. zs with the straight-through gradient of DESIGN 2.2
     (d zhat_levels[-1] / d Z_0 = 1/L, / d Z_l = 2/L); codebooks get no gradient.
+
+    out: optional (codes, zhat_levels) to write into and return, contiguous, of the shapes and dtypes
+    above (no autograd). The native backend writes them in place: reused across calls, they spare the
+    cost of a fresh output (page faults and the OS zero-filling every new page, about as much as the
+    writes themselves for outputs above glibc's 32 MB mmap threshold). Other backends compute as usual
+    and copy the result in.
     """
     if isinstance(zs, torch.Tensor):
         zs = list(zs.unbind(0))
@@ -232,8 +239,34 @@ def hrq_quantize(
         sq = packed.to(acc).pow(2).sum(-1)
     else:
         sq = torch.cat([s.detach().to(acc) for s in codebook_sqnorms]).contiguous()
+    if out is not None:
+        return _hrq_quantize_out(name, zs, flat, packed, sq, sizes, out)
     codes, levels = _op_with_autograd("hrq_quantize", name)(flat, packed, sq, sizes)
     return codes.reshape(len(zs), *lead), levels.reshape(len(zs), *lead, d)
+
+
+def _hrq_quantize_out(name, zs, flat, packed, sq, sizes, out):
+    """hrq_quantize into caller-owned (codes, zhat_levels); see hrq_quantize."""
+    codes_out, levels_out = out
+    shape = (len(zs), *zs[0].shape[:-1])
+    for label, t, want_shape, want_dtype in (("codes", codes_out, shape, torch.int32),
+                                             ("zhat_levels", levels_out, (*shape, zs[0].shape[-1]), zs[0].dtype)):
+        if tuple(t.shape) != want_shape or t.dtype != want_dtype or t.device != zs[0].device or not t.is_contiguous():
+            raise ValueError(f"hrq_quantize: out {label} must be a contiguous {want_dtype} tensor of shape "
+                             f"{want_shape} on {zs[0].device}, got {t.dtype} {tuple(t.shape)} on {t.device}"
+                             + ("" if t.is_contiguous() else " (not contiguous)"))
+    if torch.is_grad_enabled() and any(z.requires_grad for z in zs):
+        raise RuntimeError("hrq_quantize(out=...) does not support autograd: call it under torch.no_grad() "
+                           "or without out=")
+    n, d = flat[0].shape
+    if name == "native":
+        torch.ops.vqdna.hrq_quantize_native_out(flat, packed, sq, sizes, codes_out.view(len(zs), n),
+                                                levels_out.view(len(zs), n, d))
+    else:
+        codes, levels = _op_with_autograd("hrq_quantize", name)(flat, packed, sq, sizes)
+        codes_out.view(len(zs), n).copy_(codes)
+        levels_out.view(len(zs), n, d).copy_(levels)
+    return codes_out, levels_out
 
 
 # ---------------------------------------------------------------------------------------------

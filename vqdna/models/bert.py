@@ -452,17 +452,20 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=None, return_dict=None):
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        out = self.vqdna(input_ids, attention_mask, output_hidden_states=output_hidden_states, return_dict=True)
-        h = out.last_hidden_state
+    def pool(self, hidden, input_ids, attention_mask=None):
+        """The head's input [B, hidden] from the last hidden states [B, L, hidden]: the CLS token or the
+        mean over real (unpadded) tokens, per config.classifier_pooling."""
         if self.config.classifier_pooling == "mean":
             if attention_mask is None:
                 attention_mask = input_ids[..., 0] != self.config.codebook_sizes[0] + PAD
-            w = attention_mask.to(h.dtype)[..., None]
-            pooled = (h * w).sum(1) / w.sum(1).clamp(min=1)
-        else:
-            pooled = h[:, 0]
+            w = attention_mask.to(hidden.dtype)[..., None]
+            return (hidden * w).sum(1) / w.sum(1).clamp(min=1)
+        return hidden[:, 0]
+
+    def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=None, return_dict=None):
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        out = self.vqdna(input_ids, attention_mask, output_hidden_states=output_hidden_states, return_dict=True)
+        pooled = self.pool(out.last_hidden_state, input_ids, attention_mask)
         logits = self.classifier(self.dropout(self.pooler(pooled)))
         loss = None
         if labels is not None:

@@ -122,6 +122,87 @@ def regression_metrics(pred: np.ndarray, labels: np.ndarray) -> dict:
             "mse": float(np.mean((pred - labels) ** 2))}
 
 
+# The probe head: pooler(x) = tanh(PROBE_SCALE * (x - mean) / std) keeps standardised features in tanh's
+# near-linear range; the regularisation grid is searched on dev (C of logistic regression = 1 / alpha of ridge).
+PROBE_SCALE = 0.5
+PROBE_REGULARIZATION = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+def pooled_features(model, dataset, codebook_sizes, batch_size: int = 64) -> np.ndarray:
+    """The head's input [n, hidden] (float64) for every item of `dataset`, the encoder in eval mode."""
+    collate = ClassificationCollator(codebook_sizes)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(dataset), batch_size):
+            batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
+            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            hidden = model.vqdna(ids, mask, return_dict=True).last_hidden_state
+            out.append(model.pool(hidden, ids, mask).double().cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) -> dict:
+    """Linear-probe initialisation of the head (LP-FT: Kumar et al. 2022, "Fine-Tuning can Distort
+    Pretrained Features and Underperform Out-of-Distribution").
+
+    With the pre-trained encoder frozen, the pooler is set to standardise its input over the training set,
+    pooler(x) = tanh(PROBE_SCALE (x - mean) / std), and the classifier is fitted on exactly those features
+    by L2-regularised logistic regression (classification) or ridge regression (regression), the strength
+    chosen on dev. LoRA fine-tuning then starts from a head that already solves the task as well as the
+    frozen features allow: a random head's first steps would push large, feature-distorting gradients
+    into the adapters, and minibatch training of a head on mean-pooled features (nearly collinear: the
+    task lives in their small directions) converges far more slowly than a full-batch fit.
+
+    Returns {"state": {pooler / classifier tensors}, "regularization", "dev", "test"} (metrics of the
+    probe head alone, before any fine-tuning).
+    """
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    feats = {split: pooled_features(model, data[split], model.config.codebook_sizes, batch_size) for split in SPLITS}
+    model.to("cpu")
+    mean = feats["train"].mean(0)
+    std = np.maximum(feats["train"].std(0), 1e-6)
+    pooled = {split: np.tanh(PROBE_SCALE * (x - mean) / std) for split, x in feats.items()}
+    y = {split: data[split].labels.numpy() for split in SPLITS}
+    metric = "mcc" if task == "classification" else "spearman"
+    metrics_fn = classification_metrics if task == "classification" else regression_metrics
+    hidden = mean.shape[0]
+    best = None
+    for reg in PROBE_REGULARIZATION:
+        weight = np.zeros((num_labels, hidden))
+        bias = np.zeros(num_labels)
+        if task == "classification":
+            clf = LogisticRegression(C=reg, max_iter=5000).fit(pooled["train"], y["train"])
+            rows = clf.classes_.astype(np.int64)
+            if len(rows) == 2:  # sklearn's binary model has one row: split it into two opposite logits
+                weight[rows] = np.stack([-clf.coef_[0], clf.coef_[0]]) / 2
+                bias[rows] = np.array([-clf.intercept_[0], clf.intercept_[0]]) / 2
+            else:
+                weight[rows], bias[rows] = clf.coef_, clf.intercept_
+            absent = np.setdiff1d(np.arange(num_labels), rows)
+            bias[absent] = bias[rows].min() - 10.0  # a class never seen in training starts unlikely
+        else:
+            ridge = Ridge(alpha=1.0 / reg).fit(pooled["train"], y["train"])
+            weight[0], bias[0] = ridge.coef_, ridge.intercept_
+        dev = metrics_fn(pooled["dev"] @ weight.T + bias, y["dev"])
+        if best is None or dev[metric] > best["dev"][metric]:
+            best = {"regularization": reg, "weight": weight, "bias": bias, "dev": dev}
+    state = {
+        "pooler.0.weight": torch.diag(torch.tensor(PROBE_SCALE / std, dtype=torch.float32)),
+        "pooler.0.bias": torch.tensor(-PROBE_SCALE * mean / std, dtype=torch.float32),
+        "classifier.weight": torch.tensor(best["weight"], dtype=torch.float32),
+        "classifier.bias": torch.tensor(best["bias"], dtype=torch.float32),
+    }
+    test = metrics_fn(pooled["test"] @ best["weight"].T + best["bias"], y["test"])
+    return {"state": state, "regularization": best["regularization"], "dev": best["dev"], "test": test}
+
+
 def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules=None):
     """Wrap `model` with peft LoRA on its named target modules; pooler and classifier train in full,
     everything else is frozen. Raises ValueError when no module matches a target name."""
@@ -145,12 +226,18 @@ def trainable_parameter_names(model) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, seed, out_dir, lora, weight_decay):
+def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, seed, out_dir, lora, weight_decay,
+               head_state=None):
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments, set_seed
 
     set_seed(seed)
     problem_type = "single_label_classification" if task == "classification" else "regression"
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, problem_type=problem_type)
+    if head_state is not None:
+        missing = set(head_state) - set(model.state_dict())
+        if missing:
+            raise ValueError(f"probe head parameters {sorted(missing)} are not in {type(model).__name__}")
+        model.load_state_dict(head_state, strict=False)
     model = apply_lora(model, **lora)
     metric = "mcc" if task == "classification" else "spearman"
 
@@ -186,9 +273,10 @@ def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, s
 def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5), epochs: int = 3,
              batch_size: int = 32, seeds=(0,), task: str = "auto", max_length: int | None = None,
              lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.05, weight_decay: float = 0.01,
-             tokenizer=None) -> dict:
+             tokenizer=None, head_init: str = "probe") -> dict:
     """Grid over learning rates (epochs chosen on dev) per seed; writes out_dir/results.json and returns
-    it. model_dir: a pre-trained VQDNA model directory (with its tokenizer unless `tokenizer` is given).
+    it. head_init: "probe" starts every run from the linear-probe head of `probe_head` (LP-FT), "random"
+    from the usual random head. model_dir: a pre-trained VQDNA model directory (with its tokenizer unless `tokenizer` is given).
     max_length (tokens incl. CLS/SEP; default: the longest sequence) truncates longer sequences."""
     from vqdna.tokenization import VQDNATokenizer
 
@@ -200,13 +288,26 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
         codes = tok.encode_codes(seqs, max_length - 2 if max_length else None)
         data[split] = EncodedTask(codes, labels)
     lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
+    if head_init not in ("probe", "random"):
+        raise ValueError(f"head_init must be 'probe' or 'random', got {head_init!r}")
+    probe = None
+    if head_init == "probe":
+        from transformers import AutoModelForSequenceClassification
+
+        base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
+        probe = probe_head(base, data, task, num_labels, batch_size=max(batch_size, 64))
+        del base
     metric = "mcc" if task == "classification" else "spearman"
+    if probe is not None:
+        log.warning("probe head (regularization %g): dev %s %.4f, test %.4f", probe["regularization"], metric,
+                    probe["dev"][metric], probe["test"][metric])
     runs, chosen = [], []
     for seed in seeds:
         per_seed = []
         for lr in lrs:
             run_dir = os.path.join(out_dir, "runs", f"seed{seed}-lr{lr:g}")
-            _, res = train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, seed, run_dir, lora, weight_decay)
+            _, res = train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, seed, run_dir, lora, weight_decay,
+                                head_state=probe["state"] if probe else None)
             log.warning("seed %d lr %g: dev %s %.4f (epoch %d), test %.4f", seed, lr, metric, res["dev"][metric],
                         res["best_epoch"], res["test"][metric])
             per_seed.append(res)
@@ -219,7 +320,8 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
     result = {"task": task, "metric": metric, "data": os.path.abspath(data_dir), "model": os.path.abspath(model_dir),
               "tokenizer_sha256": tok.tokenizer_sha256, "num_labels": num_labels,
               "sizes": {s: len(d) for s, d in data.items()}, "lora": lora, "lrs": list(lrs), "epochs": epochs,
-              "batch_size": batch_size, "seeds": list(seeds), "test": summary, "chosen": chosen, "runs": runs}
+              "batch_size": batch_size, "seeds": list(seeds), "head_init": head_init,
+              "probe": {k: v for k, v in probe.items() if k != "state"} if probe else None, "test": summary, "chosen": chosen, "runs": runs}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(result, f, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
