@@ -7,10 +7,12 @@ Split (no test window shares a strain or genome region with training):
   E. coli, V. cholerae, K. pneumoniae (one strain each here; the MG1655 contigs are the same strain):
   every record is cut at 70% / 80% of its length: train / dev / test regions.
 
-    .venv/bin/python examples/species/run.py --out /tmp/species [--tokenizer DIR] [--genomes DIR]
+    .venv/bin/python examples/species/run.py --out /tmp/species [--tokenizer DIR|vqdna-small|train] [--genomes DIR]
 
-Without --tokenizer a vqdna-small tokenizer is trained first (`vqdna train-tokenizer`, --tokenizer-steps).
-Prints the test MCC of both models and writes OUT/results.json.
+Stage 1 defaults to the bundled vqdna-small tokenizer, which `make tokenizer` trained on these genomes with
+the same two strains held out; `--tokenizer train` trains a new one first (`vqdna train-tokenizer`,
+--tokenizer-steps). Fine-tuning starts from a linear-probe head (LP-FT, `vqdna finetune --head-init`).
+Prints the test MCC of both models (and of the probe head alone) and writes OUT/results.json.
 """
 
 from __future__ import annotations
@@ -100,16 +102,19 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--genomes", default=GENOMES)
-    p.add_argument("--tokenizer", help="stage-1 tokenizer directory or bundled name (default: train one)")
+    p.add_argument("--tokenizer", default="vqdna-small",
+                   help="stage-1 tokenizer: a directory, a bundled name, or 'train' to train one here")
     p.add_argument("--tokenizer-steps", type=int, default=300)
     p.add_argument("--window", type=int, default=200)
     p.add_argument("--train-windows", type=int, default=1000, help="per species")
     p.add_argument("--eval-windows", type=int, default=300, help="dev and test windows per species")
-    p.add_argument("--pretrain-bases", type=int, default=300_000, help="pre-training bases per species (train regions)")
-    p.add_argument("--pretrain-steps", type=int, default=400)
-    p.add_argument("--max-length", type=int, default=256, help="pre-training window in tokens")
+    p.add_argument("--pretrain-bases", type=int, default=1_000_000, help="pre-training bases per species (train regions)")
+    p.add_argument("--pretrain-steps", type=int, default=2000)
+    p.add_argument("--max-length", type=int, default=128, help="pre-training window in tokens")
     p.add_argument("--config", default="bert-tiny")
-    p.add_argument("--lrs", default="1e-3,3e-3")
+    p.add_argument("--pooling", default="mean", choices=("cls", "mean"),
+                   help="classifier input: the CLS token or the mean over the window's tokens")
+    p.add_argument("--lrs", default="1e-3")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -128,7 +133,7 @@ def main() -> int:
 
     # 1. stage-1 tokenizer
     tok_dir = args.tokenizer
-    if tok_dir is None:
+    if tok_dir == "train":
         tok_dir = os.path.join(args.out, "tokenizer")
         train_files = [os.path.join(args.genomes, f) for f, _ in SPECIES.values()]
         subprocess.run([sys.executable, "-m", "vqdna.cli", "train-tokenizer", "--genomes", *train_files, "--config",
@@ -145,7 +150,8 @@ def main() -> int:
     trainer = pretrain(records, tok, mlm_dir, config=args.config, steps=args.pretrain_steps, batch_size=32,
                        max_length=args.max_length, lr=1e-3, warmup_steps=0.1,
                        logging_steps=max(1, min(50, args.pretrain_steps // 5)), save_steps=args.pretrain_steps,
-                       seed=args.seed, extra_args={"disable_tqdm": True})
+                       seed=args.seed, model_overrides={"classifier_pooling": args.pooling},
+                       extra_args={"disable_tqdm": True})
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     loss = f"loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else "already done (resumed)"
     print(f"[{time.time() - t0:6.0f} s] pre-trained {args.config} {args.pretrain_steps} steps on "
@@ -172,10 +178,13 @@ def main() -> int:
     res = finetune(task, mlm_dir, os.path.join(args.out, "finetune"), lrs=[float(x) for x in args.lrs.split(",")],
                    epochs=args.epochs, batch_size=32, seeds=(args.seed,), tokenizer=tok)
     mcc = res["test"]["mcc"]["mean"]
+    print(f"[{time.time() - t0:6.0f} s] linear-probe head alone (before fine-tuning): test MCC "
+          f"{res['probe']['test']['mcc']:.4f}", flush=True)
     print(f"[{time.time() - t0:6.0f} s] VQDNA {args.config} + LoRA: test MCC {mcc:.4f} "
           f"(lr {res['chosen'][0]['lr']:g}, epoch {res['chosen'][0]['best_epoch']})")
     summary = {"species": names, "windows": {k: len(v[0]) for k, v in data.items()}, "baseline_6mer_lr": base,
-               "vqdna": {k: v["mean"] for k, v in res["test"].items()}, "args": vars(args),
+               "vqdna": {k: v["mean"] for k, v in res["test"].items()}, "probe_head": res["probe"]["test"],
+               "args": vars(args),
                "seconds": time.time() - t0}
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump(summary, f, indent=2)
