@@ -115,7 +115,7 @@ def main() -> int:
     p.add_argument("--pooling", default="mean", choices=("cls", "mean"),
                    help="classifier input: the CLS token or the mean over the window's tokens")
     p.add_argument("--lrs", default="1e-3")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
