@@ -169,7 +169,7 @@ void hrq_kernel(const std::vector<at::Tensor>& zs, const at::Tensor& codebooks, 
   });
 }
 
-// Checks the inputs; returns them contiguous (zs) and the codebooks / sqnorms contiguous.
+// The checked inputs, made contiguous.
 struct HrqInputs {
   std::vector<at::Tensor> zs;
   at::Tensor codebooks, sqnorms;
@@ -178,6 +178,7 @@ struct HrqInputs {
   at::ScalarType dtype;
 };
 
+// Checks the op's inputs (errors name the argument) and makes them contiguous.
 HrqInputs check_inputs(at::TensorList zs, const at::Tensor& codebooks, const at::Tensor& codebook_sqnorms,
                        at::IntArrayRef codebook_sizes) {
   const int64_t L = static_cast<int64_t>(zs.size());

@@ -179,7 +179,7 @@ def hrq_cases(device: str, size: str, dtypes) -> Iterator[Case]:
             case.impl_names = [*backends, *(["native (out=)"] if reuse else []), *([f"2x lookup ({fast})"] if fast else []),
                                *(["torch"] if torch_ok else [])]
 
-            def setup(n=n, dtype=dtype, backends=backends, torch_ok=torch_ok, fast=fast):
+            def setup(n=n, dtype=dtype, backends=backends, torch_ok=torch_ok, fast=fast, reuse=reuse):
                 gen = _gen(device, n)
                 cbs = [torch.randn(k, d, generator=gen, device=device).to(dtype) for k in HRQ_SIZES]
                 zs = [torch.randn(n, d, generator=gen, device=device).to(dtype) for _ in HRQ_SIZES]
@@ -187,7 +187,7 @@ def hrq_cases(device: str, size: str, dtypes) -> Iterator[Case]:
                     Impl(b, (lambda b=b: hrq_quantize(zs, cbs, backend=b)), rounds=2 if b == "reference" else None)
                     for b in backends
                 ]
-                if "native" in backends:
+                if reuse:
                     out = (torch.empty(len(HRQ_SIZES), n, dtype=torch.int32), torch.empty(len(HRQ_SIZES), n, d, dtype=dtype))
                     impls.append(Impl("native (out=)", lambda: hrq_quantize(zs, cbs, backend="native", out=out), kind="variant"))
                 if fast is not None:

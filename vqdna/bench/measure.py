@@ -59,17 +59,7 @@ def choose_rounds(first_call_s: float, rounds: int) -> int:
 def time_fn(fn: Callable, device: str | torch.device, rounds: int = 5, warmup: int = 1) -> float:
     """Best wall time in seconds of fn over at least `rounds` calls (more for short calls, see
     choose_rounds) after `warmup` calls, synchronising the device around each."""
-    call = timed(fn, device)
-    t0 = time.perf_counter()
-    for _ in range(max(1, warmup)):
-        call()
-    first = (time.perf_counter() - t0) / max(1, warmup)
-    best = float("inf")
-    for _ in range(choose_rounds(first, rounds)):
-        t0 = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return time_interleaved([fn], device, [rounds], warmup)[0]
 
 
 def time_interleaved(fns: list[Callable], device: str | torch.device, rounds: list[int], warmup: int = 1) -> list[float]:

@@ -122,6 +122,11 @@ def regression_metrics(pred: np.ndarray, labels: np.ndarray) -> dict:
             "mse": float(np.mean((pred - labels) ** 2))}
 
 
+def task_metrics(task: str):
+    """(the metric that selects runs, the function computing all metrics) of a task kind."""
+    return ("mcc", classification_metrics) if task == "classification" else ("spearman", regression_metrics)
+
+
 # The probe head: pooler(x) = tanh(PROBE_SCALE * (x - mean) / std) keeps standardised features in tanh's
 # near-linear range; the regularisation grid is searched on dev (C of logistic regression = 1 / alpha of ridge).
 PROBE_SCALE = 0.5
@@ -170,8 +175,7 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
     std = np.maximum(feats["train"].std(0), 1e-6)
     pooled = {split: np.tanh(PROBE_SCALE * (x - mean) / std) for split, x in feats.items()}
     y = {split: data[split].labels.numpy() for split in SPLITS}
-    metric = "mcc" if task == "classification" else "spearman"
-    metrics_fn = classification_metrics if task == "classification" else regression_metrics
+    metric, metrics_fn = task_metrics(task)
     hidden = mean.shape[0]
     best = None
     for reg in PROBE_REGULARIZATION:
@@ -239,11 +243,10 @@ def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, s
             raise ValueError(f"probe head parameters {sorted(missing)} are not in {type(model).__name__}")
         model.load_state_dict(head_state, strict=False)
     model = apply_lora(model, **lora)
-    metric = "mcc" if task == "classification" else "spearman"
+    metric, fn = task_metrics(task)
 
     def compute_metrics(p):
         logits = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
-        fn = classification_metrics if task == "classification" else regression_metrics
         return fn(np.asarray(logits, dtype=np.float64), np.asarray(p.label_ids))
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -275,11 +278,13 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
              lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.05, weight_decay: float = 0.01,
              tokenizer=None, head_init: str = "probe") -> dict:
     """Grid over learning rates (epochs chosen on dev) per seed; writes out_dir/results.json and returns
-    it. head_init: "probe" starts every run from the linear-probe head of `probe_head` (LP-FT), "random"
-    from the usual random head. model_dir: a pre-trained VQDNA model directory (with its tokenizer unless `tokenizer` is given).
-    max_length (tokens incl. CLS/SEP; default: the longest sequence) truncates longer sequences."""
+    it. model_dir: a pre-trained VQDNA model directory (with its tokenizer unless `tokenizer` is given).
+    head_init: "probe" starts every run from the linear-probe head of `probe_head` (LP-FT), "random" from
+    the usual random head. max_length (tokens incl. CLS/SEP; default: the longest sequence) truncates longer sequences."""
     from vqdna.tokenization import VQDNATokenizer
 
+    if head_init not in ("probe", "random"):
+        raise ValueError(f"head_init must be 'probe' or 'random', got {head_init!r}")
     tok = tokenizer or VQDNATokenizer.from_pretrained(model_dir)
     splits, task = load_task(data_dir, task)
     num_labels = int(splits["train"][1].max()) + 1 if task == "classification" else 1
@@ -288,8 +293,6 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
         codes = tok.encode_codes(seqs, max_length - 2 if max_length else None)
         data[split] = EncodedTask(codes, labels)
     lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
-    if head_init not in ("probe", "random"):
-        raise ValueError(f"head_init must be 'probe' or 'random', got {head_init!r}")
     probe = None
     if head_init == "probe":
         from transformers import AutoModelForSequenceClassification
@@ -297,7 +300,7 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
         base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
         probe = probe_head(base, data, task, num_labels, batch_size=max(batch_size, 64))
         del base
-    metric = "mcc" if task == "classification" else "spearman"
+    metric = task_metrics(task)[0]
     if probe is not None:
         log.warning("probe head (regularization %g): dev %s %.4f, test %.4f", probe["regularization"], metric,
                     probe["dev"][metric], probe["test"][metric])
