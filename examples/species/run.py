@@ -112,7 +112,7 @@ def main() -> int:
     p.add_argument("--pretrain-steps", type=int, default=2000)
     p.add_argument("--max-length", type=int, default=128, help="pre-training window in tokens")
     p.add_argument("--config", default="bert-tiny")
-    p.add_argument("--pooling", default="mean", choices=("cls", "mean"),
+    p.add_argument("--pooling", default="mean", choices=("cls", "mean", "mean_layers"),
                    help="classifier input: the CLS token or the mean over the window's tokens")
     p.add_argument("--lrs", default="1e-3")
     p.add_argument("--epochs", type=int, default=10)

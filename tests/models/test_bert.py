@@ -209,15 +209,24 @@ def test_sequence_classification_and_regression_losses(rng):
     torch.testing.assert_close(out.loss, F.mse_loss(out.logits[:, 0], y))
 
 
-def test_mean_pooling_ignores_padding(rng):
-    clf = tiny_model(VQDNAForSequenceClassification, num_labels=2, classifier_pooling="mean")
+@pytest.mark.parametrize("pooling", ["mean", "mean_layers"])
+def test_mean_pooling_ignores_padding(rng, pooling):
+    clf = tiny_model(VQDNAForSequenceClassification, num_labels=2, classifier_pooling=pooling)
     codes, ids, mask = random_ids(3, 7, rng)
     batch = clf(ids, mask).logits
     for i, c in enumerate(codes):
         torch.testing.assert_close(batch[i], clf(*build_inputs([c], SIZES)).logits[0], atol=1e-5, rtol=0)
-    h = clf.vqdna(ids, mask).last_hidden_state
-    pooled = torch.stack([h[i, : len(c) + 2].mean(0) for i, c in enumerate(codes)])
+    states = clf.vqdna(ids, mask, output_hidden_states=True).hidden_states
+    assert len(states) == clf.config.num_hidden_layers + 1
+    chosen = states if pooling == "mean_layers" else states[-1:]
+    pooled = torch.stack([torch.cat([h[i, : len(c) + 2].mean(0) for h in chosen]) for i, c in enumerate(codes)])
+    assert pooled.shape[1] == clf.config.pooled_size == clf.config.hidden_size * len(chosen)
     torch.testing.assert_close(batch, clf.classifier(clf.pooler(pooled)))
+
+
+def test_unknown_pooling_is_refused():
+    with pytest.raises(ValueError, match="classifier_pooling must be cls\\|mean\\|mean_layers"):
+        VQDNAConfig(classifier_pooling="max")
 
 
 def test_bert_base_parameter_count():

@@ -118,8 +118,9 @@ def _encoded_task(tmp_path, labels=None, sizes=(320, 80, 80)):
     return {s: EncodedTask(tok.encode_codes(q), y) for s, (q, y) in splits.items()}, task
 
 
-@pytest.mark.parametrize("kind", ["classification", "regression"])
-def test_probe_head_is_what_the_model_computes(tmp_path, kind):
+@pytest.mark.parametrize("kind,pooling", [("classification", "cls"), ("regression", "cls"),
+                                          ("classification", "mean_layers")])
+def test_probe_head_is_what_the_model_computes(tmp_path, kind, pooling):
     """The probe's state, loaded into the classifier, reproduces the probe's own dev metric through the
     model's forward (pooler = standardise + tanh, classifier = the fitted linear model), and the frozen
     features of the learnable GC task give a probe far above chance."""
@@ -132,11 +133,13 @@ def test_probe_head_is_what_the_model_computes(tmp_path, kind):
     assert task == kind
     folder, _ = _mlm.pretrained()
     num_labels = 2 if kind == "classification" else 1
-    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels,
+                                                               classifier_pooling=pooling).eval()
     probe = probe_head(model, data, task, num_labels)
     metric, fn = ("mcc", classification_metrics) if kind == "classification" else ("spearman", regression_metrics)
     assert probe["dev"][metric] > 0.5 and probe["test"][metric] > 0.5, probe
     assert set(probe["state"]) == {"pooler.0.weight", "pooler.0.bias", "classifier.weight", "classifier.bias"}
+    assert probe["state"]["classifier.weight"].shape == (num_labels, model.config.pooled_size)
     model.load_state_dict(probe["state"], strict=False)
     from vqdna.train.finetune import ClassificationCollator
 
@@ -162,3 +165,46 @@ def test_finetune_starts_from_the_probe_head(tmp_path, monkeypatch):
     assert res["probe"] is None and seen[-1] is None
     with pytest.raises(ValueError, match="head_init"):
         finetune(data, folder, str(tmp_path / "out3"), lrs=(1e-3,), epochs=1, head_init="linear")
+
+
+@pytest.mark.parametrize("dropout", [0.0, None])
+def test_train_lora_dropout(tmp_path, dropout):
+    """dropout=0 switches off the model's hidden, attention and classifier dropout while fine-tuning (a
+    training-mode forward is then deterministic); None keeps the pre-trained config's (0.1 here)."""
+    folder, _ = _mlm.pretrained()
+    data, task = _encoded_task(tmp_path, sizes=(32, 16, 16))
+    model, _ = train_lora(folder, _mlm.tokenizer(), data, task, 2, lr=1e-3, epochs=1, batch_size=16, seed=0,
+                          out_dir=str(tmp_path / "run"), lora=dict(r=8, alpha=16, dropout=0.0), weight_decay=0.01,
+                          dropout=dropout)
+    cfg = model.config
+    expected = 0.1 if dropout is None else 0.0
+    assert cfg.hidden_dropout_prob == cfg.attention_probs_dropout_prob == expected
+    from vqdna.train.finetune import ClassificationCollator
+
+    batch = ClassificationCollator(_mlm.tokenizer().codebook_sizes)([data["dev"][i] for i in range(8)])
+    model.train()
+    with torch.no_grad():
+        a, b = (model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits for _ in range(2))
+    assert torch.equal(a, b) == (dropout == 0.0)
+
+
+def test_finetune_records_and_checks_dropout(tmp_path, monkeypatch):
+    import vqdna.train.finetune as ft
+
+    folder, _ = _mlm.pretrained()
+    data = _mlm.write_gue(tmp_path / "task", sizes=(32, 16, 16))
+    seen = []
+    monkeypatch.setattr(ft, "train_lora", lambda *a, **k: seen.append(k["dropout"]) or (None, _fake_run()))
+    res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, batch_size=16, head_init="random")
+    assert seen == [0.0] and res["dropout"] == 0.0  # the default
+    res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, batch_size=16, head_init="random",
+                   dropout=None)
+    assert seen[-1] is None and res["dropout"] is None
+    for bad in (1.0, -0.1):
+        with pytest.raises(ValueError, match="dropout"):
+            finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, dropout=bad)
+
+
+def _fake_run():
+    m = {"mcc": 0.5, "f1": 0.5, "accuracy": 0.5, "loss": 1.0}
+    return {"lr": 1e-3, "seed": 0, "best_epoch": 1, "dev": m, "test": m, "dev_by_epoch": [0.5]}

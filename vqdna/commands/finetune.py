@@ -20,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--lora-alpha", type=int, default=16)
     parser.add_argument("--lora-dropout", type=float, default=0.05)
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="model dropout (hidden, attention, classifier) while fine-tuning; the probe head is "
+                             "fitted on dropout-free features")
     parser.add_argument("--head-init", choices=["probe", "random"], default="probe",
                         help="probe: start from a linear-probe head fitted on the frozen features (LP-FT); "
                              "random: a random head")
@@ -31,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     res = finetune(args.data, args.model, args.out, lrs=[float(x) for x in args.lrs.split(",")], epochs=args.epochs,
                    batch_size=args.batch_size, seeds=[int(s) for s in args.seeds.split(",")], task=args.task,
                    max_length=args.max_length, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                   lora_dropout=args.lora_dropout, head_init=args.head_init)
+                   lora_dropout=args.lora_dropout, head_init=args.head_init, dropout=args.dropout)
     m = res["metric"]
     if res["probe"]:
         print(f"probe head before fine-tuning: dev {m} {res['probe']['dev'][m]:.4f}, test {m} {res['probe']['test'][m]:.4f}")

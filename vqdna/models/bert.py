@@ -59,6 +59,9 @@ NAMED_CONFIGS = {
 }
 
 
+POOLINGS = ("cls", "mean", "mean_layers")  # config.classifier_pooling: see VQDNAForSequenceClassification
+
+
 class VQDNAConfig(PretrainedConfig):
     """Configuration of the VQDNA masked LM / classifier (model_type "vqdna").
 
@@ -107,14 +110,20 @@ class VQDNAConfig(PretrainedConfig):
         super().__init__(**kwargs)
         if hidden_size % num_attention_heads:
             raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}")
-        if classifier_pooling not in ("cls", "mean"):
-            raise ValueError(f"classifier_pooling must be cls|mean, got {classifier_pooling!r}")
+        if classifier_pooling not in POOLINGS:
+            raise ValueError(f"classifier_pooling must be {'|'.join(POOLINGS)}, got {classifier_pooling!r}")
         if attention_backend not in ("auto", "flash", "sdpa", "reference"):
             raise ValueError(f"attention_backend must be auto|flash|sdpa|reference, got {attention_backend!r}")
 
     @property
     def n_levels(self) -> int:
         return len(self.codebook_sizes)
+
+    @property
+    def pooled_size(self) -> int:
+        """Width of the classifier's pooled input: hidden_size, or hidden_size * (num_hidden_layers + 1)
+        for "mean_layers"."""
+        return self.hidden_size * (self.num_hidden_layers + 1 if self.classifier_pooling == "mean_layers" else 1)
 
     @classmethod
     def named(cls, name: str, **overrides) -> "VQDNAConfig":
@@ -438,7 +447,9 @@ class VQDNAForMaskedLM(VQDNAPreTrainedModel):
 
 class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
     """Sequence classification or regression from the CLS token (config.classifier_pooling "cls", as
-    BERT) or the mean over real tokens ("mean"), then the pooler (dense + tanh) and the classifier:
+    BERT), the mean over real tokens ("mean"), or those means of the embeddings and of every layer,
+    concatenated ("mean_layers": width P = hidden * (layers + 1); the pooler is P x P, so meant for small
+    models: 100 M head parameters at bert-base), then the pooler (dense + tanh) and the classifier:
     num_labels == 1 -> regression (MSE), integer labels -> single-label cross-entropy, float multi-hot
     labels -> multi-label BCE (config.problem_type overrides). labels [B]; logits [B, num_labels]."""
 
@@ -446,26 +457,32 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.vqdna = VQDNAModel(config)
-        self.pooler = nn.Sequential(nn.Linear(config.hidden_size, config.hidden_size), nn.Tanh())
+        self.pooler = nn.Sequential(nn.Linear(config.pooled_size, config.pooled_size), nn.Tanh())
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = nn.Linear(config.pooled_size, config.num_labels)
         self.post_init()
 
-    def pool(self, hidden, input_ids, attention_mask=None):
-        """The head's input [B, hidden] from the last hidden states [B, L, hidden]: the CLS token or the
-        mean over real (unpadded) tokens, per config.classifier_pooling."""
-        if self.config.classifier_pooling == "mean":
-            if attention_mask is None:
-                attention_mask = input_ids[..., 0] != self.config.codebook_sizes[0] + PAD
-            w = attention_mask.to(hidden.dtype)[..., None]
-            return (hidden * w).sum(1) / w.sum(1).clamp(min=1)
-        return hidden[:, 0]
+    def pool(self, hidden_states, input_ids, attention_mask=None):
+        """The head's input [B, config.pooled_size] from the encoder's hidden states (a tuple of
+        [B, L, hidden]: the embeddings' output, then every layer's): the last layer's CLS token, the mean of
+        the last layer over real (unpadded) tokens, or ("mean_layers") those means of every entry, concatenated."""
+        pooling = self.config.classifier_pooling
+        if pooling == "cls":
+            return hidden_states[-1][:, 0]
+        if attention_mask is None:
+            attention_mask = input_ids[..., 0] != self.config.codebook_sizes[0] + PAD
+        w = attention_mask.to(hidden_states[-1].dtype)[..., None]
+        count = w.sum(1).clamp(min=1)
+        chosen = hidden_states if pooling == "mean_layers" else hidden_states[-1:]
+        return torch.cat([(h * w).sum(1) / count for h in chosen], dim=-1)
 
     def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=None, return_dict=None):
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        out = self.vqdna(input_ids, attention_mask, output_hidden_states=output_hidden_states, return_dict=True)
-        pooled = self.pool(out.last_hidden_state, input_ids, attention_mask)
+        all_layers = self.config.classifier_pooling == "mean_layers"
+        out = self.vqdna(input_ids, attention_mask, output_hidden_states=output_hidden_states or all_layers,
+                         return_dict=True)
+        pooled = self.pool(out.hidden_states if all_layers else (out.last_hidden_state,), input_ids, attention_mask)
         logits = self.classifier(self.dropout(self.pooler(pooled)))
         loss = None
         if labels is not None:
