@@ -109,13 +109,15 @@ def main() -> int:
     p.add_argument("--train-windows", type=int, default=1000, help="per species")
     p.add_argument("--eval-windows", type=int, default=300, help="dev and test windows per species")
     p.add_argument("--pretrain-bases", type=int, default=1_000_000, help="pre-training bases per species (train regions)")
-    p.add_argument("--pretrain-steps", type=int, default=2000)
+    p.add_argument("--pretrain-steps", type=int, default=1500)
     p.add_argument("--max-length", type=int, default=128, help="pre-training window in tokens")
-    p.add_argument("--config", default="bert-tiny")
-    p.add_argument("--pooling", default="mean", choices=("cls", "mean", "mean_layers"),
-                   help="classifier input: the CLS token or the mean over the window's tokens")
-    p.add_argument("--lrs", default="1e-3")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--config", default="bert-mini")
+    p.add_argument("--pooling", default="mean_layers", choices=("cls", "mean", "mean_layers"),
+                   help="classifier input: the CLS token, the last layer's mean over the window's tokens, or "
+                        "those means of every layer, concatenated")
+    p.add_argument("--lrs", default="5e-4")
+    p.add_argument("--lora-dropout", type=float, default=0.0)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -176,7 +178,7 @@ def main() -> int:
     # 4. LoRA fine-tuning
     torch.manual_seed(args.seed)
     res = finetune(task, mlm_dir, os.path.join(args.out, "finetune"), lrs=[float(x) for x in args.lrs.split(",")],
-                   epochs=args.epochs, batch_size=32, seeds=(args.seed,), tokenizer=tok)
+                   epochs=args.epochs, batch_size=32, seeds=(args.seed,), tokenizer=tok, lora_dropout=args.lora_dropout)
     mcc = res["test"]["mcc"]["mean"]
     print(f"[{time.time() - t0:6.0f} s] linear-probe head alone (before fine-tuning): test MCC "
           f"{res['probe']['test']['mcc']:.4f}", flush=True)

@@ -208,3 +208,31 @@ def test_finetune_records_and_checks_dropout(tmp_path, monkeypatch):
 def _fake_run():
     m = {"mcc": 0.5, "f1": 0.5, "accuracy": 0.5, "loss": 1.0}
     return {"lr": 1e-3, "seed": 0, "best_epoch": 1, "dev": m, "test": m, "dev_by_epoch": [0.5]}
+
+
+def test_probe_pooler_stays_frozen_and_is_saved(tmp_path):
+    """From the probe head, the pooler (the probe's standardisation) does not train, the classifier does,
+    and the adapter checkpoint carries both (a fresh model would otherwise get a random pooler)."""
+    import glob
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from vqdna.train.finetune import probe_head
+
+    folder, _ = _mlm.pretrained()
+    data, task = _encoded_task(tmp_path, sizes=(64, 32, 32))
+    base = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    state = probe_head(base, data, task, 2)["state"]
+    model, _ = train_lora(folder, _mlm.tokenizer(), data, task, 2, lr=1e-2, epochs=1, batch_size=16, seed=0,
+                          out_dir=str(tmp_path / "run"), lora=dict(r=8, alpha=16, dropout=0.0), weight_decay=0.01,
+                          head_state=state, dropout=0.0)
+    params = dict(model.named_parameters())
+    pooler = [n for n in params if ".pooler." in n and "modules_to_save" in n]
+    assert pooler and not any(params[n].requires_grad for n in pooler)
+    assert torch.equal(params["base_model.model.pooler.modules_to_save.default.0.weight"], state["pooler.0.weight"])
+    assert not torch.equal(params["base_model.model.classifier.modules_to_save.default.weight"].detach(),
+                           state["classifier.weight"])
+    saved = load_file(glob.glob(str(tmp_path / "run" / "checkpoint-*" / "adapter_model.safetensors"))[0])
+    key = next(k for k in saved if "pooler" in k and k.endswith("0.weight"))
+    assert torch.equal(saved[key], state["pooler.0.weight"])

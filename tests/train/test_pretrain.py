@@ -156,9 +156,12 @@ def test_pretrain_ddp_two_ranks_gloo(tmp_path):
            "vqdna.cli", "pretrain", "--tokens", str(tmp_path / "tokens"), "--tokenizer", f"{_mlm.ROOT}/stage1",
            "--config", "bert-tiny", "--out", str(tmp_path / "mlm"), "--steps", "4", "--batch-size", "8",
            "--max-length", "32", "--warmup-steps", "1", "--save-steps", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "info"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     state = json.loads((tmp_path / "mlm" / "checkpoint-4" / "trainer_state.json").read_text())
     assert state["global_step"] == 4 and state["train_batch_size"] == 4  # per rank: 8 / 2
+    # one world of two ranks (ranks that each believed they were alone would each report a batch of 4)
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in proc.stdout + proc.stderr, \
+        (proc.stdout + proc.stderr)[-3000:]
     assert (tmp_path / "mlm" / "model.safetensors").exists() and (tmp_path / "mlm" / "vqdna_tokenizer.json").exists()

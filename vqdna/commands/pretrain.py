@@ -11,7 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", required=True, help="token-file folder written by `vqdna tokenize`")
     parser.add_argument("--tokenizer", help="stage-1 tokenizer (directory or bundled name) that wrote the tokens "
                         "(default: the bundled tokenizer whose sha256 the token manifest records)")
-    parser.add_argument("--config", default="bert-base", help="named model size: bert-base (default), bert-small, bert-tiny")
+    parser.add_argument("--config", default="bert-base", help="named model size: bert-base (default), bert-small (4 x 256), bert-mini (4 x 128), bert-tiny (2 x 64)")
     parser.add_argument("--out", required=True, help="output folder: checkpoints, final model and tokenizer")
     parser.add_argument("--steps", type=int, default=100_000)
     parser.add_argument("--batch-size", type=int, default=256, help="global batch (split over torchrun ranks)")

@@ -55,6 +55,7 @@ LORA_TARGET_MODULES = ("query", "key", "value", "attn_out", "ffn_in", "ffn_out")
 NAMED_CONFIGS = {
     "bert-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "bert-small": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
+    "bert-mini": dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, intermediate_size=512),
     "bert-tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256),
 }
 
@@ -127,7 +128,7 @@ class VQDNAConfig(PretrainedConfig):
 
     @classmethod
     def named(cls, name: str, **overrides) -> "VQDNAConfig":
-        """A named size ("bert-base", "bert-small", "bert-tiny") with overrides (e.g. codebook_sizes)."""
+        """A named size ("bert-base", "bert-small", "bert-mini", "bert-tiny") with overrides (e.g. codebook_sizes)."""
         if name not in NAMED_CONFIGS:
             raise ValueError(f"unknown config {name!r}; named configs: {', '.join(NAMED_CONFIGS)}")
         return cls(**{**NAMED_CONFIGS[name], **overrides})

@@ -3,8 +3,9 @@
 A task folder holds train.csv, dev.csv, test.csv with header `sequence,label`. Integer labels make a
 classification task (metrics MCC, macro-F1, accuracy; MCC selects), other numbers a regression task
 (Spearman selects; also Pearson and MSE). The encoder is frozen; LoRA (r 8, alpha 16, dropout 0.05)
-adapts the modules the model names (`lora_target_modules`) and the pooler + classifier head train in
-full. For every seed and learning rate of the grid the model trains for `epochs` epochs, evaluated on
+adapts the modules the model names (`lora_target_modules`) and the classifier head trains in full, as
+does the pooler when the head starts at random (from the linear probe it stays the probe's fixed
+standardisation). For every seed and learning rate of the grid the model trains for `epochs` epochs, evaluated on
 dev after each; the (learning rate, epoch) with the best dev metric is chosen per seed and its test
 metrics reported; the JSON summary gives the mean and standard deviation over seeds.
 """
@@ -237,6 +238,8 @@ def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, s
                head_state=None, dropout: float | None = None):
     from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments, set_seed
 
+    from vqdna.train.pretrain import cpu_ddp_args
+
     set_seed(seed)
     problem_type = "single_label_classification" if task == "classification" else "regression"
     overrides = {} if dropout is None else dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
@@ -249,6 +252,14 @@ def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, s
             raise ValueError(f"probe head parameters {sorted(missing)} are not in {type(model).__name__}")
         model.load_state_dict(head_state, strict=False)
     model = apply_lora(model, **lora)
+    if head_state is not None:
+        # The probe's pooler is a fixed standardisation. Trained, its off-diagonal entries (zero, moved by
+        # AdamW at ~lr per step) mix features the head weighs by their small directions: on the species
+        # example the dev MCC fell below the probe's with a trained pooler and rose above it frozen.
+        # It stays in modules_to_save, so the adapter checkpoint still carries it.
+        for name, p in model.named_parameters():
+            if ".pooler." in name:
+                p.requires_grad_(False)
     metric, fn = task_metrics(task)
 
     def compute_metrics(p):
@@ -265,6 +276,7 @@ def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, s
         save_total_limit=1, load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=True,
         logging_strategy="epoch", seed=seed, report_to="none", remove_unused_columns=False,
         bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), disable_tqdm=True,
+        **cpu_ddp_args(),
     )
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["dev"],
                       data_collator=ClassificationCollator(tok.codebook_sizes), compute_metrics=compute_metrics)

@@ -169,7 +169,7 @@ def pretrain(
         remove_unused_columns=False,
         report_to="none",
         ddp_find_unused_parameters=False,
-        **(extra_args or {}),
+        **{**cpu_ddp_args(), **(extra_args or {})},
     )
     trainer = Trainer(model=model, args=args, train_dataset=train,
                       data_collator=MLMCollator(model.config.codebook_sizes, mlm_probability))
@@ -182,6 +182,15 @@ def pretrain(
         tokenizer.model_max_length = max_length
         tokenizer.save_pretrained(out_dir)
     return trainer
+
+
+def cpu_ddp_args() -> dict:
+    """TrainingArguments for a torchrun world without CUDA: use_cpu and the gloo backend, else none (GPUs:
+    transformers' NCCL default). Without them transformers 5 leaves every CPU rank believing it is alone:
+    each trains the whole run by itself and all of them write the output directory."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        return {"use_cpu": True, "ddp_backend": "gloo"}
+    return {}
 
 
 def masked_accuracy(model, records, codebook_sizes, max_length=256, batch_size=32, mlm_probability=0.25, seed=0):
