@@ -222,6 +222,8 @@ def test_mean_pooling_ignores_padding(rng, pooling):
     pooled = torch.stack([torch.cat([h[i, : len(c) + 2].mean(0) for h in chosen]) for i, c in enumerate(codes)])
     assert pooled.shape[1] == clf.config.pooled_size == clf.config.hidden_size * len(chosen)
     torch.testing.assert_close(batch, clf.classifier(clf.pooler(pooled)))
+    # hidden states are returned only when asked for, whichever pooling needs them
+    assert clf(ids, mask).hidden_states is None and len(clf(ids, mask, output_hidden_states=True).hidden_states) == len(states)
 
 
 def test_unknown_pooling_is_refused():

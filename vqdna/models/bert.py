@@ -485,6 +485,8 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
                          return_dict=True)
         pooled = self.pool(out.hidden_states if all_layers else (out.last_hidden_state,), input_ids, attention_mask)
         logits = self.classifier(self.dropout(self.pooler(pooled)))
+        # only when asked for: Trainer's evaluation would otherwise gather every layer of every sequence
+        states = out.hidden_states if output_hidden_states else None
         loss = None
         if labels is not None:
             if self.config.problem_type is None:
@@ -502,8 +504,8 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
             else:
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
         if not return_dict:
-            return tuple(x for x in (loss, logits, out.hidden_states) if x is not None)
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states)
+            return tuple(x for x in (loss, logits, states) if x is not None)
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=states)
 
 
 def register_auto_classes() -> None:
