@@ -139,6 +139,11 @@ def special_ids(codebook_sizes, token: int) -> list[int]:
     return [int(k) + token for k in codebook_sizes]
 
 
+def default_attention_mask(input_ids, codebook_sizes):
+    """[B, L] bool: True where the token is not PAD (read from level 0 of input_ids [B, L, n_levels])."""
+    return input_ids[..., 0] != int(codebook_sizes[0]) + PAD
+
+
 def build_inputs(codes_list, codebook_sizes, pad_to_multiple_of=None, pad_to=None):
     """Wrap each code sequence in CLS ... SEP and right-pad with PAD.
 
@@ -389,7 +394,7 @@ class VQDNAModel(VQDNAPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, output_hidden_states=None, return_dict=None):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if attention_mask is None:
-            attention_mask = input_ids[..., 0] != self.config.codebook_sizes[0] + PAD
+            attention_mask = default_attention_mask(input_ids, self.config.codebook_sizes)
         attention_mask = attention_mask.bool()
         x = self.embeddings(input_ids)
         # Slopes recomputed per call (H floats): no non-persistent buffer to re-create after loading.
@@ -464,26 +469,26 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
         self.classifier = nn.Linear(config.pooled_size, config.num_labels)
         self.post_init()
 
-    def pool(self, hidden_states, input_ids, attention_mask=None):
-        """The head's input [B, config.pooled_size] from the encoder's hidden states (a tuple of
-        [B, L, hidden]: the embeddings' output, then every layer's): the last layer's CLS token, the mean of
-        the last layer over real (unpadded) tokens, or ("mean_layers") those means of every entry, concatenated."""
+    def pool(self, input_ids, attention_mask=None, output_hidden_states=False):
+        """Runs the encoder; returns (the head's input [B, config.pooled_size], the encoder's output). The
+        head's input is the last layer's CLS token, its mean over real (unpadded) tokens, or ("mean_layers")
+        those means of the embeddings' output and of every layer, concatenated. The output carries
+        hidden_states when output_hidden_states (always computed for "mean_layers")."""
         pooling = self.config.classifier_pooling
+        out = self.vqdna(input_ids, attention_mask, output_hidden_states=output_hidden_states or pooling == "mean_layers",
+                         return_dict=True)
         if pooling == "cls":
-            return hidden_states[-1][:, 0]
+            return out.last_hidden_state[:, 0], out
         if attention_mask is None:
-            attention_mask = input_ids[..., 0] != self.config.codebook_sizes[0] + PAD
-        w = attention_mask.to(hidden_states[-1].dtype)[..., None]
+            attention_mask = default_attention_mask(input_ids, self.config.codebook_sizes)
+        w = attention_mask.to(out.last_hidden_state.dtype)[..., None]
         count = w.sum(1).clamp(min=1)
-        chosen = hidden_states if pooling == "mean_layers" else hidden_states[-1:]
-        return torch.cat([(h * w).sum(1) / count for h in chosen], dim=-1)
+        chosen = out.hidden_states if pooling == "mean_layers" else (out.last_hidden_state,)
+        return torch.cat([(h * w).sum(1) / count for h in chosen], dim=-1), out
 
     def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=None, return_dict=None):
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        all_layers = self.config.classifier_pooling == "mean_layers"
-        out = self.vqdna(input_ids, attention_mask, output_hidden_states=output_hidden_states or all_layers,
-                         return_dict=True)
-        pooled = self.pool(out.hidden_states if all_layers else (out.last_hidden_state,), input_ids, attention_mask)
+        pooled, out = self.pool(input_ids, attention_mask, output_hidden_states=bool(output_hidden_states))
         logits = self.classifier(self.dropout(self.pooler(pooled)))
         # only when asked for: Trainer's evaluation would otherwise gather every layer of every sequence
         states = out.hidden_states if output_hidden_states else None

@@ -148,8 +148,7 @@ def pooled_features(model, dataset, codebook_sizes, batch_size: int = 64) -> np.
         for i in range(0, len(dataset), batch_size):
             batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
             ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            hidden = model.vqdna(ids, mask, output_hidden_states=True, return_dict=True).hidden_states
-            out.append(model.pool(hidden, ids, mask).double().cpu())
+            out.append(model.pool(ids, mask)[0].double().cpu())
     model.train(was_training)
     return torch.cat(out).numpy()
 
