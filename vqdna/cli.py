@@ -15,6 +15,7 @@ COMMANDS = {
     "bench": "bench",
     "pretrain": "pretrain",
     "finetune": "finetune",
+    "gpu-check": "gpu_check",
 }
 
 
