@@ -115,8 +115,14 @@ template <typename T>
 constexpr size_t kHrqSmemBytes = kSearchSmemBytes<T> + size_t(kBM) * sizeof(int64_t);
 
 // kVec (bf16/fp16 only): z_l and the codebook 16-byte aligned and d % 8 == 0.
+// One block per SM (__launch_bounds__(256, 1)), unlike lookup's two: the search's 64 accumulators
+// and 16 running minima plus the residual A source's prefetch registers (and, without kVec, its 32
+// staged elements) need ~190-210 registers; under the 128-register cap of two blocks per SM every
+// instantiation spilled 48-192 bytes, with local loads inside the tensor-core loop. Latency is hidden
+// within the block by the 3-stage ring and the deferred A loads (docs/design.md, "CUDA kernels:
+// resources").
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads, 2) hrq_kernel(const __grid_constant__ HrqParams p) {
+__global__ void __launch_bounds__(kThreads, 1) hrq_kernel(const __grid_constant__ HrqParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   int64_t* const s_prev = reinterpret_cast<int64_t*>(smem_raw + kSearchSmemBytes<T>);  // [kBM]
   using S = typename tile::Elem<T>::Storage;
