@@ -231,7 +231,7 @@ cudaError_t launch_hrq_quantize(const void* const* zs, int64_t num_levels, const
       return launch_kernel<float, false>(p, grid, stream);
     case DType::kBFloat16:
     case DType::kFloat16: {
-      const bool vec = d > 0 && d % 8 == 0 && tile::aligned16(codebooks) && all_aligned16(zs, num_levels);
+      const bool vec = mma_vec_loads(dtype, d, tile::aligned16(codebooks) && all_aligned16(zs, num_levels));
       if (dtype == DType::kBFloat16) {
         return vec ? launch_kernel<__nv_bfloat16, true>(p, grid, stream)
                    : launch_kernel<__nv_bfloat16, false>(p, grid, stream);

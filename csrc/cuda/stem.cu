@@ -185,9 +185,9 @@ cudaError_t launch_stem(const void* ids, StemIds id_type, const float* weight, c
                         const float* ln_weight, const float* ln_bias, void* out, StemOut out_type,
                         int64_t n, int64_t length, int64_t d, int64_t width, float ln_eps,
                         cudaStream_t stream) {
-  if (d < 1 || d > kStemMaxDim || width < 1 || width % 2 == 0 || width > 1024 || n < 0 || length < 1 ||
-      static_cast<int>(id_type) < 0 || static_cast<int>(id_type) > 2 || static_cast<int>(out_type) < 0 ||
-      static_cast<int>(out_type) > 2) {
+  if (d < 1 || d > kStemMaxDim || width < 1 || width % 2 == 0 || width > kStemMaxWidth || n < 0 ||
+      length < 1 || static_cast<int>(id_type) < 0 || static_cast<int>(id_type) > 2 ||
+      static_cast<int>(out_type) < 0 || static_cast<int>(out_type) > 2) {
     return cudaErrorInvalidValue;
   }
   if (n == 0) return cudaSuccess;

@@ -10,7 +10,8 @@ from vqdna.kernels import dispatch, reference, stem
 from vqdna.kernels.ops import _backend_op
 
 OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (B, L, D, W): B = 1, L = 1, L < W, D not a multiple of 8 or 16, D = 1, D = 384, W = 1/3/5/7.
+# (B, L, D, W): B = 1, L = 1, L < W, D not a multiple of 8 or 16, D = 1, D = 384, W = 1/3/5/7, and
+# W = 9 / 33 / 65 (the CUDA kernel reads a window's ids 32 taps per warp shuffle round).
 SHAPES = [
     (1, 1, 1, 5),
     (1, 1, 16, 5),
@@ -21,6 +22,9 @@ SHAPES = [
     (1, 40, 384, 5),
     (2, 37, 64, 7),
     (5, 17, 100, 5),
+    (2, 30, 20, 9),
+    (2, 45, 24, 33),
+    (1, 80, 40, 65),
 ]
 
 
