@@ -145,8 +145,14 @@ __global__ void __launch_bounds__(kThreads, 1) stem_kernel(const void* __restric
     for (int i = 0; i < VPT; ++i) {
       const int k = lane + 32 * i;
       if (k < d) {
-        const float gi = kRegParams ? g[i] : __ldg(ln_weight + k);
-        const float bi = kRegParams ? beta[i] : __ldg(ln_bias + k);
+        float gi, bi;
+        if constexpr (kRegParams) {
+          gi = g[i];
+          bi = beta[i];
+        } else {
+          gi = __ldg(ln_weight + k);
+          bi = __ldg(ln_bias + k);
+        }
         const float y = (acc[i] - mean) * rstd * gi + bi;
         const float o = 0.5f * y * (1.0f + erff(y * 0.70710678118654752f));
         store_out(out, out_type, p * d + k, bad ? __int_as_float(0x7fc00000) : o);
