@@ -198,3 +198,23 @@ def test_hrq_native_out_rejects_overlap(rng):
     with pytest.raises(RuntimeError, match="single memory location"):
         torch.ops.vqdna.hrq_quantize_native_out([levels[0], levels[1]], packed, packed.pow(2).sum(-1), [3, 4],
                                                 torch.empty(2, 8, dtype=torch.int32), levels)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("which", ["level0", "level1", "all"])
+def test_cuda_misaligned_levels_take_the_scalar_path(dtype, which, rng, poison):
+    """D % 8 == 0 but some Z_l off a 16-byte boundary: the CUDA kernel forms its A tiles with
+    element-wise loads (no deferred 16-byte loads) and returns exactly what the aligned call does."""
+    require_backend("cuda", "cuda", "hrq_quantize")
+    from tests.conftest import misaligned
+
+    n, d, sizes = 1000, 64, (64, 512, 130)
+    zs, codebooks = make_levels(n, d, sizes, dtype, "cuda", rng)
+    off = {"level0": [0], "level1": [1], "all": [0, 1, 2]}[which]
+    mis = [misaligned(z) if level in off else z for level, z in enumerate(zs)]
+    codes, levels = hrq_quantize(mis, codebooks, backend="cuda")
+    want_codes, want_levels = hrq_quantize(zs, codebooks, backend="cuda")
+    assert torch.equal(codes, want_codes) and torch.equal(levels, want_levels)
+    ref_codes, _ = reference.hrq_quantize([z.cpu() for z in zs], [c.cpu() for c in codebooks])
+    assert (ref_codes == codes.cpu()).float().mean().item() > 0.98
