@@ -67,22 +67,12 @@ def test_sources_exist():
     assert CPP_SOURCES, f"no .cpp files under {CUDA_DIR}"
 
 
-_ENTRY_RE = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+)'")
-_SPILL_RE = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
-_REGS_RE = re.compile(r"Used (\d+) registers")
-
-
 def ptxas_resources(text):
-    """{kernel (mangled): {"registers", "stack", "spill_stores", "spill_loads"}} from nvcc -Xptxas -v output."""
-    kernels, current = {}, None
-    for line in text.splitlines():
-        if m := _ENTRY_RE.search(line):
-            current = kernels.setdefault(m.group(1), {})
-        elif current is not None and (m := _SPILL_RE.search(line)):
-            current.update(stack=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
-        elif current is not None and (m := _REGS_RE.search(line)):
-            current["registers"] = int(m.group(1))
-    return kernels
+    """{kernel (mangled): {"registers", "spill_bytes", ...}} from nvcc -Xptxas -v output (the parser
+    `vqdna gpu-check` uses)."""
+    from vqdna.kernels.gpu_check import _parse_ptxas
+
+    return {f["function"]: f for f in _parse_ptxas(text)}
 
 
 def test_ptxas_resources_parses_a_spill():
@@ -90,7 +80,8 @@ def test_ptxas_resources_parses_a_spill():
 ptxas info    : Function properties for _Z1kv
     72 bytes stack frame, 68 bytes spill stores, 108 bytes spill loads
 ptxas info    : Used 255 registers, used 1 barriers, 72 bytes cumulative stack size, 444 bytes cmem[0]"""
-    assert ptxas_resources(text) == {"_Z1kv": {"stack": 72, "spill_stores": 68, "spill_loads": 108, "registers": 255}}
+    k = ptxas_resources(text)["_Z1kv"]
+    assert (k["stack_bytes"], k["spill_bytes"], k["spill_loads"], k["registers"]) == (72, 68, 108, 255)
 
 
 @needs_nvcc
@@ -107,7 +98,7 @@ def test_nvcc_compiles(src, arch, tmp_path):
     proc = _run(cmd)
     out = proc.stdout + proc.stderr
     kernels = ptxas_resources(out)
-    spilled = {k: v for k, v in kernels.items() if v.get("spill_stores") or v.get("spill_loads")}
+    spilled = {k: v for k, v in kernels.items() if v.get("spill_bytes") or v.get("spill_loads")}
     assert not spilled, f"{src.name} {arch}: register spills in {spilled}\n{_report(cmd, proc)}"
     assert proc.returncode == 0, _report(cmd, proc)
     assert kernels, f"ptxas -v reported no kernels\n{_report(cmd, proc)}"
