@@ -270,23 +270,16 @@ def _check_settings(old: dict, new: dict, out_dir: str) -> None:
 
 
 def _refuse_foreign(out_dir: str) -> None:
-    """TokenizeError naming the first entry of out_dir that this command did not write (checked before
-    any compute; nothing is written or deleted there)."""
+    """TokenizeError naming the first entry of out_dir that this command did not write, or the shard
+    files of a directory without a manifest (checked before any compute; nothing is written or
+    removed there)."""
     why = foreign_entry(out_dir)
     if why is not None:
         raise TokenizeError(
             f"{out_dir}: not empty and not a vqdna token directory (holds {why}); nothing was written or "
             "removed there: choose another --out, or move that entry away"
         )
-
-
-def _check_existing(out_dir: str, settings: dict, resume: bool, verify: bool) -> list[str]:
-    """Under the lock: check the directory's manifest against this run (or refuse shards that have none),
-    and write the incomplete manifest unless the directory is complete and whole. A complete directory
-    being resumed has every shard re-checked (sizes and index structure; with `verify` the checksums);
-    a damaged shard loses its .idx so that the run re-does it. Returns what was wrong, per shard."""
-    old = read_manifest(out_dir)
-    if old is None:
+    if not os.path.lexists(os.path.join(out_dir, MANIFEST)):
         shards = sorted(n for n in os.listdir(out_dir) if parse_entry(n) is not None)
         if shards:
             raise TokenizeError(
@@ -294,6 +287,14 @@ def _check_existing(out_dir: str, settings: dict, resume: bool, verify: bool) ->
                 f"{MANIFEST}: shards without their manifest may come from another run and are never reused; "
                 "remove them, or choose another --out"
             )
+
+
+def _check_existing(out_dir: str, settings: dict, resume: bool, verify: bool) -> list[str]:
+    """Under the lock: check the directory's manifest against this run, and write the incomplete manifest unless the directory is complete and whole. A complete directory
+    being resumed has every shard re-checked (sizes and index structure; with `verify` the checksums);
+    a damaged shard loses its .idx so that the run re-does it. Returns what was wrong, per shard."""
+    old = read_manifest(out_dir)
+    if old is None:  # a new directory (_refuse_foreign: it holds no shard)
         write_manifest(out_dir, {**settings, "complete": False})
         return []
     if not resume:

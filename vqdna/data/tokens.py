@@ -154,7 +154,7 @@ class ShardWriter:
             self._file.close()
         bin_size = self.rows * self.n_levels * self.dtype.itemsize
         remove_leftover(self.idx_path + TMP_SUFFIX)
-        with create_new(self.idx_path + TMP_SUFFIX) as f, _naming(self.idx_path + TMP_SUFFIX):
+        with _naming(self.idx_path + TMP_SUFFIX), create_new(self.idx_path + TMP_SUFFIX) as f:
             _write_index(f, self.pieces, self.dtype, self.n_levels, bin_size, self._hash.digest())
             f.flush()
             os.fsync(f.fileno())
@@ -419,7 +419,7 @@ def write_manifest(directory: str, manifest: dict) -> None:
     tmp = path + TMP_SUFFIX
     remove_leftover(tmp)
     try:
-        with create_new(tmp, text=True) as f, _naming(tmp):
+        with _naming(tmp), create_new(tmp, text=True) as f:
             json.dump(manifest, f, indent=1, sort_keys=True)
             f.write("\n")
             f.flush()
