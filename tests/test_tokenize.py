@@ -693,3 +693,13 @@ def test_fastq_short_quality_does_not_swallow_the_next_record(tmp_path, model):
     path.write_text("@a\nACGTACGT\n+\nI\n@b\nGG\n+\nII\n")
     with pytest.raises(FastaFormatError, match=f"{re.escape(str(path))}: record 'a', line 4: quality has 1 characters, the sequence 8 bases"):
         tokenize_files([str(path)], str(tmp_path / "out"), model, window=4)
+
+
+def test_format_1_directory_is_not_continued(tmp_path, model):
+    """Format 1 (no checksums) is read (tests/data/test_tokens.py) but not continued: its shards
+    could not be checked like the new ones."""
+    out = tmp_path / "tokens-v1"
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "fixtures", "tokens-v1"), out)
+    fasta = _random_fasta(tmp_path / "in.fa", lengths=[0, 5, 63, 200, 3])
+    with pytest.raises(TokenizeError, match="cannot resume: it was written in format version 1 by an older vqdna"):
+        tokenize_files([fasta], str(out), model, resume=True, window=50, batch_size=4, shard_bases=150)

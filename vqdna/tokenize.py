@@ -290,9 +290,10 @@ def _refuse_foreign(out_dir: str) -> None:
 
 
 def _check_existing(out_dir: str, settings: dict, resume: bool, verify: bool) -> list[str]:
-    """Under the lock: check the directory's manifest against this run, and write the incomplete manifest unless the directory is complete and whole. A complete directory
-    being resumed has every shard re-checked (sizes and index structure; with `verify` the checksums);
-    a damaged shard loses its .idx so that the run re-does it. Returns what was wrong, per shard."""
+    """Under the lock: check the directory's manifest against this run, and write the incomplete
+    manifest unless the directory is complete and whole. A complete directory being resumed has every
+    shard re-checked (sizes and index structure; with `verify` the checksums); a damaged shard loses
+    its .idx so that the run re-does it. Returns what was wrong, per damaged shard."""
     old = read_manifest(out_dir)
     if old is None:  # a new directory (_refuse_foreign: it holds no shard)
         write_manifest(out_dir, {**settings, "complete": False})
@@ -302,18 +303,19 @@ def _check_existing(out_dir: str, settings: dict, resume: bool, verify: bool) ->
             f"{out_dir}: already holds token files; pass --resume to continue them, or choose another --out"
         )
     _check_settings(old, settings, out_dir)
-    damaged = []
+    damaged = {}
     if old.get("complete"):
         for k, entry in enumerate(old["shards"]):
             problem = shard_problem(out_dir, k, settings["levels"], settings["dtype"], entry, checksums=verify)
             if problem is not None:
-                damaged.append(problem)
-                with contextlib.suppress(FileNotFoundError):  # ours (listed in our manifest), and wrong
-                    os.unlink(os.path.join(out_dir, shard_name(k) + ".idx"))
+                damaged[k] = problem
         if not damaged:
             return []
-    write_manifest(out_dir, {**settings, "complete": False})
-    return damaged
+    write_manifest(out_dir, {**settings, "complete": False})  # first: readers refuse the directory from now on
+    for k in damaged:  # ours (listed in our manifest) and wrong: without its .idx the run re-does it
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(out_dir, shard_name(k) + ".idx"))
+    return list(damaged.values())
 
 
 def _prepare_directory(out_dir: str, settings: dict, resume: bool, verify: bool) -> tuple[DirectoryLock, list[str]]:
@@ -655,9 +657,11 @@ def tokenize_files(
         raise TokenizeError("bf16 inference runs on CUDA devices; use --dtype fp32 on the CPU")
     if batch_size is None:
         batch_size = 64 if dev.type == "cuda" else 8
-    for label, value in (("window", window), ("batch size", batch_size), ("shard bases", shard_bases), ("shard records", shard_records)):
-        if not isinstance(value, int) or value < 1:
+    counts = {"window": window, "batch size": batch_size, "shard bases": shard_bases, "shard records": shard_records}
+    for label, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise TokenizeError(f"{label} must be an integer >= 1, got {value!r}")
+    window, batch_size, shard_bases, shard_records = (int(v) for v in counts.values())
     for path in inputs:
         if not os.path.isfile(path):
             raise TokenizeError(f"{path}: no such input file")

@@ -278,3 +278,18 @@ def test_name_out_of_range_is_an_index_error(tmp_path):
     for i in (len(records), -len(records) - 1):
         with pytest.raises(IndexError, match=f"record {i} out of range \\({len(records)} records\\)"):
             ds.name(i)
+
+
+def test_format_1_directories_stay_readable(tmp_path):
+    """A directory written before format 2 (no checksums, .idx trailer version 1) still opens, passes
+    the structure checks and `verify_directory` (sizes and indexes only), but is not continued."""
+    v1 = os.path.join(os.path.dirname(__file__), "fixtures", "tokens-v1")
+    ds = TokenDataset(v1, verify=True)
+    assert ds.manifest["format_version"] == 1 and len(ds.manifest["shards"]) == 2
+    assert [ds.name(i) for i in range(len(ds))] == ["r0", "r1", "r2", "r3", "r4"]
+    assert ds.lengths.tolist() == [0, 5, 63, 200, 3]
+    for i in range(len(ds)):
+        codes = ds[i][1]
+        assert codes.shape == (ds.lengths[i], 2) and (codes < np.array(ds.codebook_sizes)).all()
+    assert verify_directory(v1) == []
+    assert read_shard_index(os.path.join(v1, "shard-00000.idx")).bin_checksum is None
