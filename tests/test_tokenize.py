@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.models.test_tokenizer import CHECKPOINT_DAMAGES, damage_checkpoint
 from tests.tolerances import TOL
 from vqdna import cli
 from vqdna.data.tokens import TokenDataset
@@ -588,25 +589,14 @@ def _one_line_error(code, err, *needles, want_code=1):
         assert needle in lines[0], lines[0]
 
 
-@pytest.mark.parametrize("damage", ["truncated-weights", "garbage-weights", "no-config", "bad-config"])
+@pytest.mark.parametrize("damage", CHECKPOINT_DAMAGES)
 def test_cli_damaged_tokenizer_names_the_file(tmp_path, model_dir, capsys, damage):
     fasta = _random_fasta(tmp_path / "in.fa")
-    tok = tmp_path / "tok"
-    shutil.copytree(model_dir, tok)
-    weights, config = tok / "model.safetensors", tok / "config.json"
-    if damage == "truncated-weights":
-        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    elif damage == "garbage-weights":
-        weights.write_bytes(b"not a safetensors file")
-    elif damage == "no-config":
-        config.unlink()
-    else:
-        config.write_text("{not json")
-    code, _, err = _cli(capsys, fasta, "--out", str(tmp_path / "out"), "--model", str(tok))
-    named = weights if "weights" in damage else config
-    _one_line_error(code, err, "cannot load the tokenizer", f"{named} does not exist" if damage == "no-config" else f"{named}: ")
-    assert ("does not exist" in err) == (damage == "no-config") and "do not match" not in err
-    assert not (tmp_path / "out").exists()
+    shutil.copytree(model_dir, tmp_path / "tok")
+    _, text = damage_checkpoint(tmp_path / "tok", damage)
+    code, _, err = _cli(capsys, fasta, "--out", str(tmp_path / "out"), "--model", str(tmp_path / "tok"))
+    _one_line_error(code, err, "cannot load the tokenizer", text)
+    assert "do not match" not in err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("option", ["--shard-bases", "--batch-size", "--window"])
