@@ -12,6 +12,7 @@ COMMANDS = {
     "demo": "demo",
     "train-tokenizer": "train_tokenizer",
     "tokenize": "tokenize",
+    "verify": "verify",
     "bench": "bench",
     "pretrain": "pretrain",
     "finetune": "finetune",
