@@ -107,7 +107,7 @@ if [ "$DEVICE" = cuda ] && [ "$DRY" = 0 ] && "$PY" -c "import xdist" 2>/dev/null
 # Per step: share of the budget it may take (cap, %) and time kept for it while earlier steps run (floor, %).
 STEPS=(env build smoke memcheck racecheck tests timings tests-triton suite table)
 declare -A CAP=([env]=5 [build]=45 [smoke]=30 [memcheck]=10 [racecheck]=8 [tests]=15 [timings]=30 [tests-triton]=100 [suite]=100 [table]=5)
-declare -A FLOOR=([env]=0 [build]=0 [smoke]=10 [memcheck]=4 [racecheck]=3 [tests]=4 [timings]=8 [tests-triton]=0 [suite]=0 [table]=1)
+declare -A FLOOR=([env]=0 [build]=0 [smoke]=10 [memcheck]=4 [racecheck]=3 [tests]=4 [timings]=8 [tests-triton]=0 [suite]=8 [table]=1)
 declare -A MINCAP=([env]=30 [table]=20)  # seconds, whatever the budget (torch's import alone takes some)
 declare -A GROUP=([memcheck]=sanitizer [racecheck]=sanitizer [tests-triton]=tests [table]=suite)
 STATUS=0

@@ -49,7 +49,7 @@ from vqdna.kernels import ema_update, hrq_quantize, last_backend, lookup, stem
 # Sizes: (the device's, --quick's)
 SIZES = {
     "full": dict(n=1 << 20, d=384, lookup_k=(512, 4096, 65536), hrq=(64, 512), ema_k=(512, 65536), matmul=8192,
-                 copy=1 << 28, stem=(64, 16384), bases=1 << 26, agree_bases=1 << 17, mlm=("bert-base", 32, 256)),
+                 copy=1 << 28, stem=(64, 16384), bases=1 << 25, agree_bases=1 << 17, mlm=("bert-base", 32, 256)),
     "quick": dict(n=1 << 12, d=64, lookup_k=(64, 256, 1024), hrq=(16, 64), ema_k=(64, 1024), matmul=1024,
                   copy=1 << 22, stem=(2, 4096), bases=1 << 15, agree_bases=1 << 13, mlm=("bert-tiny", 2, 64)),
 }

@@ -75,26 +75,26 @@ def test_bad_arguments_are_refused(tmp_path):
 
 
 def test_step_killed_by_its_timeout_leaves_earlier_results_and_summary_in_eight_files(tmp_path):
-    # The smoke hangs on its 8th case: its timeout (30% of the budget) stops it; the 7 lines before stay,
+    # The smoke hangs on its 8th case: its timeout (30% of the budget: room for a slow import) stops it; the 7 lines before stay,
     # the step is recorded as timed out, the run goes on to the end and the summary says all of it.
     # Stray files (a plot, a second log) beyond the 8 the device tool brings back go into extras.tar.gz.
     for i in range(9):
         (tmp_path / f"stray{i}.txt").write_text(str(i))
-    out = _run("--device", "cpu", "--budget", "60", "--results", str(tmp_path), "--skip-timings", "--skip-tests", "--skip-suite",
+    out = _run("--device", "cpu", "--budget", "100", "--results", str(tmp_path), "--skip-timings", "--skip-tests", "--skip-suite",
                VQDNA_SMOKE_ARGS="--dtypes float32 --only lookup/native/* --inject-hang lookup/native/float32/nonfinite")
-    assert out.returncode == 124, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode in (124, 137), out.stdout[-3000:] + out.stderr[-3000:]  # timeout's SIGINT, or its SIGKILL 5 s later
     rows = _lines(tmp_path / "results.jsonl")
     smoke = [r for r in rows if r["kind"] == "smoke"]
     assert [r["case"].split("/")[-1] for r in smoke] == ["N1K7D19", "N300K700D130", "N3K1D1", "N300K1D130", "misaligned-D384",
                                                          "misaligned-D130", "ties"]
     assert all(r["status"] == "pass" for r in smoke)
     steps = _steps(rows)
-    assert steps["smoke"]["timed_out"] is True and steps["smoke"]["status"] == 124
+    assert steps["smoke"]["timed_out"] is True and steps["smoke"]["status"] == out.returncode
     assert steps["smoke"]["seconds"] <= steps["smoke"]["timeout_s"] + 6
-    assert steps["done"]["status"] == 124 and steps["done"]["seconds"] <= 60
+    assert steps["done"]["status"] == out.returncode and steps["done"]["seconds"] <= 100
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["complete"] and summary["smoke"]["smoke-native"] == {"pass": 7, "fail": 0, "refused": 0, "failures": [], "refusals": []}
-    assert "| smoke | 124 |" in (tmp_path / "summary.md").read_text() and "TIMED OUT" in (tmp_path / "summary.md").read_text()
+    assert f"| smoke | {out.returncode} |" in (tmp_path / "summary.md").read_text() and "TIMED OUT" in (tmp_path / "summary.md").read_text()
     assert summary["env"]["torch"] and summary["env"]["tree_sha256"]
     files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
     assert files == ["extras.tar.gz", "log.txt", "results.jsonl", "summary.json", "summary.md"] and summary["files"] == files
