@@ -108,10 +108,12 @@ if [ "$DEVICE" = cuda ] && [ "$DRY" = 0 ] && "$PY" -c "import xdist" 2>/dev/null
 STEPS=(env build smoke memcheck racecheck tests timings tests-triton suite table)
 declare -A CAP=([env]=5 [build]=45 [smoke]=30 [memcheck]=10 [racecheck]=8 [tests]=15 [timings]=30 [tests-triton]=100 [suite]=100 [table]=5)
 declare -A FLOOR=([env]=0 [build]=0 [smoke]=10 [memcheck]=4 [racecheck]=3 [tests]=4 [timings]=8 [tests-triton]=0 [suite]=8 [table]=1)
-declare -A MINCAP=([env]=30 [table]=20)  # seconds, whatever the budget (torch's import alone takes some)
+declare -A MINCAP=([env]=60 [table]=20)  # seconds, whatever the budget (torch's import alone takes some)
 declare -A GROUP=([memcheck]=sanitizer [racecheck]=sanitizer [tests-triton]=tests [table]=suite)
 STATUS=0
 STEP_TIMEOUT=0
+STEP_END=0
+SUB_TIMEOUT=""
 
 json_str() { printf '%s' "$1" | sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' | tr -d '\n\r\t'; }
 
@@ -152,10 +154,14 @@ show() {  # the command as one could paste it (an inline script shown as <script
     echo "$out"
 }
 
-tmo() {  # run a step's command under its timeout (SIGINT first: pytest still writes its junit/summary)
+tmo() {  # run one command of a step under what is left of the step's time, or SUB_TIMEOUT if less
+    # (SIGINT first: Python unwinds, pytest still writes its junit and summary; SIGKILL GRACE s later)
     show "$@"
     [ "$DRY" = 1 ] && return 0
-    timeout -s INT -k "$GRACE" "$STEP_TIMEOUT" "$@"
+    local t=$((STEP_END - SECONDS))
+    [ -n "${SUB_TIMEOUT:-}" ] && [ "$SUB_TIMEOUT" -lt "$t" ] && t=$SUB_TIMEOUT
+    [ "$t" -ge 1 ] || t=1
+    timeout -s INT -k "$GRACE" "$t" "$@"
 }
 
 run_step() {  # name function [args...]
@@ -177,6 +183,7 @@ run_step() {  # name function [args...]
     echo "=== $name: timeout ${STEP_TIMEOUT} s, at $((SECONDS - T0)) s of $BUDGET" | { [ "$DRY" = 1 ] && cat || tee -a "$LOG"; }
     if [ "$DRY" = 1 ]; then "$@"; return 0; fi
     local t1=$SECONDS
+    STEP_END=$((SECONDS + STEP_TIMEOUT))
     : > "$TMPD/step.log"
     "$@" 2>&1 | tee -a "$LOG" "$TMPD/step.log"
     local rc=${PIPESTATUS[0]}
@@ -258,21 +265,21 @@ step_build() {
     tmo "$PY" -c "import vqdna._ext as e; assert e.extension_available() and e.cuda_ops_available(), 'vqdna._C has no CUDA ops'; print('vqdna._C: CUDA ops built')"
 }
 
-step_smoke() {  # one process per backend group, the remaining time split between them
-    local total=$STEP_TIMEOUT start=$SECONDS n=0 g rc=0 each
+step_smoke() {  # one process per backend group: the first (the CUDA kernels: no compiles) gets at most a
+    # third of the step, the last what is left
+    local n=0 g r rc=0
     for g in $SMOKE_GROUPS; do n=$((n + 1)); done
     for g in $SMOKE_GROUPS; do
-        # the first group (the CUDA kernels: no compiles) gets a third, the last what is left
-        if [ "$n" -gt 1 ]; then each=$((total / 3)); else each=$((total - (SECONDS - start))); fi
         n=$((n - 1))
-        STEP_TIMEOUT=$((each > MIN_STEP ? each : MIN_STEP))
+        SUB_TIMEOUT=""
+        [ "$n" -gt 0 ] && SUB_TIMEOUT=$((STEP_TIMEOUT / 3))
         # shellcheck disable=SC2086
         tmo "$PY" bench/gpu_smoke.py --device "$DEVICE" --backends "$g" $QUICK_ARG --jsonl "$JSONL" \
             --tag "smoke-${g%%,*}" ${VQDNA_SMOKE_ARGS:-}
-        local r=$?
+        r=$?
         [ "$rc" = 0 ] && rc=$r
     done
-    STEP_TIMEOUT=$total
+    SUB_TIMEOUT=""
     return "$rc"
 }
 
@@ -372,4 +379,5 @@ summarize
 keep_eight_files
 summarize
 echo "bench/gpu.sh: done in $((SECONDS - T0)) s, status $STATUS; results in $RESULTS (summary.md first)" | { [ "$DRY" = 1 ] && cat || tee -a "$LOG"; }
+[ "$DRY" = 1 ] || cat "$RESULTS/summary.md" 2>/dev/null  # the device tool returns the end of stdout
 exit "$STATUS"

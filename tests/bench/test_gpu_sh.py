@@ -89,7 +89,7 @@ def test_step_killed_by_its_timeout_leaves_earlier_results_and_summary_in_eight_
                                                          "misaligned-D130", "ties"]
     assert all(r["status"] == "pass" for r in smoke)
     steps = _steps(rows)
-    assert steps["smoke"]["timed_out"] is True and steps["smoke"]["status"] == out.returncode
+    assert steps["env"]["status"] == 0 and steps["smoke"]["timed_out"] is True and steps["smoke"]["status"] == out.returncode
     assert steps["smoke"]["seconds"] <= steps["smoke"]["timeout_s"] + 6
     assert steps["done"]["status"] == out.returncode and steps["done"]["seconds"] <= 100
     summary = json.loads((tmp_path / "summary.json").read_text())
