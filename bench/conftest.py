@@ -70,7 +70,7 @@ def record(op, impl, device, dtype, shape, seconds, flops=None, kind="backend", 
     jsonl = os.environ.get("VQDNA_RESULTS_JSONL")
     if jsonl:  # bench/gpu.sh: each point as it is measured, kept when the run is cut short
         with open(jsonl, "a") as f:
-            f.write(json.dumps({"kind": "bench", "step": "suite", **row}) + "\n")
+            f.write(json.dumps({"step": "suite", **row, "kind": "bench", "impl_kind": row["kind"]}) + "\n")
     return row
 
 

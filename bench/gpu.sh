@@ -275,7 +275,7 @@ step_smoke() {  # one process per backend group: the first (the CUDA kernels: no
         [ "$n" -gt 0 ] && SUB_TIMEOUT=$((STEP_TIMEOUT / 3))
         # shellcheck disable=SC2086
         tmo "$PY" bench/gpu_smoke.py --device "$DEVICE" --backends "$g" $QUICK_ARG --jsonl "$JSONL" \
-            --tag "smoke-${g%%,*}" ${VQDNA_SMOKE_ARGS:-}
+            --tag "smoke-${g//,/+}" ${VQDNA_SMOKE_ARGS:-}
         r=$?
         [ "$rc" = 0 ] && rc=$r
     done

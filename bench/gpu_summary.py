@@ -97,7 +97,7 @@ def markdown(summary: dict, files: list[str]) -> str:
               "## Steps", "", "| step | status | seconds | timeout s | note |", "| --- | --- | --- | --- | --- |"]
     for s in summary["steps"]:
         note = s.get("skipped") or ("TIMED OUT" if s.get("timed_out") else "") + (f" {s['note']}" if s.get("note") else "")
-        lines.append(f"| {s.get('step')} | {s.get('status', '-')} | {s.get('seconds', '-')} | {s.get('timeout_s', '-')} | {note.strip()} |")
+        lines.append(f"| {s.get('step')} | {'-' if s.get('status') is None else s['status']} | {s.get('seconds', '-')} | {s.get('timeout_s', '-')} | {note.strip()} |")
     if summary["smoke"]:
         lines += ["", "## Smoke correctness", ""]
         for step, s in summary["smoke"].items():

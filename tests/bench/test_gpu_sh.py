@@ -93,7 +93,7 @@ def test_step_killed_by_its_timeout_leaves_earlier_results_and_summary_in_eight_
     assert steps["smoke"]["seconds"] <= steps["smoke"]["timeout_s"] + 6
     assert steps["done"]["status"] == out.returncode and steps["done"]["seconds"] <= 100
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["complete"] and summary["smoke"]["smoke-native"] == {"pass": 7, "fail": 0, "refused": 0, "failures": [], "refusals": []}
+    assert summary["complete"] and summary["smoke"]["smoke-native+reference+auto"] == {"pass": 7, "fail": 0, "refused": 0, "failures": [], "refusals": []}
     assert f"| smoke | {out.returncode} |" in (tmp_path / "summary.md").read_text() and "TIMED OUT" in (tmp_path / "summary.md").read_text()
     assert summary["env"]["torch"] and summary["env"]["tree_sha256"]
     files = sorted(p.name for p in tmp_path.rglob("*") if p.is_file())
