@@ -119,6 +119,22 @@ def test_smoke_records_a_failure_and_runs_on(tmp_path, capsys):
     assert "7 passed, 1 failed" in capsys.readouterr().out
 
 
+def test_smoke_fails_a_backend_that_answers_wrong(tmp_path, monkeypatch, capsys):
+    from bench import gpu_smoke
+    from vqdna.kernels import ops, reference
+
+    def off_by_one(z, codebook, sqnorm):  # the nearest code's neighbour: a plausible indexing bug
+        codes, dist = reference.lookup(z, codebook, sqnorm)
+        return (codes + 1) % codebook.shape[0], dist
+
+    monkeypatch.setitem(ops._REFERENCE_OPS, "lookup", off_by_one)
+    jsonl = tmp_path / "smoke.jsonl"
+    assert gpu_smoke.main(["--device", "cpu", "--backends", "reference", "--dtypes", "float32", "--only",
+                           "lookup/reference/float32/N300K700D130", "--jsonl", str(jsonl)]) == 1
+    (row,) = _lines(jsonl)
+    assert row["status"] == "fail" and "farther than the nearest" in row["error"]
+
+
 def test_smoke_catches_a_wrong_backend():
     # The checks themselves fail on a wrong answer (here: the nearest code's neighbour).
     import torch
