@@ -50,7 +50,7 @@ TRITON_KERNEL_MODULES = (
 # A float32 Triton kernel may spill this much per thread (docs/design.md: exact-fp32 tiles hold
 # twice the operand registers of a 16-bit tile; the spilled values are loop-invariant row state
 # that is re-read once per K tile, not per inner product).
-FP32_TRITON_SPILL_CAP_BYTES = 256
+FP32_TRITON_SPILL_CAP_BYTES = 64
 
 REGISTER_LIMIT = 255
 DEFAULT_ARCHS = (80, 90)

@@ -40,7 +40,7 @@ def _estimate(tile, dtype_bytes):
 
 
 def test_allowed_applies_dtype_arch_evenness_and_shared_limit():
-    big = Tile(256, 128, 64, 8, 3)  # float32 estimate: 2 * 384 * 64 * 4 = 196,608 B
+    big = Tile(256, 128, 64, 8, 2)  # float32 estimate: 2 stages * 384 rows * 64 * 4 B = 196,608 B
     assert not allowed(big, "fp32", 384, 80, SHARED_LIMIT_BYTES[80], _estimate)  # over sm_80's 166,912 B
     assert allowed(big, "fp32", 384, 90, SHARED_LIMIT_BYTES[90], _estimate)
     assert allowed(big, "bf16", 384, 80, SHARED_LIMIT_BYTES[80], _estimate)

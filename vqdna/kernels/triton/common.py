@@ -66,12 +66,13 @@ def tile_of(config: triton.Config) -> Tile:
 
 
 def pipelined_shared_bytes(tile: Tile, dtype_bytes: int, operand_rows: Optional[int] = None) -> int:
-    """Shared memory of a software-pipelined tl.dot loop: (num_stages - 1) buffered copies of both
-    operand tiles ([BLOCK_N + BLOCK_K, BLOCK_D] elements; operand_rows replaces BLOCK_N + BLOCK_K
-    where a kernel stages more rows). An upper bound of what Triton allocates for these kernels
-    (gpu-check compares it with the compiled value: `shared_bytes <= estimate` for every variant)."""
+    """Shared memory of a software-pipelined tl.dot loop: num_stages buffered copies of the operand
+    tiles ([BLOCK_N + BLOCK_K, BLOCK_D] elements; operand_rows replaces BLOCK_N + BLOCK_K where a
+    kernel stages more rows). An upper bound of what Triton allocates for these kernels (gpu-check
+    compares it with the compiled value of every variant: (num_stages - 1) copies, the usual
+    pipeline depth, was exceeded by float32 two-stage HRQ tiles)."""
     rows = operand_rows if operand_rows is not None else tile.block_n + tile.block_k
-    return max(tile.num_stages - 1, 1) * rows * tile.block_d * dtype_bytes
+    return tile.num_stages * rows * tile.block_d * dtype_bytes
 
 
 def arch_of(device: torch.device) -> int:

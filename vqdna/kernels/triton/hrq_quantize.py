@@ -41,22 +41,25 @@ from vqdna.kernels.triton.common import (
 __all__ = ["hrq_quantize_triton"]
 
 # Levels fused into one launch (one pointer argument each). More levels run as further launches
-# that pick up the earlier levels' codes from the codes output (L is 2-4 in practice: one launch).
-_LEVELS_PER_LAUNCH = 4
+# that pick up the earlier levels' codes from the codes output. Two: the paper's two taps are one
+# launch, and a third or fourth level unrolled into the same launch spilled 36-870 B on every tile
+# (vqdna gpu-check, Triton 3.9); its extra launch re-reads the earlier codes, not Z.
+_LEVELS_PER_LAUNCH = 2
 
 
 # The tiles the autotuner may pick on a GPU (common.Tile: BLOCK_N, BLOCK_K, BLOCK_D, warps, stages,
 # dtypes, only without the dimension mask, architectures). `vqdna gpu-check` compiles each for what it
 # is declared for and fails on a 16-bit spill. Forming H on chip costs registers the plain lookup
 # does not spend (the gathered previous code and two roundings per element), so BLOCK_D is 32 or 16
-# with 8 warps: every 64-wide 16-bit tile spilled 100-1,800 B (Triton 3.9, sm_80 and sm_90).
+# with 8 warps: every 64-wide 16-bit tile spilled 100-1,800 B, and the 4- and 2-warp small tiles
+# 16-400 B with the dimension mask or in float32 (Triton 3.9, sm_80 and sm_90).
 TILES = [
     Tile(128, 128, 16, 8, 3, HALF, even_d_only=True),
     Tile(64, 128, 32, 8, 3, HALF, even_d_only=True),  # K = 512: half the H recomputation of BLOCK_K = 64
-    Tile(128, 64, 32, 8, 3, HALF, even_d_only=True),
+    Tile(128, 64, 32, 8, 3, HALF, even_d_only=True, archs=(90,)),  # spilled 12 B on sm_80 (later launch)
     Tile(64, 64, 32, 8, 3, HALF, even_d_only=True),
-    Tile(64, 64, 32, 4, 2),
-    Tile(32, 32, 32, 2, 2),
+    Tile(64, 64, 32, 8, 2),
+    Tile(32, 32, 32, 4, 2),
 ]
 INTERPRETER_TILE = Tile(32, 64, 32, 1, 1)  # the interpreter runs on the CPU: one small tile
 
@@ -68,16 +71,12 @@ def shared_bytes(tile: Tile, dtype_bytes: int) -> int:
 
 
 @triton.jit
-def _pick(j: tl.constexpr, a, b, c, d):
-    """The j-th of four values (j a compile-time level index)."""
+def _pick(j: tl.constexpr, a, b):
+    """The j-th of two values (j a compile-time level index)."""
     if j == 0:
         return a
-    elif j == 1:
-        return b
-    elif j == 2:
-        return c
     else:
-        return d
+        return b
 
 
 @triton.jit
@@ -101,8 +100,6 @@ def _round(x, dtype: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr):
 def _hrq_kernel(
     z0_ptr,  # Z of levels FIRST .. FIRST + NUM_LEVELS - 1, each [N, D] (unused slots: any tensor)
     z1_ptr,
-    z2_ptr,
-    z3_ptr,
     e_ptr,  # [sum K_l, D] packed codebooks, dtype of Z
     e_sqnorm_ptr,  # [sum K_l] float32
     offsets_ptr,  # [L + 1] int32: level l's codes are the rows offsets[l] .. offsets[l + 1] - 1
@@ -113,7 +110,7 @@ def _hrq_kernel(
     K_MAX,  # largest K_l of this launch: only an autotuning key
     N_CLASS,  # size_class(N): only an autotuning key
     FIRST,  # first level of this launch
-    NUM_LEVELS: tl.constexpr,  # levels in this launch, 1 .. 4
+    NUM_LEVELS: tl.constexpr,  # levels in this launch, 1 .. _LEVELS_PER_LAUNCH
     HAS_EARLIER: tl.constexpr,  # FIRST > 0: earlier levels' codes are read from codes_ptr
     IEEE_FP32: tl.constexpr,
     UPCAST: tl.constexpr,  # bfloat16 under the interpreter (see the launcher)
@@ -138,12 +135,10 @@ def _hrq_kernel(
     # The chosen packed rows of this launch's levels, kept for the cumulative means.
     row0 = prev_row
     row1 = prev_row
-    row2 = prev_row
-    row3 = prev_row
 
     e_offs = tl.arange(0, BLOCK_K)[:, None] * D
     for j in tl.static_range(NUM_LEVELS):
-        z_tile = _pick(j, z0_ptr, z1_ptr, z2_ptr, z3_ptr) + tile_base
+        z_tile = _pick(j, z0_ptr, z1_ptr) + tile_base
         k_start = tl.load(offsets_ptr + FIRST + j)
         k_end = tl.load(offsets_ptr + FIRST + j + 1)
         best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
@@ -188,12 +183,8 @@ def _hrq_kernel(
         prev_row = best_code.to(tl.int64) + k_start
         if j == 0:
             row0 = prev_row
-        elif j == 1:
-            row1 = prev_row
-        elif j == 2:
-            row2 = prev_row
         else:
-            row3 = prev_row
+            row1 = prev_row
 
     # Cumulative means: sum the chosen code rows in level order in float32, divide (correctly
     # rounded, as torch divides), round once to the output dtype.
@@ -206,7 +197,7 @@ def _hrq_kernel(
                 r = tl.load(codes_ptr + m * N + rows64, mask=row_ok, other=0).to(tl.int64) + tl.load(offsets_ptr + m)
                 acc += tl.load(e_ptr + r[:, None] * D + dims[None, :], mask=ok, other=0.0).to(tl.float32)
         for j in tl.static_range(NUM_LEVELS):
-            r = _pick(j, row0, row1, row2, row3)
+            r = _pick(j, row0, row1)
             acc += tl.load(e_ptr + r[:, None] * D + dims[None, :], mask=ok, other=0.0).to(tl.float32)
             count = tl.full([BLOCK_N, BLOCK_D], 1.0, tl.float32) * (FIRST + j + 1)
             out = levels_ptr + ((FIRST + j) * N + rows64)[:, None] * D + dims[None, :]
@@ -244,8 +235,6 @@ def hrq_quantize_triton(
             wrap_triton(_hrq_kernel)[grid](
                 group[0],
                 group[1],
-                group[2],
-                group[3],
                 codebooks,
                 codebook_sqnorms,
                 offsets,
@@ -275,10 +264,9 @@ def _(zs, codebooks, codebook_sqnorms, codebook_sizes):
 
 def aot_variants():
     """What `vqdna gpu-check` compiles: every declared tile for each dtype it is declared for, with and
-    without the dimension mask where allowed, for every NUM_LEVELS (1-4) and the HAS_EARLIER launches
-    of L > 4."""
+    without the dimension mask where allowed, for every NUM_LEVELS of a launch, first launch or later."""
     fn = jit_function(_hrq_kernel)
-    level_variants = [(n, False) for n in (1, 2, 3, 4)] + [(1, True), (4, True)]
+    level_variants = [(n, has_earlier) for has_earlier in (False, True) for n in range(1, _LEVELS_PER_LAUNCH + 1)]
     for dtype, torch_dtype in TORCH_DTYPES.items():
         for tile in TILES:
             if dtype not in tile.dtypes:
@@ -289,7 +277,7 @@ def aot_variants():
                               "IEEE_FP32": torch_dtype == torch.float32, "UPCAST": False, "EVEN_D": even_d,
                               "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "BLOCK_D": tile.block_d}  # fmt: skip
                     ptr = f"*{dtype}"
-                    pointers = {f"z{i}_ptr": ptr for i in range(4)}
+                    pointers = {f"z{i}_ptr": ptr for i in range(_LEVELS_PER_LAUNCH)}
                     pointers.update(e_ptr=ptr, e_sqnorm_ptr="*fp32", offsets_ptr="*i32", codes_ptr="*i32", levels_ptr=ptr)
                     label = f"{tile.label} L{num_levels}{' earlier' if has_earlier else ''}{'' if even_d else ' masked-D'}"
                     yield AotVariant("hrq_quantize", "_hrq_kernel", fn, dtype, label, signature(fn, pointers, consts),

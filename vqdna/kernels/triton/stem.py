@@ -55,7 +55,7 @@ def _stem_kernel(
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     acc += tl.load(bias_ptr + dims, mask=dim_ok, other=0.0)[None, :]
     bad = tl.zeros([BLOCK_T], dtype=tl.int1)
-    for j in tl.static_range(W):
+    for j in range(W):  # a loop, not unrolled: W taps of gathered rows unrolled spilled at W >= 9
         s = t + (j - HALF)
         inside = pos_ok & (s >= 0) & (s < L)
         # The pad id (5) and off-edge taps add nothing: their gather is masked to 0.
