@@ -49,17 +49,16 @@ _LEVELS_PER_LAUNCH = 2
 
 # The tiles the autotuner may pick on a GPU (common.Tile: BLOCK_N, BLOCK_K, BLOCK_D, warps, stages,
 # dtypes, only without the dimension mask, architectures). `vqdna gpu-check` compiles each for what it
-# is declared for and fails on a 16-bit spill. Forming H on chip costs registers the plain lookup
-# does not spend (the gathered previous code and two roundings per element), so BLOCK_D is 32 or 16
-# with 8 warps: every 64-wide 16-bit tile spilled 100-1,800 B, and the 4- and 2-warp small tiles
-# 16-400 B with the dimension mask or in float32 (Triton 3.9, sm_80 and sm_90).
+# is declared for, under Triton 3.6 (the GPU machines') and 3.9, and fails on a 16-bit spill. Forming
+# H on chip costs registers the plain lookup does not spend (the gathered previous code and two
+# roundings per element), so BLOCK_D is 32 or 16 with 8 warps: every 64-wide 16-bit tile spilled
+# 100-1,800 B, 128 x 64 x 32 and the 4- and 2-warp small tiles 4-400 B in some launch (Triton 3.6 or
+# 3.9, sm_80 or sm_90).
 TILES = [
     Tile(128, 128, 16, 8, 3, HALF, even_d_only=True),
     Tile(64, 128, 32, 8, 3, HALF, even_d_only=True),  # K = 512: half the H recomputation of BLOCK_K = 64
-    Tile(128, 64, 32, 8, 3, HALF, even_d_only=True, archs=(90,)),  # spilled 12 B on sm_80 (later launch)
     Tile(64, 64, 32, 8, 3, HALF, even_d_only=True),
     Tile(64, 64, 32, 8, 2),
-    Tile(32, 32, 32, 4, 2),
 ]
 INTERPRETER_TILE = Tile(32, 64, 32, 1, 1)  # the interpreter runs on the CPU: one small tile
 
