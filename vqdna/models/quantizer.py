@@ -23,6 +23,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from vqdna import kernels
@@ -78,6 +79,12 @@ class _CommitmentLoss(torch.autograd.Function):
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `t` on every rank of the default group. The functional collective: torch.compile
+    traces it (the in-place dist.broadcast breaks the graph)."""
+    return funcol.broadcast(t, 0, dist.group.WORLD)
 
 
 _CHECK_FINITE = (True, False, "raise", "assert")
@@ -203,7 +210,7 @@ class _EMACodebook(nn.Module):
         picks = flat[rows] if n > 0 else flat.new_zeros(k, d)
         if sync:
             packed = torch.cat([picks, has_rows.to(picks.dtype).expand(k, 1)], dim=1)
-            dist.broadcast(packed, src=0)
+            packed = _broadcast_from_rank0(packed)
             picks, has_rows = packed[:, :d], packed[0, d] > 0
         dead = (self.cluster_size < self.threshold_ema_dead_code) & has_rows
         size = torch.full_like(self.cluster_size, float(self.threshold_ema_dead_code))
@@ -217,7 +224,7 @@ class _EMACodebook(nn.Module):
         flat = samples.detach().reshape(-1, samples.shape[-1])
         centroids = kernels.kmeans(flat, self.codebook.shape[0], iters).to(self.codebook.dtype)
         if sync:
-            dist.broadcast(centroids, src=0)
+            centroids = _broadcast_from_rank0(centroids)
         self.codebook.copy_(centroids)
         self.cluster_size.fill_(1.0)
         self.embed_sum.copy_(centroids)
