@@ -140,25 +140,25 @@ class _EMACodebook(nn.Module):
         self._initted_flag = False
         self._initted_seen: tuple = (None, -1)
 
-    def _refresh_initted(self) -> None:
-        """Re-read the `initted` buffer into the Python flag (one host read)."""
+    def _refresh_initted(self, force: bool = False) -> None:
+        """Re-read the `initted` buffer into the Python flag (one host read) when it was replaced
+        or written since the last read (or always, with force)."""
         buf = self.initted
-        if buf.is_meta:
+        seen, version = self._initted_seen
+        if buf.is_meta or not force and seen is buf and version == buf._version:
             return
         self._initted_flag = bool(buf)
         self._initted_seen = (buf, buf._version)
 
     def kmeans_pending(self) -> bool:
         """True until k-means has initialised this codebook (or a loaded state says it has)."""
-        if not torch.compiler.is_compiling():
-            buf, version = self._initted_seen
-            if buf is not self.initted or version != self.initted._version:  # loaded, moved or written
-                self._refresh_initted()
+        if not torch.compiler.is_compiling():  # compiled code guards on the flag instead
+            self._refresh_initted()
         return not self._initted_flag
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._refresh_initted()
+        self._refresh_initted(force=True)
 
     def train(self, mode: bool = True):
         # train()/eval() run eagerly before a (compiled) loop: refresh the mirror there, so a state
