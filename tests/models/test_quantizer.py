@@ -1,5 +1,6 @@
 """VectorQuantizer and HRQuantizer: values, gradients, EMA, restarts, compile, distributed."""
 
+import copy
 import os
 import socket
 
@@ -364,8 +365,7 @@ def _compiled_equals_eager(kind, dtype, km, dead, mask, cf, fresh):
     m = _make(kind, kmeans_init=km, threshold_ema_dead_code=dead, check_finite=cf).train()
     if not fresh:
         m(*_inputs(kind, dtype, mask, seed=0))
-    eager = _make(kind, kmeans_init=km, threshold_ema_dead_code=dead, check_finite=cf).train()
-    eager.load_state_dict(m.state_dict())
+    eager = copy.deepcopy(m)  # with the restart counter, which state_dict leaves out
     compiled = torch.compile(m, fullgraph=True)
     atol = 1e-5 if dtype == torch.float32 else 1e-2
     for training in (True, False):
@@ -396,12 +396,19 @@ def test_compile_fullgraph_fresh_kmeans_init():
     _compiled_equals_eager("vq", torch.float32, True, 1.0, False, True, fresh=True)
 
 
+# float32 over every combination of the options (check_finite True, "raise" and "assert" are the
+# same device-side assertion under compile), the other dtypes and modes with every option on.
+_COMPILE_MATRIX = [(torch.float32, km, dead, mask, cf) for km in (False, True) for dead in (0.0, 1.0)
+                   for mask in (False, True) for cf in (True, False)]
+_COMPILE_MATRIX += [(dtype, True, 1.0, True, True) for dtype in (torch.bfloat16, torch.float16, torch.float64)]
+_COMPILE_MATRIX += [(torch.float32, True, 1.0, True, cf) for cf in ("raise", "assert")]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["vq", "hrq"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("km, dead, mask, cf", [(km, dead, mask, cf) for km in (False, True) for dead in (0.0, 1.0)
-                                                for mask in (False, True) for cf in (True, "raise", "assert", False)])
+@pytest.mark.parametrize("dtype, km, dead, mask, cf", _COMPILE_MATRIX, ids=str)
 def test_compile_fullgraph_matrix(kind, dtype, km, dead, mask, cf):
+    """Fresh where that can work (k-means init without a mask), else after the first step."""
     _compiled_equals_eager(kind, dtype, km, dead, mask, cf, fresh=km and not mask)
 
 
@@ -413,8 +420,7 @@ def test_compile_fullgraph_sync_codebook():
         m = HRQuantizer(8, (4, 16), kmeans_init=True, threshold_ema_dead_code=1.0, sync_codebook=True).train()
         x, msk = _inputs("hrq", torch.float32, True, seed=0)
         m(x, mask=msk)
-        eager = HRQuantizer(8, (4, 16), kmeans_init=True, threshold_ema_dead_code=1.0, sync_codebook=True).train()
-        eager.load_state_dict(m.state_dict())
+        eager = copy.deepcopy(m)
         compiled = torch.compile(m, fullgraph=True)
         for seed in (1, 2):
             args = _inputs("hrq", torch.float32, True, seed)
@@ -472,11 +478,10 @@ def test_cuda_graph_training_step_equals_eager(kind):
         for _ in range(3):
             step()
     torch.cuda.current_stream().wait_stream(side)
+    eager = copy.deepcopy(m)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = step()
-    eager = _make(kind, **kw).cuda().train()
-    eager.load_state_dict(m.state_dict())
     for seed in (1, 2):
         new, _ = _inputs(kind, torch.float32, True, seed, device="cuda")
         for s, t in zip(static, [new] if kind == "vq" else new):

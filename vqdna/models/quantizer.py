@@ -258,6 +258,10 @@ class VectorQuantizer(_EMACodebook):
     embed_sum [K, D] (float32).
     sync_codebook: None = all_reduce the EMA statistics whenever torch.distributed is initialised with
     more than one rank; True/False force it.
+    check_finite: how a NaN/Inf row of x fails. True: ValueError naming the row in eager mode on CPU
+    tensors, a device-side assertion (no host sync) on other devices and under torch.compile;
+    "raise": the ValueError everywhere (one host sync per step); "assert": always the assertion;
+    False: no check.
     """
 
     def __init__(
@@ -314,7 +318,7 @@ class HRQuantizer(nn.Module):
     mean of the L chosen code embeddings, straight-through: d zhat / d Z_0 = 1/L, / d Z_l = 2/L),
     codes int64 [L, ...], loss = commitment_weight * sum_l mean((Z_l - sg(zhat^(l)))^2)).
     Level l's codebook has codebook_sizes[l] codes and is EMA-updated on H_l (recomputed from Z_l and
-    the previous level's codes, never stored).
+    the previous level's codes, never stored). Other arguments as in `VectorQuantizer`.
     """
 
     def __init__(
