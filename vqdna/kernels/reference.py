@@ -141,18 +141,20 @@ def ema_update(
 
 
 @torch.compiler.assume_constant_result  # constants for torch.compile: no generator inside a graph
-def _kmeans_init_draws(init: str, seed: int, k: int, n: int) -> torch.Tensor:
+def _kmeans_init_draws(init: str, seed: int, k: int, n: int) -> tuple:
     """The random draws of `kmeans_init`, from a CPU generator seeded with `seed`: "random": k row
-    indices (int64); "kmeans++": k + 1 float64 values, the k uniforms then the first row's index."""
+    indices; "kmeans++": k uniforms (float64) and the first row's index. Python numbers, not
+    tensors: torch.compile bakes them into the graph (a second tensor-valued call in one graph,
+    e.g. one per HRQ level, trips dynamo's constant sources)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if init == "random":
         pick = torch.randperm(n, generator=gen)[:k]
         if k > n:
             pick = torch.cat([pick, torch.randint(n, (k - n,), generator=gen)])
-        return pick
+        return tuple(pick.tolist())
     uniforms = torch.rand(k, generator=gen, dtype=torch.float64)
     first = torch.randint(n, (1,), generator=gen)
-    return torch.cat([uniforms, first.double()])
+    return (*uniforms.tolist(), *first.tolist())
 
 
 def kmeans_init(x: torch.Tensor, k: int, *, init: str = "kmeans++", seed: int = 0) -> torch.Tensor:
@@ -169,10 +171,11 @@ def kmeans_init(x: torch.Tensor, k: int, *, init: str = "kmeans++", seed: int = 
         raise ValueError(f"kmeans: unknown init {init!r} (expected 'kmeans++' or 'random')")
     acc = _accum_dtype(x.dtype)
     xf = x.to(acc)
-    draws = _kmeans_init_draws(init, seed, k, n).to(x.device)
+    draws = _kmeans_init_draws(init, seed, k, n)
     if init == "random":
-        return xf[draws].clone()
-    uniforms, first = draws[:k], draws[k:].long()
+        return xf[torch.tensor(draws, dtype=torch.int64, device=x.device)].clone()
+    uniforms = torch.tensor(draws[:k], dtype=torch.float64, device=x.device)
+    first = torch.tensor(draws[k:], dtype=torch.int64, device=x.device)
     # index_select with 1-element index tensors, not xf[t[0]]: no data-dependent Python index.
     centroids = [xf.index_select(0, first)]
     closest = (xf - centroids[0]).pow(2).sum(-1)

@@ -356,7 +356,9 @@ class HRQuantizer(nn.Module):
         hs = [zs[0].float()]
         for level in range(1, len(zs)):
             prev = codebooks[level - 1][codes[level - 1]]
-            hs.append((2.0 * zs[level] - prev).float())
+            # In float32 like the EMA's H_l (and alike in eager and compiled code, which would not
+            # round a bfloat16 intermediate).
+            hs.append(2.0 * zs[level].float() - prev.float())
         return hs
 
     def forward(self, zs: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None):
