@@ -338,6 +338,7 @@ def test_restarts_leave_the_global_rng_alone_and_pick_unmasked_rows(rng):
     assert torch.equal(torch.get_rng_state(), state)
     restarted = vq.codebook[4:]
     assert bool((restarted[:, None, :] == x[mask][None]).all(-1).any(-1).all())
+    assert torch.unique(restarted, dim=0).shape[0] == 4  # distinct rows: 4 dead codes, 4 usable rows
     # nothing to pick from: no restart (a restart would set the cluster size to the threshold)
     dead = VectorQuantizer(dim=3, codebook_size=8, threshold_ema_dead_code=0.3)
     with torch.no_grad():

@@ -89,7 +89,7 @@ def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
 
 _CHECK_FINITE = (True, False, "raise", "assert")
 
-# Dead-code restarts pick batch rows by a hash of (restart step, code): no RNG state (the user's
+# Dead-code restarts pick batch rows from a hash of the restart step: no RNG state (the user's
 # global torch RNG stream is left alone), the same on every rank, on the device. MINSTD modulus and
 # multiplier: every product stays below 2^63.
 _HASH_MODULUS = 2147483647
@@ -185,7 +185,7 @@ class _EMACodebook(nn.Module):
     def restart_dead(self, vectors: torch.Tensor, mask: Optional[torch.Tensor], sync: bool) -> None:
         """Codes whose EMA cluster size fell below the threshold restart from rows of this batch
         (vectors [..., D]; mask [...] bool: only True rows are picked), their cluster_size and
-        embed_sum too. Rows are picked on the device by a hash of (restart step, code); with sync,
+        embed_sum too. Rows are picked on the device from a hash of the restart step; with sync,
         rank 0's picks are broadcast, so every rank restarts identically (and every rank runs the
         collective, dead codes or not, rows or not). No host sync, no data-dependent shapes."""
         if self.threshold_ema_dead_code <= 0:
@@ -194,25 +194,30 @@ class _EMACodebook(nn.Module):
         flat = vectors.detach().reshape(-1, d).float()
         k, n = self.codebook.shape[0], flat.shape[0]
         self.restart_step.add_(1)
-        code = torch.arange(k, device=flat.device, dtype=torch.int64)
-        h = (code * 40503 + (self.restart_step % _HASH_MODULUS) * 69069 + 12345) % _HASH_MODULUS
+        # Systematic sampling: the i-th of the m dead codes takes the (offset + i * n_valid // m)-th
+        # usable row, offset a hash of the step: distinct rows whenever the batch has m of them.
+        offset = (self.restart_step % _HASH_MODULUS) * 69069 + 12345
         for _ in range(3):
-            h = (h * _HASH_MULTIPLIER) % _HASH_MODULUS
+            offset = (offset * _HASH_MULTIPLIER) % _HASH_MODULUS
+        dead = self.cluster_size < self.threshold_ema_dead_code
+        order = dead.to(torch.int64).cumsum(0)  # i + 1 at the i-th dead code
+        n_dead = order[-1:].clamp_min(1)
         if mask is None:
-            rows = h % max(n, 1)
+            rows = (offset + (order - 1) * n // n_dead) % max(n, 1)
             has_rows = torch.full((), n > 0, device=flat.device)
         else:
-            # The (h mod n_valid)-th True row: the first position where the running count passes it.
+            # The t-th True row: the first position where the running count of True rows passes t.
             running = mask.reshape(-1).to(torch.bool).to(torch.int64).cumsum(0)
             n_valid = running[-1:] if n > 0 else running.new_zeros(1)
-            rows = torch.searchsorted(running, h % n_valid.clamp_min(1) + 1).clamp_max(max(n - 1, 0))
+            t = (offset + (order - 1) * n_valid // n_dead) % n_valid.clamp_min(1)
+            rows = torch.searchsorted(running, t + 1).clamp_max(max(n - 1, 0))
             has_rows = n_valid[0] > 0
         picks = flat[rows] if n > 0 else flat.new_zeros(k, d)
         if sync:
             packed = torch.cat([picks, has_rows.to(picks.dtype).expand(k, 1)], dim=1)
             packed = _broadcast_from_rank0(packed)
             picks, has_rows = packed[:, :d], packed[0, d] > 0
-        dead = (self.cluster_size < self.threshold_ema_dead_code) & has_rows
+        dead = dead & has_rows  # the same on every rank: cluster_size is all-reduced
         size = torch.full_like(self.cluster_size, float(self.threshold_ema_dead_code))
         self.codebook.copy_(torch.where(dead[:, None], picks, self.codebook))
         self.embed_sum.copy_(torch.where(dead[:, None], picks * self.threshold_ema_dead_code, self.embed_sum))
@@ -356,9 +361,10 @@ class HRQuantizer(nn.Module):
         hs = [zs[0].float()]
         for level in range(1, len(zs)):
             prev = codebooks[level - 1][codes[level - 1]]
-            # In float32 like the EMA's H_l (and alike in eager and compiled code, which would not
-            # round a bfloat16 intermediate).
-            hs.append(2.0 * zs[level].float() - prev.float())
+            # In the EMA's accumulation dtype, like its H_l (and alike in eager and compiled code,
+            # which would not round a bfloat16 intermediate).
+            acc = torch.float64 if zs[level].dtype == torch.float64 else torch.float32
+            hs.append((2.0 * zs[level].to(acc) - prev.to(acc)).float())
         return hs
 
     def forward(self, zs: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None):
