@@ -23,7 +23,6 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from vqdna import kernels
@@ -84,6 +83,8 @@ def _distributed() -> bool:
 def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
     """Rank 0's `t` on every rank of the default group. The functional collective: torch.compile
     traces it (the in-place dist.broadcast breaks the graph)."""
+    import torch.distributed._functional_collectives as funcol  # only where distributed is built
+
     return funcol.broadcast(t, 0, dist.group.WORLD)
 
 
@@ -102,8 +103,8 @@ def _check_finite_mode(check_finite) -> Union[bool, str]:
     return check_finite
 
 
-def _check_finite(mode, dist: torch.Tensor, name: str) -> None:
-    """The NaN/Inf check of one input; dist [...] is non-finite exactly at its bad rows (the
+def _check_finite(mode, row_dist: torch.Tensor, name: str) -> None:
+    """The NaN/Inf check of one input; row_dist [...] is non-finite exactly at its bad rows (the
     lookup's distances: no extra pass over the input).
 
     mode True: a ValueError naming the first bad row in eager mode on CPU tensors (reading a CPU
@@ -112,10 +113,10 @@ def _check_finite(mode, dist: torch.Tensor, name: str) -> None:
     torch.compile both are the assertion: a graph cannot branch on a value."""
     if mode is False:
         return
-    if not torch.compiler.is_compiling() and (mode == "raise" or (mode is True and dist.device.type == "cpu")):
-        kernels.raise_on_nonfinite(dist, name)
+    if not torch.compiler.is_compiling() and (mode == "raise" or (mode is True and row_dist.device.type == "cpu")):
+        kernels.raise_on_nonfinite(row_dist, name)
     else:
-        torch._assert_async(torch.isfinite(dist).all(), f"{name} holds NaN or Inf (check_finite='raise' names the row)")
+        torch._assert_async(torch.isfinite(row_dist).all(), f"{name} holds NaN or Inf (check_finite='raise' names the row)")
 
 
 class _EMACodebook(nn.Module):
