@@ -366,7 +366,7 @@ def _compiled_equals_eager(kind, dtype, km, dead, mask, cf, fresh):
     m = _make(kind, kmeans_init=km, threshold_ema_dead_code=dead, check_finite=cf).train()
     if not fresh:
         m(*_inputs(kind, dtype, mask, seed=0))
-    eager = copy.deepcopy(m)  # with the restart counter, which state_dict leaves out
+    eager = copy.deepcopy(m)  # the same state and Python-side flags
     compiled = torch.compile(m, fullgraph=True)
     atol = 1e-5 if dtype == torch.float32 else 1e-2
     for training in (True, False):

@@ -90,9 +90,9 @@ def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
 
 _CHECK_FINITE = (True, False, "raise", "assert")
 
-# Dead-code restarts pick batch rows from a hash of the restart step: no RNG state (the user's
-# global torch RNG stream is left alone), the same on every rank, on the device. MINSTD modulus and
-# multiplier: every product stays below 2^63.
+# Dead-code restarts pick batch rows from a hash of the EMA state: no RNG state (the user's global
+# torch RNG stream is left alone), on the device. MINSTD modulus and multiplier: every product and
+# sum stays below 2^63.
 _HASH_MODULUS = 2147483647
 _HASH_MULTIPLIER = 48271
 
@@ -133,9 +133,6 @@ class _EMACodebook(nn.Module):
         self.register_buffer("embed_sum", codebook.clone())
         self.register_buffer("recent_counts", torch.zeros(codebook_size))
         self.register_buffer("initted", torch.tensor(False))
-        # Counts restarts (the hash's step); every rank counts alike. Not saved: a resumed run
-        # restarts the sequence, which only changes which random rows are picked.
-        self.register_buffer("restart_step", torch.zeros((), dtype=torch.int64), persistent=False)
         # Python mirror of `initted` (forward reads this, not the buffer: no host sync per step), and
         # the (buffer, version) it was read from: eager forward re-reads once when either changed.
         self._initted_flag = False
@@ -186,7 +183,7 @@ class _EMACodebook(nn.Module):
     def restart_dead(self, vectors: torch.Tensor, mask: Optional[torch.Tensor], sync: bool) -> None:
         """Codes whose EMA cluster size fell below the threshold restart from rows of this batch
         (vectors [..., D]; mask [...] bool: only True rows are picked), their cluster_size and
-        embed_sum too. Rows are picked on the device from a hash of the restart step; with sync,
+        embed_sum too. Rows are picked on the device from a hash of the EMA state; with sync,
         rank 0's picks are broadcast, so every rank restarts identically (and every rank runs the
         collective, dead codes or not, rows or not). No host sync, no data-dependent shapes."""
         if self.threshold_ema_dead_code <= 0:
@@ -194,10 +191,13 @@ class _EMACodebook(nn.Module):
         d = vectors.shape[-1]
         flat = vectors.detach().reshape(-1, d).float()
         k, n = self.codebook.shape[0], flat.shape[0]
-        self.restart_step.add_(1)
         # Systematic sampling: the i-th of the m dead codes takes the (offset + i * n_valid // m)-th
-        # usable row, offset a hash of the step: distinct rows whenever the batch has m of them.
-        offset = (self.restart_step % _HASH_MODULUS) * 69069 + 12345
+        # usable row, offset a hash of the bits of cluster_size (this step's EMA state: it changes
+        # every step, is restored with a checkpoint, and needs no RNG): distinct rows whenever the
+        # batch has m of them.
+        bits = self.cluster_size.float().view(torch.int32).to(torch.int64) % _HASH_MODULUS  # (after .double())
+        weight = torch.arange(k, device=flat.device, dtype=torch.int64) % 1021 + 1
+        offset = ((bits * weight) % _HASH_MODULUS).sum() % _HASH_MODULUS
         for _ in range(3):
             offset = (offset * _HASH_MULTIPLIER) % _HASH_MODULUS
         dead = self.cluster_size < self.threshold_ema_dead_code
