@@ -90,11 +90,12 @@ def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
 
 _CHECK_FINITE = (True, False, "raise", "assert")
 
-# Dead-code restarts pick batch rows from a hash of the EMA state: no RNG state (the user's global
+# Dead-code restarts pick batch rows from a hash of the batch's codes: no RNG state (the user's global
 # torch RNG stream is left alone), on the device. MINSTD modulus and multiplier: every product and
 # sum stays below 2^63.
 _HASH_MODULUS = 2147483647
 _HASH_MULTIPLIER = 48271
+_HASHED_CODES = 4096
 
 
 def _check_finite_mode(check_finite) -> Union[bool, str]:
@@ -180,24 +181,24 @@ class _EMACodebook(nn.Module):
         )
         self.recent_counts.mul_(_USAGE_DECAY).add_(counts)
 
-    def restart_dead(self, vectors: torch.Tensor, mask: Optional[torch.Tensor], sync: bool) -> None:
+    def restart_dead(self, vectors: torch.Tensor, codes: torch.Tensor, mask: Optional[torch.Tensor], sync: bool) -> None:
         """Codes whose EMA cluster size fell below the threshold restart from rows of this batch
         (vectors [..., D]; mask [...] bool: only True rows are picked), their cluster_size and
-        embed_sum too. Rows are picked on the device from a hash of the EMA state; with sync,
-        rank 0's picks are broadcast, so every rank restarts identically (and every rank runs the
-        collective, dead codes or not, rows or not). No host sync, no data-dependent shapes."""
+        embed_sum too. Rows are picked on the device from a hash of this batch's codes [...]; with
+        sync, rank 0's picks are broadcast, so every rank restarts identically (and every rank runs
+        the collective, dead codes or not, rows or not). No host sync, no data-dependent shapes."""
         if self.threshold_ema_dead_code <= 0:
             return
         d = vectors.shape[-1]
         flat = vectors.detach().reshape(-1, d).float()
         k, n = self.codebook.shape[0], flat.shape[0]
         # Systematic sampling: the i-th of the m dead codes takes the (offset + i * n_valid // m)-th
-        # usable row, offset a hash of the bits of cluster_size (this step's EMA state: it changes
-        # every step, is restored with a checkpoint, and needs no RNG): distinct rows whenever the
-        # batch has m of them.
-        bits = self.cluster_size.float().view(torch.int32).to(torch.int64) % _HASH_MODULUS  # (after .double())
-        weight = torch.arange(k, device=flat.device, dtype=torch.int64) % 1021 + 1
-        offset = ((bits * weight) % _HASH_MODULUS).sum() % _HASH_MODULUS
+        # usable row, offset a hash of the batch's first codes (integers: the same in eager and
+        # compiled code; new every batch, the same again when a resumed run replays it; no RNG):
+        # distinct rows whenever the batch has m of them.
+        head = codes.reshape(-1)[:_HASHED_CODES].to(torch.int64)
+        weight = torch.arange(head.shape[0], device=flat.device, dtype=torch.int64) % 1021 + 1
+        offset = ((head % _HASH_MODULUS) * weight).sum() % _HASH_MODULUS
         for _ in range(3):
             offset = (offset * _HASH_MULTIPLIER) % _HASH_MODULUS
         dead = self.cluster_size < self.threshold_ema_dead_code
@@ -306,7 +307,7 @@ class VectorQuantizer(_EMACodebook):
             with torch.no_grad():
                 self.ema_step(x, codes, mask, sync)
                 self.track_usage(codes, mask)
-                self.restart_dead(x, mask, sync)
+                self.restart_dead(x, codes, mask, sync)
         weight = None if mask is None else mask.to(dist_.dtype)
         loss = _CommitmentLoss.apply(x, quantized.detach(), dist_, weight)
         return _StraightThrough.apply(x, quantized), codes, self.commitment_weight * loss
@@ -400,8 +401,8 @@ class HRQuantizer(nn.Module):
                     state.track_usage(codes[level], mask)
                 if any(s.threshold_ema_dead_code > 0 for s in self.levels):
                     hs = self._residuals([z.detach() for z in zs], codes, used)
-                    for state, h in zip(self.levels, hs):
-                        state.restart_dead(h, mask, sync)
+                    for state, h, level_codes in zip(self.levels, hs, codes):
+                        state.restart_dead(h, level_codes, mask, sync)
         loss = zs[0].new_zeros((), dtype=torch.float32)
         for level, z in enumerate(zs):
             diff = (z.float() - zhat_levels[level].detach().float()).pow(2)
