@@ -1,5 +1,6 @@
 """VectorQuantizer and HRQuantizer: values, gradients, EMA, restarts, compile, distributed."""
 
+import copy
 import os
 import socket
 
@@ -236,3 +237,278 @@ def test_vq_masked_loss_and_gradient(rng):
     (g_want,) = torch.autograd.grad(want, x)
     assert torch.allclose(g, g_want, atol=1e-7)
     assert bool((g[~mask] == 0).all())
+
+
+# ------------------------------------------------------------------------------------------
+# No host syncs in a steady-state step: every constructor option, eager (a dispatch mode that
+# fails on any read of a tensor's value), torch.compile(fullgraph=True), and on a GPU the CUDA
+# sync debug mode and a CUDA-graph capture.
+
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+_HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+               torch.ops.aten.masked_select.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default}
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on every op that reads a tensor's value into Python or has a data-dependent output
+    shape (what drains a GPU's queue): .item(), bool(), .tolist(), .nonzero(), x[bool_mask]."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        boolean_index = func is torch.ops.aten.index.Tensor and any(
+            i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1])
+        if func in _HOST_READS or boolean_index:
+            raise AssertionError(f"host sync in a steady-state step: {func}")
+        return func(*args, **kwargs)
+
+
+# (kmeans_init, threshold_ema_dead_code, mask, check_finite): every option on and off. check_finite
+# True reads the device on the CPU by design (the named-row ValueError); off the CPU it is the
+# assertion, which "assert" exercises here.
+_OPTIONS = [(km, dead, mask, cf) for km in (False, True) for dead in (0.0, 1.0) for mask in (False, True)
+            for cf in ("assert", False)]
+
+
+def _make(kind, **kw):
+    return VectorQuantizer(8, 16, **kw) if kind == "vq" else HRQuantizer(8, (4, 16), **kw)
+
+
+def _inputs(kind, dtype, mask, seed, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(4, 10, 8, generator=g).to(device, dtype) for _ in range(1 if kind == "vq" else 2)]
+    m = (torch.rand(4, 10, generator=g) < 0.7).to(device) if mask else None
+    return (xs[0] if kind == "vq" else xs), m
+
+
+@pytest.mark.parametrize("kind", ["vq", "hrq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("km, dead, mask, cf", _OPTIONS)
+def test_steady_state_step_reads_nothing_back(kind, dtype, km, dead, mask, cf):
+    m = _make(kind, kmeans_init=km, threshold_ema_dead_code=dead, check_finite=cf)
+    x, msk = _inputs(kind, dtype, mask, seed=0)
+    m.train()
+    m(x, mask=msk)  # the first step: k-means init may read back once
+    with _NoHostReads():
+        for seed in (1, 2):
+            m(*_inputs(kind, dtype, mask, seed))
+        m.eval()
+        m(x, mask=msk)
+
+
+def test_kmeans_init_flag_follows_the_buffer(rng):
+    """The Python mirror of `initted`: a loaded, initialised state is not re-initialised (and the
+    step reads nothing back), a written buffer is re-read, and train() re-reads a buffer that was
+    replaced behind the module's back (as a loader that assigns tensors would)."""
+    x = torch.randn(200, 5, generator=rng)
+    done = VectorQuantizer(5, 4, kmeans_init=True)
+    done(x)
+
+    def ema_step_only(module):
+        state = {k: v.clone() for k, v in module.state_dict().items()}
+        with _NoHostReads():
+            _, codes, _ = module(x)
+        _, _, want = reference.ema_update(x, codes, state["cluster_size"], state["embed_sum"], decay=0.5, eps=1e-5)
+        assert torch.allclose(module.codebook, want, atol=1e-6)  # an EMA step, not a new k-means
+
+    fresh = VectorQuantizer(5, 4, kmeans_init=True, decay=0.5, check_finite=False)
+    fresh.load_state_dict(done.state_dict())
+    ema_step_only(fresh)
+    fresh.initted.fill_(False)  # asks for a re-initialisation
+    fresh(x + 3.0)
+    assert bool(fresh.initted) and fresh.codebook.mean() > 2.0
+    other = VectorQuantizer(5, 4, kmeans_init=True, decay=0.5, check_finite=False)
+    for name, value in done.state_dict().items():
+        other._buffers[name] = value.clone()
+    other.train()
+    ema_step_only(other)
+
+
+def test_restarts_leave_the_global_rng_alone_and_pick_unmasked_rows(rng):
+    vq = VectorQuantizer(dim=3, codebook_size=8, decay=0.5, threshold_ema_dead_code=0.3)
+    with torch.no_grad():
+        vq.codebook[4:] = 100.0
+        vq.embed_sum[4:] = 0.0
+        vq.cluster_size[4:] = 0.0
+    x = torch.randn(4, 16, 3, generator=rng)
+    mask = torch.zeros(4, 16, dtype=torch.bool)
+    mask[2, 3:7] = True
+    state = torch.get_rng_state()
+    vq(x, mask=mask)
+    assert torch.equal(torch.get_rng_state(), state)
+    restarted = vq.codebook[4:]
+    assert bool((restarted[:, None, :] == x[mask][None]).all(-1).any(-1).all())
+    assert torch.unique(restarted, dim=0).shape[0] == 4  # distinct rows: 4 dead codes, 4 usable rows
+    # nothing to pick from: no restart (a restart would set the cluster size to the threshold)
+    dead = VectorQuantizer(dim=3, codebook_size=8, threshold_ema_dead_code=0.3)
+    with torch.no_grad():
+        dead.cluster_size.fill_(0.1)
+    dead(x, mask=torch.zeros(4, 16, dtype=torch.bool))
+    assert torch.allclose(dead.cluster_size, torch.full((8,), 0.099))
+
+
+def test_check_finite_modes(rng):
+    x = torch.randn(3, 4, generator=rng)
+    x[2, 1] = float("nan")
+    for mode in (True, "raise"):
+        with pytest.raises(ValueError, match=r"VectorQuantizer input x: row 2 holds NaN or Inf"):
+            VectorQuantizer(4, 5, check_finite=mode)(x)
+    with pytest.raises(RuntimeError, match=r"zs\[0\] holds NaN or Inf"):
+        HRQuantizer(4, (3, 5), check_finite="assert")([x, x.clone()])
+    with pytest.raises(ValueError, match="check_finite must be"):
+        VectorQuantizer(4, 5, check_finite="always")
+
+
+def _compiled_equals_eager(kind, dtype, km, dead, mask, cf, fresh):
+    """torch.compile(fullgraph=True) of a module against the same module run eagerly, in train and
+    eval, over several steps: the same codes, outputs and state, and no recompilation once warm."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)  # the initial codebook: the same case whatever ran before
+    m = _make(kind, kmeans_init=km, threshold_ema_dead_code=dead, check_finite=cf).train()
+    if not fresh:
+        m(*_inputs(kind, dtype, mask, seed=0))
+    eager = copy.deepcopy(m)  # the same state and Python-side flags
+    compiled = torch.compile(m, fullgraph=True)
+    atol = 1e-5 if dtype == torch.float32 else 1e-2
+    for training in (True, False):
+        m.train(training)
+        eager.train(training)
+        for step in range(3):
+            if step == 2:
+                graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            args = _inputs(kind, dtype, mask, seed=10 * training + step + 1)
+            half = dtype in (torch.bfloat16, torch.float16)
+            if half:  # start each step from the same state (still compared below)
+                _assert_states_close(m, eager)
+                eager.load_state_dict(m.state_dict())
+            out_c, out_e = compiled(*args), eager(*args)
+            same = out_c[1] == out_e[1]
+            if kind == "hrq":
+                same = same.all(0)
+            # Inductor sums ||e_k||^2 in another order than eager: in half precision a near-tie
+            # may flip (a few rows of 40); in float32 the codes are equal.
+            assert bool(same.all()) if not half else int((~same).sum()) <= 2, (~same).sum()
+            torch.testing.assert_close(out_c[0][same].float(), out_e[0][same].float(), atol=atol, rtol=1e-3)
+            torch.testing.assert_close(out_c[2].float(), out_e[2].float(), atol=atol, rtol=1e-3)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "recompiled in a steady state"
+    _assert_states_close(m, eager)
+
+
+def _assert_states_close(a, b):
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x.float(), y.float(), atol=1e-5, rtol=1e-4, msg=k)
+
+
+@pytest.mark.parametrize("kind", ["vq", "hrq"])
+def test_compile_fullgraph_every_option_on(kind):
+    """The representative case: k-means init done, restarts, a mask, the NaN check on."""
+    _compiled_equals_eager(kind, torch.float32, True, 1.0, True, True, fresh=False)
+
+
+def test_compile_fullgraph_fresh_kmeans_init():
+    """From a fresh module: the one-time k-means init is traced too (without a mask: x[mask] has a
+    data-dependent shape), then the graph without it is compiled once."""
+    _compiled_equals_eager("vq", torch.float32, True, 1.0, False, True, fresh=True)
+
+
+# float32 over every combination of the options (check_finite True, "raise" and "assert" are the
+# same device-side assertion under compile), the other dtypes and modes with every option on.
+_COMPILE_MATRIX = [(torch.float32, km, dead, mask, cf) for km in (False, True) for dead in (0.0, 1.0)
+                   for mask in (False, True) for cf in (True, False)]
+_COMPILE_MATRIX += [(dtype, True, 1.0, True, True) for dtype in (torch.bfloat16, torch.float16, torch.float64)]
+_COMPILE_MATRIX += [(torch.float32, True, 1.0, True, cf) for cf in ("raise", "assert")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["vq", "hrq"])
+@pytest.mark.parametrize("dtype, km, dead, mask, cf", _COMPILE_MATRIX, ids=str)
+def test_compile_fullgraph_matrix(kind, dtype, km, dead, mask, cf):
+    """Fresh where that can work (k-means init without a mask), else after the first step."""
+    _compiled_equals_eager(kind, dtype, km, dead, mask, cf, fresh=km and not mask)
+
+
+def test_compile_fullgraph_sync_codebook():
+    """sync_codebook=True in a one-rank process group: the collectives trace (functional ones)."""
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch._dynamo.reset()
+        m = HRQuantizer(8, (4, 16), kmeans_init=True, threshold_ema_dead_code=1.0, sync_codebook=True).train()
+        x, msk = _inputs("hrq", torch.float32, True, seed=0)
+        m(x, mask=msk)
+        eager = copy.deepcopy(m)
+        compiled = torch.compile(m, fullgraph=True)
+        for seed in (1, 2):
+            args = _inputs("hrq", torch.float32, True, seed)
+            assert torch.equal(compiled(*args)[1], eager(*args)[1])
+        for (k, a), b in zip(m.state_dict().items(), eager.state_dict().values()):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=k)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["vq", "hrq"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("km, dead, mask, cf", [(km, dead, mask, cf) for km in (False, True) for dead in (0.0, 1.0)
+                                                for mask in (False, True) for cf in (True, "assert", False)])
+def test_cuda_steady_state_step_does_not_sync(kind, dtype, km, dead, mask, cf):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    m = _make(kind, kmeans_init=km, threshold_ema_dead_code=dead, check_finite=cf).cuda().train()
+    x, msk = _inputs(kind, dtype, mask, seed=0, device="cuda")
+    m(x, mask=msk)  # k-means init (one sync, once) and the first-call work
+    steps = [_inputs(kind, dtype, mask, seed, device="cuda") for seed in (1, 2)]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for args in steps:
+            _, _, loss = m(*args)
+        m.eval()
+        m(x, mask=msk)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kind", ["vq", "hrq"])
+def test_cuda_graph_training_step_equals_eager(kind):
+    """Capture one training step (forward with the EMA update and restarts, backward to the
+    input) in a CUDA graph; its replays equal the same steps run eagerly."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    kw = dict(kmeans_init=True, threshold_ema_dead_code=1.0)
+    m = _make(kind, **kw).cuda().train()
+    x, msk = _inputs(kind, torch.float32, True, seed=0, device="cuda")
+    static = [t.clone().requires_grad_() for t in ([x] if kind == "vq" else x)]
+
+    def step():
+        out, codes, loss = m(static[0] if kind == "vq" else static, mask=msk)
+        grads = torch.autograd.grad(loss + out.float().square().sum(), static)
+        return out, codes, loss, grads
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (k-means init) outside the capture
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    eager = copy.deepcopy(m)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for seed in (1, 2):
+        new, _ = _inputs(kind, torch.float32, True, seed, device="cuda")
+        for s, t in zip(static, [new] if kind == "vq" else new):
+            s.detach().copy_(t)
+        graph.replay()
+        ins = [t.clone().requires_grad_() for t in ([new] if kind == "vq" else new)]
+        out, codes, loss = eager(ins[0] if kind == "vq" else ins, mask=msk)
+        grads = torch.autograd.grad(loss + out.float().square().sum(), ins)
+        assert torch.equal(captured[1], codes)
+        torch.testing.assert_close(captured[0], out)
+        torch.testing.assert_close(captured[2], loss)
+        for a, b in zip(captured[3], grads):
+            torch.testing.assert_close(a, b)
+    for (k, a), b in zip(m.state_dict().items(), eager.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=k)

@@ -140,38 +140,52 @@ def ema_update(
     return new_cluster_size, new_embed_sum, codebook
 
 
-def kmeans_init(x: torch.Tensor, k: int, *, init: str = "kmeans++", seed: int = 0) -> torch.Tensor:
-    """Initial centroids [k, D] (float32; float64 for float64 x) from the rows of x [N, D].
-
-    "kmeans++": D^2 sampling by inverse CDF with uniforms drawn up front from a CPU generator, so it
-    runs on x's device without a host round trip per centroid; "random": distinct random rows
-    (repeated when k > N). Deterministic for a seed.
-    """
-    n, d = x.shape
-    if n == 0 or k < 1:
-        raise ValueError(f"kmeans: need N >= 1 rows and k >= 1, got N={n}, k={k}")
-    acc = _accum_dtype(x.dtype)
-    xf = x.to(acc)
+@torch.compiler.assume_constant_result  # constants for torch.compile: no generator inside a graph
+def _kmeans_init_draws(init: str, seed: int, k: int, n: int) -> tuple:
+    """The random draws of `kmeans_init`, from a CPU generator seeded with `seed`: "random": k row
+    indices; "kmeans++": k uniforms (float64) and the first row's index. Python numbers, not
+    tensors: torch.compile bakes them into the graph (a second tensor-valued call in one graph,
+    e.g. one per HRQ level, trips dynamo's constant sources)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if init == "random":
         pick = torch.randperm(n, generator=gen)[:k]
         if k > n:
             pick = torch.cat([pick, torch.randint(n, (k - n,), generator=gen)])
-        return xf[pick.to(x.device)].clone()
-    if init != "kmeans++":
+        return tuple(pick.tolist())
+    uniforms = torch.rand(k, generator=gen, dtype=torch.float64)
+    first = torch.randint(n, (1,), generator=gen)
+    return (*uniforms.tolist(), *first.tolist())
+
+
+def kmeans_init(x: torch.Tensor, k: int, *, init: str = "kmeans++", seed: int = 0) -> torch.Tensor:
+    """Initial centroids [k, D] (float32; float64 for float64 x) from the rows of x [N, D].
+
+    "kmeans++": D^2 sampling by inverse CDF with uniforms drawn up front from a CPU generator, so it
+    runs on x's device without a host round trip per centroid (and traces under torch.compile);
+    "random": distinct random rows (repeated when k > N). Deterministic for a seed.
+    """
+    n, d = x.shape
+    if n == 0 or k < 1:
+        raise ValueError(f"kmeans: need N >= 1 rows and k >= 1, got N={n}, k={k}")
+    if init not in ("random", "kmeans++"):
         raise ValueError(f"kmeans: unknown init {init!r} (expected 'kmeans++' or 'random')")
-    centroids = torch.empty(k, d, dtype=acc, device=x.device)
-    uniforms = torch.rand(k, generator=gen, dtype=torch.float64).to(x.device)
-    first = torch.randint(n, (1,), generator=gen).to(x.device)
-    centroids[0] = xf[first[0]]
+    acc = _accum_dtype(x.dtype)
+    xf = x.to(acc)
+    draws = _kmeans_init_draws(init, seed, k, n)
+    if init == "random":
+        return xf[torch.tensor(draws, dtype=torch.int64, device=x.device)].clone()
+    uniforms = torch.tensor(draws[:k], dtype=torch.float64, device=x.device)
+    first = torch.tensor(draws[k:], dtype=torch.int64, device=x.device)
+    # index_select with 1-element index tensors, not xf[t[0]]: no data-dependent Python index.
+    centroids = [xf.index_select(0, first)]
     closest = (xf - centroids[0]).pow(2).sum(-1)
     for j in range(1, k):
         weights = torch.nan_to_num(closest.double().clamp_min(0), nan=0.0, posinf=0.0)
         cdf = weights.cumsum(0)
         choice = torch.searchsorted(cdf, (uniforms[j] * cdf[-1]).reshape(1), right=True).clamp_(max=n - 1)
-        centroids[j] = xf[choice[0]]
+        centroids.append(xf.index_select(0, choice))
         closest = torch.minimum(closest, (xf - centroids[j]).pow(2).sum(-1))
-    return centroids
+    return torch.cat(centroids)
 
 
 def kmeans(

@@ -6,13 +6,20 @@ Argument names follow vector-quantize-pytorch's `VectorQuantize` where the meani
 (`dim`, `codebook_size`, `decay`, `eps`, `commitment_weight`, `kmeans_init`, `kmeans_iters`,
 `threshold_ema_dead_code`, `sync_codebook`). Differences: forward returns (quantized, codes, loss)
 with codes int64 and the loss already weighted; the EMA state is always float32 buffers named
-`codebook`, `cluster_size` and `embed_sum`; non-finite inputs raise a ValueError naming the row.
+`codebook`, `cluster_size` and `embed_sum`; non-finite inputs raise a ValueError naming the row
+(eager, CPU tensors) or fail a device-side assertion (CUDA tensors, torch.compile): see `check_finite`.
+
+No host sync in a steady-state step (train or eval, any option): k-means init reads its flag from a
+Python mirror of the `initted` buffer (re-read once when the buffer is loaded or replaced), dead-code
+restarts pick their rows on the device, and the NaN/Inf check reads the device only where that is
+free (eager CPU) unless asked to (check_finite="raise"). So both modules compile with
+torch.compile(fullgraph=True) and can be captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -73,13 +80,44 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _check_rows_finite(values: torch.Tensor, name: str) -> None:
-    """ValueError naming the first row of `values` [..., D] that holds NaN or Inf."""
-    if torch.compiler.is_compiling():
-        # A data-dependent Python branch would break the graph; assert on the device instead.
-        torch._assert_async(torch.isfinite(values).all(), f"{name}: NaN or Inf in the input")
+def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's `t` on every rank of the default group. The functional collective: torch.compile
+    traces it (the in-place dist.broadcast breaks the graph)."""
+    import torch.distributed._functional_collectives as funcol  # only where distributed is built
+
+    return funcol.broadcast(t, 0, dist.group.WORLD)
+
+
+_CHECK_FINITE = (True, False, "raise", "assert")
+
+# Dead-code restarts pick batch rows from a hash of the batch's codes: no RNG state (the user's global
+# torch RNG stream is left alone), on the device. MINSTD modulus and multiplier: every product and
+# sum stays below 2^63.
+_HASH_MODULUS = 2147483647
+_HASH_MULTIPLIER = 48271
+_HASHED_CODES = 4096
+
+
+def _check_finite_mode(check_finite) -> Union[bool, str]:
+    if check_finite not in _CHECK_FINITE or isinstance(check_finite, int) and not isinstance(check_finite, bool):
+        raise ValueError(f"check_finite must be True, False, 'raise' or 'assert', got {check_finite!r}")
+    return check_finite
+
+
+def _check_finite(mode, row_dist: torch.Tensor, name: str) -> None:
+    """The NaN/Inf check of one input; row_dist [...] is non-finite exactly at its bad rows (the
+    lookup's distances: no extra pass over the input).
+
+    mode True: a ValueError naming the first bad row in eager mode on CPU tensors (reading a CPU
+    tensor drains no queue), else a device-side assertion (no host sync). "raise": that ValueError
+    on every device (one host sync per call). "assert": always the device-side assertion. Under
+    torch.compile both are the assertion: a graph cannot branch on a value."""
+    if mode is False:
         return
-    kernels.raise_on_nonfinite(torch.where(torch.isfinite(values).all(-1), 0.0, math.nan), name)
+    if not torch.compiler.is_compiling() and (mode == "raise" or (mode is True and row_dist.device.type == "cpu")):
+        kernels.raise_on_nonfinite(row_dist, name)
+    else:
+        torch._assert_async(torch.isfinite(row_dist).all(), f"{name} holds NaN or Inf (check_finite='raise' names the row)")
 
 
 class _EMACodebook(nn.Module):
@@ -96,6 +134,36 @@ class _EMACodebook(nn.Module):
         self.register_buffer("embed_sum", codebook.clone())
         self.register_buffer("recent_counts", torch.zeros(codebook_size))
         self.register_buffer("initted", torch.tensor(False))
+        # Python mirror of `initted` (forward reads this, not the buffer: no host sync per step), and
+        # the (buffer, version) it was read from: eager forward re-reads once when either changed.
+        self._initted_flag = False
+        self._initted_seen: tuple = (None, -1)
+
+    def _refresh_initted(self, force: bool = False) -> None:
+        """Re-read the `initted` buffer into the Python flag (one host read) when it was replaced
+        or written since the last read (or always, with force)."""
+        buf = self.initted
+        seen, version = self._initted_seen
+        if buf.is_meta or not force and seen is buf and version == buf._version:
+            return
+        self._initted_flag = bool(buf)
+        self._initted_seen = (buf, buf._version)
+
+    def kmeans_pending(self) -> bool:
+        """True until k-means has initialised this codebook (or a loaded state says it has)."""
+        if not torch.compiler.is_compiling():  # compiled code guards on the flag instead
+            self._refresh_initted()
+        return not self._initted_flag
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh_initted(force=True)
+
+    def train(self, mode: bool = True):
+        # train()/eval() run eagerly before a (compiled) loop: refresh the mirror there, so a state
+        # loaded by other means than load_state_dict (e.g. transformers' from_pretrained) is seen.
+        self._refresh_initted()
+        return super().train(mode)
 
     def ema_step(self, vectors, codes, mask, sync, prev_codes=None, prev_codebook=None) -> None:
         kernels.ema_update(
@@ -113,24 +181,49 @@ class _EMACodebook(nn.Module):
         )
         self.recent_counts.mul_(_USAGE_DECAY).add_(counts)
 
-    def restart_dead(self, vectors: torch.Tensor, sync: bool) -> None:
-        """Codes whose EMA cluster size fell below the threshold restart from random rows of this
-        batch (rank 0's rows, broadcast, so every rank restarts identically); their cluster_size and
-        embed_sum restart too. Runs every collective on every rank, dead codes or not."""
+    def restart_dead(self, vectors: torch.Tensor, codes: torch.Tensor, mask: Optional[torch.Tensor], sync: bool) -> None:
+        """Codes whose EMA cluster size fell below the threshold restart from rows of this batch
+        (vectors [..., D]; mask [...] bool: only True rows are picked), their cluster_size and
+        embed_sum too. Rows are picked on the device from a hash of this batch's codes [...]; with
+        sync, rank 0's picks are broadcast, so every rank restarts identically (and every rank runs
+        the collective, dead codes or not, rows or not). No host sync, no data-dependent shapes."""
         if self.threshold_ema_dead_code <= 0:
             return
-        flat = vectors.detach().reshape(-1, vectors.shape[-1]).float()
-        k = self.codebook.shape[0]
-        if flat.shape[0] == 0:
-            return
-        picks = flat[torch.randint(flat.shape[0], (k,), device=flat.device)]
+        d = vectors.shape[-1]
+        flat = vectors.detach().reshape(-1, d).float()
+        k, n = self.codebook.shape[0], flat.shape[0]
+        # Systematic sampling: the i-th of the m dead codes takes the (offset + i * n_valid // m)-th
+        # usable row, offset a hash of the batch's first codes (integers: the same in eager and
+        # compiled code; new every batch, the same again when a resumed run replays it; no RNG):
+        # distinct rows whenever the batch has m of them.
+        head = codes.reshape(-1)[:_HASHED_CODES].to(torch.int64)
+        weight = torch.arange(head.shape[0], device=flat.device, dtype=torch.int64) % 1021 + 1
+        offset = ((head % _HASH_MODULUS) * weight).sum() % _HASH_MODULUS
+        for _ in range(3):
+            offset = (offset * _HASH_MULTIPLIER) % _HASH_MODULUS
+        dead = self.cluster_size < self.threshold_ema_dead_code
+        order = dead.to(torch.int64).cumsum(0)  # i + 1 at the i-th dead code
+        n_dead = order[-1:].clamp_min(1)
+        if mask is None:
+            rows = (offset + (order - 1) * n // n_dead) % max(n, 1)
+            has_rows = torch.full((), n > 0, device=flat.device)
+        else:
+            # The t-th True row: the first position where the running count of True rows passes t.
+            running = mask.reshape(-1).to(torch.bool).to(torch.int64).cumsum(0)
+            n_valid = running[-1:] if n > 0 else running.new_zeros(1)
+            t = (offset + (order - 1) * n_valid // n_dead) % n_valid.clamp_min(1)
+            rows = torch.searchsorted(running, t + 1).clamp_max(max(n - 1, 0))
+            has_rows = n_valid[0] > 0
+        picks = flat[rows] if n > 0 else flat.new_zeros(k, d)
         if sync:
-            dist.broadcast(picks, src=0)
-        dead = (self.cluster_size < self.threshold_ema_dead_code)[:, None]
+            packed = torch.cat([picks, has_rows.to(picks.dtype).expand(k, 1)], dim=1)
+            packed = _broadcast_from_rank0(packed)
+            picks, has_rows = packed[:, :d], packed[0, d] > 0
+        dead = dead & has_rows  # the same on every rank: cluster_size is all-reduced
         size = torch.full_like(self.cluster_size, float(self.threshold_ema_dead_code))
-        self.codebook.copy_(torch.where(dead, picks, self.codebook))
-        self.embed_sum.copy_(torch.where(dead, picks * self.threshold_ema_dead_code, self.embed_sum))
-        self.cluster_size.copy_(torch.where(dead[:, 0], size, self.cluster_size))
+        self.codebook.copy_(torch.where(dead[:, None], picks, self.codebook))
+        self.embed_sum.copy_(torch.where(dead[:, None], picks * self.threshold_ema_dead_code, self.embed_sum))
+        self.cluster_size.copy_(torch.where(dead, size, self.cluster_size))
 
     @torch.no_grad()
     def init_from(self, samples: torch.Tensor, iters: int, sync: bool) -> None:
@@ -138,12 +231,15 @@ class _EMACodebook(nn.Module):
         flat = samples.detach().reshape(-1, samples.shape[-1])
         centroids = kernels.kmeans(flat, self.codebook.shape[0], iters).to(self.codebook.dtype)
         if sync:
-            dist.broadcast(centroids, src=0)
+            centroids = _broadcast_from_rank0(centroids)
         self.codebook.copy_(centroids)
         self.cluster_size.fill_(1.0)
         self.embed_sum.copy_(centroids)
         self.recent_counts.zero_()
         self.initted.fill_(True)
+        self._initted_flag = True
+        if not torch.compiler.is_compiling():
+            self._initted_seen = (self.initted, self.initted._version)
 
     def usage(self) -> dict:
         """{"used_fraction", "perplexity"} of the codes over this rank's recent training batches."""
@@ -169,6 +265,10 @@ class VectorQuantizer(_EMACodebook):
     embed_sum [K, D] (float32).
     sync_codebook: None = all_reduce the EMA statistics whenever torch.distributed is initialised with
     more than one rank; True/False force it.
+    check_finite: how a NaN/Inf row of x fails. True: ValueError naming the row in eager mode on CPU
+    tensors, a device-side assertion (no host sync) on other devices and under torch.compile;
+    "raise": the ValueError everywhere (one host sync per step); "assert": always the assertion;
+    False: no check.
     """
 
     def __init__(
@@ -182,33 +282,32 @@ class VectorQuantizer(_EMACodebook):
         kmeans_iters: int = 10,
         threshold_ema_dead_code: float = 0.0,
         sync_codebook: Optional[bool] = None,
-        check_finite: bool = True,
+        check_finite: Union[bool, str] = True,
     ):
         super().__init__(dim, codebook_size, decay, eps, threshold_ema_dead_code)
         self.dim, self.codebook_size = dim, codebook_size
         self.commitment_weight = commitment_weight
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
-        self.sync_codebook, self.check_finite = sync_codebook, check_finite
+        self.sync_codebook, self.check_finite = sync_codebook, _check_finite_mode(check_finite)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
         if x.shape[-1] != self.dim:
             raise ValueError(f"VectorQuantizer: x has last dimension {x.shape[-1]}, expected dim={self.dim}")
         sync = _sync_enabled(self.sync_codebook)
-        if self.training and self.kmeans_init and not bool(self.initted):
+        if self.training and self.kmeans_init and self.kmeans_pending():
+            # One-time: x[mask] has a data-dependent shape (a sync; a graph break under compile).
             self.init_from(x if mask is None else x[mask], self.kmeans_iters, sync)
         codebook = self.codebook.to(x.dtype)
         codes, dist_ = kernels.lookup(x, codebook, codes_dtype=torch.int64)
-        if self.check_finite:
-            if torch.compiler.is_compiling():
-                torch._assert_async(torch.isfinite(dist_).all(), "VectorQuantizer: NaN or Inf in x")
-            else:
-                kernels.raise_on_nonfinite(dist_, "VectorQuantizer input x")
+        if self.check_finite is not False:
+            # A non-finite row of x has a non-finite distance: no extra pass over x.
+            _check_finite(self.check_finite, dist_, "VectorQuantizer input x")
         quantized = torch.nn.functional.embedding(codes, codebook)
         if self.training:
             with torch.no_grad():
                 self.ema_step(x, codes, mask, sync)
                 self.track_usage(codes, mask)
-                self.restart_dead(x if mask is None else x[mask], sync)
+                self.restart_dead(x, codes, mask, sync)
         weight = None if mask is None else mask.to(dist_.dtype)
         loss = _CommitmentLoss.apply(x, quantized.detach(), dist_, weight)
         return _StraightThrough.apply(x, quantized), codes, self.commitment_weight * loss
@@ -226,7 +325,7 @@ class HRQuantizer(nn.Module):
     mean of the L chosen code embeddings, straight-through: d zhat / d Z_0 = 1/L, / d Z_l = 2/L),
     codes int64 [L, ...], loss = commitment_weight * sum_l mean((Z_l - sg(zhat^(l)))^2)).
     Level l's codebook has codebook_sizes[l] codes and is EMA-updated on H_l (recomputed from Z_l and
-    the previous level's codes, never stored).
+    the previous level's codes, never stored). Other arguments as in `VectorQuantizer`.
     """
 
     def __init__(
@@ -240,7 +339,7 @@ class HRQuantizer(nn.Module):
         kmeans_iters: int = 10,
         threshold_ema_dead_code: float = 0.0,
         sync_codebook: Optional[bool] = None,
-        check_finite: bool = True,
+        check_finite: Union[bool, str] = True,
     ):
         super().__init__()
         if len(codebook_sizes) < 1:
@@ -248,7 +347,7 @@ class HRQuantizer(nn.Module):
         self.dim, self.codebook_sizes = dim, tuple(int(k) for k in codebook_sizes)
         self.commitment_weight = commitment_weight
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
-        self.sync_codebook, self.check_finite = sync_codebook, check_finite
+        self.sync_codebook, self.check_finite = sync_codebook, _check_finite_mode(check_finite)
         self.levels = nn.ModuleList(
             _EMACodebook(dim, k, decay, eps, threshold_ema_dead_code) for k in self.codebook_sizes
         )
@@ -264,7 +363,10 @@ class HRQuantizer(nn.Module):
         hs = [zs[0].float()]
         for level in range(1, len(zs)):
             prev = codebooks[level - 1][codes[level - 1]]
-            hs.append((2.0 * zs[level] - prev).float())
+            # In the EMA's accumulation dtype, like its H_l (and alike in eager and compiled code,
+            # which would not round a bfloat16 intermediate).
+            acc = torch.float64 if zs[level].dtype == torch.float64 else torch.float32
+            hs.append((2.0 * zs[level].to(acc) - prev.to(acc)).float())
         return hs
 
     def forward(self, zs: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None):
@@ -274,11 +376,12 @@ class HRQuantizer(nn.Module):
         for level, z in enumerate(zs):
             if z.shape[-1] != self.dim:
                 raise ValueError(f"HRQuantizer: zs[{level}] has last dimension {z.shape[-1]}, expected dim={self.dim}")
-            if self.check_finite:
-                _check_rows_finite(z.detach(), f"HRQuantizer input zs[{level}]")
+            if self.check_finite is not False:
+                bad_rows = torch.where(torch.isfinite(z.detach()).all(-1), 0.0, math.nan)
+                _check_finite(self.check_finite, bad_rows, f"HRQuantizer input zs[{level}]")
         sync = _sync_enabled(self.sync_codebook)
         dtype = zs[0].dtype
-        if self.training and self.kmeans_init and not bool(self.levels[0].initted):
+        if self.training and self.kmeans_init and self.levels[0].kmeans_pending():
             self._init_levels(zs, mask, sync)
         # A copy: the EMA below rewrites the codebooks in place, and level l's H_l must be formed
         # with the level l-1 codebook that this forward used.
@@ -298,8 +401,8 @@ class HRQuantizer(nn.Module):
                     state.track_usage(codes[level], mask)
                 if any(s.threshold_ema_dead_code > 0 for s in self.levels):
                     hs = self._residuals([z.detach() for z in zs], codes, used)
-                    for state, h in zip(self.levels, hs):
-                        state.restart_dead(h if mask is None else h[mask], sync)
+                    for state, h, level_codes in zip(self.levels, hs, codes):
+                        state.restart_dead(h, level_codes, mask, sync)
         loss = zs[0].new_zeros((), dtype=torch.float32)
         for level, z in enumerate(zs):
             diff = (z.float() - zhat_levels[level].detach().float()).pow(2)
