@@ -12,18 +12,13 @@ import shutil
 
 import pytest
 
-from tests.test_tokenize import _dir_bytes, _random_fasta, _tiny_model
+from tests.test_tokenize import _dir_bytes, _random_fasta, _tiny_model, model, one_thread  # noqa: F401 (fixtures)
 from vqdna.data.tokens import MANIFEST, TMP_SUFFIX, TokenDataset, read_manifest, shard_name, write_manifest
 from vqdna.tokenize import TokenizeError, tokenize_files
 
 # The settings of the original run: several shards (the 1,301-base record spans three of them).
 SETTINGS = dict(window=50, batch_size=4, shard_bases=300, shard_records=5)
 KEPT_SHARDS = 2  # complete shards left by the "crash"
-
-
-@pytest.fixture(scope="module")
-def model():
-    return _tiny_model()
 
 
 @pytest.fixture(scope="module")
