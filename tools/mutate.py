@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -169,11 +170,20 @@ def baseline(selections: list[list[str]]) -> int:
 
     failed = 0
     for sel in selections:
+        t = time.perf_counter()
         code = pytest.main([*_PYTEST_ARGS, *sel])
-        if code != 0:
-            print(f"BASELINE: exit {int(code)} for {' '.join(sel)}", flush=True)
-            failed += 1
+        print(f"baseline: exit {int(code)} in {time.perf_counter() - t:.0f} s for {' '.join(sel)}", flush=True)
+        failed += code != 0
     return 1 if failed else 0
+
+
+def tree_digest(root: str, selections) -> str:
+    """sha256 of the repository files under root and of the selections: the baseline's identity."""
+    h = hashlib.sha256(json.dumps(selections).encode())
+    for rel in sorted(tree_files(root)):
+        with open(os.path.join(root, rel), "rb") as f:
+            h.update(rel.encode() + b"\0" + hashlib.sha256(f.read()).digest())
+    return h.hexdigest()
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -220,14 +230,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             m.status, m.detail = "equivalent", m.equivalent
     if not args.no_baseline:
         # Every distinct selection must pass unmutated, or a "kill" would mean nothing. One process
-        # runs them all (torch is imported once); each is a separate pytest session.
+        # runs them all (torch is imported once); each is a separate pytest session. A baseline that
+        # passed on the same files and selections is not run again.
         selections = list(dict.fromkeys(tuple(m.tests) for m in live))
-        t = time.perf_counter()
-        code, out = run_tests(tree, ["--baseline", json.dumps(selections)], args.timeout * 4, driver=True)
-        log(f"  baseline: {len(selections)} selections in {time.perf_counter() - t:.0f} s")
-        if code != 0:
-            log(f"BASELINE FAILS: a selection does not pass on the unmutated tree\n{out[-4000:]}")
-            return 2
+        stamp, digest = os.path.join(os.path.dirname(tree), "baseline.ok"), tree_digest(ROOT, selections)
+        if os.path.exists(stamp) and open(stamp).read() == digest:
+            log("  baseline: passed before on these files and selections")
+        else:
+            t = time.perf_counter()
+            code, out = run_tests(tree, ["--baseline", json.dumps(selections)], args.timeout * 4, driver=True)
+            log(f"  baseline: {len(selections)} selections in {time.perf_counter() - t:.0f} s")
+            if code != 0:
+                log(f"BASELINE FAILS: a selection does not pass on the unmutated tree\n{out[-4000:]}")
+                return 2
+            with open(stamp, "w") as f:
+                f.write(digest)
 
     # Python mutations first; then C++ ones grouped by file (a rebuild recompiles the reverted file
     # together with the next mutated one).
