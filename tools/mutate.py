@@ -12,8 +12,9 @@ A snippet that is missing or not unique is an error for that mutation, never a p
 moves code, update the snippet.
 
 The scratch tree (default build/mutate/tree) is kept between runs: files are copied in only when
-they changed, so the C++ extension there rebuilds incrementally (`setup.py build_ext --inplace`;
-a C++ mutation recompiles its one file). Before any mutation, the selections must pass on the
+they changed, so the C++ extension there rebuilds incrementally (`setup.py build_ext --inplace`).
+A C++ mutation recompiles the files that include the mutated one; afterwards the source (with its
+mtime) and the unmutated objects and extension are put back, so nothing is compiled to undo it. Before any mutation, the selections must pass on the
 unmutated tree (the baseline), so that a failure means the mutant was caught.
 """
 
@@ -141,12 +142,36 @@ def run_tests(tree: str, args: list[str], timeout: float, driver: bool = False) 
     return done.returncode, done.stdout + done.stderr
 
 
-def apply(tree: str, m: Mutation) -> Optional[str]:
-    """Plant m in tree; returns the original text, or None (m.status = error) when it cannot."""
+def _built(tree: str) -> list[str]:
+    """The unmutated build outputs of tree, relative: object files and the extension (in place and in build/lib)."""
+    pats = ["build/temp*/**/*.o", "build/lib*/vqdna/_C*.so", "vqdna/_C*.so"]
+    return sorted(os.path.relpath(p, tree) for pat in pats for p in glob.glob(os.path.join(tree, pat), recursive=True))
+
+
+def snapshot(tree: str, store: str) -> None:
+    """Keep a copy (with mtimes) of tree's unmutated build outputs in store."""
+    shutil.rmtree(store, ignore_errors=True)
+    for rel in _built(tree):
+        os.makedirs(os.path.dirname(os.path.join(store, rel)), exist_ok=True)
+        shutil.copy2(os.path.join(tree, rel), os.path.join(store, rel))
+
+
+def unbuild(tree: str, store: str) -> None:
+    """Put the unmutated build outputs back, old mtimes and all: with the reverted source's mtime also
+    restored, ninja and setuptools see nothing to redo, so a C++ mutation costs one compile, not two."""
+    for dirpath, _, names in os.walk(store):
+        for name in names:
+            src = os.path.join(dirpath, name)
+            shutil.copy2(src, os.path.join(tree, os.path.relpath(src, store)))
+
+
+def apply(tree: str, m: Mutation) -> Optional[tuple[str, float]]:
+    """Plant m in tree; returns the original text and mtime, or None (m.status = error) when it cannot."""
     path = os.path.join(tree, m.file)
     if not os.path.exists(path):
         m.status, m.detail = "error", f"file not found: {m.file}"
         return None
+    mtime = os.stat(path).st_mtime
     with open(path, encoding="utf-8") as f:
         text = f.read()
     count = text.count(m.find)
@@ -156,12 +181,14 @@ def apply(tree: str, m: Mutation) -> Optional[str]:
         return None
     with open(path, "w", encoding="utf-8") as f:
         f.write(text.replace(m.find, m.replace))
-    return text
+    return text, mtime
 
 
-def restore(tree: str, m: Mutation, text: str) -> None:
-    with open(os.path.join(tree, m.file), "w", encoding="utf-8") as f:
-        f.write(text)
+def restore(tree: str, m: Mutation, original: tuple[str, float]) -> None:
+    path = os.path.join(tree, m.file)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(original[0])
+    os.utime(path, (original[1], original[1]))
 
 
 def baseline(selections: list[list[str]]) -> int:
@@ -222,7 +249,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         shutil.rmtree(cache)
     log(f"mutate: {len(mutations)} mutations from {os.path.relpath(args.set, ROOT)}, scratch tree {tree}")
     log(f"  synced the tree ({sync(ROOT, tree)} files copied)")
+    store = os.path.join(os.path.dirname(tree), "unmutated-build")
+    if os.path.isdir(store):
+        unbuild(tree, store)  # a run stopped mid-mutation may have left a mutant extension behind
     build(tree, log)
+    snapshot(tree, store)
 
     live = [m for m in mutations if not m.equivalent]
     for m in mutations:
@@ -271,10 +302,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 m.status, m.detail = "killed", "does not compile: " + str(exc).splitlines()[0]
             finally:
                 restore(tree, m, original)
+                if m.cpp:
+                    unbuild(tree, store)
         m.seconds = time.perf_counter() - t
         log(f"[{i + 1:2d}/{len(order)}] {m.status.upper():8s} {m.id:32s} {m.seconds:5.0f} s  {m.detail[:110]}")
-    if any(m.cpp for m in order):
-        build(tree, log)  # leave the scratch extension unmutated
 
     killed = [m for m in live if m.status == "killed"]
     survivors = [m for m in live if m.status == "survived"]
