@@ -222,6 +222,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--scratch", default=DEFAULT_SCRATCH, help="scratch copy of the tree (kept between runs)")
     ap.add_argument("--only", nargs="+", metavar="ID", help="run these mutations only")
     ap.add_argument("--list", action="store_true", help="list the mutations and exit")
+    ap.add_argument("--check", action="store_true",
+                    help="only check that every snippet occurs exactly once in this tree (e.g. after a merge)")
     ap.add_argument("--threshold", type=float, default=0.9, help="fail below this kill rate (default 0.9)")
     ap.add_argument("--timeout", type=float, default=600, help="seconds per test run; a timeout counts as killed")
     ap.add_argument("--no-baseline", action="store_true", help="skip running the selections on the unmutated tree")
@@ -238,6 +240,17 @@ def main(argv: Optional[list[str]] = None) -> int:
         for m in mutations:
             print(f"{m.id:32s} {m.file:38s} {'EQUIVALENT: ' + m.equivalent if m.equivalent else ' '.join(m.tests)}")
         return 0
+
+    if args.check:
+        bad = 0
+        for m in mutations:
+            path = os.path.join(ROOT, m.file)
+            count = open(path, encoding="utf-8").read().count(m.find) if os.path.exists(path) else -1
+            if count != 1:
+                bad += 1
+                print(f"{m.id}: " + (f"file not found: {m.file}" if count < 0 else f"snippet found {count} times in {m.file}"))
+        print(f"{len(mutations) - bad} of {len(mutations)} snippets found exactly once")
+        return 1 if bad else 0
 
     def log(msg: str) -> None:
         print(msg, flush=True)
