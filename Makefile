@@ -40,8 +40,10 @@ bench: install
 	$(BIN)/python -m pytest bench -q -m "not cuda" --vqdna-size $(BENCH_SIZE) --benchmark-columns=min,median,rounds \
 		--vqdna-results=bench/results/cpu-$$(date -u +%Y%m%d).json
 
-# On a GPU machine: build the CUDA ops for its architecture, run the CUDA tests and the GPU suite, write
-# bench/results/<gpu>-<date>.{json,md} (or under $$OUT). Uses PYTHON (default: .venv's, else python3).
+# On a GPU machine, in one call: build the CUDA ops for its architecture, smoke-check every CUDA and
+# Triton path, compute-sanitizer, the CUDA tests, the timed targets, then the suite while time is left
+# (bench/gpu.sh --help). Results under $$OUT when set (at most 8 files), else bench/results/gpu-run-<time>.
+# GPU_ARGS: e.g. --budget 300, --device cpu (a check of the script), --dry-run. Uses PYTHON (default: .venv's, else python3).
 bench-gpu:
 	PYTHON=$${PYTHON:-$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3)} bench/gpu.sh $(GPU_ARGS)
 

@@ -3,11 +3,15 @@
 
 Each benchmark calls `record(...)`; at the end of the session the table (time, GFLOP/s or GB/s,
 fraction of the device limit measured in this run, speed-up over the reference and the peers) is
-printed and, with --vqdna-results FILE, written as JSON + Markdown with its provenance.
+printed and, with --vqdna-results FILE, written as JSON + Markdown with its provenance; with the
+environment variable VQDNA_RESULTS_JSONL=FILE each row is also appended there as it is measured.
 Options: --vqdna-size tiny|small|full (the case grid, vqdna.bench.cases; default small).
 """
 
 from __future__ import annotations
+
+import json
+import os
 
 import pytest
 import torch
@@ -63,6 +67,10 @@ def record(op, impl, device, dtype, shape, seconds, flops=None, kind="backend", 
     if table is not None:
         row["table"] = dict(table)
     _results.append(row)
+    jsonl = os.environ.get("VQDNA_RESULTS_JSONL")
+    if jsonl:  # bench/gpu.sh: each point as it is measured, kept when the run is cut short
+        with open(jsonl, "a") as f:
+            f.write(json.dumps({"step": "suite", **row, "kind": "bench", "impl_kind": row["kind"]}) + "\n")
     return row
 
 

@@ -10,34 +10,16 @@ from __future__ import annotations
 import shutil
 import time
 
-import numpy as np
 import pytest
 import torch
 
 from bench.conftest import bench_size, matmul_peak_gflops, record, require_device, time_call
+from bench.fasta import write_fasta as _write_fasta
 
 # Bases per run by --vqdna-size: the CPU runs ~0.1-1 M bases/s with vqdna-small on 2 cores.
 CPU_BASES = {"tiny": 200_000, "small": 2_000_000, "full": 8_000_000}
 GPU_BASES = {"tiny": 20_000_000, "small": 200_000_000, "full": 1_000_000_000}
 BASE_FLOP_PER_BASE = 14.7e6  # DESIGN 4: the paper-size HRQ tokenizer (6 blocks x 16 D^2 + lookups)
-
-
-def _write_fasta(path, n_bases: int, record_bases: int, seed: int = 0) -> None:
-    """Records of `record_bases` (the last shorter), 60-column lines, mixed case, a few N."""
-    rng = np.random.default_rng(seed)
-    alphabet = np.frombuffer(b"ACGTACGTACGTacgtN", dtype=np.uint8)
-    with open(path, "wb") as f:
-        done, r = 0, 0
-        while done < n_bases:
-            n = min(record_bases, n_bases - done)
-            seq = alphabet[rng.integers(0, len(alphabet), n)]
-            f.write(b">rec%d synthetic\n" % r)
-            full = n // 60 * 60
-            body = np.concatenate([seq[:full].reshape(-1, 60), np.full((full // 60, 1), 10, np.uint8)], axis=1)
-            f.write(body.tobytes())
-            if n > full:
-                f.write(seq[full:].tobytes() + b"\n")
-            done, r = done + n, r + 1
 
 
 def _model(name: str, device: str):

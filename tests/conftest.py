@@ -67,3 +67,14 @@ def rng(request):
     import zlib
 
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+def misaligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `t` whose data pointer is one element past a 16-byte boundary (element
+    aligned, as the kernels require, but not 16-byte aligned: the CUDA kernels' scalar-load path)."""
+    buf = torch.empty(t.numel() + 32, dtype=t.dtype, device=t.device)
+    start = (-buf.data_ptr() % 16) // t.element_size() + 1
+    out = buf[start : start + t.numel()].view(t.shape)
+    out.copy_(t)
+    assert out.is_contiguous() and out.data_ptr() % 16 != 0
+    return out

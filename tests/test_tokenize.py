@@ -2,17 +2,23 @@
 resume after a crash is byte-identical, two ranks equal one, malformed input and changed inputs give
 one clear error, disk errors are reported. A tiny random tokenizer keeps it fast."""
 
+import contextlib
 import gzip
 import hashlib
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 import torch
 
+from tests.models.test_tokenizer import CHECKPOINT_DAMAGES, damage_checkpoint
 from tests.tolerances import TOL
 from vqdna import cli
 from vqdna.data.tokens import TokenDataset
@@ -290,12 +296,31 @@ def test_cli_legal_oddities(tmp_path, model_dir, capsys):
         np.testing.assert_array_equal(a[i][1], b[i][1])
 
 
-def test_cli_disk_full_permissions_missing_input(tmp_path, model_dir, capsys):
+@contextlib.contextmanager
+def _disk_full_for(monkeypatch, name):
+    """Writes to the temporary file `name` fail with ENOSPC: the file is created as usual (so a leftover
+    would show), then its descriptor is swapped for /dev/full's."""
+    from vqdna.data import tokens
+
+    real = tokens.create_new
+
+    def create_new(path, text=False):
+        f = real(path, text)
+        if os.path.basename(path) != name:
+            return f
+        f.close()
+        return open("/dev/full", "w" if text else "wb")
+
+    with monkeypatch.context() as m:
+        m.setattr(tokens, "create_new", create_new)
+        yield
+
+
+def test_cli_disk_full_permissions_missing_input(tmp_path, model_dir, capsys, monkeypatch):
     fasta = _random_fasta(tmp_path / "in.fa")
     out = tmp_path / "out"
-    out.mkdir()
-    os.symlink("/dev/full", out / "shard-00000.bin.tmp")  # every write to the first shard fails
-    code, _, err = _cli(capsys, fasta, "--out", str(out), "--model", model_dir)
+    with _disk_full_for(monkeypatch, "shard-00000.bin.tmp"):  # every write to the first shard fails
+        code, _, err = _cli(capsys, fasta, "--out", str(out), "--model", model_dir)
     assert code == 1 and "shard-00000.bin.tmp: No space left on device" in err and "Traceback" not in err, err
     (tmp_path / "a-file").write_text("")
     code, _, err = _cli(capsys, fasta, "--out", str(tmp_path / "a-file" / "out"), "--model", model_dir)
@@ -383,3 +408,288 @@ def test_fastq_input_equals_fasta(tmp_path, model):
     for i in range(2):
         assert a[i][0] == b[i][0]
         np.testing.assert_array_equal(a[i][1], b[i][1])
+
+
+# --- trustworthy token files: one writer, only our files, integrity, identity, clean errors ----------
+
+KW = dict(window=50, batch_size=4, shard_bases=300)  # LENGTHS: 6 shards, several batches each
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory, model):
+    """(input, a clean run's output directory) for the checks below to compare with."""
+    tmp = tmp_path_factory.mktemp("clean")
+    fasta = _random_fasta(tmp / "in.fa")
+    tokenize_files([fasta], str(tmp / "out"), model, **KW)
+    return fasta, str(tmp / "out")
+
+
+def test_concurrent_resume_is_refused(tmp_path, model, model_dir, clean, capsys, monkeypatch):
+    """A --resume started while another run writes the directory used to truncate that run's open
+    shard (a hole of zeros under "complete": true). Now it exits at once naming the directory and the
+    holder's pid, and the first run's output is byte-identical to a clean run."""
+    from vqdna.data import tokens
+
+    fasta, want = clean
+    out = str(tmp_path / "out")
+    started, release = threading.Event(), threading.Event()
+    real_write = tokens.ShardWriter.write
+
+    def paused_write(self, codes):  # the first run stops inside its first shard until released
+        if not started.is_set():
+            started.set()
+            release.wait(60)
+        real_write(self, codes)
+
+    monkeypatch.setattr(tokens.ShardWriter, "write", paused_write)
+    first = threading.Thread(target=tokenize_files, args=([fasta], out, model), kwargs=KW)
+    first.start()
+    try:
+        assert started.wait(60)
+        code, _, err = _cli(capsys, fasta, "--out", out, "--model", model_dir, "--resume", "--device", "cpu",
+                            "--window", "50", "--batch-size", "4", "--shard-bases", "300")
+        assert code == 1 and out in err and f"pid {os.getpid()}" in err and "Traceback" not in err, err
+    finally:
+        release.set()
+        first.join()
+    assert _dir_bytes(out) == _dir_bytes(want)
+
+
+@pytest.mark.parametrize("entry", ["shard-notes.txt", "shard-old/", "shard-99999.bin", "shard-00000.bin.tmp@"])
+def test_foreign_entries_are_refused_before_compute(tmp_path, model, monkeypatch, entry):
+    """A directory holding files named shard-* (notes, a directory, a shard without a manifest, a
+    symlinked temporary file) used to be accepted and its shard-* entries deleted at the end (or, for
+    a directory, to fail after all the compute). Now it is refused first, and nothing is touched."""
+    fasta = _random_fasta(tmp_path / "in.fa")
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    name = entry.rstrip("/@")
+    if entry.endswith("/"):
+        (out / name).mkdir()
+    elif entry.endswith("@"):
+        os.symlink(victim, out / name)
+    else:
+        (out / name).write_text("mine")
+    (out / "shard-plan.md").write_text("mine too") if entry == "shard-notes.txt" else None
+    before = sorted(os.listdir(out))
+
+    def no_compute(*args, **kwargs):
+        raise AssertionError("computed before refusing the directory")
+
+    monkeypatch.setattr(model, "encode", no_compute)
+    with pytest.raises(TokenizeError, match=re.escape(name)):
+        tokenize_files([fasta], str(out), model, **KW)
+    assert sorted(os.listdir(out)) == before and victim.read_text() == "keep me"
+
+
+def test_shards_without_manifest_are_never_reused(tmp_path, model, clean):
+    """Deleting manifest.json then --resume with other inputs used to keep the old shards (judged by
+    size only) under a manifest of the new inputs. Now they are refused, named, and left alone."""
+    fasta, want = clean
+    out = str(tmp_path / "out")
+    shutil.copytree(want, out)
+    os.remove(os.path.join(out, "manifest.json"))
+    other = _random_fasta(tmp_path / "other.fa", seed=7)
+    before = _dir_bytes(out)
+    with pytest.raises(TokenizeError, match="shard-00000.bin.*no manifest.json.*never reused"):
+        tokenize_files([other], out, model, resume=True, **KW)
+    assert _dir_bytes(out) == before
+
+
+@pytest.mark.parametrize("how", ["truncated-bin", "idx-pointer", "idx-size", "bin-bit", "missing", "incomplete-dir"])
+def test_resume_redoes_damaged_shards(tmp_path, model, clean, how):
+    """--resume on a complete directory used to return at once ("already complete") whatever the
+    shards held. Now every shard's size and index are re-checked (checksums with verify=True: a
+    flipped .bin bit keeps the sizes right), a damaged shard is re-done, and the result is
+    byte-identical to a clean run."""
+    from tests.data.test_tokens import _damage
+    from vqdna.data.tokens import read_manifest, write_manifest
+
+    fasta, want = clean
+    out = tmp_path / "out"
+    shutil.copytree(want, out)
+    if how == "incomplete-dir":  # a killed run's directory, then a shard damaged: re-checked as it goes
+        write_manifest(str(out), {k: v for k, v in read_manifest(str(out)).items() if k not in ("shards", "records", "bases")} | {"complete": False})
+        name = _damage(out, "truncated-bin")
+    else:
+        name = _damage(out, how)
+    stats = tokenize_files([fasta], str(out), model, resume=True, **({"verify": True} if how == "bin-bit" else {}), **KW)
+    assert _dir_bytes(out) == _dir_bytes(want)
+    assert stats.shards_written == 1 and len(stats.redone) == 1 and name in stats.redone[0], stats.redone
+
+
+def test_changed_config_with_same_weights_is_refused(tmp_path, clean):
+    """The tokenizer's identity used to hash the weights only: a config.json edited to other taps (same
+    weights, other codes) was accepted on resume, mixing two tokenizers under one manifest."""
+    from vqdna.models import VQDNATokenizerConfig, VQDNATokenizerModel
+
+    fasta, _ = clean
+    torch.manual_seed(0)
+    config = VQDNATokenizerConfig(dim=16, depth=3, taps=(1, 3), codebook_sizes=(16, 40), layer_scale_init=1.0)
+    VQDNATokenizerModel(config).save_pretrained(tmp_path / "tok")
+    out = str(tmp_path / "out")
+    tokenize_files([fasta], out, VQDNATokenizerModel.from_pretrained(tmp_path / "tok"), **KW)
+    edited = json.loads((tmp_path / "tok" / "config.json").read_text())
+    (tmp_path / "tok" / "config.json").write_text(json.dumps({**edited, "taps": [2, 3]}))
+    other = VQDNATokenizerModel.from_pretrained(tmp_path / "tok")  # the same weights file
+    before = _dir_bytes(out)
+    assert other.tokenizer_sha256 == json.loads(before["manifest.json"])["tokenizer"]["sha256"]
+    with pytest.raises(TokenizeError, match=r"config's taps was \[1, 3\] and is now \[2, 3\]"):
+        tokenize_files([fasta], out, other, resume=True, **KW)
+    assert _dir_bytes(out) == before
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute"])
+def test_manifest_path_names_are_refused_on_resume(tmp_path, model, clean, where):
+    from vqdna.data.tokens import TokenFileError, read_manifest, write_manifest
+
+    fasta, want = clean
+    out = tmp_path / "out"
+    shutil.copytree(want, out)
+    manifest = read_manifest(str(out))
+    manifest["shards"][0]["name"] = "../victim/shard-00000" if where == "parent" else str(tmp_path / "victim" / "shard-00000")
+    write_manifest(str(out), manifest)
+    with pytest.raises(TokenFileError, match="shard 0 is named"):
+        tokenize_files([fasta], str(out), model, resume=True, **KW)
+
+
+def test_symlinked_tmp_is_never_followed(tmp_path, model, clean):
+    """A symlink named shard-00000.bin.tmp planted in a killed run's directory used to be followed and
+    its target overwritten. Now the directory is refused (and a symlink planted later makes the
+    O_EXCL|O_NOFOLLOW open fail): the target is untouched."""
+    from vqdna.data.tokens import read_manifest, write_manifest
+
+    fasta, want = clean
+    out = tmp_path / "out"
+    shutil.copytree(want, out)
+    write_manifest(str(out), {**read_manifest(str(out)), "complete": False})
+    os.remove(out / "shard-00000.bin")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    os.symlink(victim, out / "shard-00000.bin.tmp")
+    with pytest.raises(TokenizeError, match="shard-00000.bin.tmp', a symbolic link"):
+        tokenize_files([fasta], str(out), model, resume=True, **KW)
+    assert victim.read_text() == "keep me"
+    from vqdna.data.integrity import create_new
+
+    with pytest.raises(FileExistsError):
+        create_new(str(out / "shard-00000.bin.tmp"))
+    assert victim.read_text() == "keep me"
+
+
+# Item 7 of the probe: every one an error message, not a traceback, and no --out left behind when the
+# problem can be seen first.
+
+def _one_line_error(code, err, *needles, want_code=1):
+    lines = err.strip().splitlines()
+    assert code == want_code and len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("damage", CHECKPOINT_DAMAGES)
+def test_cli_damaged_tokenizer_names_the_file(tmp_path, model_dir, capsys, damage):
+    fasta = _random_fasta(tmp_path / "in.fa")
+    shutil.copytree(model_dir, tmp_path / "tok")
+    _, text = damage_checkpoint(tmp_path / "tok", damage)
+    code, _, err = _cli(capsys, fasta, "--out", str(tmp_path / "out"), "--model", str(tmp_path / "tok"))
+    _one_line_error(code, err, "cannot load the tokenizer", text)
+    assert "do not match" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("option", ["--shard-bases", "--batch-size", "--window"])
+def test_cli_zero_counts_are_errors(tmp_path, model_dir, capsys, option):
+    """--shard-bases 0 was a traceback after creating --out; --batch-size 0 silently became 8."""
+    fasta = _random_fasta(tmp_path / "in.fa")
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["tokenize", fasta, "--out", str(tmp_path / "out"), "--model", model_dir, option, "0"])
+    assert exit_info.value.code == 2 and f"{option}: must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    name = option[2:].replace("-", "_")
+    with pytest.raises(TokenizeError, match=f"{name.replace('_', ' ')} must be an integer >= 1, got 0"):
+        tokenize_files([fasta], str(tmp_path / "out"), _tiny_model(), **{name: 0})
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_cuda_without_cuda(tmp_path, model_dir, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fasta = _random_fasta(tmp_path / "in.fa")
+    code, _, err = _cli(capsys, fasta, "--out", str(tmp_path / "out"), "--model", model_dir, "--device", "cuda")
+    _one_line_error(code, err, "device 'cuda'", "use --device cpu")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_ctrl_c_exits_130_and_resumes(tmp_path, model_dir, clean, capsys, monkeypatch):
+    """Ctrl-C printed a KeyboardInterrupt traceback; now one line, exit 130, and --resume finishes the
+    directory byte-identical to a clean run."""
+    from vqdna import tokenize as tok
+
+    fasta, want = clean
+    out = str(tmp_path / "out")
+    real, calls = tok._Pipeline.compute, []
+
+    def interrupted(self, batch):
+        calls.append(1)
+        if len(calls) == 12:  # a few shards in
+            raise KeyboardInterrupt
+        real(self, batch)
+
+    monkeypatch.setattr(tok._Pipeline, "compute", interrupted)
+    args = [fasta, "--out", out, "--model", model_dir, "--device", "cpu", "--window", "50", "--batch-size", "4", "--shard-bases", "300"]
+    code, _, err = _cli(capsys, *args)
+    _one_line_error(code, err, "interrupted", out, "--resume", want_code=130)
+    monkeypatch.setattr(tok._Pipeline, "compute", real)
+    assert "shard-00000.idx" in os.listdir(out) and open(os.path.join(out, "tokenize.lock")).read() == ""
+    code, _, err = _cli(capsys, *args, "--resume")
+    assert code == 0, err
+    assert _dir_bytes(out) == _dir_bytes(want)
+
+
+def test_cli_disk_full_on_the_manifest(tmp_path, model_dir, capsys, monkeypatch):
+    """Disk full before the manifest was written said "output:" and left a 0-byte manifest.json.tmp."""
+    fasta = _random_fasta(tmp_path / "in.fa")
+    out = tmp_path / "out"
+    with _disk_full_for(monkeypatch, "manifest.json.tmp"):
+        code, _, err = _cli(capsys, fasta, "--out", str(out), "--model", model_dir)
+    _one_line_error(code, err, f"{out / 'manifest.json.tmp'}: No space left on device")
+    assert "manifest.json.tmp" not in os.listdir(out)
+
+
+def test_cli_verify(tmp_path, clean, capsys):
+    """`vqdna verify DIR`: exit 0 on a whole directory; 1 with one line per damaged shard."""
+    from tests.data.test_tokens import _damage
+
+    _, want = clean
+    out = tmp_path / "out"
+    shutil.copytree(want, out)
+    assert cli.main(["verify", str(out)]) == 0
+    assert "6 shards, every size and checksum matches" in capsys.readouterr().out
+    _damage(out, "bin-bit")
+    os.remove(out / "shard-00003.idx")
+    assert cli.main(["verify", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "shard-00001.bin: checksum mismatch" in err[0] and "shard-00003.idx: missing" in err[1], err
+    assert err[2].endswith("2 problem(s)")
+
+
+def test_fastq_short_quality_does_not_swallow_the_next_record(tmp_path, model):
+    """A quality line shorter than its sequence took the next record as the rest of its quality
+    (exit 0, one record instead of two). Now an error names the file, record and line."""
+    from vqdna.data import FastaFormatError
+
+    path = tmp_path / "r.fq"
+    path.write_text("@a\nACGTACGT\n+\nI\n@b\nGG\n+\nII\n")
+    with pytest.raises(FastaFormatError, match=f"{re.escape(str(path))}: record 'a', line 4: quality has 1 characters, the sequence 8 bases"):
+        tokenize_files([str(path)], str(tmp_path / "out"), model, window=4)
+
+
+def test_format_1_directory_is_not_continued(tmp_path, model):
+    """Format 1 (no checksums) is read (tests/data/test_tokens.py) but not continued: its shards
+    could not be checked like the new ones."""
+    out = tmp_path / "tokens-v1"
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "fixtures", "tokens-v1"), out)
+    fasta = _random_fasta(tmp_path / "in.fa", lengths=[0, 5, 63, 200, 3])
+    with pytest.raises(TokenizeError, match="cannot resume: it was written in format version 1 by an older vqdna"):
+        tokenize_files([fasta], str(out), model, resume=True, window=50, batch_size=4, shard_bases=150)

@@ -12,9 +12,11 @@ COMMANDS = {
     "demo": "demo",
     "train-tokenizer": "train_tokenizer",
     "tokenize": "tokenize",
+    "verify": "verify",
     "bench": "bench",
     "pretrain": "pretrain",
     "finetune": "finetune",
+    "gpu-check": "gpu_check",
 }
 
 

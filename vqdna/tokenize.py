@@ -31,17 +31,24 @@ import numpy as np
 import torch
 
 from vqdna.data.fasta import read_fasta
+from vqdna.data.integrity import (
+    CHECKSUM,
+    DirectoryLock,
+    DirectoryLockedError,
+    foreign_entry,
+    parse_entry,
+    remove_leftover,
+)
 from vqdna.data.tokens import (
     FORMAT_VERSION,
     MANIFEST,
-    TMP_SUFFIX,
     Piece,
     ShardWriter,
     codes_dtype,
     read_manifest,
-    read_shard_index,
-    shard_complete,
+    shard_entry,
     shard_name,
+    shard_problem,
     write_manifest,
 )
 
@@ -89,6 +96,7 @@ class TokenizeStats:
     compute_s: float = 0.0
     write_s: float = 0.0
     usage: list = field(default_factory=list)
+    redone: list = field(default_factory=list)  # per damaged shard this run re-did: what was wrong
 
 
 def work_units(paths: Sequence[str], shard_bases: int, shard_records: int) -> Iterator[Unit]:
@@ -201,6 +209,14 @@ def _config_dict(model) -> dict:
     return d
 
 
+def _code_config(config: dict) -> dict:
+    """The part of a tokenizer config (a manifest's tokenizer.config) that changes the codes for given
+    weights: with the weights' sha256, the tokenizer's identity (VQDNATokenizerConfig.code_keys)."""
+    from vqdna.models.tokenizer import VQDNATokenizerConfig
+
+    return {k: config[k] for k in VQDNATokenizerConfig.code_keys if k in config}
+
+
 def _estimate_bases(paths: Sequence[str]) -> Optional[int]:
     """Rough base count for the progress bar: plain size, or gzip's stored size (mod 2**32)."""
     total = 0
@@ -220,11 +236,20 @@ def _estimate_bases(paths: Sequence[str]) -> Optional[int]:
 def _check_settings(old: dict, new: dict, out_dir: str) -> None:
     """TokenizeError naming everything that differs between a manifest and this run."""
     problems = []
+    if old.get("format_version") != new["format_version"]:
+        problems.append(
+            f"it was written in format version {old.get('format_version')} by an older vqdna; this one writes "
+            f"version {new['format_version']} (TokenDataset still reads it)"
+        )
     if old.get("tokenizer", {}).get("sha256") != new["tokenizer"]["sha256"]:
         problems.append(
             f"the tokenizer changed (sha256 {old.get('tokenizer', {}).get('sha256')} in the manifest, "
             f"{new['tokenizer']['sha256']} now)"
         )
+    old_code, new_code = _code_config(old.get("tokenizer", {}).get("config", {})), _code_config(new["tokenizer"]["config"])
+    for key in sorted(set(old_code) | set(new_code)):
+        if old_code.get(key) != new_code.get(key):
+            problems.append(f"the tokenizer changed: its config's {key} was {old_code.get(key)} and is now {new_code.get(key)}")
     old_inputs, new_inputs = old.get("inputs", []), new["inputs"]
     if len(old_inputs) != len(new_inputs):
         problems.append(f"the inputs changed ({len(old_inputs)} files in the manifest, {len(new_inputs)} now)")
@@ -244,42 +269,91 @@ def _check_settings(old: dict, new: dict, out_dir: str) -> None:
         )
 
 
-def _prepare_directory(out_dir: str, settings: dict, resume: bool) -> None:
-    """Rank 0: check or create the output directory and write the (incomplete) manifest."""
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+def _refuse_foreign(out_dir: str) -> None:
+    """TokenizeError naming the first entry of out_dir that this command did not write, or the shard
+    files of a directory without a manifest (checked before any compute; nothing is written or
+    removed there)."""
+    why = foreign_entry(out_dir)
+    if why is not None:
+        raise TokenizeError(
+            f"{out_dir}: not empty and not a vqdna token directory (holds {why}); nothing was written or "
+            "removed there: choose another --out, or move that entry away"
+        )
+    if not os.path.lexists(os.path.join(out_dir, MANIFEST)):
+        shards = sorted(n for n in os.listdir(out_dir) if parse_entry(n) is not None)
+        if shards:
+            raise TokenizeError(
+                f"{out_dir}: holds shard files ({', '.join(shards[:3])}{', ...' if len(shards) > 3 else ''}) but no "
+                f"{MANIFEST}: shards without their manifest may come from another run and are never reused; "
+                "remove them, or choose another --out"
+            )
+
+
+def _check_existing(out_dir: str, settings: dict, resume: bool, verify: bool) -> list[str]:
+    """Under the lock: check the directory's manifest against this run, and write the incomplete
+    manifest unless the directory is complete and whole. A complete directory being resumed has every
+    shard re-checked (sizes and index structure; with `verify` the checksums); a damaged shard loses
+    its .idx so that the run re-does it. Returns what was wrong, per damaged shard."""
+    old = read_manifest(out_dir)
+    if old is None:  # a new directory (_refuse_foreign: it holds no shard)
+        write_manifest(out_dir, {**settings, "complete": False})
+        return []
+    if not resume:
+        raise TokenizeError(
+            f"{out_dir}: already holds token files; pass --resume to continue them, or choose another --out"
+        )
+    _check_settings(old, settings, out_dir)
+    damaged = {}
+    if old.get("complete"):
+        for k, entry in enumerate(old["shards"]):
+            problem = shard_problem(out_dir, k, settings["levels"], settings["dtype"], entry, checksums=verify)
+            if problem is not None:
+                damaged[k] = problem
+        if not damaged:
+            return []
+    write_manifest(out_dir, {**settings, "complete": False})  # first: readers refuse the directory from now on
+    for k in damaged:  # ours (listed in our manifest) and wrong: without its .idx the run re-does it
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(out_dir, shard_name(k) + ".idx"))
+    return list(damaged.values())
+
+
+def _prepare_directory(out_dir: str, settings: dict, resume: bool, verify: bool) -> tuple[DirectoryLock, list[str]]:
+    """Rank 0, before any compute: create out_dir or check that it holds only files this command writes,
+    take its lock (held until the run ends: the caller releases it), check or write the manifest
+    (_check_existing). Returns the lock and the damaged shards that will be re-done."""
+    if os.path.lexists(out_dir) and not os.path.isdir(out_dir):
         raise TokenizeError(f"{out_dir}: exists and is not a directory")
     os.makedirs(out_dir, exist_ok=True)
-    old = read_manifest(out_dir)
-    if old is None:
-        foreign = [n for n in os.listdir(out_dir) if not (n.startswith("shard-") or n == MANIFEST + TMP_SUFFIX)]
-        if foreign:
-            raise TokenizeError(f"{out_dir}: not empty and not a vqdna token directory (holds {foreign[0]!r})")
-    else:
-        if not resume:
-            raise TokenizeError(
-                f"{out_dir}: already holds token files; pass --resume to continue them, or choose another --out"
-            )
-        _check_settings(old, settings, out_dir)
-        if old.get("complete"):
-            return
-    write_manifest(out_dir, {**settings, "complete": False})
+    _refuse_foreign(out_dir)  # before the lock file is created: a foreign directory gets nothing added
+    try:
+        lock = DirectoryLock(out_dir)
+    except DirectoryLockedError as exc:
+        raise TokenizeError(str(exc)) from None
+    try:
+        _refuse_foreign(out_dir)  # again, now that no other run can add anything
+        return lock, _check_existing(out_dir, settings, resume, verify)
+    except BaseException:
+        lock.release()
+        raise
 
 
 def _finish_directory(out_dir: str, settings: dict, n_units: int) -> dict:
-    """Rank 0, after every rank is done: check every shard, drop leftovers, mark the manifest complete."""
+    """Rank 0, after every rank is done: check every shard, record its sizes and checksums, remove the
+    temporary files of interrupted runs (our names only), mark the manifest complete."""
     shards, records, bases = [], 0, 0
     for k in range(n_units):
-        if not shard_complete(out_dir, k, settings["levels"], settings["dtype"]):
-            raise TokenizeError(f"{out_dir}: {shard_name(k)} is missing or incomplete after the run")
-        idx = read_shard_index(os.path.join(out_dir, shard_name(k) + ".idx"))
-        shards.append({"name": shard_name(k), "pieces": len(idx), "bases": idx.rows})
-        records += int((idx.starts == 0).sum())
-        bases += idx.rows
-    names = {s["name"] for s in shards}
+        problem = shard_problem(out_dir, k, settings["levels"], settings["dtype"])
+        if problem is not None:
+            raise TokenizeError(f"{out_dir}: {shard_name(k)} is missing or incomplete after the run ({problem})")
+        entry, starts = shard_entry(out_dir, k)
+        shards.append(entry)
+        records += starts
+        bases += entry["bases"]
     for name in os.listdir(out_dir):
-        stale_shard = name.startswith("shard-") and name.split(".")[0] not in names
-        if name.endswith(TMP_SUFFIX) or stale_shard:
-            os.remove(os.path.join(out_dir, name))
+        parsed = parse_entry(name)
+        if parsed is not None and parsed[2]:
+            remove_leftover(os.path.join(out_dir, name))
     manifest = {**settings, "complete": True, "shards": shards, "records": records, "bases": bases}
     write_manifest(out_dir, manifest)
     return manifest
@@ -335,9 +409,10 @@ class _Pipeline:
     """One rank's reader thread -> compute (the calling thread) -> writer thread, joined by bounded
     queues of items ("unit", index, pieces), ("batch", _Batch), ("end", index), ("done",)."""
 
-    def __init__(self, model, inputs, out_dir, settings, stats, *, dev, dtype, rank, world, resume, progress):
+    def __init__(self, model, inputs, out_dir, settings, stats, *, dev, dtype, rank, world, resume, verify, progress):
         self.model, self.inputs, self.out_dir, self.settings, self.stats = model, inputs, out_dir, settings, stats
         self.dev, self.dtype, self.rank, self.world, self.resume = dev, dtype, rank, world, resume
+        self.verify = verify
         self.progress = progress and rank == 0
         self.codebook_sizes = settings["codebook_sizes"]
         self.n_units = 0
@@ -376,7 +451,7 @@ class _Pipeline:
             self.n_units = unit.index + 1
             if unit.index % self.world != self.rank:
                 continue
-            if self.resume and shard_complete(self.out_dir, unit.index, s["levels"], s["dtype"]):
+            if self.resume and self._keep(unit.index):
                 stats.shards_skipped += 1
                 continue
             if not self._put(self.in_q, ("unit", unit.index, unit.pieces), main):
@@ -395,6 +470,19 @@ class _Pipeline:
             if not self._put(self.in_q, ("end", unit.index), main):
                 return
         self._put(self.in_q, ("done",), main)
+
+    def _keep(self, index: int) -> bool:
+        """Resume: whether shard `index`, written before, is whole (sizes and index structure; with
+        verify its checksums too). A damaged one is noted in stats.redone and re-done."""
+        s = self.settings
+        problem = shard_problem(self.out_dir, index, s["levels"], s["dtype"], checksums=self.verify)
+        if problem is None:
+            return True
+        base = os.path.join(self.out_dir, shard_name(index))
+        known = any(f"{shard_name(index)}." in line for line in self.stats.redone)  # found by _check_existing
+        if not known and (os.path.exists(base + ".bin") or os.path.exists(base + ".idx")):  # not just never written
+            self.stats.redone.append(problem)
+        return False
 
     def compute(self, batch: _Batch) -> None:
         if self.dev.type == "cpu":
@@ -512,6 +600,9 @@ def _sum_over_ranks(stats: TokenizeStats, dev: torch.device) -> None:
     dist.all_reduce(usage)
     stats.records, stats.bases, stats.shards_written, stats.shards_skipped = (int(v) for v in totals.cpu())
     stats.usage = list(np.split(usage.cpu().numpy(), np.cumsum(sizes)[:-1]))
+    redone = [None] * dist.get_world_size()
+    dist.all_gather_object(redone, stats.redone)
+    stats.redone = [line for lines in redone for line in lines]
 
 
 def tokenize_files(
@@ -526,6 +617,7 @@ def tokenize_files(
     shard_bases: int = DEFAULT_SHARD_BASES,
     shard_records: int = DEFAULT_SHARD_RECORDS,
     resume: bool = False,
+    verify: bool = False,
     progress: bool = False,
 ) -> TokenizeStats:
     """Tokenize FASTA `inputs` into the token directory `out_dir` with `model` (a VQDNATokenizerModel
@@ -535,8 +627,14 @@ def tokenize_files(
     window: output bases per window (inputs add the halo); batch_size: rows per batch (default 8 on
     CPU, 64 on CUDA); device: "cpu" or "cuda" (default: cuda when available; under torchrun each
     rank uses cuda:LOCAL_RANK); dtype: "fp32" or "bf16" (default bf16 on CUDA, fp32 on CPU, where
-    only fp32 runs). Under torch.distributed every rank calls this with the same arguments.
+    only fp32 runs). resume: continue the run that wrote out_dir; shards written before are re-checked
+    (sizes and index structure; with verify=True their checksums too) and damaged ones re-done.
+    Under torch.distributed every rank calls this with the same arguments.
     Returns the run's TokenizeStats (summed over ranks; totals from rank 0's manifest).
+
+    Everything that can be checked before out_dir is touched is (settings, device, inputs); then rank 0
+    takes out_dir's lock (TokenizeError naming the holder's pid if another run has it), refuses entries
+    the format does not define, and holds the lock until this call returns, however it ends.
     """
     t_start = time.perf_counter()
     rank, world = _distributed()
@@ -545,16 +643,25 @@ def tokenize_files(
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda"):
         raise TokenizeError(f"device must be cpu or cuda, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = "this torch build has no CUDA support" if torch.version.cuda is None else "no CUDA device is visible"
+        raise TokenizeError(f"device {device!r}: {why}; use --device cpu")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if dev.type == "cuda" and dev.index >= torch.cuda.device_count():
+        raise TokenizeError(f"device {str(dev)!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
     dtype = dtype or ("bf16" if dev.type == "cuda" else "fp32")
     if dtype not in ("fp32", "bf16"):
         raise TokenizeError(f"dtype must be fp32 or bf16, got {dtype!r}")
     if dtype == "bf16" and dev.type != "cuda":
         raise TokenizeError("bf16 inference runs on CUDA devices; use --dtype fp32 on the CPU")
-    batch_size = batch_size or (64 if dev.type == "cuda" else 8)
-    if window < 1 or batch_size < 1:
-        raise TokenizeError(f"window and batch size must be >= 1, got {window}, {batch_size}")
+    if batch_size is None:
+        batch_size = 64 if dev.type == "cuda" else 8
+    counts = {"window": window, "batch size": batch_size, "shard bases": shard_bases, "shard records": shard_records}
+    for label, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise TokenizeError(f"{label} must be an integer >= 1, got {value!r}")
+    window, batch_size, shard_bases, shard_records = (int(v) for v in counts.values())
     for path in inputs:
         if not os.path.isfile(path):
             raise TokenizeError(f"{path}: no such input file")
@@ -574,12 +681,23 @@ def tokenize_files(
         # fp32 on a GPU and on a CPU may break near-ties differently: resuming must not mix them.
         "compute": {"device": dev.type, "dtype": dtype},
         "inputs": [_fingerprint(p) for p in inputs],
+        "checksum": CHECKSUM,
     }
-    _on_rank0(lambda: _prepare_directory(out_dir, settings, resume), rank, world)
+    prepared = _on_rank0(lambda: _prepare_directory(out_dir, settings, resume, verify), rank, world)
+    lock, damaged = prepared if prepared is not None else (None, [])
+    try:
+        return _run(model, inputs, out_dir, settings, damaged, t_start, dev=dev, dtype=dtype, rank=rank,
+                    world=world, resume=resume, verify=verify, progress=progress)
+    finally:
+        if lock is not None:
+            lock.release()
 
-    stats = TokenizeStats(usage=[np.zeros(k, dtype=np.int64) for k in codebook_sizes])
+
+def _run(model, inputs, out_dir, settings, damaged, t_start, *, dev, dtype, rank, world, resume, verify, progress) -> TokenizeStats:
+    """tokenize_files once out_dir is prepared (and locked by rank 0)."""
+    stats = TokenizeStats(usage=[np.zeros(k, dtype=np.int64) for k in settings["codebook_sizes"]], redone=list(damaged))
     manifest = read_manifest(out_dir)
-    if manifest.get("complete"):  # nothing left to do
+    if manifest.get("complete"):  # every shard checked by _prepare_directory: nothing left to do
         stats.total_records, stats.total_bases = manifest["records"], manifest["bases"]
         stats.shards_skipped = len(manifest["shards"])
         stats.seconds = time.perf_counter() - t_start
@@ -587,7 +705,7 @@ def tokenize_files(
 
     pipeline = _Pipeline(
         model.to(dev).eval(), inputs, out_dir, settings, stats,
-        dev=dev, dtype=dtype, rank=rank, world=world, resume=resume, progress=progress,
+        dev=dev, dtype=dtype, rank=rank, world=world, resume=resume, verify=verify, progress=progress,
     )
     failure = None
     try:

@@ -50,7 +50,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;              // rows per group loaded ahead
 constexpr int64_t kSegRows = 512;       // deterministic mode: rows per chunk
-constexpr int kMaxGroupLog2 = 5;        // G <= 32 lanes
 constexpr int64_t kMaxGridY = 65535;
 
 struct EmaArgs {
@@ -407,31 +406,6 @@ __global__ void __launch_bounds__(kThreads)
 // Host side
 // ------------------------------------------------------------------------------------------------
 
-int ceil_log2(int64_t v) {  // smallest g with 2^g >= v (v >= 1)
-  int g = 0;
-  while ((int64_t{1} << g) < v) ++g;
-  return g;
-}
-
-int64_t padded_cols(int64_t d, int dtile_log2) {
-  const int64_t t = int64_t{1} << dtile_log2;
-  return ((d + t - 1) / t) * t - d;
-}
-
-// Lane-group width (log2) covering d with the fewest padded columns, at most 32 lanes.
-int pick_group_log2(int64_t d, int log_v) {
-  if (d <= 0) return 0;
-  int g = ceil_log2((d + (int64_t{1} << log_v) - 1) >> log_v);
-  if (g > kMaxGroupLog2) g = kMaxGroupLog2;
-  if (g > 0 && padded_cols(d, g - 1 + log_v) < padded_cols(d, g + log_v)) --g;
-  return g;
-}
-
-int64_t col_tiles(int64_t d, int dtile_log2) {
-  const int64_t t = int64_t{1} << dtile_log2;
-  return d > 0 ? (d + t - 1) / t : 1;
-}
-
 struct DeviceInfo {
   int sms = 1;
   int smem_per_sm = 0;
@@ -484,39 +458,19 @@ AtomicKernel atomic_kernel(bool smem) {
 }
 
 template <typename T>
-cudaError_t launch_atomic(const EmaArgs& a, cudaStream_t stream) {
-  using LT = Lanes<T>;
+cudaError_t launch_atomic(const EmaArgs& a, DType dtype, cudaStream_t stream) {
   DeviceInfo info;
   cudaError_t err = device_info(info);
   if (err != cudaSuccess) return err;
-
-  const int g_need = pick_group_log2(a.d, LT::kLogV);
-  const int g_min = g_need < 2 ? g_need : 2;  // >= 4 lanes: >= 64-byte row segments
-  auto table_bytes = [&](int g) {
-    return static_cast<size_t>(a.k) * ((size_t{1} << (g + LT::kLogV)) + 1) * sizeof(float);
-  };
-  // Prefer a table that leaves room for two blocks per SM; else one block per SM; else global.
-  const size_t two_per_sm = info.smem_per_sm / 2 > 2048 ? info.smem_per_sm / 2 - 2048 : 0;
-  const size_t budgets[2] = {two_per_sm < static_cast<size_t>(info.smem_optin) ? two_per_sm
-                                                                               : static_cast<size_t>(info.smem_optin),
-                             static_cast<size_t>(info.smem_optin)};
-  bool smem = false;
-  int g = g_need;
-  for (size_t budget : budgets) {
-    int gg = g_need;
-    while (gg > g_min && table_bytes(gg) > budget) --gg;
-    if (table_bytes(gg) <= budget) {
-      smem = true;
-      g = gg;
-      break;
-    }
-  }
-  const int dtile_log2 = g + LT::kLogV;
-  const int64_t tiles = col_tiles(a.d, dtile_log2);
-  if (tiles > kMaxGridY) return cudaErrorInvalidValue;
-  const size_t smem_bytes = smem ? table_bytes(g) : 0;
-
-  const bool vec = use_vec<T>(a) && (smem || tile::aligned16(a.sums));
+  const bool inputs16 = tile::aligned16(a.x) && (a.prev_codes == nullptr || tile::aligned16(a.prev_cb));
+  const EmaAtomicPlan plan = ema_atomic_plan(a.d, a.k, dtype, info.smem_per_sm, info.smem_optin, inputs16,
+                                             tile::aligned16(a.sums));
+  if (plan.col_tiles > kMaxGridY) return cudaErrorInvalidValue;
+  const bool smem = plan.smem_table;
+  const int g = plan.group_log2;
+  const int64_t tiles = plan.col_tiles;
+  const size_t smem_bytes = static_cast<size_t>(plan.table_bytes);
+  const bool vec = plan.vec;
   const bool prev = a.prev_codes != nullptr;
   AtomicKernel kernel = vec ? (prev ? atomic_kernel<T, true, true>(smem) : atomic_kernel<T, true, false>(smem))
                             : (prev ? atomic_kernel<T, false, true>(smem) : atomic_kernel<T, false, false>(smem));
@@ -554,9 +508,8 @@ cudaError_t launch_sorted(const EmaArgs& a, const int32_t* sorted_codes, const i
                           int64_t* starts, int32_t* chunk_code, float* partial, float* partial_count,
                           cudaStream_t stream) {
   using LT = Lanes<T>;
-  const int g = pick_group_log2(a.d, LT::kLogV);
-  const int dtile_log2 = g + LT::kLogV;
-  const int64_t tiles = col_tiles(a.d, dtile_log2);
+  const int g = ema_group_log2(a.d, LT::kLogV);
+  const int64_t tiles = ema_col_tiles(a.d, g + LT::kLogV);
   const int64_t chunks = ema_stats_chunk_capacity(a.n, a.k);
   if (tiles > kMaxGridY || chunks > 0x7fffffff) return cudaErrorInvalidValue;
 
@@ -595,11 +548,11 @@ cudaError_t launch_ema_stats_atomic(const void* x, const int32_t* codes, const u
   const EmaArgs a = make_args(x, codes, mask, prev_codes, prev_codebook, prev_k, counts, sums, n, d, num_codes);
   switch (dtype) {
     case DType::kFloat32:
-      return launch_atomic<float>(a, stream);
+      return launch_atomic<float>(a, dtype, stream);
     case DType::kBFloat16:
-      return launch_atomic<__nv_bfloat16>(a, stream);
+      return launch_atomic<__nv_bfloat16>(a, dtype, stream);
     case DType::kFloat16:
-      return launch_atomic<__half>(a, stream);
+      return launch_atomic<__half>(a, dtype, stream);
   }
   return cudaErrorInvalidValue;
 }

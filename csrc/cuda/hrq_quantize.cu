@@ -115,8 +115,14 @@ template <typename T>
 constexpr size_t kHrqSmemBytes = kSearchSmemBytes<T> + size_t(kBM) * sizeof(int64_t);
 
 // kVec (bf16/fp16 only): z_l and the codebook 16-byte aligned and d % 8 == 0.
+// One block per SM (__launch_bounds__(256, 1)), unlike lookup's two: the search's 64 accumulators
+// and 16 running minima plus the residual A source's prefetch registers (and, without kVec, its 32
+// staged elements) need ~190-210 registers; under the 128-register cap of two blocks per SM every
+// instantiation spilled 48-192 bytes, with local loads inside the tensor-core loop. Latency is hidden
+// within the block by the 3-stage ring and the deferred A loads (docs/design.md, "CUDA kernels:
+// resources").
 template <typename T, bool kVec>
-__global__ void __launch_bounds__(kThreads, 2) hrq_kernel(const __grid_constant__ HrqParams p) {
+__global__ void __launch_bounds__(kThreads, 1) hrq_kernel(const __grid_constant__ HrqParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   int64_t* const s_prev = reinterpret_cast<int64_t*>(smem_raw + kSearchSmemBytes<T>);  // [kBM]
   using S = typename tile::Elem<T>::Storage;
@@ -225,7 +231,7 @@ cudaError_t launch_hrq_quantize(const void* const* zs, int64_t num_levels, const
       return launch_kernel<float, false>(p, grid, stream);
     case DType::kBFloat16:
     case DType::kFloat16: {
-      const bool vec = d > 0 && d % 8 == 0 && tile::aligned16(codebooks) && all_aligned16(zs, num_levels);
+      const bool vec = mma_vec_loads(dtype, d, tile::aligned16(codebooks) && all_aligned16(zs, num_levels));
       if (dtype == DType::kBFloat16) {
         return vec ? launch_kernel<__nv_bfloat16, true>(p, grid, stream)
                    : launch_kernel<__nv_bfloat16, false>(p, grid, stream);

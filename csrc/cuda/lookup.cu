@@ -85,10 +85,11 @@ cudaError_t launch_with_smem(Kernel kernel, size_t smem_bytes, unsigned grid, cu
 
 template <typename T>
 cudaError_t launch_mma(const void* z, const void* cb, const float* sqnorm, int32_t* codes,
-                       float* dist, int64_t n, int k, int64_t d, unsigned grid, cudaStream_t stream) {
+                       float* dist, int64_t n, int k, int64_t d, DType dtype, unsigned grid,
+                       cudaStream_t stream) {
   const auto* zz = static_cast<const uint16_t*>(z);
   const auto* cc = static_cast<const uint16_t*>(cb);
-  const bool vec = d > 0 && d % 8 == 0 && tile::aligned16(z) && tile::aligned16(cb);
+  const bool vec = mma_vec_loads(dtype, d, tile::aligned16(z) && tile::aligned16(cb));
   if (vec) {
     return launch_with_smem(lookup_mma_kernel<T, true>, tile::mma_cfg::kSmemBytes, grid, stream, zz,
                             cc, sqnorm, codes, dist, n, k, d);
@@ -114,10 +115,11 @@ cudaError_t launch_lookup(const void* z, const void* codebook, const float* code
                               static_cast<const float*>(z), static_cast<const float*>(codebook),
                               codebook_sqnorm, codes, dist, n, kk, d);
     case DType::kBFloat16:
-      return launch_mma<__nv_bfloat16>(z, codebook, codebook_sqnorm, codes, dist, n, kk, d, grid,
-                                       stream);
+      return launch_mma<__nv_bfloat16>(z, codebook, codebook_sqnorm, codes, dist, n, kk, d, dtype,
+                                       grid, stream);
     case DType::kFloat16:
-      return launch_mma<__half>(z, codebook, codebook_sqnorm, codes, dist, n, kk, d, grid, stream);
+      return launch_mma<__half>(z, codebook, codebook_sqnorm, codes, dist, n, kk, d, dtype, grid,
+                                stream);
   }
   return cudaErrorInvalidValue;
 }

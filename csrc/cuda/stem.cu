@@ -1,9 +1,9 @@
 // CUDA fused stem (DESIGN 2.5): gather-sum over base ids, LayerNorm and exact GELU in one kernel.
 //
 // A block stages the [W][5][D] float32 weight table in shared memory once, then each warp takes one
-// position at a time (grid-stride): lanes 0..W-1 read the W base ids of the window and broadcast them
-// with __shfl_sync; every lane accumulates its VPT features (d = lane + 32 i, conflict-free shared
-// loads) starting from the bias; the LayerNorm mean and centred variance are warp reductions of the
+// position at a time (grid-stride): lanes read the W base ids of the window, 32 taps per round, and
+// broadcast them with __shfl_sync; every lane accumulates its VPT features (d = lane + 32 i,
+// conflict-free shared loads) starting from the bias; the LayerNorm mean and centred variance are warp reductions of the
 // registers (two passes, no E[y^2] - mean^2 cancellation); GELU uses erff and the row is written
 // once, coalesced, in the output dtype. The one-hot input and the pre-activation never reach global
 // memory: the kernel reads 1 id byte (uint8 ids) and writes D outputs per base.
@@ -54,7 +54,7 @@ __device__ __forceinline__ void store_out(void* out, StemOut type, int64_t i, fl
 }
 
 template <int VPT>
-__global__ void __launch_bounds__(kThreads) stem_kernel(const void* __restrict__ ids, StemIds id_type,
+__global__ void __launch_bounds__(kThreads, 1) stem_kernel(const void* __restrict__ ids, StemIds id_type,
                                                         const float* __restrict__ weight,
                                                         const float* __restrict__ bias,
                                                         const float* __restrict__ ln_weight,
@@ -71,43 +71,63 @@ __global__ void __launch_bounds__(kThreads) stem_kernel(const void* __restrict__
   __syncthreads();
 
   const int lane = threadIdx.x & 31;
-  float b[VPT], g[VPT], beta[VPT];
+  // bias / ln_weight / ln_bias stay in registers when they fit beside the VPT accumulators; at
+  // VPT = 64 the 3 x 64 of them would not (255-register cap: the kernel spilled), so that
+  // instantiation reads them per position from global memory (L1-resident, coalesced 128-byte rows).
+  constexpr bool kRegParams = VPT <= 32;
+  constexpr int kR = kRegParams ? VPT : 1;
+  float b[kR], g[kR], beta[kR];
+  if constexpr (kRegParams) {
 #pragma unroll
-  for (int i = 0; i < VPT; ++i) {
-    const int k = lane + 32 * i;
-    const bool ok = k < d;
-    b[i] = ok ? bias[k] : 0.f;
-    g[i] = ok ? ln_weight[k] : 0.f;
-    beta[i] = ok ? ln_bias[k] : 0.f;
+    for (int i = 0; i < VPT; ++i) {
+      const int k = lane + 32 * i;
+      const bool ok = k < d;
+      b[i] = ok ? bias[k] : 0.f;
+      g[i] = ok ? ln_weight[k] : 0.f;
+      beta[i] = ok ? ln_bias[k] : 0.f;
+    }
   }
   const float inv_d = 1.0f / static_cast<float>(d);
 
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5); p < n;
        p += static_cast<int64_t>(gridDim.x) * kWarps) {
     const int64_t t = p % length;
-    int my_id = kPadId;
-    bool my_bad = false;
-    if (lane < width) {
-      const int64_t s = t + lane - half;
-      if (s >= 0 && s < length) {
-        const int64_t v = load_id(ids, id_type, p + lane - half);
-        my_bad = v < 0 || v > kPadId;
-        my_id = my_bad ? kPadId : static_cast<int>(v);
-      }
-    }
-    const bool bad = __any_sync(0xffffffffu, my_bad);
-
     float acc[VPT];
 #pragma unroll
-    for (int i = 0; i < VPT; ++i) acc[i] = b[i];
-    for (int j = 0; j < width; ++j) {
-      const int c = __shfl_sync(0xffffffffu, my_id, j);
-      if (c == kPadId) continue;  // warp-uniform
-      const float* row = table + (j * 5 + c) * d;
-#pragma unroll
-      for (int i = 0; i < VPT; ++i) {
+    for (int i = 0; i < VPT; ++i) {
+      if constexpr (kRegParams) {
+        acc[i] = b[i];
+      } else {
         const int k = lane + 32 * i;
-        if (k < d) acc[i] += row[k];
+        acc[i] = k < d ? __ldg(bias + k) : 0.f;
+      }
+    }
+    // The window's ids, 32 taps per round: lane j of round j0 loads tap j0 + j and the warp reads
+    // it back with __shfl_sync (a shuffle reaches only 32 lanes, hence the rounds for W > 32).
+    bool bad = false;
+    for (int j0 = 0; j0 < width; j0 += 32) {
+      const int tap = j0 + lane;
+      int my_id = kPadId;
+      bool my_bad = false;
+      if (tap < width) {
+        const int64_t s = t + tap - half;
+        if (s >= 0 && s < length) {
+          const int64_t v = load_id(ids, id_type, p + tap - half);
+          my_bad = v < 0 || v > kPadId;
+          my_id = my_bad ? kPadId : static_cast<int>(v);
+        }
+      }
+      bad |= __any_sync(0xffffffffu, my_bad);
+      const int taps = width - j0 < 32 ? width - j0 : 32;  // warp-uniform
+      for (int j = 0; j < taps; ++j) {
+        const int c = __shfl_sync(0xffffffffu, my_id, j);
+        if (c == kPadId) continue;  // warp-uniform
+        const float* row = table + ((j0 + j) * 5 + c) * d;
+#pragma unroll
+        for (int i = 0; i < VPT; ++i) {
+          const int k = lane + 32 * i;
+          if (k < d) acc[i] += row[k];
+        }
       }
     }
     float s = 0.f;
@@ -125,7 +145,15 @@ __global__ void __launch_bounds__(kThreads) stem_kernel(const void* __restrict__
     for (int i = 0; i < VPT; ++i) {
       const int k = lane + 32 * i;
       if (k < d) {
-        const float y = (acc[i] - mean) * rstd * g[i] + beta[i];
+        float gi, bi;
+        if constexpr (kRegParams) {
+          gi = g[i];
+          bi = beta[i];
+        } else {
+          gi = __ldg(ln_weight + k);
+          bi = __ldg(ln_bias + k);
+        }
+        const float y = (acc[i] - mean) * rstd * gi + bi;
         const float o = 0.5f * y * (1.0f + erff(y * 0.70710678118654752f));
         store_out(out, out_type, p * d + k, bad ? __int_as_float(0x7fc00000) : o);
       }
@@ -163,9 +191,9 @@ cudaError_t launch_stem(const void* ids, StemIds id_type, const float* weight, c
                         const float* ln_weight, const float* ln_bias, void* out, StemOut out_type,
                         int64_t n, int64_t length, int64_t d, int64_t width, float ln_eps,
                         cudaStream_t stream) {
-  if (d < 1 || d > kStemMaxDim || width < 1 || width % 2 == 0 || width > 1024 || n < 0 || length < 1 ||
-      static_cast<int>(id_type) < 0 || static_cast<int>(id_type) > 2 || static_cast<int>(out_type) < 0 ||
-      static_cast<int>(out_type) > 2) {
+  if (d < 1 || d > kStemMaxDim || width < 1 || width % 2 == 0 || width > kStemMaxWidth || n < 0 ||
+      length < 1 || static_cast<int>(id_type) < 0 || static_cast<int>(id_type) > 2 ||
+      static_cast<int>(out_type) < 0 || static_cast<int>(out_type) > 2) {
     return cudaErrorInvalidValue;
   }
   if (n == 0) return cudaSuccess;

@@ -36,6 +36,8 @@ at::Tensor stem_cuda(const at::Tensor& ids, const at::Tensor& weight, const at::
   }
   TORCH_CHECK(d >= 1 && d <= ::vqdna::cuda::kStemMaxDim, "vqdna.stem_cuda: D = ", d, " is outside [1, ",
               ::vqdna::cuda::kStemMaxDim, "] (the triton backend has no such limit)");
+  TORCH_CHECK(width <= ::vqdna::cuda::kStemMaxWidth, "vqdna.stem_cuda: kernel width W = ", width,
+              " is over ", ::vqdna::cuda::kStemMaxWidth, " (the triton backend has no such limit)");
   ::vqdna::cuda::StemIds id_type;
   switch (ids.scalar_type()) {
     case at::kByte:

@@ -234,6 +234,8 @@ MALFORMED = {
     "fastq-bad-base": (b"@r1\nACGT\n+\nIIII\n@r2\nACXT\n+\nIIII\n", "record 'r2', line 6, column 3: byte b'X' is not an IUPAC base letter"),
     "fastq-no-plus": (b"@r1\nACGT\n@r2\nAC\n+\nII\n", "record 'r1', line 3, column 1: FASTQ record has no '+' line and quality (a new '@' header follows its sequence)"),
     "fastq-short-quality": (b"@r1\nACGT\n+\nIII\n@r2\nAC\n+\nII\n", "record 'r1', line 4: quality has 3 characters, the sequence 4 bases"),
+    # a short quality used to take the next record (header, sequence, '+', quality) as its rest: one record, no error
+    "fastq-short-quality-swallows": (b"@a\nACGTACGT\n+\nI\n@b\nGG\n+\nII\n", "record 'a', line 4: quality has 1 characters, the sequence 8 bases"),
     "fastq-long-quality": (b"@r1\nACGT\n+\nIIIII\n", "record 'r1', line 4: quality has more characters (5) than the sequence has bases (4)"),
     "fastq-bad-quality": (b"@r1\nACG\n+\nI I\n", "record 'r1', line 4, column 2: byte b' ' is no FASTQ quality character ('!'..'~')"),
     "fastq-plus-mismatch": (b"@r1\nAC\n+r2\nII\n", "record 'r1', line 3, column 2: the '+' line neither is empty nor repeats the header"),

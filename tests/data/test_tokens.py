@@ -1,8 +1,10 @@
 """Token files (vqdna.data.tokens): writer -> TokenDataset round trip, Megatron MMIDIDX layout,
-completeness checks, refusal of incomplete or corrupt directories."""
+completeness checks, refusal of incomplete or corrupt directories (open-time structure checks,
+checksums with verify=True), safe shard names in the manifest."""
 
 import os
 import pickle
+import re
 import struct
 
 import numpy as np
@@ -15,8 +17,11 @@ from vqdna.data.tokens import (
     TokenDataset,
     TokenFileError,
     codes_dtype,
+    read_manifest,
     read_shard_index,
     shard_complete,
+    shard_entry,
+    verify_directory,
     write_manifest,
 )
 
@@ -41,7 +46,8 @@ def _write(directory, records, sizes, shard_bases):
         for c in chunks:
             w.write(c)
         w.close()
-        shards.append({"name": f"shard-{len(shards):05d}", "pieces": len(pieces), "bases": bases})
+        shards.append(shard_entry(str(directory), len(shards))[0])
+        assert shards[-1]["pieces"] == len(pieces) and shards[-1]["bases"] == bases
         pieces, chunks, bases = [], [], 0
 
     for ordinal, (name, codes) in enumerate(records):
@@ -75,6 +81,7 @@ def test_round_trip(tmp_path, sizes, shard_bases):
     ds = TokenDataset(tmp_path)
     assert len(ds) == len(records)
     assert ds.lengths.tolist() == [len(c) for _, c in records]
+    assert verify_directory(str(tmp_path)) == [] and len(TokenDataset(tmp_path, verify=True)) == len(records)
     want_dtype = np.uint16 if max(sizes) <= 65536 else np.uint32
     for i, (name, codes) in enumerate(records):
         got_name, got = ds[i]
@@ -132,8 +139,13 @@ def test_incomplete_and_corrupt_directories(tmp_path):
     write_manifest(str(tmp_path), manifest)
     # A truncated .bin no longer counts as a complete shard.
     bin0 = tmp_path / "shard-00000.bin"
-    bin0.write_bytes(bin0.read_bytes()[:-2])
+    whole = bin0.read_bytes()
+    bin0.write_bytes(whole[:-2])
     assert not shard_complete(str(tmp_path), 0, n_levels, dtype)
+    # ... and TokenDataset refuses it on open, naming the file and both sizes (it used to return short records).
+    with pytest.raises(TokenFileError, match=f"shard-00000.bin: {len(whole) - 2} bytes, its index describes {len(whole)}"):
+        TokenDataset(tmp_path)
+    bin0.write_bytes(whole)
     # A damaged index: a clear error naming the file.
     idx1 = tmp_path / "shard-00001.idx"
     idx1.write_bytes(idx1.read_bytes()[:40])
@@ -204,3 +216,93 @@ def test_sample_windows_draws_every_start_equally(tmp_path):
     starts, counts = np.unique(windows[:, 0, 0], return_counts=True)
     assert starts.tolist() == [0, 1, 2, 10]
     assert (np.abs(counts / 4000 - 0.25) < 0.03).all(), counts
+
+
+def _damage(directory, how):
+    """Damage shard 1 of a token directory the way the probes did; returns the file a reader must name."""
+    base = directory / "shard-00001"
+    idx = read_shard_index(str(base) + ".idx")
+    n = len(idx)
+    del idx
+    if how == "truncated-bin":
+        data = (directory / "shard-00001.bin").read_bytes()
+        (directory / "shard-00001.bin").write_bytes(data[:-2])
+        return "shard-00001.bin"
+    if how == "missing":
+        os.remove(str(base) + ".bin")
+        os.remove(str(base) + ".idx")
+        return "shard-00001"
+    path, offset, bit = {
+        "idx-pointer": (str(base) + ".idx", 34 + 4 * n + 8 * (n - 1), 3),  # the last piece's byte pointer
+        "idx-size": (str(base) + ".idx", 34, 2),  # the first piece's size (+-4 codes: still a multiple of 2 levels)
+        "bin-bit": (str(base) + ".bin", None, 0),
+    }[how]
+    data = bytearray(open(path, "rb").read())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 1 << bit
+    open(path, "wb").write(bytes(data))
+    return os.path.basename(path)
+
+
+DAMAGES = ["truncated-bin", "idx-pointer", "idx-size", "bin-bit", "missing"]
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_shard_is_refused_naming_it(tmp_path, how):
+    """Each probe that TokenDataset used to read silently (short or shifted records): an error naming
+    the shard at open, or (a flipped .bin bit, which only a checksum sees) with verify=True."""
+    sizes = (16, 32)
+    _write(tmp_path, _records(np.random.default_rng(4), 2, sizes), sizes, 400)
+    assert len(read_manifest(str(tmp_path))["shards"]) >= 3 and len(TokenDataset(tmp_path)) == 10
+    name = _damage(tmp_path, how)
+    if how == "bin-bit":
+        TokenDataset(tmp_path)  # sizes and indexes still agree: only the checksum can tell
+    else:
+        with pytest.raises(TokenFileError, match=name):
+            TokenDataset(tmp_path)
+    with pytest.raises(TokenFileError, match=name):
+        TokenDataset(tmp_path, verify=True)
+    problems = verify_directory(str(tmp_path))
+    assert len(problems) == 1 and name in problems[0], problems
+
+
+@pytest.mark.parametrize("where", ["parent", "absolute", "other-pattern"])
+def test_manifest_shard_names_must_be_plain(tmp_path, where):
+    """A manifest naming a shard by a path ("../victim/shard-00000", an absolute path) made TokenDataset
+    read outside its directory; now any name but shard_name(k) is refused."""
+    sizes = (16, 32)
+    records = _records(np.random.default_rng(5), 2, sizes)
+    for sub in ("victim", "d"):  # the victim holds valid shards: the old reader opened them without a word
+        (tmp_path / sub).mkdir()
+        manifest = _write(tmp_path / sub, records, sizes, 10**6)
+    name = {"parent": "../victim/shard-00000", "absolute": str(tmp_path / "victim" / "shard-00000"), "other-pattern": "shard-0"}[where]
+    manifest["shards"][0]["name"] = name
+    write_manifest(str(tmp_path / "d"), manifest)
+    with pytest.raises(TokenFileError, match=f"shard 0 is named {re.escape(repr(name))}"):
+        TokenDataset(tmp_path / "d")
+
+
+def test_name_out_of_range_is_an_index_error(tmp_path):
+    sizes = (16, 32)
+    records = _records(np.random.default_rng(6), 2, sizes)
+    _write(tmp_path, records, sizes, 300)
+    ds = TokenDataset(tmp_path)
+    assert ds.name(-1) == records[-1][0] and ds.name(-len(records)) == records[0][0]
+    for i in (len(records), -len(records) - 1):
+        with pytest.raises(IndexError, match=f"record {i} out of range \\({len(records)} records\\)"):
+            ds.name(i)
+
+
+def test_format_1_directories_stay_readable(tmp_path):
+    """A directory written before format 2 (no checksums, .idx trailer version 1) still opens, passes
+    the structure checks and `verify_directory` (sizes and indexes only), but is not continued."""
+    v1 = os.path.join(os.path.dirname(__file__), "fixtures", "tokens-v1")
+    ds = TokenDataset(v1, verify=True)
+    assert ds.manifest["format_version"] == 1 and len(ds.manifest["shards"]) == 2
+    assert [ds.name(i) for i in range(len(ds))] == ["r0", "r1", "r2", "r3", "r4"]
+    assert ds.lengths.tolist() == [0, 5, 63, 200, 3]
+    for i in range(len(ds)):
+        codes = ds[i][1]
+        assert codes.shape == (ds.lengths[i], 2) and (codes < np.array(ds.codebook_sizes)).all()
+    assert verify_directory(v1) == []
+    assert read_shard_index(os.path.join(v1, "shard-00000.idx")).bin_checksum is None

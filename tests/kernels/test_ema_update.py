@@ -152,3 +152,33 @@ def test_ema_stats_opcheck(backend, device, rng):
     if not (backend == "triton" and device == "cpu"):
         tests = tests + ("test_aot_dispatch_dynamic",)
     torch.library.opcheck(_ema_stats_op(backend), (x, codes, mask, None, None, 4, True), test_utils=tests)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("d", [384, 383], ids=["vector", "scalar"])
+def test_cuda_large_codebook_global_atomics(dtype, d, rng):
+    """K = 65536: no per-block shared table fits, so the fast mode adds each run of rows with global
+    atomics (16-byte float4 atomics on sm_90 when D % V == 0), with a mask and with HRQ's previous level."""
+    require_backend("cuda", "cuda", "ema_stats")
+    from vqdna.kernels.cuda_launch import ema_atomic_plan, smem_limits
+
+    n, k, kp = 20000, 65536, 50
+    optin, per_sm = smem_limits(torch.cuda.current_device())
+    plan = ema_atomic_plan(d, k, dtype, per_sm, optin)
+    assert not plan.smem_table and plan.vec == (d == 384)
+    x = torch.randn(n, d, generator=rng).to(dtype)
+    codes = (torch.rand(n, generator=rng).pow(3) * k).long().clamp_max(k - 1).to(torch.int32)
+    mask = torch.rand(n, generator=rng) < 0.8
+    prev_codebook = torch.randn(kp, d, generator=rng).to(dtype)
+    prev_codes = torch.randint(kp, (n,), generator=rng, dtype=torch.int32)
+    for prev in (False, True):
+        extra = dict(prev_codes=prev_codes, prev_codebook=prev_codebook) if prev else {}
+        counts, sums = ema_stats(x.cuda(), codes.cuda(), k, mask=mask.cuda(), deterministic=False, backend="cuda",
+                                 **{name: t.cuda() for name, t in extra.items()})
+        assert dispatch.last_backend("ema_stats") == "cuda"
+        ref_n, ref_s = reference_stats(x, codes, k, mask, **extra)
+        assert torch.equal(counts.cpu().double(), ref_n)
+        vectors = 2 * x.double() - prev_codebook.double()[prev_codes.long()] if prev else x.double()
+        scale = torch.zeros(k, dtype=torch.float64).index_add_(0, codes.long(), vectors.abs().sum(-1) / d)
+        assert torch.allclose(sums.cpu().double(), ref_s, rtol=1e-5, atol=1e-5 * float(scale.max().clamp_min(1)))

@@ -301,3 +301,23 @@ def test_hrq_rounding_is_exactly_the_spec(backend, device, dtype, poison):
         running += cb.float()[want_codes[level].long()]
         want = (running / (level + 1)).to(dtype)
         assert torch.equal(levels[level].cpu(), want), f"level {level}: {int((levels[level].cpu() != want).sum())} values differ"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("which", ["level0", "level1", "all"])
+def test_cuda_misaligned_levels_take_the_scalar_path(dtype, which, rng, poison):
+    """D % 8 == 0 but some Z_l off a 16-byte boundary: the CUDA kernel forms its A tiles with
+    element-wise loads (no deferred 16-byte loads) and returns exactly what the aligned call does."""
+    require_backend("cuda", "cuda", "hrq_quantize")
+    from tests.conftest import misaligned
+
+    n, d, sizes = 1000, 64, (64, 512, 130)
+    zs, codebooks = make_levels(n, d, sizes, dtype, "cuda", rng)
+    off = {"level0": [0], "level1": [1], "all": [0, 1, 2]}[which]
+    mis = [misaligned(z) if level in off else z for level, z in enumerate(zs)]
+    codes, levels = hrq_quantize(mis, codebooks, backend="cuda")
+    want_codes, want_levels = hrq_quantize(zs, codebooks, backend="cuda")
+    assert torch.equal(codes, want_codes) and torch.equal(levels, want_levels)
+    ref_codes, _ = reference.hrq_quantize([z.cpu() for z in zs], [c.cpu() for c in codebooks])
+    assert (ref_codes == codes.cpu()).float().mean().item() > 0.98

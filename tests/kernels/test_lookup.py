@@ -287,3 +287,24 @@ def test_torch_compile_fullgraph(backend, rng):
 
     compiled = torch.compile(f, fullgraph=True)
     assert torch.allclose(compiled(z, e), f(z, e))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("which", ["z", "codebook", "both"])
+def test_cuda_misaligned_inputs_take_the_scalar_path(dtype, which, rng, poison):
+    """D % 8 == 0 but a pointer off a 16-byte boundary: the CUDA kernel stages its tiles with
+    element-wise loads (16-byte cp.async would fault) and returns exactly what the aligned call does."""
+    require_backend("cuda", "cuda")
+    from tests.conftest import misaligned
+    from vqdna.kernels.cuda_launch import mma_vec_loads
+
+    n, k, d = 1000, 513, 64
+    z, cb = make_inputs(n, k, d, dtype, "cuda", rng)
+    zm = misaligned(z) if which in ("z", "both") else z
+    cbm = misaligned(cb) if which in ("codebook", "both") else cb
+    assert not mma_vec_loads(dtype, d, zm.data_ptr() % 16 == 0 and cbm.data_ptr() % 16 == 0)
+    codes, dist = lookup(zm, cbm, backend="cuda")
+    want_codes, want_dist = lookup(z, cb, backend="cuda")
+    assert torch.equal(codes, want_codes) and torch.equal(dist, want_dist)
+    assert_lookup_matches(z, cb, codes, dist, dtype)

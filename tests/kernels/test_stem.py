@@ -10,7 +10,8 @@ from vqdna.kernels import dispatch, reference, stem
 from vqdna.kernels.ops import _backend_op
 
 OUT_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (B, L, D, W): B = 1, L = 1, L < W, D not a multiple of 8 or 16, D = 1, D = 384, W = 1/3/5/7.
+# (B, L, D, W): B = 1, L = 1, L < W, D not a multiple of 8 or 16, D = 1, D = 384, W = 1/3/5/7, and
+# W = 9 / 33 / 65 (the CUDA kernel reads a window's ids 32 taps per warp shuffle round).
 SHAPES = [
     (1, 1, 1, 5),
     (1, 1, 16, 5),
@@ -21,6 +22,9 @@ SHAPES = [
     (1, 40, 384, 5),
     (2, 37, 64, 7),
     (5, 17, 100, 5),
+    (2, 30, 20, 9),
+    (2, 45, 24, 33),
+    (1, 80, 40, 65),
 ]
 
 
@@ -298,3 +302,47 @@ def test_model_stem_module_is_the_op(rng):
     assert_stem_close(got.detach(), want.detach().double(), torch.float32)
     for g, p in zip(got_grads, s.parameters()):
         assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-5 * float(p.grad.abs().max()))
+
+
+# CUDA: one shape per kernel instantiation (VPT = 4, 12, 32, 64 features per lane) with windows of
+# more than 32 taps (the ids are shuffled 32 taps per round) and tables that fit an A100.
+_CUDA_SHAPES = [(2, 40, 100, 33), (1, 80, 100, 65), (2, 40, 200, 33), (1, 30, 1000, 7), (2, 20, 1030, 5),
+                (1, 9, 2048, 3)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", _CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cuda_every_instantiation_and_wide_windows(shape, rng, poison):
+    require_backend("cuda", "cuda", "stem")
+    from vqdna.kernels.cuda_launch import device_smem_optin, stem_cuda_unsupported
+
+    b, length, d, width = shape
+    reason = stem_cuda_unsupported(d, width, torch.float32, device_smem_optin(torch.device("cuda")))
+    if reason is not None:
+        pytest.skip(reason)
+    ids, *params = make_inputs(b, length, d, width, rng, "cuda")
+    want = truth(ids, *params)
+    for dtype in OUT_DTYPES:
+        got = stem(ids, *params, out_dtype=dtype, backend="cuda")
+        assert dispatch.last_backend("stem") == "cuda"
+        assert_stem_close(got, want, dtype)
+
+
+@pytest.mark.cuda
+def test_cuda_table_over_shared_memory(rng):
+    """A [W, 5, D] table over the GPU's shared memory: the registered op and backend='cuda' raise
+    saying so, and 'auto' takes another backend, which gets the right answer."""
+    require_backend("cuda", "cuda", "stem")
+    from vqdna.kernels.cuda_launch import device_smem_optin
+
+    d = 2048
+    width = device_smem_optin(torch.device("cuda")) // (5 * d * 4) + 1
+    width += 1 - width % 2  # odd
+    ids, *params = make_inputs(2, 9, d, width, rng, "cuda")
+    with pytest.raises(RuntimeError, match="shared memory"):
+        _backend_op("stem", "cuda")(ids, *params, 1e-6, torch.float32)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot run here: .*shared memory"):
+        stem(ids, *params, backend="cuda")
+    got = stem(ids, *params, backend="auto")
+    assert dispatch.last_backend("stem") != "cuda"
+    assert_stem_close(got, truth(ids, *params), torch.float32)

@@ -2,6 +2,7 @@
 mismatched config, missing directory), named configs, transformers Auto* registration."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -163,3 +164,32 @@ def test_bundled_small_reconstructs_lambda():
     out = model(ids)
     assert (out.logits.argmax(-1) == ids).float().mean() > 0.99
     assert torch.equal(model.encode(ids).long(), out.codes)
+
+
+CHECKPOINT_DAMAGES = ["truncated-weights", "garbage-weights", "no-config", "bad-config"]
+
+
+def damage_checkpoint(directory, damage):
+    """Damage a saved tokenizer like the probe did; returns (the exception type, the text that names
+    the file) that loading it must raise."""
+    weights, config = directory / "model.safetensors", directory / "config.json"
+    if damage == "truncated-weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "garbage-weights":
+        weights.write_bytes(b"not a safetensors file")
+    elif damage == "no-config":
+        config.unlink()
+        return FileNotFoundError, f"{config} does not exist"
+    else:
+        config.write_text("{not json")
+    return ValueError, f"{weights if 'weights' in damage else config}: unreadable"
+
+
+@pytest.mark.parametrize("damage", CHECKPOINT_DAMAGES)
+def test_damaged_checkpoint_names_the_file(tmp_path, damage):
+    """A truncated or corrupt model.safetensors was a raw SafetensorError; a missing config.json was
+    reported as a weights/config mismatch. Each is now an error naming the file."""
+    _tiny().save_pretrained(tmp_path)
+    error, text = damage_checkpoint(tmp_path, damage)
+    with pytest.raises(error, match=re.escape(text)):
+        VQDNATokenizerModel.from_pretrained(tmp_path)

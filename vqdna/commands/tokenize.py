@@ -9,16 +9,28 @@ import sys
 HELP = "tokenize FASTA files into token files with a trained tokenizer (CPU, GPU, or torchrun ranks)"
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a 0 or negative count is an error, never a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="FASTA files (plain, .gz or .xz)")
     parser.add_argument("--out", required=True, help="output directory (created; see docs/token-files.md)")
     parser.add_argument("--model", default="vqdna-small", help="bundled tokenizer name or a directory (default: vqdna-small)")
-    parser.add_argument("--window", type=int, default=8192, help="bases per window; a halo of the receptive radius is added each side")
-    parser.add_argument("--batch-size", type=int, default=None, help="windows per batch (default 8 on CPU, 64 on CUDA)")
+    parser.add_argument("--window", type=positive_int, default=8192, help="bases per window; a halo of the receptive radius is added each side")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="windows per batch (default 8 on CPU, 64 on CUDA)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="inference precision (default bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--shard-bases", type=int, default=1 << 26, help="bases per shard (= per work unit)")
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run, skipping complete shards")
+    parser.add_argument("--shard-bases", type=positive_int, default=1 << 26, help="bases per shard (= per work unit)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run, re-checking the shards it wrote and re-doing damaged ones")
+    parser.add_argument("--verify", action="store_true", help="with --resume: also recompute the checksums of the shards written before")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -27,9 +39,9 @@ def _error(message: str) -> int:
     return 1
 
 
-def _os_error_message(exc: OSError) -> str:
-    where = exc.filename if exc.filename is not None else "output"
-    return f"{where}: {exc.strerror or exc}"
+def os_error_message(exc: OSError, where: str) -> str:
+    """'FILE: reason' for an OSError; `where` (the output directory) when the error names no file."""
+    return f"{exc.filename if exc.filename is not None else where}: {exc.strerror or exc}"
 
 
 def format_summary(stats, seconds_label: str = "") -> str:
@@ -44,6 +56,7 @@ def format_summary(stats, seconds_label: str = "") -> str:
         f"stages   reading {stats.read_s:.2f} s, compute {stats.compute_s:.2f} s, writing {stats.write_s:.2f} s (busy time; they overlap)",
         f"shards   {stats.shards_written} written, {stats.shards_skipped} already complete",
     ]
+    lines += [f"re-done  {problem}" for problem in stats.redone]
     for level, counts in enumerate(stats.usage):
         total = counts.sum()
         if total == 0:
@@ -91,12 +104,17 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             shard_bases=args.shard_bases,
             resume=args.resume,
+            verify=args.verify,
             progress=not args.no_progress,
         )
     except (FastaFormatError, TokenFileError, TokenizeError) as exc:
         return _error(str(exc))
     except OSError as exc:  # disk full, permissions, a vanished input
-        return _error(_os_error_message(exc))
+        return _error(os_error_message(exc, args.out))
+    except KeyboardInterrupt:  # the lock is released and complete shards kept: --resume continues
+        if rank == 0:
+            print(f"vqdna tokenize: interrupted; {args.out} can be continued with the same command and --resume", file=sys.stderr)
+        return 130
     finally:
         if distributed:
             import torch.distributed as dist

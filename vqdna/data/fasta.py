@@ -247,7 +247,7 @@ def _parse_fastq(blocks: Iterable[bytes], cursor: _Cursor) -> Iterator[FastaReco
     state = 0  # 0: expect a header, 1: sequence lines, 2: quality lines
     header = b""
     seq: list[bytes] = []
-    seq_line = seq_len = qual_len = 0
+    seq_line = seq_len = qual_len = qual_lines = 0
     for line in _lines(blocks):
         lineno += 1
         if line.endswith(b"\r"):
@@ -268,17 +268,20 @@ def _parse_fastq(blocks: Iterable[bytes], cursor: _Cursor) -> Iterator[FastaReco
             if line.startswith(b"+"):
                 if len(line) > 1 and line[1:] != header:
                     raise cursor.error("the '+' line neither is empty nor repeats the header", lineno, 2)
-                state, qual_len = 2, 0
+                state, qual_len, qual_lines = 2, 0, 0
             elif line.startswith(b"@"):
                 raise cursor.error("FASTQ record has no '+' line and quality (a new '@' header follows its sequence)", lineno, 1)
             else:
                 seq.append(line)
                 seq_len += len(line)
         else:
-            if line.startswith(b"@") and qual_len and qual_len + len(line) > seq_len:
-                # a quality line may begin with '@', but this one overflows: the quality ended short
+            # A quality line may begin with '@'; but one that overflows, or comes after as many quality
+            # lines as the sequence had (wrapped quality mirrors the wrapped sequence), is the next
+            # record's header: this record's quality ended short.
+            if line.startswith(b"@") and qual_lines and (qual_len + len(line) > seq_len or qual_lines >= len(seq)):
                 raise cursor.error(f"quality has {qual_len} characters, the sequence {seq_len} bases", lineno - 1)
             qual_len += len(line)
+            qual_lines += 1
             bad_qual = line.translate(None, _QUALITY)
             if bad_qual:
                 col = line.index(bad_qual[:1]) + 1

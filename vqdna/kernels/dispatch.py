@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -227,7 +227,11 @@ def _table_choice(op: str, device_type: str, device_index: int, dtype: str, n_bu
     return choice
 
 
-def _auto(op: str, device: torch.device, dtype: torch.dtype, size) -> str:
+def _auto(op: str, device: torch.device, dtype: torch.dtype, size, why_not=None) -> str:
+    def reason_against(backend):
+        reason = _why_unavailable(backend, device, op)
+        return reason if reason is not None or why_not is None else why_not(backend)
+
     n, k = size if size is not None else (None, None)
     nb, kb = _bucket(n), _bucket(k)
     measured = _table_choice(
@@ -235,21 +239,30 @@ def _auto(op: str, device: torch.device, dtype: torch.dtype, size) -> str:
         -1 if nb is None else nb, -1 if kb is None else kb,
     )
     if measured:
-        reason = _why_unavailable(measured, device, op)
+        reason = reason_against(measured)
         if reason is None:
             return measured
         if not torch.compiler.is_compiling():
             logger.debug("%s: measured winner %s cannot run here (%s); using the default order", op, measured, reason)
     order = _AUTO_ORDER.get(device.type, ("reference",))
-    return next(b for b in (*order, "reference") if _why_unavailable(b, device, op) is None)
+    for b in (*order, "reference"):
+        reason = reason_against(b)
+        if reason is None:
+            return b
+        if why_not is not None and not torch.compiler.is_compiling() and _why_unavailable(b, device, op) is None:
+            logger.debug("%s: skipping %s for this call: %s", op, b, reason)
+    raise AssertionError("the reference backend runs everything")
 
 
 def select_backend(
-    op: str, requested: Optional[str], device: torch.device, dtype: torch.dtype, size: Optional[tuple] = None
+    op: str, requested: Optional[str], device: torch.device, dtype: torch.dtype, size: Optional[tuple] = None,
+    why_not: Optional[Callable[[str], Optional[str]]] = None,
 ) -> str:
     """Resolve `requested` ("auto", None or a backend name) for one call of `op` and record it.
 
-    size: (N, K) of the call (rows, codes) for the measured table; None takes its largest point."""
+    size: (N, K) of the call (rows, codes) for the measured table; None takes its largest point.
+    why_not: backend -> None, or why that backend cannot run this call's shape (e.g. the CUDA stem's
+    shared-memory table); "auto" skips such a backend (logged at DEBUG), an explicit request raises."""
     requested = (requested or "auto").lower()
     if requested == "auto":
         requested = os.environ.get("VQDNA_BACKEND", "auto").lower() or "auto"
@@ -257,9 +270,11 @@ def select_backend(
         if dtype == torch.float64:
             chosen = "reference"  # only the spec computes in float64
         else:
-            chosen = _auto(op, torch.device(device), dtype, size)
+            chosen = _auto(op, torch.device(device), dtype, size, why_not)
     else:
         reason = _why_unavailable(requested, device, op)
+        if reason is None and why_not is not None:
+            reason = why_not(requested)
         if reason is not None:
             raise RuntimeError(f"vqdna.kernels.{op}: backend {requested!r} cannot run here: {reason}")
         if dtype == torch.float64 and requested != "reference":

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from vqdna.kernels import native as _native  # noqa: F401  (fake impls of the compiled ops)
-from vqdna.kernels import reference
+from vqdna.kernels import cuda_launch, reference
 from vqdna.kernels.dispatch import _TRITON_MODULES, select_backend
 
 __all__ = ["lookup", "hrq_quantize", "ema_stats", "ema_update", "kmeans", "raise_on_nonfinite", "stem"]
@@ -491,6 +491,20 @@ def _stem_backward(ctx, grad):
 
 
 
+def _select_stem_backend(backend: str, device: torch.device, d: int, width: int, out_dtype: torch.dtype,
+                         dtype: torch.dtype) -> str:
+    """select_backend for a stem with weight [d, 5, width]: the CUDA kernel stages the weight table in
+    shared memory and keeps a position's D features in registers, so it cannot run every shape;
+    "auto" then takes the next backend and backend="cuda" raises with the reason."""
+
+    def why_not(b: str) -> Optional[str]:
+        if b != "cuda":
+            return None
+        return cuda_launch.stem_cuda_unsupported(d, width, out_dtype, cuda_launch.device_smem_optin(device))
+
+    return select_backend("stem", backend, device, dtype, why_not=why_not)
+
+
 def stem(
     ids: torch.Tensor,
     weight: torch.Tensor,
@@ -536,7 +550,8 @@ def stem(
         out_dtype = torch.float64 if wide else torch.float32
     if out_dtype not in _FLOAT_DTYPES:
         raise TypeError(f"stem: out_dtype must be float32, bfloat16 or float16 (or float64), got {out_dtype}")
-    name = select_backend("stem", backend, ids.device, torch.float64 if wide or out_dtype == torch.float64 else out_dtype)
+    name = _select_stem_backend(backend, ids.device, d, weight.shape[2], out_dtype,
+                                torch.float64 if wide or out_dtype == torch.float64 else out_dtype)
     if ids.dtype not in _ID_DTYPES:
         ids = ids.to(torch.int64)
     ids = ids.contiguous()

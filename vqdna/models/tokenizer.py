@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -28,6 +30,7 @@ __all__ = ["VQDNATokenizerConfig", "VQDNATokenizerModel", "VQDNATokenizerOutput"
 
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
 
 # Named configurations. vqdna-base is the paper's (DESIGN 1). vqdna-small trains on a 2-core CPU in
 # minutes: D=64, 4 blocks, taps after blocks 2 and 4, level sizes 2^b * K0 with K0 = 16.
@@ -53,6 +56,10 @@ class VQDNATokenizerConfig(PretrainedConfig):
     commitment_weight defaults to beta = 0.5 (VQ, Eq. 3) or 0.9 (HRQ, Eq. 8)."""
 
     model_type = "vqdna-tokenizer"
+    # The fields that, for given weights, change what encode() returns (encoder shape, quantizer,
+    # taps, codebooks; the halo follows from them). With the weights' sha256 they are the tokenizer's
+    # identity for token files; the others (EMA decay, commitment weight, k-means init...) only train.
+    code_keys = ("model_type", "dim", "depth", "stem_kernel", "kernel_size", "mlp_ratio", "quantizer", "taps", "codebook_sizes")
 
     def __init__(
         self,
@@ -252,19 +259,33 @@ class VQDNATokenizerModel(PreTrainedModel):
         config.json + model.safetensors. Missing, unexpected or mismatched tensors raise ValueError."""
         name = os.fspath(pretrained_model_name_or_path)
         path = os.path.join(ASSETS_DIR, name) if name in bundled_tokenizers() else name
-        weights = os.path.join(path, WEIGHTS_NAME)
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(
-                f"no tokenizer at {name!r}: {weights} does not exist (a tokenizer directory holds config.json and "
-                f"{WEIGHTS_NAME}; bundled tokenizers: {bundled_tokenizers()})"
-            )
+        weights, config = os.path.join(path, WEIGHTS_NAME), os.path.join(path, CONFIG_NAME)
+        for needed in (weights, config):
+            if not os.path.isfile(needed):
+                raise FileNotFoundError(
+                    f"no tokenizer at {name!r}: {needed} does not exist (a tokenizer directory holds {CONFIG_NAME} and "
+                    f"{WEIGHTS_NAME}; bundled tokenizers: {bundled_tokenizers()})"
+                )
+        # A damaged config.json or weights file: say which file, not a library traceback.
+        try:
+            with open(config) as f:
+                json.load(f)
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{config}: unreadable ({exc})") from exc
+        try:
+            with safe_open(weights, "pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"{weights}: unreadable ({exc})") from exc
         want_info = kwargs.pop("output_loading_info", False)
         kwargs.update(use_safetensors=True, local_files_only=True)
         try:
             with _quiet_progress():
                 model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        except SafetensorError as exc:  # damage past the header (a truncated tensor)
+            raise ValueError(f"{weights}: unreadable ({exc})") from exc
         except RuntimeError as exc:  # transformers' size-mismatch error
-            raise ValueError(f"{path}: the weights do not match config.json: {exc}") from exc
+            raise ValueError(f"{path}: the weights do not match {CONFIG_NAME}: {exc}") from exc
         problems = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
         if problems:
             raise ValueError(f"{path}: the weights do not match config.json: {problems}")

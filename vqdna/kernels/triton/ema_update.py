@@ -29,6 +29,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from vqdna.kernels.dispatch import triton_interpreter
+from vqdna.kernels.triton.common import TORCH_DTYPES, AotVariant, device_guard, jit_function, signature
 
 __all__ = ["ema_stats_triton"]
 
@@ -36,14 +37,20 @@ __all__ = ["ema_stats_triton"]
 # Tile sizes. They are fixed (not autotuned): the sorted path's summation order follows from them,
 # and deterministic mode must give the same bits in every process. Small under the interpreter,
 # which also makes the tests cut segments into several pieces.
-if triton_interpreter():
-    _BLOCK_R, _MAX_BLOCK_D, _PIECE_ROWS, _WARPS = 32, 64, 64, 1
-    _SORTED_MIN_ROWS = 256  # low, so the tests run both fast-mode paths
-else:
-    _BLOCK_R, _MAX_BLOCK_D, _PIECE_ROWS, _WARPS = 64, 128, 1024, 4
-    # Fast mode sorts when there are enough rows per code for atomic contention to dominate
-    # (a first guess, to be tuned on a GPU).
-    _SORTED_MIN_ROWS = 1 << 15
+# (BLOCK_R, MAX_BLOCK_D, PIECE_ROWS, num_warps, SORTED_MIN_ROWS) on a GPU. Fast mode sorts when
+# there are enough rows per code for atomic contention to dominate (a first guess, to be tuned on a
+# GPU).
+# 8 warps: at 4 the direct kernel's [64, 128] tile of 64-bit atomic addresses spilled 28-172 B.
+GPU_TILES = (64, 128, 1024, 8, 1 << 15)
+# Under the interpreter: small, and a low sort threshold so the tests run both fast-mode paths.
+INTERPRETER_TILES = (32, 64, 64, 1, 256)
+_BLOCK_R, _MAX_BLOCK_D, _PIECE_ROWS, _WARPS, _SORTED_MIN_ROWS = INTERPRETER_TILES if triton_interpreter() else GPU_TILES
+
+
+def path(n: int, deterministic: bool) -> str:
+    """Which kernels a call with n rows runs: "direct" (atomics per row) or "sorted" (fast mode:
+    atomics per piece; deterministic mode: piece sums combined in order)."""
+    return "direct" if not deterministic and n < _SORTED_MIN_ROWS else "sorted"
 
 
 @triton.jit
@@ -183,14 +190,15 @@ def ema_stats_triton(
 
     if n == 0:
         return torch.zeros(num_codes, dtype=torch.float32, device=device), torch.zeros(num_codes, d, dtype=torch.float32, device=device)
-    if not deterministic and n < _SORTED_MIN_ROWS and d > 0:
+    if path(n, deterministic) == "direct" and d > 0:
         counts = torch.zeros(num_codes, dtype=torch.float32, device=device)
         sums = torch.zeros(num_codes, d, dtype=torch.float32, device=device)
         grid = (triton.cdiv(n, _BLOCK_R), triton.cdiv(d, block_d))
-        wrap_triton(_ema_direct_kernel)[grid](
-            x, codes, mask if has_mask else x, prev_codes_arg, prev_cb_arg, counts, sums, n, d,
-            HAS_MASK=has_mask, HAS_PREV=has_prev, BLOCK_R=_BLOCK_R, BLOCK_D=block_d, num_warps=_WARPS,
-        )
+        with device_guard(device):
+            wrap_triton(_ema_direct_kernel)[grid](
+                x, codes, mask if has_mask else x, prev_codes_arg, prev_cb_arg, counts, sums, n, d,
+                HAS_MASK=has_mask, HAS_PREV=has_prev, BLOCK_R=_BLOCK_R, BLOCK_D=block_d, num_warps=_WARPS,
+            )  # fmt: skip
         return counts, sums
 
     # Sorted path. Masked rows get the key num_codes: they sort past every segment.
@@ -211,18 +219,56 @@ def ema_stats_triton(
     else:
         out = sums = torch.zeros(num_codes, d, dtype=torch.float32, device=device)
     grid = (max_pieces, triton.cdiv(d, block_d))
-    wrap_triton(_ema_piece_kernel)[grid](
-        x, order, piece_code, bounds, piece_end, prev_codes_arg, prev_cb_arg, out, num_codes, d,
-        HAS_PREV=has_prev, ATOMIC=not deterministic, PIECE_ROWS=_PIECE_ROWS, BLOCK_R=_BLOCK_R, BLOCK_D=block_d,
-        num_warps=_WARPS,
-    )
-    if deterministic:
-        wrap_triton(_ema_combine_kernel)[(num_codes, triton.cdiv(d, block_d))](
-            out, piece_end, bounds, sums, d, PIECE_ROWS=_PIECE_ROWS, BLOCK_D=block_d, num_warps=_WARPS,
-        )
+    with device_guard(device):
+        wrap_triton(_ema_piece_kernel)[grid](
+            x, order, piece_code, bounds, piece_end, prev_codes_arg, prev_cb_arg, out, num_codes, d,
+            HAS_PREV=has_prev, ATOMIC=not deterministic, PIECE_ROWS=_PIECE_ROWS, BLOCK_R=_BLOCK_R, BLOCK_D=block_d,
+            num_warps=_WARPS,
+        )  # fmt: skip
+        if deterministic:
+            wrap_triton(_ema_combine_kernel)[(num_codes, triton.cdiv(d, block_d))](
+                out, piece_end, bounds, sums, d, PIECE_ROWS=_PIECE_ROWS, BLOCK_D=block_d, num_warps=_WARPS,
+            )  # fmt: skip
     return counts, sums
 
 
 @ema_stats_triton.register_fake
 def _(x, codes, mask, prev_codes, prev_codebook, num_codes, deterministic):
     return x.new_empty(num_codes, dtype=torch.float32), x.new_empty(num_codes, x.shape[1], dtype=torch.float32)
+
+
+def aot_variants():
+    """What `vqdna gpu-check` compiles: the three kernels with the GPU tile sizes, for every input dtype,
+    mask / previous-level / atomic variant, at BLOCK_D = MAX_BLOCK_D (D >= 128) and the smallest
+    BLOCK_D (D <= 16)."""
+    block_r, max_block_d, piece_rows, warps, _ = GPU_TILES
+    block_ds = (max_block_d, 16)
+    direct, piece, combine = (jit_function(k) for k in (_ema_direct_kernel, _ema_piece_kernel, _ema_combine_kernel))
+    for dtype in TORCH_DTYPES:
+        ptr = f"*{dtype}"
+        for block_d in block_ds:
+            for has_mask in (False, True):
+                for has_prev in (False, True):
+                    consts = {"HAS_MASK": has_mask, "HAS_PREV": has_prev, "BLOCK_R": block_r, "BLOCK_D": block_d}
+                    pointers = {"x_ptr": ptr, "codes_ptr": "*i32", "mask_ptr": "*i1" if has_mask else ptr,
+                                "prev_codes_ptr": "*i32" if has_prev else ptr, "prev_cb_ptr": ptr,
+                                "counts_ptr": "*fp32", "sums_ptr": "*fp32"}  # fmt: skip
+                    yield AotVariant("ema_stats", "_ema_direct_kernel", direct, dtype,
+                                     f"direct R{block_r} D{block_d}{' mask' if has_mask else ''}{' prev' if has_prev else ''}",
+                                     signature(direct, pointers, consts), consts, warps, 1)  # fmt: skip
+            for has_prev in (False, True):
+                for atomic in (True, False):
+                    consts = {"HAS_PREV": has_prev, "ATOMIC": atomic, "PIECE_ROWS": piece_rows, "BLOCK_R": block_r,
+                              "BLOCK_D": block_d}  # fmt: skip
+                    pointers = {"x_ptr": ptr, "order_ptr": "*i64", "piece_code_ptr": "*i64", "bounds_ptr": "*i64",
+                                "piece_end_ptr": "*i64", "prev_codes_ptr": "*i32" if has_prev else ptr,
+                                "prev_cb_ptr": ptr, "out_ptr": "*fp32"}  # fmt: skip
+                    yield AotVariant("ema_stats", "_ema_piece_kernel", piece, dtype,
+                                     f"sorted R{block_r} D{block_d}{' prev' if has_prev else ''}{' atomic' if atomic else ''}",
+                                     signature(piece, pointers, consts, {"K": "i32", "D": "i32"}), consts, warps, 1)  # fmt: skip
+        if dtype == "fp32":  # the combine kernel reads float32 piece sums whatever the input dtype
+            for block_d in block_ds:
+                consts = {"PIECE_ROWS": piece_rows, "BLOCK_D": block_d}
+                pointers = {"partial_ptr": "*fp32", "piece_end_ptr": "*i64", "bounds_ptr": "*i64", "sums_ptr": "*fp32"}
+                yield AotVariant("ema_stats", "_ema_combine_kernel", combine, "fp32", f"combine D{block_d}",
+                                 signature(combine, pointers, consts), consts, warps, 1)  # fmt: skip

@@ -23,48 +23,60 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from vqdna.kernels.dispatch import triton_interpreter
+from vqdna.kernels.triton.common import (
+    TORCH_DTYPES,
+    AotVariant,
+    HALF,
+    Tile,
+    autotune_configs,
+    device_guard,
+    int_tensor_on,
+    jit_function,
+    pipelined_shared_bytes,
+    prune_for_device,
+    signature,
+    size_class,
+)
 
 __all__ = ["hrq_quantize_triton"]
 
 # Levels fused into one launch (one pointer argument each). More levels run as further launches
-# that pick up the earlier levels' codes from the codes output (L is 2-4 in practice: one launch).
-_LEVELS_PER_LAUNCH = 4
+# that pick up the earlier levels' codes from the codes output. Two: the paper's two taps are one
+# launch, and a third or fourth level unrolled into the same launch spilled 36-870 B on every tile
+# (vqdna gpu-check, Triton 3.9); its extra launch re-reads the earlier codes, not Z.
+_LEVELS_PER_LAUNCH = 2
 
 
-def _configs():
-    if triton_interpreter():
-        # The interpreter runs on the CPU: one small tile keeps the tests fast.
-        return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_D": 32}, num_warps=1)]
-    configs = []
-    # Each compiles for sm_90 without register spills at NUM_LEVELS <= 4 (bf16; checked with
-    # cuobjdump). 128 x 256 tiles spill there, so BLOCK_K = 256 pairs with BLOCK_N = 64.
-    for block_n, block_k, block_d, warps, stages in [
-        (128, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 64, 64, 8, 3),
-        (64, 256, 64, 8, 3),  # K = 512: half the H recomputation of BLOCK_K = 128
-        (64, 128, 64, 4, 3),
-        (64, 64, 64, 4, 3),
-        (64, 64, 32, 4, 2),
-        (32, 32, 32, 2, 2),
-    ]:
-        configs.append(
-            triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k, "BLOCK_D": block_d}, num_warps=warps, num_stages=stages)
-        )
-    return configs
+# The tiles the autotuner may pick on a GPU (common.Tile: BLOCK_N, BLOCK_K, BLOCK_D, warps, stages,
+# dtypes, only without the dimension mask, architectures). `vqdna gpu-check` compiles each for what it
+# is declared for and fails on a 16-bit spill. Forming H on chip costs registers the plain lookup
+# does not spend (the gathered previous code and two roundings per element), so BLOCK_D is 32 or 16
+# with 8 warps: every 64-wide 16-bit tile spilled 100-1,800 B, and the 4- and 2-warp small tiles
+# 16-400 B with the dimension mask or in float32 (Triton 3.9, sm_80 and sm_90).
+TILES = [
+    Tile(128, 128, 16, 8, 3, HALF, even_d_only=True),
+    Tile(64, 128, 32, 8, 3, HALF, even_d_only=True),  # K = 512: half the H recomputation of BLOCK_K = 64
+    Tile(128, 64, 32, 8, 3, HALF, even_d_only=True, archs=(90,)),  # spilled 12 B on sm_80 (later launch)
+    Tile(64, 64, 32, 8, 3, HALF, even_d_only=True),
+    Tile(64, 64, 32, 8, 2),
+    Tile(32, 32, 32, 4, 2),
+]
+INTERPRETER_TILE = Tile(32, 64, 32, 1, 1)  # the interpreter runs on the CPU: one small tile
+
+
+def shared_bytes(tile: Tile, dtype_bytes: int) -> int:
+    """Shared memory a tile needs (the pruning rule; gpu-check compares it with the compiled value):
+    the pipelined Z, previous-code and codebook tiles."""
+    return pipelined_shared_bytes(tile, dtype_bytes, operand_rows=2 * tile.block_n + tile.block_k)
 
 
 @triton.jit
-def _pick(j: tl.constexpr, a, b, c, d):
-    """The j-th of four values (j a compile-time level index)."""
+def _pick(j: tl.constexpr, a, b):
+    """The j-th of two values (j a compile-time level index)."""
     if j == 0:
         return a
-    elif j == 1:
-        return b
-    elif j == 2:
-        return c
     else:
-        return d
+        return b
 
 
 @triton.jit
@@ -78,13 +90,16 @@ def _round(x, dtype: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr):
     return x.to(dtype)
 
 
-@triton.autotune(configs=_configs(), key=["D", "K_MAX", "NUM_LEVELS", "HAS_EARLIER", "IEEE_FP32", "UPCAST"])
+@triton.autotune(
+    configs=autotune_configs(TILES, INTERPRETER_TILE),
+    key=["N_CLASS", "D", "K_MAX", "NUM_LEVELS", "HAS_EARLIER", "IEEE_FP32", "UPCAST"],
+    prune_configs_by={"early_config_prune": prune_for_device("z0_ptr", shared_bytes, TILES)},
+)
+@triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 @triton.jit
 def _hrq_kernel(
     z0_ptr,  # Z of levels FIRST .. FIRST + NUM_LEVELS - 1, each [N, D] (unused slots: any tensor)
     z1_ptr,
-    z2_ptr,
-    z3_ptr,
     e_ptr,  # [sum K_l, D] packed codebooks, dtype of Z
     e_sqnorm_ptr,  # [sum K_l] float32
     offsets_ptr,  # [L + 1] int32: level l's codes are the rows offsets[l] .. offsets[l + 1] - 1
@@ -93,11 +108,13 @@ def _hrq_kernel(
     N,
     D,
     K_MAX,  # largest K_l of this launch: only an autotuning key
+    N_CLASS,  # size_class(N): only an autotuning key
     FIRST,  # first level of this launch
-    NUM_LEVELS: tl.constexpr,  # levels in this launch, 1 .. 4
+    NUM_LEVELS: tl.constexpr,  # levels in this launch, 1 .. _LEVELS_PER_LAUNCH
     HAS_EARLIER: tl.constexpr,  # FIRST > 0: earlier levels' codes are read from codes_ptr
     IEEE_FP32: tl.constexpr,
     UPCAST: tl.constexpr,  # bfloat16 under the interpreter (see the launcher)
+    EVEN_D: tl.constexpr,  # D % BLOCK_D == 0: no dimension mask (the masked loads cost registers)
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -106,6 +123,9 @@ def _hrq_kernel(
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     rows64 = rows.to(tl.int64)  # 64-bit offsets: L * N * D can exceed 2^31
+    # Z tiles: a 64-bit base per program, 32-bit offsets inside the tile (fewer registers).
+    z_offs = tl.arange(0, BLOCK_N)[:, None] * D
+    tile_base = pid.to(tl.int64) * BLOCK_N * D
 
     # Packed-codebook row of the previous level's chosen code, per row (used by levels >= 1).
     prev_row = tl.zeros([BLOCK_N], dtype=tl.int64)
@@ -115,11 +135,10 @@ def _hrq_kernel(
     # The chosen packed rows of this launch's levels, kept for the cumulative means.
     row0 = prev_row
     row1 = prev_row
-    row2 = prev_row
-    row3 = prev_row
 
+    e_offs = tl.arange(0, BLOCK_K)[:, None] * D
     for j in tl.static_range(NUM_LEVELS):
-        z_rows = _pick(j, z0_ptr, z1_ptr, z2_ptr, z3_ptr) + rows64[:, None] * D
+        z_tile = _pick(j, z0_ptr, z1_ptr) + tile_base
         k_start = tl.load(offsets_ptr + FIRST + j)
         k_end = tl.load(offsets_ptr + FIRST + j + 1)
         best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
@@ -127,19 +146,24 @@ def _hrq_kernel(
         for k0 in range(k_start, k_end, BLOCK_K):
             codes = k0 + tl.arange(0, BLOCK_K)
             code_ok = codes < k_end
-            e_rows = e_ptr + codes.to(tl.int64)[:, None] * D
+            e_tile = e_ptr + tl.cast(k0, tl.int64) * D
             dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 dims = d0 + tl.arange(0, BLOCK_D)
-                ok = row_ok[:, None] & (dims < D)[None, :]
-                h = tl.load(z_rows + dims[None, :], mask=ok, other=0.0)
+                if EVEN_D:
+                    ok = row_ok[:, None]
+                    e_ok = code_ok[:, None]
+                else:
+                    ok = row_ok[:, None] & (dims < D)[None, :]
+                    e_ok = code_ok[:, None] & (dims < D)[None, :]
+                h = tl.load(z_tile + z_offs + dims[None, :], mask=ok, other=0.0)
                 if HAS_EARLIER or j > 0:
                     # H = 2 Z - C_prev[M_prev], rounded like the reference's `2.0 * z - prev`: 2 Z is
                     # rounded to the dtype first (it can overflow in float16), then the difference.
                     prev = tl.load(e_ptr + prev_row[:, None] * D + dims[None, :], mask=ok, other=0.0)
                     twice = _round(h.to(tl.float32) * 2.0, h.dtype, UPCAST)
                     h = _round(twice.to(tl.float32) - prev.to(tl.float32), h.dtype, UPCAST)
-                et = tl.load(e_rows + dims[None, :], mask=code_ok[:, None] & (dims < D)[None, :], other=0.0)
+                et = tl.load(e_tile + e_offs + dims[None, :], mask=e_ok, other=0.0)
                 if UPCAST:
                     h = h.to(tl.float32)
                     et = et.to(tl.float32)
@@ -159,12 +183,8 @@ def _hrq_kernel(
         prev_row = best_code.to(tl.int64) + k_start
         if j == 0:
             row0 = prev_row
-        elif j == 1:
-            row1 = prev_row
-        elif j == 2:
-            row2 = prev_row
         else:
-            row3 = prev_row
+            row1 = prev_row
 
     # Cumulative means: sum the chosen code rows in level order in float32, divide (correctly
     # rounded, as torch divides), round once to the output dtype.
@@ -177,7 +197,7 @@ def _hrq_kernel(
                 r = tl.load(codes_ptr + m * N + rows64, mask=row_ok, other=0).to(tl.int64) + tl.load(offsets_ptr + m)
                 acc += tl.load(e_ptr + r[:, None] * D + dims[None, :], mask=ok, other=0.0).to(tl.float32)
         for j in tl.static_range(NUM_LEVELS):
-            r = _pick(j, row0, row1, row2, row3)
+            r = _pick(j, row0, row1)
             acc += tl.load(e_ptr + r[:, None] * D + dims[None, :], mask=ok, other=0.0).to(tl.float32)
             count = tl.full([BLOCK_N, BLOCK_D], 1.0, tl.float32) * (FIRST + j + 1)
             out = levels_ptr + ((FIRST + j) * N + rows64)[:, None] * D + dims[None, :]
@@ -202,7 +222,7 @@ def hrq_quantize_triton(
     bounds = [0]
     for k in codebook_sizes:
         bounds.append(bounds[-1] + int(k))
-    offsets = torch.tensor(bounds, dtype=torch.int32, device=device)
+    offsets = int_tensor_on(bounds, device)
 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_N"]),)
@@ -211,28 +231,28 @@ def hrq_quantize_triton(
         group = list(zs[first : first + _LEVELS_PER_LAUNCH])
         num = len(group)
         group += [group[0]] * (_LEVELS_PER_LAUNCH - num)  # unused pointer slots
-        wrap_triton(_hrq_kernel)[grid](
-            group[0],
-            group[1],
-            group[2],
-            group[3],
-            codebooks,
-            codebook_sqnorms,
-            offsets,
-            codes,
-            levels,
-            n,
-            d,
-            max(int(k) for k in codebook_sizes[first : first + num]),
-            first,
-            NUM_LEVELS=num,
-            HAS_EARLIER=first > 0,
-            IEEE_FP32=dtype == torch.float32,
-            # The Triton interpreter's tl.dot reads bfloat16 as raw bits; products of bf16 values are
-            # exact in float32, so upcasting there computes what the tensor cores compute on a GPU.
-            # It also truncates float32 -> bfloat16, so the kernel rounds to nearest even by hand.
-            UPCAST=dtype == torch.bfloat16 and triton_interpreter(),
-        )
+        with device_guard(device):
+            wrap_triton(_hrq_kernel)[grid](
+                group[0],
+                group[1],
+                codebooks,
+                codebook_sqnorms,
+                offsets,
+                codes,
+                levels,
+                n,
+                d,
+                max(int(k) for k in codebook_sizes[first : first + num]),
+                size_class(n),
+                first,
+                NUM_LEVELS=num,
+                HAS_EARLIER=first > 0,
+                IEEE_FP32=dtype == torch.float32,
+                # The Triton interpreter's tl.dot reads bfloat16 as raw bits; products of bf16 values are
+                # exact in float32, so upcasting there computes what the tensor cores compute on a GPU.
+                # It also truncates float32 -> bfloat16, so the kernel rounds to nearest even by hand.
+                UPCAST=dtype == torch.bfloat16 and triton_interpreter(),
+            )
     return codes, levels
 
 
@@ -240,3 +260,26 @@ def hrq_quantize_triton(
 def _(zs, codebooks, codebook_sqnorms, codebook_sizes):
     n, d = zs[0].shape
     return zs[0].new_empty(len(zs), n, dtype=torch.int32), zs[0].new_empty(len(zs), n, d)
+
+
+def aot_variants():
+    """What `vqdna gpu-check` compiles: every declared tile for each dtype it is declared for, with and
+    without the dimension mask where allowed, for every NUM_LEVELS of a launch, first launch or later."""
+    fn = jit_function(_hrq_kernel)
+    level_variants = [(n, has_earlier) for has_earlier in (False, True) for n in range(1, _LEVELS_PER_LAUNCH + 1)]
+    for dtype, torch_dtype in TORCH_DTYPES.items():
+        for tile in TILES:
+            if dtype not in tile.dtypes:
+                continue
+            for even_d in (True, False) if not tile.even_d_only else (True,):
+                for num_levels, has_earlier in level_variants:
+                    consts = {"NUM_LEVELS": num_levels, "HAS_EARLIER": has_earlier,
+                              "IEEE_FP32": torch_dtype == torch.float32, "UPCAST": False, "EVEN_D": even_d,
+                              "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "BLOCK_D": tile.block_d}  # fmt: skip
+                    ptr = f"*{dtype}"
+                    pointers = {f"z{i}_ptr": ptr for i in range(_LEVELS_PER_LAUNCH)}
+                    pointers.update(e_ptr=ptr, e_sqnorm_ptr="*fp32", offsets_ptr="*i32", codes_ptr="*i32", levels_ptr=ptr)
+                    label = f"{tile.label} L{num_levels}{' earlier' if has_earlier else ''}{'' if even_d else ' masked-D'}"
+                    yield AotVariant("hrq_quantize", "_hrq_kernel", fn, dtype, label, signature(fn, pointers, consts),
+                                     consts, tile.num_warps, tile.num_stages,
+                                     shared_bytes(tile, torch_dtype.itemsize), tile.archs)  # fmt: skip

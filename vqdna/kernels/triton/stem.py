@@ -22,6 +22,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from vqdna.kernels.dispatch import triton_interpreter
+from vqdna.kernels.triton.common import TORCH_DTYPES, AotVariant, device_guard, jit_function, signature
 
 __all__ = ["stem_triton"]
 
@@ -54,7 +55,7 @@ def _stem_kernel(
     acc = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     acc += tl.load(bias_ptr + dims, mask=dim_ok, other=0.0)[None, :]
     bad = tl.zeros([BLOCK_T], dtype=tl.int1)
-    for j in tl.static_range(W):
+    for j in range(W):  # a loop, not unrolled: W taps of gathered rows unrolled spilled at W >= 9
         s = t + (j - HALF)
         inside = pos_ok & (s >= 0) & (s < L)
         # The pad id (5) and off-edge taps add nothing: their gather is masked to 0.
@@ -83,10 +84,11 @@ def _stem_kernel(
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=pos_ok[:, None] & dim_ok[None, :])
 
 
-def _tile(d: int) -> tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, num_warps) for feature size d."""
+def _tile(d: int, interpreter: bool = None) -> tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps) for feature size d (on a GPU unless `interpreter`, which
+    defaults to whether the Triton interpreter is on)."""
     block_d = triton.next_power_of_2(max(d, 1))
-    if triton_interpreter():
+    if triton_interpreter() if interpreter is None else interpreter:
         # The interpreter runs every op as one numpy call over the tile: big tiles, few programs.
         return max(1, min(256, 16384 // block_d)), block_d, 1
     # ~16 fp32 accumulator values per thread at 4-8 warps; positions fill what D leaves.
@@ -114,14 +116,30 @@ def stem_triton(
         return out
     table = weight.permute(2, 1, 0).contiguous()  # [W, 5, D]: one tap's base row is contiguous in D
     block_t, block_d, warps = _tile(d)
-    wrap_triton(_stem_kernel)[(triton.cdiv(n, block_t),)](
-        ids, table, bias, ln_weight, ln_bias, out, n, length, d, ln_eps,
-        W=width, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps,
-        ROUND_BF16=out_dtype == torch.bfloat16 and triton_interpreter(),
-    )  # fmt: skip
+    with device_guard(ids.device):
+        wrap_triton(_stem_kernel)[(triton.cdiv(n, block_t),)](
+            ids, table, bias, ln_weight, ln_bias, out, n, length, d, ln_eps,
+            W=width, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps,
+            ROUND_BF16=out_dtype == torch.bfloat16 and triton_interpreter(),
+        )  # fmt: skip
     return out
 
 
 @stem_triton.register_fake
 def _(ids, weight, bias, ln_weight, ln_bias, ln_eps, out_dtype):
     return weight.new_empty(ids.shape[0], ids.shape[1], weight.shape[0], dtype=out_dtype)
+
+
+def aot_variants():
+    """What `vqdna gpu-check` compiles: the GPU tile of each feature size for every output dtype and
+    kernel width: D = 384, 64 and 1030 (a padded row), W = 5, 7, 9 and 33."""
+    fn = jit_function(_stem_kernel)
+    for d in (384, 64, 1030):
+        block_t, block_d, warps = _tile(d, interpreter=False)
+        for width in (5, 7, 9, 33):
+            for dtype in TORCH_DTYPES:
+                consts = {"W": width, "BLOCK_T": block_t, "BLOCK_D": block_d, "ROUND_BF16": False}
+                pointers = {"ids_ptr": "*u8", "table_ptr": "*fp32", "bias_ptr": "*fp32", "ln_w_ptr": "*fp32",
+                            "ln_b_ptr": "*fp32", "out_ptr": f"*{dtype}"}  # fmt: skip
+                yield AotVariant("stem", "_stem_kernel", fn, dtype, f"D{d} W{width} T{block_t}",
+                                 signature(fn, pointers, consts, {"eps": "fp32"}), consts, warps, 1)  # fmt: skip
