@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_PIN ?= torch==2.13.0
 SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h)
 
-.PHONY: install demo test test-slow bench bench-gpu clean tokenizer
+.PHONY: install demo test test-slow mutate bench bench-gpu clean tokenizer
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,11 @@ test: install
 
 test-slow: install
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m slow tests
+
+# Mutation testing (tests/mutations.toml): every planted bug must make its tests fail; prints the kill
+# rate and the survivors, fails below 90%. MUTATE_ARGS="--only ID ..." runs some of them.
+mutate: install
+	$(BIN)/python tools/mutate.py $(MUTATE_ARGS)
 
 # CPU microbenchmarks; the ratio table (with device, versions, commit, command) goes to bench/results/.
 # BENCH_SIZE=tiny|small|full picks the case grid (vqdna/bench/cases.py).

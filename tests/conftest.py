@@ -16,6 +16,20 @@ def backend_params():
     return params
 
 
+def backend_case_params(cases, interpreter_too_big):
+    """pytest params (backend, device, *case) for every backend and every case tuple; Triton-on-CPU
+    cases for which interpreter_too_big(*case) holds carry `slow` (the interpreter is ~1000x slower)."""
+    params = []
+    for b, d in CPU_BACKENDS + CUDA_BACKENDS:
+        for case in cases:
+            marks = [pytest.mark.cuda] if d == "cuda" else []
+            if b == "triton" and d == "cpu" and interpreter_too_big(*case):
+                marks.append(pytest.mark.slow)
+            ids = "-".join(str(v)[6:] if isinstance(v, torch.dtype) else str(v) for v in case)
+            params.append(pytest.param(b, d, *case, marks=marks, id=f"{b}-{d}-{ids}"))
+    return params
+
+
 def require_backend(backend: str, device: str, op: str = "lookup") -> None:
     """Skip (with the reason) when `backend` cannot run `op` on `device` here.
 

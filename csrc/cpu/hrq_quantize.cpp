@@ -1,6 +1,6 @@
 // Native CPU HRQ residual doubling (DESIGN 2.2), all levels of a block of rows in one task:
-// level 0 searches C_0 with Z_0; level l >= 1 forms H_l = 2 Z_l - C_{l-1}[M_{l-1}] in float32,
-// rounds it to the input dtype (as the reference does), and packs it straight into the search
+// level 0 searches C_0 with Z_0; level l >= 1 forms H_l = T(T(2 Z_l) - C_{l-1}[M_{l-1}]) in float32,
+// rounded to the input dtype T (as the reference does), and packs it straight into the search
 // panels, so H_l only ever exists in a thread's L2-sized block buffer. The running mean of the
 // chosen code embeddings is kept in float32 and rounded once per level on output.
 #include <ATen/ATen.h>
@@ -28,8 +28,9 @@ inline void double_residual(const float* z, const float* e, float* h, int64_t D)
       _mm256_storeu_ps(h + d, _mm256_fmsub_ps(two, _mm256_loadu_ps(z + d), _mm256_loadu_ps(e + d)));
   }
 #endif
-  // 2z is exact, so the fused and the separate multiply-subtract round the same way.
-  for (; d < D; ++d) h[d] = static_cast<float>(static_cast<T>(2.f * z[d] - e[d]));
+  // 2z is exact in float32 but is rounded to T first, as the reference's `2.0 * z` is: in float16
+  // it overflows to inf above 65504 (then H is inf), where 2z - e alone could still be finite.
+  for (; d < D; ++d) h[d] = static_cast<float>(static_cast<T>(static_cast<float>(static_cast<T>(2.f * z[d])) - e[d]));
 }
 
 // out = T(acc / count). Division by a power of two is multiplication by its exact reciprocal;

@@ -205,6 +205,19 @@ def test_sample_windows(tmp_path):
         TokenDataset(empty).sample_windows(1, 4)
 
 
+def test_sample_windows_draws_every_start_equally(tmp_path):
+    """Record a (6 bases) has 3 starts for windows of 4, the last included; record b (2 bases) one:
+    with codes = positions, the first code of a window is its start, and all 4 are equally likely."""
+    sizes = (16,)
+    a = np.arange(6, dtype=np.int64)[:, None]
+    b = np.arange(10, 12, dtype=np.int64)[:, None]
+    _write(tmp_path, [("a", a), ("b", b)], sizes, 100)
+    windows = TokenDataset(tmp_path).sample_windows(4000, 4, np.random.default_rng(1))
+    starts, counts = np.unique(windows[:, 0, 0], return_counts=True)
+    assert starts.tolist() == [0, 1, 2, 10]
+    assert (np.abs(counts / 4000 - 0.25) < 0.03).all(), counts
+
+
 def _damage(directory, how):
     """Damage shard 1 of a token directory the way the probes did; returns the file a reader must name."""
     base = directory / "shard-00001"

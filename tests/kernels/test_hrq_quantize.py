@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import backend_params, require_backend
+from tests.conftest import backend_case_params, backend_params, require_backend
 from tests.kernels.test_lookup import exact_distances
 from tests.tolerances import TOL
 from vqdna.kernels import dispatch, hrq_quantize, reference
@@ -17,6 +17,10 @@ SHAPES = [  # (N, D, codebook sizes)
     (257, 64, (8, 64, 513)),
     (1000, 384, (64, 512)),
 ]
+# (backend, device, dtype, *shape); the Triton interpreter (~1 ms per tile step) runs the large ones under `slow`.
+CASES = backend_case_params(
+    [(t, *s) for t in DTYPES for s in SHAPES], lambda t, n, d, sizes: n * d * sum(sizes) > 3_000_000
+)
 
 
 def make_levels(n, d, sizes, dtype, device, gen):
@@ -43,13 +47,9 @@ def check_level_codes(h, codebook, codes, dtype):
     assert bool((excess <= tol).all()), f"level codes farther than tolerance: max excess {float(excess.max()):.3g}"
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
-@pytest.mark.parametrize("n,d,sizes", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("backend,device,dtype,n,d,sizes", CASES)
 def test_hrq_matches_reference(backend, device, dtype, n, d, sizes, rng, poison):
     require_backend(backend, device, "hrq_quantize")
-    if backend == "triton" and device == "cpu" and n * d * sum(sizes) > 3_000_000:
-        pytest.skip("too large for the Triton interpreter")
     zs, codebooks = make_levels(n, d, sizes, dtype, device, rng)
     codes, levels = hrq_quantize(zs, codebooks, backend=backend)
     assert dispatch.last_backend("hrq_quantize") == backend
@@ -198,6 +198,109 @@ def test_hrq_native_out_rejects_overlap(rng):
     with pytest.raises(RuntimeError, match="single memory location"):
         torch.ops.vqdna.hrq_quantize_native_out([levels[0], levels[1]], packed, packed.pow(2).sum(-1), [3, 4],
                                                 torch.empty(2, 8, dtype=torch.int32), levels)
+
+
+# --- the spec's rounding, exactly (DESIGN 2.2) -----------------------------------------------------
+
+# Significant bits (with the implicit one) of the low-precision dtypes.
+_PRECISION = {torch.bfloat16: 8, torch.float16: 11}
+
+
+def _spec_h(zs, codebooks, codes, level):
+    """H_l as the spec computes it in the dtype of zs: `2.0 * z` rounded, minus the previous code, rounded."""
+    if level == 0:
+        return zs[0]
+    return 2.0 * zs[level] - codebooks[level - 1][codes[level - 1].long()]
+
+
+def _decisive_rows(dtype, d):
+    """Rows (z_0, z_1) along e_0 whose level-1 code is decided by the spec's rounding, and the codes
+    (level-0 codebook rows, level-1 codebook rows) they need.
+
+    Rounding H: with u the ulp at 2, z_1 = (1 + u/2) e_0 and a previous code c = (u/2 + u/32) e_0
+    give H_1 = 2 + u/2 - u/32 in float32, just below the midpoint 2 + u/2, so the dtype rounds it to
+    2: the code a = 2 - u/2 wins there, while the unrounded value is nearer b = 2 + u. Every value
+    and distance of these rows is exact in float32, on every backend.
+    Rounding 2 Z (float16 only): z_1 = 32800 e_0 doubles to 65600, which is inf in float16, so
+    H_1 = inf e_0 and the first code with a positive e_0 wins (its score is -inf); unrounded,
+    2 z_1 - 1024 e_0 = 64576 is finite and nearest to the code 60000 e_0.
+    """
+    u = 2.0 ** -(_PRECISION[dtype] - 2)
+    e0 = torch.zeros(d)
+    e0[0] = 1.0
+    z0 = [(u / 2 + u / 32) * e0]
+    z1 = [(1 + u / 2) * e0]
+    level0 = [(u / 2 + u / 32) * e0]
+    level1 = [(2 - u / 2) * e0, (2 + u) * e0]
+    if dtype == torch.float16:
+        z0.append(1024.0 * e0)
+        z1.append(32800.0 * e0)
+        level0.append(1024.0 * e0)
+        level1.append(60000.0 * e0)
+    return torch.stack(z0), torch.stack(z1), torch.stack(level0), torch.stack(level1)
+
+
+def _clean_rows(zs, codebooks, codes, margin=1e-4):
+    """Rows whose code at every level beats the runner-up by `margin` of the terms' size (no
+    near-tie that float32 summation order could flip), judged on the spec's H in float64."""
+    keep = torch.ones(zs[0].shape[0], dtype=torch.bool)
+    for level, cb in enumerate(codebooks):
+        h = _spec_h(zs, codebooks, codes, level).double()
+        dist = exact_distances(h, cb)
+        two = dist.topk(2, dim=1, largest=False)
+        size = h.pow(2).sum(-1) + cb.double().pow(2).sum(-1)[two.indices].sum(-1)
+        keep &= (two.values[:, 1] - two.values[:, 0]) > margin * size
+    return keep
+
+
+def exact_hrq_case(dtype, n=200, d=16, sizes=(8, 24, 40)):
+    """3-level inputs of N >= n rows (random rows without near-ties, then, for bfloat16/float16,
+    rows whose codes the rounding of 2 Z and of H decides); the same data for every backend."""
+    gen = torch.Generator().manual_seed(2024)
+    zs, codebooks = make_levels(3 * n, d, sizes, torch.float32, "cpu", gen)
+    zs, codebooks = [z.to(dtype) for z in zs], [c.to(dtype) for c in codebooks]
+    keep = _clean_rows(zs, codebooks, reference.hrq_quantize(zs, codebooks)[0])
+    assert int(keep.sum()) >= n
+    zs = [z[keep][:n] for z in zs]
+    if dtype in _PRECISION:
+        z0, z1, extra0, extra1 = _decisive_rows(dtype, d)
+        m = z0.shape[0]
+        assert bool((codebooks[1][:, 0] > 0).any())  # inf e_0 has a code to go to
+        codebooks[0] = torch.cat([codebooks[0], extra0.to(dtype)])
+        codebooks[1] = torch.cat([codebooks[1], extra1.to(dtype)])
+        z2 = 0.5 * torch.randn(m, d, generator=gen)
+        zs = [torch.cat([z, extra.to(dtype)]) for z, extra in zip(zs, (z0, z1, z2))]
+    return zs, codebooks
+
+
+# float16 rows with 2 Z = inf: numpy (the Triton interpreter) warns about the overflow it is meant to do.
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast", "ignore:invalid value encountered in matmul")
+@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
+def test_hrq_rounding_is_exactly_the_spec(backend, device, dtype, poison):
+    """Codes equal the spec's and zhat_levels[l] is bit for bit float32 sum of the chosen codes,
+    one division by l + 1, one rounding to the dtype; on rows where rounding 2 Z (float16) and H
+    decide the level-1 code too."""
+    require_backend(backend, device, "hrq_quantize")
+    zs, codebooks = exact_hrq_case(dtype)
+    n = zs[0].shape[0]
+    want_codes, _ = reference.hrq_quantize(zs, codebooks)
+    if dtype in _PRECISION:
+        # The decisive rows (after the first 200) are decided as designed, by the rounded 2 Z and H:
+        # code a (appended after the 24 random level-1 codes), and for float16 the first code with a
+        # positive e_0; unrounded, b and the code 60000 e_0 (the last) would win.
+        first_positive = int((codebooks[1][:, 0] > 0).nonzero()[0])
+        assert want_codes[1, 200:].tolist() == [24, first_positive][: n - 200]
+        unrounded = 2.0 * zs[1][200:].float() - codebooks[0].float()[want_codes[0, 200:].long()]
+        assert reference.lookup(unrounded, codebooks[1].float())[0].tolist() == [25, codebooks[1].shape[0] - 1][: n - 200]
+    codes, levels = hrq_quantize([z.to(device) for z in zs], [c.to(device) for c in codebooks], backend=backend)
+    assert dispatch.last_backend("hrq_quantize") == backend
+    assert torch.equal(codes.cpu(), want_codes)
+    running = torch.zeros(n, zs[0].shape[1], dtype=torch.float32)
+    for level, cb in enumerate(codebooks):
+        running += cb.float()[want_codes[level].long()]
+        want = (running / (level + 1)).to(dtype)
+        assert torch.equal(levels[level].cpu(), want), f"level {level}: {int((levels[level].cpu() != want).sum())} values differ"
 
 
 @pytest.mark.cuda

@@ -46,3 +46,21 @@ def test_kmeans_empty_cluster_keeps_centroid_and_k_above_n(rng):
         kmeans(torch.randn(0, 4), 3)
     with pytest.raises(ValueError, match="unknown init"):
         kmeans(x, 2, init="bogus")
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
+def test_kmeans_empty_clusters_stay_where_they_were(backend, device):
+    """k = 6 over 4 distinct points (50 copies each): k-means++ takes the 4 points, then (every
+    weight 0) copies of the last row, which the lower index wins on every tie, so clusters 4 and 5
+    stay empty for every round and keep their initial centroid. Dyadic coordinates: every mean is
+    exact, so nothing moves and the result equals the reference bit for bit."""
+    require_backend(backend, device, "ema_stats")
+    require_backend(backend, device, "lookup")
+    points = torch.tensor([[8.0, 1.5, -2.25], [-6.5, 4.0, 3.0], [5.0, -7.75, 6.5], [-3.0, -4.5, -9.0]])
+    x = points.repeat(50, 1)
+    init = reference.kmeans_init(x, 6, seed=0)
+    assert torch.equal(init[4], points[3]) and torch.equal(init[5], points[3])
+    want = reference.kmeans(x, 6, iters=3, seed=0)
+    assert torch.equal(want, init)  # the spec keeps empty clusters (and exact means) in place
+    got = kmeans(x.to(device), 6, iters=3, seed=0, backend=backend).cpu()
+    assert torch.equal(got, want)

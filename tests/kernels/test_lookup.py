@@ -154,6 +154,19 @@ def test_nonfinite_rows(backend, device, dtype, rng, poison):
 
 
 @pytest.mark.parametrize("backend,device", backend_params())
+def test_rows_on_codes_are_at_distance_zero_or_more(backend, device, rng, poison):
+    """A row equal to a code is at exact distance 0; in float32, ||e||^2 - 2 z.e + ||z||^2 cancels
+    to a few ulps of either sign, and the clamp keeps the returned distance >= 0 (DESIGN 2.1)."""
+    require_backend(backend, device)
+    codebook = torch.randn(64, 96, generator=rng) * 3
+    z = codebook[torch.randperm(64, generator=rng)].repeat(4, 1)
+    codes, dist = lookup(z.to(device), codebook.to(device), backend=backend)
+    assert torch.equal(codebook[codes.cpu().long()], z)
+    assert bool((dist.cpu() >= 0).all()), f"{int((dist < 0).sum())} negative distances"
+    assert float(dist.max()) < 1e-3
+
+
+@pytest.mark.parametrize("backend,device", backend_params())
 def test_leading_shape_layout_and_int64(backend, device, rng, poison):
     require_backend(backend, device)
     k, d = 37, 24

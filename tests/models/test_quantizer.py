@@ -183,11 +183,17 @@ def _worker(rank, world, port, kind, x, zs, state, out_dir):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.manual_seed(1234 + rank)  # different per rank: restarts must still agree
-        m = VectorQuantizer(4, 8, decay=0.6, threshold_ema_dead_code=0.2) if kind == "vq" else HRQuantizer(4, (3, 8), decay=0.6, threshold_ema_dead_code=0.2)
+        if kind == "vq-kmeans":
+            # threshold 5: codes with fewer than ~5 of the 64 rows a step die and restart
+            m = VectorQuantizer(4, 8, decay=0.6, kmeans_init=True, kmeans_iters=3, threshold_ema_dead_code=5.0)
+        elif kind == "vq":
+            m = VectorQuantizer(4, 8, decay=0.6, threshold_ema_dead_code=0.2)
+        else:
+            m = HRQuantizer(4, (3, 8), decay=0.6, threshold_ema_dead_code=0.2)
         m.load_state_dict(state)
         half = x.shape[0] // world
         for _ in range(3):
-            if kind == "vq":
+            if kind.startswith("vq"):
                 m(x[rank * half : (rank + 1) * half])
             else:
                 m([z[rank * half : (rank + 1) * half] for z in zs])
@@ -222,6 +228,21 @@ def test_two_ranks_equal_one_process(kind, tmp_path, rng):
     for k in codebook_keys:
         live = r0[k].abs().amax(-1) < 40  # codes that never died
         assert torch.allclose(r0[k][live], nodead.state_dict()[k][live], atol=1e-5), k
+
+
+def test_two_ranks_share_kmeans_init_and_restarts(tmp_path, rng):
+    """k-means initialisation and dead-code restarts on each rank's own half of the batch, rank 0's
+    result broadcast: the ranks start and stay identical. (The test above runs without restarts:
+    its far codes do not fall below the threshold within its three steps.)"""
+    x = torch.randn(64, 4, generator=rng)
+    state = {k: v.clone() for k, v in VectorQuantizer(4, 8).state_dict().items()}
+    mp.spawn(_worker, args=(2, _free_port(), "vq-kmeans", x, None, state, str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert bool(r0["initted"]) and not torch.equal(r0["codebook"], state["codebook"])
+    assert bool((r0["cluster_size"] == 5.0).any())  # a code restarted at the last step
+    for k in ("codebook", "cluster_size", "embed_sum"):
+        assert torch.equal(r0[k], r1[k]), f"ranks drifted apart on {k}"
 
 
 def test_vq_masked_loss_and_gradient(rng):

@@ -91,8 +91,11 @@ def hrq_quantize(
         h = z if level == 0 else 2.0 * z - prev_embedding
         m, _ = lookup(h.detach(), cb.detach())
         hhat = cb.detach()[m.long()]
-        # hhat + (h - sg(h)): the value is exactly hhat, the gradient is h's.
-        hhat_ste = hhat.to(acc) + (h.to(acc) - h.detach().to(acc))
+        # hhat + (h - sg(h)) with h - sg(h) = slope * (z - sg(z)) (the previous code is detached):
+        # the value is exactly hhat, the gradient is h's. Written on z, not h: h may be inf where z
+        # is finite (float16: 2 z overflows), and inf - inf would turn the value into NaN.
+        slope = 1.0 if level == 0 else 2.0
+        hhat_ste = hhat.to(acc) + slope * (z.to(acc) - z.detach().to(acc))
         running = hhat_ste if running is None else running + hhat_ste
         levels.append((running / (level + 1)).to(z.dtype))
         codes.append(m)
