@@ -175,19 +175,20 @@ class Points:
             self.got[key] = (self.got["z"], e, e.float().pow(2).sum(-1))
         return self.got[key]
 
-    def _compute(self, op, backend, flops, t, **extra):
+    def _rate(self, op, backend, t, unit, amount, **extra):
+        """A timed point: `amount` (FLOP or bytes) per t["ms"] in `unit` ("tflops" or "gbps"), and its
+        fraction of the device limit of that unit measured in this run."""
         row = {"op": op, "backend": backend, "dtype": str(self.dtype)[6:], **extra, **t}
-        row["tflops"] = flops / (t["ms"] * 1e-3) / 1e12
-        if "peak_tflops" in self.got:
-            row["fraction_of_peak"] = row["tflops"] / self.got["peak_tflops"]
+        row[unit] = amount / (t["ms"] * 1e-3) / (1e12 if unit == "tflops" else 1e9)
+        if f"peak_{unit}" in self.got:
+            row["fraction_of_peak"] = row[unit] / self.got[f"peak_{unit}"]
         return row
 
+    def _compute(self, op, backend, flops, t, **extra):
+        return self._rate(op, backend, t, "tflops", flops, **extra)
+
     def _memory(self, op, backend, nbytes, t, **extra):
-        row = {"op": op, "backend": backend, "dtype": str(self.dtype)[6:], **extra, **t}
-        row["gbps"] = nbytes / (t["ms"] * 1e-3) / 1e9
-        if "peak_gbps" in self.got:
-            row["fraction_of_peak"] = row["gbps"] / self.got["peak_gbps"]
-        return row
+        return self._rate(op, backend, t, "gbps", nbytes, **extra)
 
     def _ran(self, op, backend):
         assert last_backend(op) == backend, f"{op}: asked for {backend}, {last_backend(op)} ran"

@@ -235,15 +235,12 @@ def nvcc_path() -> Optional[str]:
 
 def _nvcc_version(nvcc: str) -> str:
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
-    m = re.search(r"release ([\d.]+), V([\d.]+)", out)
-    return m.group(2) if m else out.strip().splitlines()[-1] if out.strip() else "unknown"
+    m = re.search(r"release [\d.]+, V([\d.]+)", out)
+    return m.group(1) if m else "unknown"
 
 
 def _demangle(names: list[str]) -> list[str]:
-    tool = shutil.which("cu++filt") or shutil.which("c++filt")
-    if nvcc_path() and not tool:
-        cand = Path(os.path.realpath(nvcc_path())).parent / "cu++filt"
-        tool = str(cand) if cand.exists() else None
+    tool = shutil.which("cu++filt") or shutil.which("c++filt")  # binutils' c++filt reads nvcc's names too
     if not tool or not names:
         return names
     proc = subprocess.run([tool], input="\n".join(names), capture_output=True, text=True)

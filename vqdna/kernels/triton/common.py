@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 import triton
+import triton.language as tl
 
 from vqdna.kernels.dispatch import triton_interpreter
 
@@ -151,6 +152,28 @@ def size_class(n: int) -> int:
     """The autotune key of a row count: its power-of-two class (1 -> 1, 2..3 -> 2, 4..7 -> 3, ...).
     Tuning per class, not per exact N, retunes when the problem size changes by 2x, not per call."""
     return max(int(n), 1).bit_length()
+
+
+@triton.jit
+def chunk_masks(row_ok, code_ok, dims, D, EVEN_D: tl.constexpr):
+    """Load masks of one BLOCK_D chunk for the Z rows and the codebook rows; the dimension mask only
+    when D is not a multiple of BLOCK_D (its [rows, BLOCK_D] masks cost registers)."""
+    if EVEN_D:
+        return row_ok[:, None], code_ok[:, None]
+    else:
+        return row_ok[:, None] & (dims < D)[None, :], code_ok[:, None] & (dims < D)[None, :]
+
+
+@triton.jit
+def running_argmin(best, best_code, dot, e_sqnorm, code_ok, code_base):
+    """Fold one [BLOCK_N, BLOCK_K] tile of dot products into the per-row (min score, code):
+    score = ||e||^2 - 2 z.e. Padding codes and NaN scores never win; ties go to the smallest code,
+    inside a tile (tie_break_left) and across tiles (strict <: a later tile's equal score loses)."""
+    scores = e_sqnorm[None, :] - 2.0 * dot
+    scores = tl.where(code_ok[None, :] & (scores == scores), scores, float("inf"))
+    tile_best, tile_code = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
+    better = tile_best < best
+    return tl.where(better, tile_best, best), tl.where(better, tile_code + code_base, best_code)
 
 
 def int_tensor_on(values: list[int], device: torch.device) -> torch.Tensor:

@@ -29,11 +29,13 @@ from vqdna.kernels.triton.common import (
     HALF,
     Tile,
     autotune_configs,
+    chunk_masks,
     device_guard,
     int_tensor_on,
     jit_function,
     pipelined_shared_bytes,
     prune_for_device,
+    running_argmin,
     signature,
     size_class,
 )
@@ -149,12 +151,7 @@ def _hrq_kernel(
             dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 dims = d0 + tl.arange(0, BLOCK_D)
-                if EVEN_D:
-                    ok = row_ok[:, None]
-                    e_ok = code_ok[:, None]
-                else:
-                    ok = row_ok[:, None] & (dims < D)[None, :]
-                    e_ok = code_ok[:, None] & (dims < D)[None, :]
+                ok, e_ok = chunk_masks(row_ok, code_ok, dims, D, EVEN_D)
                 h = tl.load(z_tile + z_offs + dims[None, :], mask=ok, other=0.0)
                 if HAS_EARLIER or j > 0:
                     # H = 2 Z - C_prev[M_prev], rounded like the reference's `2.0 * z - prev`: 2 Z is
@@ -171,13 +168,7 @@ def _hrq_kernel(
                 else:
                     dot = tl.dot(h, tl.trans(et), dot)
             e_sqnorm = tl.load(e_sqnorm_ptr + codes, mask=code_ok, other=0.0)
-            scores = e_sqnorm[None, :] - 2.0 * dot
-            # Padding codes and NaN scores must never win; ties resolve to the leftmost (smallest) code.
-            scores = tl.where(code_ok[None, :] & (scores == scores), scores, float("inf"))
-            tile_best, tile_code = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
-            better = tile_best < best  # strict: an equal score in a later tile keeps the earlier code
-            best = tl.where(better, tile_best, best)
-            best_code = tl.where(better, tile_code + (k0 - k_start), best_code)
+            best, best_code = running_argmin(best, best_code, dot, e_sqnorm, code_ok, k0 - k_start)
         tl.store(codes_ptr + (FIRST + j) * N + rows64, best_code, mask=row_ok)
         prev_row = best_code.to(tl.int64) + k_start
         if j == 0:

@@ -19,10 +19,12 @@ from vqdna.kernels.triton.common import (
     HALF,
     Tile,
     autotune_configs,
+    chunk_masks,
     device_guard,
     jit_function,
     pipelined_shared_bytes,
     prune_for_device,
+    running_argmin,
     signature,
     size_class,
 )
@@ -100,12 +102,7 @@ def _lookup_kernel(
         dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
-            if EVEN_D:
-                z_ok = row_ok[:, None]
-                e_ok = code_ok[:, None]
-            else:
-                z_ok = row_ok[:, None] & (dims < D)[None, :]
-                e_ok = code_ok[:, None] & (dims < D)[None, :]
+            z_ok, e_ok = chunk_masks(row_ok, code_ok, dims, D, EVEN_D)
             zt = tl.load(z_tile + z_offs + dims[None, :], mask=z_ok, other=0.0)
             et = tl.load(e_tile + e_offs + dims[None, :], mask=e_ok, other=0.0)
             if UPCAST:
@@ -116,13 +113,7 @@ def _lookup_kernel(
             else:
                 dot = tl.dot(zt, tl.trans(et), dot)
         e_sqnorm = tl.load(e_sqnorm_ptr + codes, mask=code_ok, other=0.0)
-        scores = e_sqnorm[None, :] - 2.0 * dot
-        # Padding codes and NaN scores must never win; ties resolve to the leftmost (smallest) code.
-        scores = tl.where(code_ok[None, :] & (scores == scores), scores, float("inf"))
-        tile_best, tile_code = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        better = tile_best < best  # strict: an equal score in a later tile keeps the earlier code
-        best = tl.where(better, tile_best, best)
-        best_code = tl.where(better, tile_code + k0, best_code)
+        best, best_code = running_argmin(best, best_code, dot, e_sqnorm, code_ok, k0)
 
     dist = best + z_sqnorm
     dist = tl.where(dist < 0.0, 0.0, dist)  # clamp, but keep NaN (a non-finite row must show)
