@@ -48,10 +48,11 @@ bench-gpu:
 	PYTHON=$${PYTHON:-$$(test -x $(BIN)/python && echo $(BIN)/python || echo python3)} bench/gpu.sh $(GPU_ARGS)
 
 # The bundled vqdna-small tokenizer (vqdna/assets/vqdna-small/TRAINING.md): trained on one strain per
-# species, reported on the held-out strains. About 40 min on the shared 2-core CPU.
-GENOMES ?= ../shared/data/genomes
+# species, reported on the held-out strains. About 40 min on a 2-core CPU. GENOMES: the folder holding
+# those genomes (their sources: vqdna/assets/vqdna-small/TRAINING.md), e.g. make tokenizer GENOMES=data/genomes.
 TOKENIZER_OUT ?= build/tokenizer/vqdna-small
 tokenizer: install
+	@test -n "$(GENOMES)" || { echo "make tokenizer: set GENOMES=<folder with the training genomes>" >&2; exit 2; }
 	OMP_NUM_THREADS=1 $(BIN)/vqdna train-tokenizer --config vqdna-small --steps 1000 --batch-size 32 \
 		--warmup-steps 100 --seed 0 --threads 1 --save-every 200 --log-every 20 --out $(TOKENIZER_OUT) \
 		--genomes $(GENOMES)/ecoli_MG1655.fasta.gz $(GENOMES)/hpylori_G27.fasta.gz $(GENOMES)/saureus_COL.fasta.gz \
