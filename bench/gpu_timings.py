@@ -278,7 +278,7 @@ class Points:
 
     def _model(self, name):
         from vqdna.models import VQDNATokenizerConfig, VQDNATokenizerModel
-        from vqdna.models.tokenizer import bundled_tokenizers
+        from vqdna.models.tokenizer_model import bundled_tokenizers
 
         if ("model", name) not in self.got:
             if name in bundled_tokenizers():

@@ -24,7 +24,7 @@ BASE_FLOP_PER_BASE = 14.7e6  # DESIGN 4: the paper-size HRQ tokenizer (6 blocks 
 
 def _model(name: str, device: str):
     from vqdna.models import VQDNATokenizerConfig, VQDNATokenizerModel
-    from vqdna.models.tokenizer import bundled_tokenizers
+    from vqdna.models.tokenizer_model import bundled_tokenizers
 
     if name in bundled_tokenizers():
         return VQDNATokenizerModel.from_pretrained(name), "bundled"

@@ -24,7 +24,7 @@ _LAZY_MODELS = {"ConvNeXt1dEncoder", "ConvNeXt1dDecoder", "VQDNATokenizerConfig"
 def __getattr__(name):
     # The tokenizer model imports transformers: resolved on first use, not at `import vqdna`.
     if name == "VQDNATokenizer":
-        from vqdna.tokenization import VQDNATokenizer
+        from vqdna.models.hf_tokenizer import VQDNATokenizer
 
         return VQDNATokenizer
     if name in _LAZY_MODELS:

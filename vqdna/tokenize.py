@@ -212,7 +212,7 @@ def _config_dict(model) -> dict:
 def _code_config(config: dict) -> dict:
     """The part of a tokenizer config (a manifest's tokenizer.config) that changes the codes for given
     weights: with the weights' sha256, the tokenizer's identity (VQDNATokenizerConfig.code_keys)."""
-    from vqdna.models.tokenizer import VQDNATokenizerConfig
+    from vqdna.models.tokenizer_model import VQDNATokenizerConfig
 
     return {k: config[k] for k in VQDNATokenizerConfig.code_keys if k in config}
 

@@ -123,7 +123,7 @@ def main() -> int:
 
     import torch
 
-    from vqdna.tokenization import VQDNATokenizer
+    from vqdna.models.hf_tokenizer import VQDNATokenizer
     from vqdna.train.finetune import finetune
     from vqdna.train.pretrain import pretrain
 

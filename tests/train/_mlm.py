@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from vqdna.models.tokenizer import VQDNATokenizerConfig, VQDNATokenizerModel
-from vqdna.tokenization import VQDNATokenizer
+from vqdna.models.tokenizer_model import VQDNATokenizerConfig, VQDNATokenizerModel
+from vqdna.models.hf_tokenizer import VQDNATokenizer
 
 ROOT = tempfile.mkdtemp(prefix="vqdna-mlm-tests-")
 

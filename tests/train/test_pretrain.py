@@ -81,7 +81,7 @@ def test_tiny_pretrain_learns_saves_and_resumes():
     from transformers import AutoModelForMaskedLM
 
     from vqdna.models.bert import VQDNAForMaskedLM
-    from vqdna.tokenization import VQDNATokenizer
+    from vqdna.models.hf_tokenizer import VQDNATokenizer
     from vqdna.train.pretrain import masked_accuracy, pretrain
 
     out, trainer = _mlm.pretrained()

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from vqdna.data import bundled_fasta, read_fasta
-from vqdna.models.tokenizer import VQDNATokenizerModel
+from vqdna.models.tokenizer_model import VQDNATokenizerModel
 from vqdna.train.stage1 import GenomeWindows, Stage1Config, train_tokenizer
 
 LAMBDA = bundled_fasta("lambda.fa.gz")

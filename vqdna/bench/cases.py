@@ -404,10 +404,10 @@ def stem_cases(device: str, size: str, dtypes) -> Iterator[Case]:
 
 
 def encode_cases(device: str, size: str, dtypes) -> Iterator[Case]:
-    if not _has("vqdna.models.tokenizer"):
-        left_out.append("tokenizer-encode: this build has no vqdna.models.tokenizer")
+    if not _has("vqdna.models.tokenizer_model"):
+        left_out.append("tokenizer-encode: this build has no vqdna.models.tokenizer_model")
         return
-    from vqdna.models.tokenizer import VQDNATokenizerConfig, VQDNATokenizerModel
+    from vqdna.models.tokenizer_model import VQDNATokenizerConfig, VQDNATokenizerModel
 
     # (config, B, L): the base model is ~15 MFLOP a base, so the CPU sizes stay small.
     points = {

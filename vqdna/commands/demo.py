@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     from vqdna.data import bundled_fasta, read_fasta
     from vqdna.kernels import available_backends, lookup, reference
-    from vqdna.models.tokenizer import bundled_tokenizers
+    from vqdna.models.tokenizer_model import bundled_tokenizers
 
     torch.manual_seed(args.seed)
     path = args.fasta or bundled_fasta()

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vqdna.tokenization import VQDNATokenizer
+    from vqdna.models.hf_tokenizer import VQDNATokenizer
     from vqdna.train.pretrain import open_token_dataset, pretrain
 
     records = open_token_dataset(args.tokens)
@@ -53,7 +53,7 @@ def _manifest_sha(records) -> str | None:
 
 def _manifest_tokenizer(records, tokens_dir) -> str:
     """The bundled tokenizer whose weights' sha256 the manifest records (token files name no path)."""
-    from vqdna.models.tokenizer import VQDNATokenizerModel, bundled_tokenizers
+    from vqdna.models.tokenizer_model import VQDNATokenizerModel, bundled_tokenizers
 
     want = _manifest_sha(records)
     for name in bundled_tokenizers():

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     if args.holdout and (not dist.is_initialized() or dist.get_rank() == 0):
-        from vqdna.models.tokenizer import VQDNATokenizerModel
+        from vqdna.models.tokenizer_model import VQDNATokenizerModel
         from vqdna.train.evaluate import evaluate_genomes, format_report
 
         model = VQDNATokenizerModel.from_pretrained(args.out)

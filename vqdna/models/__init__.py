@@ -12,8 +12,8 @@ __all__ = [
 _LAZY = {
     "ConvNeXt1dEncoder": "vqdna.models.convnext",
     "ConvNeXt1dDecoder": "vqdna.models.convnext",
-    "VQDNATokenizerConfig": "vqdna.models.tokenizer",
-    "VQDNATokenizerModel": "vqdna.models.tokenizer",
+    "VQDNATokenizerConfig": "vqdna.models.tokenizer_model",
+    "VQDNATokenizerModel": "vqdna.models.tokenizer_model",
     "VQDNAConfig": "vqdna.models.bert",
     "VQDNAModel": "vqdna.models.bert",
     "VQDNAForMaskedLM": "vqdna.models.bert",

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--json", help="write the report as JSON here")
     args = parser.parse_args(argv)
-    from vqdna.models.tokenizer import VQDNATokenizerModel
+    from vqdna.models.tokenizer_model import VQDNATokenizerModel
 
     model = VQDNATokenizerModel.from_pretrained(args.model)
     t0 = time.perf_counter()

@@ -301,7 +301,7 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
     dropout: the model's hidden, attention and classifier dropout while fine-tuning (None keeps the pre-trained
     config's). It defaults to 0: the probe head is fitted on dropout-free features, and on the species example
     dropout 0.1 kept the training loss above ln 5 with the probe head and cost 0.05 test MCC after 3 epochs."""
-    from vqdna.tokenization import VQDNATokenizer
+    from vqdna.models.hf_tokenizer import VQDNATokenizer
 
     if head_init not in ("probe", "random"):
         raise ValueError(f"head_init must be 'probe' or 'random', got {head_init!r}")

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from vqdna.kernels.reference import BASE_PAD_ID
-from vqdna.models.tokenizer import NAMED_CONFIGS, VQDNATokenizerConfig, VQDNATokenizerModel
+from vqdna.models.tokenizer_model import NAMED_CONFIGS, VQDNATokenizerConfig, VQDNATokenizerModel
 from vqdna.train.checkpoint import load_checkpoint, save_checkpoint
 
 __all__ = ["Stage1Config", "GenomeWindows", "train_tokenizer", "default_lr"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import vqdna
-from vqdna.models.tokenizer import VQDNATokenizerConfig, VQDNATokenizerModel, bundled_tokenizers
+from vqdna.models.tokenizer_model import VQDNATokenizerConfig, VQDNATokenizerModel, bundled_tokenizers
 
 
 def _tiny(quantizer="hrq", seed=0, **kw):

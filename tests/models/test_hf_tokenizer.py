@@ -1,4 +1,4 @@
-"""VQDNATokenizer (vqdna/tokenization.py): the transformers calling convention over the stage-1 encoder."""
+"""VQDNATokenizer (vqdna/models/hf_tokenizer.py): the transformers calling convention over the stage-1 encoder."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ import torch
 from tests.train import _mlm
 from tests.train._mlm import one_thread  # noqa: F401  (autouse)
 from vqdna.models.bert import CLS, PAD, SEP, special_ids
-from vqdna.tokenization import VQDNATokenizer, dna_to_ids
+from vqdna.models.hf_tokenizer import VQDNATokenizer, dna_to_ids
 
 
 def test_call_convention_and_layout():

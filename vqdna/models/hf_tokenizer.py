@@ -155,7 +155,7 @@ class VQDNATokenizer:
     def from_pretrained(cls, name_or_path, **kwargs) -> "VQDNATokenizer":
         """A directory written by save_pretrained, a stage-1 tokenizer directory, or a bundled
         tokenizer name ("vqdna-small")."""
-        from vqdna.models.tokenizer import VQDNATokenizerModel
+        from vqdna.models.tokenizer_model import VQDNATokenizerModel
 
         path = os.fspath(name_or_path)
         meta_path = os.path.join(path, CONFIG_NAME)
