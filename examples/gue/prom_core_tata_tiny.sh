@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # A quick CPU run of all three stages on GUE prom_core_tata (tiny model; NOT the paper's set-up):
 # label-free pre-training on the task's train sequences + the human chr17 slice, then LoRA fine-tuning.
-#   examples/gue/prom_core_tata_tiny.sh TOKENIZER OUT [DATA_ROOT]
+#   examples/gue/prom_core_tata_tiny.sh TOKENIZER OUT DATA_ROOT
+# DATA_ROOT holds gue/prom/prom_core_tata/{train,dev,test}.csv and genomes/human_chr17_hg19_part.fa
+# (docs/data.md: where to fetch them, their checksums). TOKENIZER: a directory or a bundled name (vqdna-small).
+# STEPS, LRS, EPOCHS override the pre-training steps, the fine-tuning learning rates and epochs.
 set -euo pipefail
-TOK=$1; OUT=$2; ROOT=${3:-/work/shared/data}
+if [ $# -ne 3 ]; then
+    echo "usage: $0 TOKENIZER OUT DATA_ROOT  (DATA_ROOT: see docs/data.md)" >&2
+    exit 2
+fi
+TOK=$1; OUT=$2; ROOT=$3
 PY=${PY:-.venv/bin/python}
 TASK=$ROOT/gue/prom/prom_core_tata
 mkdir -p "$OUT"

@@ -7,7 +7,9 @@ Split (no test window shares a strain or genome region with training):
   E. coli, V. cholerae, K. pneumoniae (one strain each here; the MG1655 contigs are the same strain):
   every record is cut at 70% / 80% of its length: train / dev / test regions.
 
-    .venv/bin/python examples/species/run.py --out /tmp/species [--tokenizer DIR|vqdna-small|train] [--genomes DIR]
+    .venv/bin/python examples/species/run.py --genomes DIR --out OUT [--tokenizer DIR|vqdna-small|train]
+
+DIR holds the genome files named in SPECIES below (docs/data.md: where to fetch them, their checksums).
 
 Stage 1 defaults to the bundled vqdna-small tokenizer, which `make tokenizer` trained on these genomes with
 the same two strains held out; `--tokenizer train` trains a new one first (`vqdna train-tokenizer`,
@@ -27,7 +29,6 @@ import time
 
 import numpy as np
 
-GENOMES = "/work/shared/data/genomes"
 # species -> (train strain file, held-out strain file or None for a positional hold-out)
 SPECIES = {
     "E. coli": ("ecoli_MG1655.fasta.gz", None),
@@ -101,7 +102,8 @@ def baseline(data) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--genomes", default=GENOMES)
+    p.add_argument("--genomes", required=True, metavar="DIR",
+                   help="folder holding the genome files of SPECIES (docs/data.md)")
     p.add_argument("--tokenizer", default="vqdna-small",
                    help="stage-1 tokenizer: a directory, a bundled name, or 'train' to train one here")
     p.add_argument("--tokenizer-steps", type=int, default=300)

@@ -1,6 +1,6 @@
 """Shared, cached set-up for the stage-2/3 tests: a tiny random stage-1 tokenizer, synthetic DNA (GC-rich vs
 AT-rich: learnable from codes, chance MCC 0) and a tiny pre-trained masked LM. Built once per test session
-in a temporary folder; nothing from /work/shared."""
+in a temporary folder; nothing from outside the repository."""
 
 import atexit
 import functools
