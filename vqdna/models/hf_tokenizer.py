@@ -16,6 +16,10 @@ import torch
 
 from vqdna.data.alphabet import BYTE_TO_ID, INVALID, SKIP
 
+# Importing the models registers model_type "vqdna" with the transformers Auto classes, so the model a
+# VQDNATokenizer is saved beside loads with AutoModel* (no trust_remote_code) once a tokenizer exists.
+from vqdna.models.bert import build_inputs, special_ids  # noqa: E402
+
 CONFIG_NAME = "vqdna_tokenizer.json"
 MODEL_SUBDIR = "stage1_tokenizer"
 
@@ -57,8 +61,6 @@ class VQDNATokenizer:
         return self.model.tokenizer_sha256
 
     def _special(self, token: int) -> list[int]:
-        from vqdna.models.bert import special_ids
-
         return special_ids(self.codebook_sizes, token)
 
     @property
@@ -103,8 +105,6 @@ class VQDNATokenizer:
     def pad(self, codes_list, padding=True, max_length=None, return_tensors="pt"):
         """Codes [n_i, n_levels] per sequence -> BatchEncoding (CLS/SEP added, right padding)."""
         from transformers import BatchEncoding
-
-        from vqdna.models.bert import build_inputs
 
         pad_to = max_length if padding == "max_length" else None
         if not padding or padding == "do_not_pad":
