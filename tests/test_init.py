@@ -45,8 +45,9 @@ def test_model_names_resolve_lazily_and_register_the_auto_classes():
         assert VectorQuantizer is vqdna.models.quantizer.VectorQuantizer
         from vqdna import VQDNATokenizer  # the stage-2/3 tokenizer: its models then load with AutoModel*
         from transformers import AutoConfig
+        config = AutoConfig.for_model("vqdna")  # before anything else imports vqdna.models.bert
         from vqdna.models.bert import VQDNAConfig
-        assert vqdna.VQDNAConfig is VQDNAConfig and type(AutoConfig.for_model("vqdna")) is VQDNAConfig
+        assert type(config) is VQDNAConfig and vqdna.VQDNAConfig is VQDNAConfig
         assert vqdna.data.read_fasta is not None
         print("ok")
     """)
