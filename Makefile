@@ -49,7 +49,8 @@ bench-gpu:
 
 # The bundled vqdna-small tokenizer (vqdna/assets/vqdna-small/TRAINING.md): trained on one strain per
 # species, reported on the held-out strains. About 40 min on a 2-core CPU. GENOMES: the folder holding
-# those genomes (their sources: vqdna/assets/vqdna-small/TRAINING.md), e.g. make tokenizer GENOMES=data/genomes.
+# those genomes (sources and checksums: docs/data.md; examples/fetch_genomes.sh data fetches them into
+# data/genomes), e.g. make tokenizer GENOMES=data/genomes.
 TOKENIZER_OUT ?= build/tokenizer/vqdna-small
 tokenizer: install
 	@test -n "$(GENOMES)" || { echo "make tokenizer: set GENOMES=<folder with the training genomes>" >&2; exit 2; }
