@@ -36,3 +36,9 @@ STEM_TOL = {
     torch.bfloat16: (2**-8, 1e-5),
     torch.float16: (2**-11, 1e-5),
 }
+
+# VectorQuantizer against vector-quantize-pytorch (tests/models/test_quantizer_peer.py), float32, same
+# weights and inputs, O(1) values: (rtol, atol) of outputs, losses, gradients and EMA state. The two
+# differ only in summation order (the peer's one-hot einsums and cdist against the fused kernels) and
+# in the rotation trick's forward (the peer recomputes q through the rotation: a few ulp).
+PEER_PARITY_TOL = (1e-4, 1e-5)

@@ -73,7 +73,54 @@ class _CommitmentLoss(torch.autograd.Function):
             gx = diff * (grad * 2.0 / x.numel())
         else:
             gx = diff * row_weight[..., None] * (grad * 2.0 / (row_weight.sum().clamp_min(1) * x.shape[-1]))
-        return gx.to(x.dtype), None, None, None
+        gq = -gx.to(quantized.dtype) if ctx.needs_input_grad[1] else None  # a learnable codebook
+        return gx.to(x.dtype), gq, None, None
+
+
+class _RotationTrick(torch.autograd.Function):
+    """The rotation trick (Fifty et al. 2024, arXiv:2410.06424, Sec. 4.2; vector-quantize-pytorch's
+    `rotate_to`). Forward: the quantized value exactly; backward: the gradient to x is the one of
+    x -> (|q|/|x|) R x, R the rotation taking x/|x| to q/|q| (R and the scale held constant):
+    g_x = s (g - 2 (g.w) w + 2 (g.q^) u), u = x/|x|, q^ = q/|q|, w = l2norm(u + q^), s = |q|/|x|.
+    x, q [..., D]; the norms clamp at 1e-6 like the peer's safe_div / l2norm."""
+
+    @staticmethod
+    def forward(x, quantized):
+        return quantized.view_as(quantized)  # a view: quantized is also saved for backward
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, q = (t.float() for t in ctx.saved_tensors)
+        g = grad.float()
+        nx, nq = x.norm(dim=-1, keepdim=True), q.norm(dim=-1, keepdim=True)
+        u, qn = x / nx.clamp_min(1e-6), q / nq.clamp_min(1e-6)
+        w = torch.nn.functional.normalize(u + qn, dim=-1, eps=1e-6)
+        gx = g - 2.0 * (g * w).sum(-1, keepdim=True) * w + 2.0 * (g * qn).sum(-1, keepdim=True) * u
+        return (gx * (nq / nx.clamp_min(1e-6))).to(ctx.saved_tensors[0].dtype), None
+
+
+def _l2norm(t: torch.Tensor) -> torch.Tensor:
+    """Unit vectors along the last dim (eps 1e-6 as vector-quantize-pytorch's l2norm)."""
+    return torch.nn.functional.normalize(t, dim=-1, eps=1e-6)
+
+
+def _orthogonal_loss(codebook: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Orthogonality loss of codebook [H, K, D] (arXiv:2112.00384 Eq. 2, as the peer's
+    orthogonal_loss_fn): mean over heads of sum_ij cos(e_i, e_j)^2 / n^2 - 1/n, over the codes with
+    weight [H, K] 1 (all K when None; n = their count, a tensor: no host sync). Computed as
+    ||N^T diag(w) N||_F^2 with N the unit codes: a [D, D] Gram matrix, never K x K."""
+    normed = _l2norm(codebook.float())
+    if weight is None:
+        gram, n = normed.transpose(1, 2) @ normed, codebook.new_full((), codebook.shape[1], dtype=torch.float32)
+    else:
+        gram = (normed * weight[..., None]).transpose(1, 2) @ normed
+        n = weight.sum(-1).clamp_min(1)  # [H]
+    per_head = gram.pow(2).sum((1, 2)) / n.pow(2) - 1.0 / n
+    return per_head.mean()
 
 
 def _distributed() -> bool:
@@ -255,14 +302,40 @@ def _sync_enabled(sync_codebook: Optional[bool]) -> bool:
     return _distributed() if sync_codebook is None else bool(sync_codebook)
 
 
-class VectorQuantizer(_EMACodebook):
-    """VQ-VAE quantizer with an EMA codebook (DESIGN 1, Eq. 3).
+# vector-quantize-pytorch options that `VectorQuantizer` does not implement, with the value that
+# means "off" (from_vector_quantize refuses a peer module that turns one on).
+_PEER_UNSUPPORTED = {
+    "directional_reparam": False, "commitment_use_cross_entropy_loss": False, "sync_update_v": 0.0,
+    "in_place_codebook_optimizer": None, "route_gradients_to_input": True,
+}
 
-    forward(x [..., dim], mask [...] bool = None) -> (quantized [..., dim] (dtype of x; straight-through
-    gradient), codes int64 [...], loss scalar = commitment_weight * mean((x - sg(quantized))^2)).
-    In training mode the codebook is updated by EMA from the codebook used for that forward (never by
-    gradients); mask=False rows (padding) count for nothing. Buffers: codebook [K, D], cluster_size [K],
-    embed_sum [K, D] (float32).
+
+class VectorQuantizer(_EMACodebook):
+    """VQ-VAE quantizer with an EMA codebook (DESIGN 1, Eq. 3), with vector-quantize-pytorch's
+    `VectorQuantize` options under its names (docs/design.md §5).
+
+    forward(x [..., dim], mask [...] bool = None, freeze_codebook=None) -> (quantized [..., dim] (dtype
+    of x; straight-through gradient, or the rotation trick), codes int64 [...] ([..., heads] with
+    heads > 1), loss scalar = commitment_weight * mean((x - sg(quantized))^2) (+ orthogonal_reg_weight
+    * the orthogonality loss in training)). With channel_last=False / accept_image_fmap /
+    accept_3d_fmap, x is [B, dim, ...] and quantized too (a strided view of the result), codes [B, ...].
+    In training mode the codebook is updated by EMA from the codebook used for that forward (unless
+    ema_update=False, learnable_codebook, or freeze_codebook); mask=False rows (padding) count for
+    nothing. Buffers: codebook [K * C, codebook_dim] (C = heads with separate_codebook_per_head, else 1;
+    an nn.Parameter with learnable_codebook or orthogonal_reg_weight > 0), cluster_size [K * C],
+    embed_sum [K * C, codebook_dim] (float32).
+
+    Options as in the peer: codebook_dim (project_in/project_out Linear layers whenever
+    heads * codebook_dim != dim), heads, separate_codebook_per_head, use_cosine_sim (unit inputs and
+    codes; the EMA codebook renormalised), rotation_trick, learnable_codebook, ema_update,
+    freeze_codebook, orthogonal_reg_weight / _active_codes_only / _max_codes, stochastic_sample_codes /
+    sample_codebook_temp (Gumbel-max over -distance / temp in training, from the global torch RNG like
+    the peer), channel_last, accept_image_fmap, accept_3d_fmap, return_zeros_for_masked_padding.
+    Differences on purpose: defaults decay=0.99, commitment_weight=0.5, rotation_trick=False (the peer:
+    0.8, 1.0, True); the loss is also returned in eval mode; return_zeros_for_masked_padding=None (the
+    default) returns every row's code and quantized value (the peer's True: zeros and code -1 at
+    masked rows; False: the input and -1); the masked commitment loss compares with the projected,
+    normalised input (the peer: with the raw input).
     sync_codebook: None = all_reduce the EMA statistics whenever torch.distributed is initialised with
     more than one rank; True/False force it.
     check_finite: how a NaN/Inf row of x fails. True: ValueError naming the row in eager mode on CPU
@@ -283,38 +356,267 @@ class VectorQuantizer(_EMACodebook):
         threshold_ema_dead_code: float = 0.0,
         sync_codebook: Optional[bool] = None,
         check_finite: Union[bool, str] = True,
+        *,
+        codebook_dim: Optional[int] = None,
+        heads: int = 1,
+        separate_codebook_per_head: bool = False,
+        use_cosine_sim: bool = False,
+        rotation_trick: bool = False,
+        learnable_codebook: bool = False,
+        ema_update: Optional[bool] = None,
+        freeze_codebook: bool = False,
+        orthogonal_reg_weight: float = 0.0,
+        orthogonal_reg_active_codes_only: bool = False,
+        orthogonal_reg_max_codes: Optional[int] = None,
+        stochastic_sample_codes: bool = False,
+        sample_codebook_temp: float = 1.0,
+        channel_last: bool = True,
+        accept_image_fmap: bool = False,
+        accept_3d_fmap: bool = False,
+        return_zeros_for_masked_padding: Optional[bool] = None,
     ):
-        super().__init__(dim, codebook_size, decay, eps, threshold_ema_dead_code)
-        self.dim, self.codebook_size = dim, codebook_size
+        codebook_dim = dim if codebook_dim is None else int(codebook_dim)
+        if heads < 1:
+            raise ValueError(f"VectorQuantizer: heads must be >= 1, got {heads}")
+        ema_update = not learnable_codebook if ema_update is None else bool(ema_update)
+        if learnable_codebook and ema_update:
+            raise ValueError("VectorQuantizer: learnable_codebook is not compatible with ema_update=True")
+        if learnable_codebook and use_cosine_sim:
+            raise ValueError("VectorQuantizer: learnable_codebook is not compatible with use_cosine_sim (as in the peer)")
+        if accept_image_fmap and accept_3d_fmap:
+            raise ValueError("VectorQuantizer: accept_image_fmap and accept_3d_fmap are exclusive")
+        n_books = heads if separate_codebook_per_head else 1
+        if n_books > 1 and (kmeans_init or threshold_ema_dead_code > 0):
+            # Known gap: k-means init and dead-code restarts run on one codebook; per-head ones
+            # would need a batched kmeans / restart.
+            raise NotImplementedError("VectorQuantizer: separate_codebook_per_head with kmeans_init or threshold_ema_dead_code")
+        if orthogonal_reg_active_codes_only and n_books > 1:
+            raise ValueError("VectorQuantizer: orthogonal_reg_active_codes_only needs one codebook (as in the peer)")
+        super().__init__(codebook_dim, codebook_size * n_books, decay, eps, threshold_ema_dead_code)
+        self.dim, self.codebook_size, self.codebook_dim = dim, codebook_size, codebook_dim
+        self.heads, self.separate_codebook_per_head, self.num_codebooks = heads, separate_codebook_per_head, n_books
         self.commitment_weight = commitment_weight
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
         self.sync_codebook, self.check_finite = sync_codebook, _check_finite_mode(check_finite)
+        self.use_cosine_sim, self.rotation_trick = use_cosine_sim, rotation_trick
+        self.learnable_codebook, self.ema_update, self.freeze_codebook = learnable_codebook, ema_update, freeze_codebook
+        self.orthogonal_reg_weight = orthogonal_reg_weight
+        self.orthogonal_reg_active_codes_only = orthogonal_reg_active_codes_only
+        self.orthogonal_reg_max_codes = orthogonal_reg_max_codes
+        self.stochastic_sample_codes, self.sample_codebook_temp = stochastic_sample_codes, sample_codebook_temp
+        self.channel_last, self.accept_image_fmap, self.accept_3d_fmap = channel_last, accept_image_fmap, accept_3d_fmap
+        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
+        if use_cosine_sim:
+            with torch.no_grad():
+                self.codebook.copy_(_l2norm(self.codebook))
+                self.embed_sum.copy_(self.codebook)
+        if learnable_codebook or orthogonal_reg_weight > 0:
+            # A parameter (same state-dict key): the optimizer or the orthogonality loss moves it.
+            codebook = self._buffers.pop("codebook")
+            self.codebook = nn.Parameter(codebook)
+        self.has_projections = codebook_dim * heads != dim
+        self.project_in = nn.Linear(dim, codebook_dim * heads) if self.has_projections else nn.Identity()
+        self.project_out = nn.Linear(codebook_dim * heads, dim) if self.has_projections else nn.Identity()
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None):
+    # -- vector-quantize-pytorch interop ---------------------------------------------------------
+
+    @classmethod
+    def from_vector_quantize(cls, peer: nn.Module, **overrides) -> "VectorQuantizer":
+        """A VectorQuantizer with the options and current state (codebook, EMA statistics,
+        k-means flag, projections) of a vector-quantize-pytorch `VectorQuantize` module `peer`, so
+        a checkpoint moves over. The peer's defaults that ours do not share are taken from `peer`
+        (decay, commitment_weight, rotation_trick, return_zeros_for_masked_padding). Raises
+        ValueError naming a peer option that is on and not supported here. overrides: constructor
+        arguments to set differently (e.g. check_finite)."""
+        for name, off in _PEER_UNSUPPORTED.items():
+            value = getattr(peer, name, off)
+            if value is not off and value != off:
+                raise ValueError(f"from_vector_quantize: the peer's {name}={value!r} is not supported")
+        book = peer._codebook
+        for name in ("affine_param", "vq_bridge", "manual_ema_update"):
+            if getattr(book, name, None) not in (None, False):
+                raise ValueError(f"from_vector_quantize: the peer's {name} is not supported")
+        if getattr(peer, "has_codebook_diversity_loss", False):
+            raise ValueError("from_vector_quantize: the peer's codebook_diversity_loss_weight is not supported")
+        if isinstance(peer.project_in, nn.Sequential):
+            raise ValueError("from_vector_quantize: the peer's layernorm_after_project_in is not supported")
+        sample = book.gumbel_sample.keywords if hasattr(book.gumbel_sample, "keywords") else {}
+        if sample.get("straight_through", False):
+            raise ValueError("from_vector_quantize: the peer's straight_through (Gumbel) is not supported")
+        kwargs = dict(
+            dim=peer.dim, codebook_size=peer.codebook_size, decay=book.decay, eps=book.eps,
+            commitment_weight=peer.commitment_weight if peer.has_commitment_loss else 0.0,
+            kmeans_init=not bool(book.initted), kmeans_iters=book.kmeans_iters,
+            threshold_ema_dead_code=book.threshold_ema_dead_code, sync_codebook=book.use_ddp,
+            codebook_dim=book.embed.shape[-1], heads=peer.heads, separate_codebook_per_head=peer.separate_codebook_per_head,
+            use_cosine_sim=peer.use_cosine_sim, rotation_trick=bool(peer.rotation_trick),
+            learnable_codebook=bool(peer.learnable_codebook), ema_update=bool(book.ema_update),
+            freeze_codebook=peer.freeze_codebook, orthogonal_reg_weight=peer.orthogonal_reg_weight,
+            orthogonal_reg_active_codes_only=peer.orthogonal_reg_active_codes_only,
+            orthogonal_reg_max_codes=peer.orthogonal_reg_max_codes,
+            stochastic_sample_codes=bool(sample.get("stochastic", False)), sample_codebook_temp=book.sample_codebook_temp,
+            channel_last=peer.channel_last, accept_image_fmap=peer.accept_image_fmap, accept_3d_fmap=peer.accept_3d_fmap,
+            return_zeros_for_masked_padding=peer.return_zeros_for_masked_padding,
+        )
+        kwargs.update(overrides)
+        module = cls(**kwargs)
+        module.load_state_dict(cls.state_from_vector_quantize(peer.state_dict()), strict=False)
+        return module.to(book.embed.device)
+
+    @staticmethod
+    def state_from_vector_quantize(peer_state: dict) -> dict:
+        """Our state-dict entries from a `VectorQuantize` state dict: _codebook.embed [C, K, d] ->
+        codebook [C * K, d]; _codebook.embed_avg -> embed_sum; _codebook.cluster_size [C, K] ->
+        cluster_size [C * K]; _codebook.initted -> initted; project_in/out.* as they are."""
+        out = {}
+        for key, value in peer_state.items():
+            if key == "_codebook.embed":
+                out["codebook"] = value.reshape(-1, value.shape[-1]).float()
+            elif key == "_codebook.embed_avg":
+                out["embed_sum"] = value.reshape(-1, value.shape[-1]).float()
+            elif key == "_codebook.cluster_size":
+                out["cluster_size"] = value.reshape(-1).float()
+            elif key == "_codebook.initted":
+                out["initted"] = value.clone()
+            elif key.startswith(("project_in.", "project_out.")):
+                out[key] = value
+        return out
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def _channels_last(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """x as [B, ..., dim] (a strided view, no copy) and whether the output moves back."""
+        move = (self.accept_image_fmap or self.accept_3d_fmap or not self.channel_last) and x.ndim > 2
+        if self.accept_image_fmap and x.ndim != 4 or self.accept_3d_fmap and x.ndim != 5:
+            raise ValueError(f"VectorQuantizer: x has shape {tuple(x.shape)}, expected [B, dim, "
+                             f"{'H, W' if self.accept_image_fmap else 'D, H, W'}]")
+        return (x.movedim(1, -1) if move else x), move
+
+    def _sample_codes(self, z: torch.Tensor, codebooks: torch.Tensor, temp: float) -> torch.Tensor:
+        """Gumbel-max codes [..., H] of z [..., H, d] over logits -distance / temp (cosine: z.e / temp)
+        per codebook of codebooks [C, K, d], the noise drawn like the peer's (one uniform_ of [C, rows, K]).
+        Torch ops with the full [rows, K] logits (a sampling epilogue in the lookup kernel would not
+        need them: listed as kernel work)."""
+        c, d = codebooks.shape[0], z.shape[-1]
+        rows = z.reshape(-1, c, d).transpose(0, 1).float()  # [C, rows, d]
+        e = codebooks.float()
+        if self.use_cosine_sim:
+            logits = rows @ e.transpose(1, 2)
+        else:
+            sq = rows.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1)[:, None, :] - 2.0 * (rows @ e.transpose(1, 2))
+            logits = -sq.clamp_min(1e-8).sqrt()
+        noise = torch.zeros_like(logits).uniform_(0, 1)
+        gumbel = -torch.log((-torch.log(noise.clamp_min(1e-20))).clamp_min(1e-20))  # the peer's log(t, eps=1e-20)
+        logits = logits / temp + gumbel
+        return logits.argmax(-1).transpose(0, 1).reshape(z.shape[:-1])
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, freeze_codebook: Optional[bool] = None):
+        x, move_back = self._channels_last(x)
         if x.shape[-1] != self.dim:
             raise ValueError(f"VectorQuantizer: x has last dimension {x.shape[-1]}, expected dim={self.dim}")
         sync = _sync_enabled(self.sync_codebook)
+        frozen = self.freeze_codebook if freeze_codebook is None else freeze_codebook
+        h, c, k = self.heads, self.num_codebooks, self.codebook_size
+        z = self.project_in(x)
+        if h > 1:
+            z = z.unflatten(-1, (h, self.codebook_dim))  # heads fold into rows: one lookup
+        if self.use_cosine_sim:
+            z = _l2norm(z)
+        rows_mask = mask if mask is None or h == 1 else mask[..., None].expand(z.shape[:-1])
         if self.training and self.kmeans_init and self.kmeans_pending():
-            # One-time: x[mask] has a data-dependent shape (a sync; a graph break under compile).
-            self.init_from(x if mask is None else x[mask], self.kmeans_iters, sync)
-        codebook = self.codebook.to(x.dtype)
-        codes, dist_ = kernels.lookup(x, codebook, codes_dtype=torch.int64)
+            # One-time: z[mask] has a data-dependent shape (a sync; a graph break under compile).
+            with torch.no_grad():
+                zd = z.detach()
+                self.init_from(zd if rows_mask is None else zd[rows_mask], self.kmeans_iters, sync)
+                if self.use_cosine_sim:
+                    self.codebook.copy_(_l2norm(self.codebook))
+        codebook = self.codebook.to(z.dtype)
+        if self.use_cosine_sim:
+            codebook = _l2norm(codebook)
+        learn = self.learnable_codebook and not frozen
+        if not learn:
+            codebook = codebook.detach()
+        if c == 1:
+            codes, dist_ = kernels.lookup(z, codebook, codes_dtype=torch.int64)
+            flat_codes = codes
+        else:
+            # Known gap: one lookup per head (the lookup op takes one codebook; a batched-codebook
+            # lookup is kernel work).
+            books = codebook.view(c, k, -1)
+            found = [kernels.lookup(z[..., i, :], books[i], codes_dtype=torch.int64) for i in range(c)]
+            codes = torch.stack([f[0] for f in found], -1)
+            dist_ = torch.stack([f[1] for f in found], -1)
+            flat_codes = codes + torch.arange(c, device=codes.device) * k
         if self.check_finite is not False:
             # A non-finite row of x has a non-finite distance: no extra pass over x.
             _check_finite(self.check_finite, dist_, "VectorQuantizer input x")
-        quantized = torch.nn.functional.embedding(codes, codebook)
-        if self.training:
+        if self.stochastic_sample_codes and self.training and self.sample_codebook_temp > 0:
             with torch.no_grad():
-                self.ema_step(x, codes, mask, sync)
-                self.track_usage(codes, mask)
-                self.restart_dead(x, codes, mask, sync)
-        weight = None if mask is None else mask.to(dist_.dtype)
-        loss = _CommitmentLoss.apply(x, quantized.detach(), dist_, weight)
-        return _StraightThrough.apply(x, quantized), codes, self.commitment_weight * loss
+                codes = self._sample_codes(z.detach(), codebook.detach().view(c, k, -1), self.sample_codebook_temp)
+                flat_codes = codes if c == 1 else codes + torch.arange(c, device=codes.device) * k
+        quantized = torch.nn.functional.embedding(flat_codes, codebook)
+        if self.stochastic_sample_codes and self.training and self.sample_codebook_temp > 0:
+            dist_ = (z.detach().float() - quantized.detach().float()).pow(2).sum(-1)
+        if self.training and not frozen:
+            with torch.no_grad():
+                zd = z.detach()
+                if self.ema_update or self.threshold_ema_dead_code > 0:
+                    # Without ema_update the statistics still feed dead-code restarts (as the peer):
+                    # the codebook the kernel rewrites is then a scratch copy.
+                    target = self.codebook.detach() if self.ema_update else self.codebook.detach().clone()
+                    if c == 1:
+                        kernels.ema_update(zd, codes, self.cluster_size, self.embed_sum, target, decay=self.decay,
+                                           eps=self.eps, mask=rows_mask, sync=sync)
+                    for i in range(c if c > 1 else 0):  # one call per codebook: per-codebook Laplace smoothing
+                        sl = slice(i * k, (i + 1) * k)
+                        kernels.ema_update(zd[..., i, :], codes[..., i], self.cluster_size[sl], self.embed_sum[sl],
+                                           target[sl], decay=self.decay, eps=self.eps, mask=mask, sync=sync)
+                    if self.ema_update and self.use_cosine_sim:
+                        self.codebook.copy_(_l2norm(self.codebook))
+                self.track_usage(flat_codes, rows_mask)
+                self.restart_dead(zd, codes, rows_mask, sync)
+        weight = None if rows_mask is None else rows_mask.to(dist_.dtype)
+        loss = self.commitment_weight * _CommitmentLoss.apply(z, quantized if learn else quantized.detach(), dist_, weight)
+        if self.training and self.orthogonal_reg_weight > 0:
+            loss = loss + self.orthogonal_reg_weight * self._orthogonal_reg(flat_codes)
+        if z.requires_grad:
+            out = (_RotationTrick if self.rotation_trick else _StraightThrough).apply(z, quantized)
+        else:
+            out = quantized
+        if h > 1:
+            out = out.flatten(-2)
+        out = self.project_out(out)
+        if mask is not None and self.return_zeros_for_masked_padding is not None:
+            keep = mask[..., None]
+            out = torch.where(keep, out, torch.zeros_like(x) if self.return_zeros_for_masked_padding else x)
+            codes = codes.masked_fill(~(rows_mask if rows_mask is not None else mask), -1)
+        if move_back:
+            out = out.movedim(-1, 1)
+        return out, codes, loss
+
+    def _orthogonal_reg(self, flat_codes: torch.Tensor) -> torch.Tensor:
+        """The peer's orthogonal regularisation of the codebook parameter [C * K, d], sync-free."""
+        c, k = self.num_codebooks, self.codebook_size
+        books = self.codebook.view(c, k, -1)
+        weight = None
+        if self.orthogonal_reg_active_codes_only:
+            weight = torch.zeros(c * k, device=flat_codes.device).index_fill_(0, flat_codes.reshape(-1), 1.0).view(c, k)
+        m = self.orthogonal_reg_max_codes
+        if m is not None and m < k:
+            if weight is None:  # as the peer: a random subset of m codes (torch.randperm)
+                books = books[:, torch.randperm(k, device=books.device)[:m]]
+            else:
+                # m random active codes without reading how many are active: rank random keys, the
+                # inactive codes last, and keep the first m (fewer active: all of them, weight 0 rest).
+                keys = torch.rand(c, k, device=books.device) + (1.0 - weight) * 2.0
+                pick = keys.argsort(-1)[:, :m]
+                books = books.gather(1, pick[..., None].expand(-1, -1, books.shape[-1]))
+                weight = weight.gather(1, pick)
+        return _orthogonal_loss(books, weight)
 
     @torch.no_grad()
     def reinit_kmeans(self, samples: torch.Tensor) -> None:
-        """The one-time "repeated k-means" re-initialisation: k-means on samples [..., dim]."""
+        """The one-time "repeated k-means" re-initialisation: k-means on samples [..., codebook_dim]."""
         self.init_from(samples, self.kmeans_iters, _sync_enabled(self.sync_codebook))
 
 

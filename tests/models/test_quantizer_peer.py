@@ -1,0 +1,232 @@
+"""VectorQuantizer against vector-quantize-pytorch's VectorQuantize itself: the same weights (moved
+over by from_vector_quantize), the same inputs, per option and in the combinations people use:
+outputs, codes, losses, gradients and the EMA state after a training step (tests/tolerances.py)."""
+
+import pytest
+import torch
+
+from tests.models.test_quantizer import _NoHostReads
+from tests.tolerances import PEER_PARITY_TOL
+from vqdna import VectorQuantizer
+
+vqp = pytest.importorskip("vector_quantize_pytorch")
+
+RTOL, ATOL = PEER_PARITY_TOL
+
+# Options per case; each also runs with the peer's defaults for the rest (decay 0.8, commitment
+# weight 1, rotation_trick on).
+CASES = {
+    "plain": dict(),
+    "straight_through": dict(rotation_trick=False),
+    "cosine": dict(use_cosine_sim=True),
+    "heads": dict(heads=2, codebook_dim=4),
+    "heads_no_codebook_dim": dict(heads=2),  # the peer projects dim -> heads * dim
+    "separate_heads": dict(heads=2, codebook_dim=4, separate_codebook_per_head=True),
+    "cosine_heads": dict(use_cosine_sim=True, heads=2, codebook_dim=4),
+    "codebook_dim": dict(codebook_dim=4),
+    "codebook_dim_rotation": dict(codebook_dim=4, rotation_trick=True),
+    "learnable": dict(learnable_codebook=True, ema_update=False),
+    "no_ema": dict(ema_update=False),
+    "frozen": dict(freeze_codebook=True),
+    "orthogonal": dict(orthogonal_reg_weight=0.3),
+    "orthogonal_active": dict(orthogonal_reg_weight=0.3, orthogonal_reg_active_codes_only=True),
+    "orthogonal_separate": dict(orthogonal_reg_weight=0.3, heads=2, codebook_dim=4, separate_codebook_per_head=True),
+    "stochastic": dict(stochastic_sample_codes=True, sample_codebook_temp=0.5),
+    "stochastic_cosine": dict(stochastic_sample_codes=True, use_cosine_sim=True),
+}
+
+DIM, K = 8, 16
+
+
+def _pair(seed=0, **opts):
+    torch.manual_seed(seed)
+    peer = vqp.VectorQuantize(dim=DIM, codebook_size=K, **opts)
+    return peer, VectorQuantizer.from_vector_quantize(peer)
+
+
+def _close(got, want, what):
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
+
+
+def _grads(module):
+    return {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _step(module, x, g, seed, mask=None, **kw):
+    """One training forward + backward of (out * g).sum() + loss; returns (out, codes, loss, dx)."""
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the stochastic options draw from the global RNG
+    out, codes, loss = module(x, mask=mask, **kw)
+    ((out * g).sum() + loss).backward()
+    return out.detach(), codes, loss.detach(), x.grad
+
+
+def _state(module):
+    """(codebook, cluster_size, embed_sum) in our layout."""
+    if isinstance(module, VectorQuantizer):
+        return module.codebook.detach(), module.cluster_size, module.embed_sum
+    b = module._codebook
+    return b.embed.detach().reshape(-1, b.embed.shape[-1]), b.cluster_size.reshape(-1), b.embed_avg.reshape(-1, b.embed.shape[-1])
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_step_matches_the_peer(case):
+    peer, ours = _pair(**CASES[case])
+    peer.train(), ours.train()
+    gen = torch.Generator().manual_seed(1)
+    for step in range(2):  # the second step runs on the EMA-updated state
+        x = torch.randn(2, 12, DIM, generator=gen)
+        g = torch.randn(2, 12, DIM, generator=gen)
+        peer.zero_grad(), ours.zero_grad()
+        po, pc, pl, pdx = _step(peer, x, g, seed=step)
+        oo, oc, ol, odx = _step(ours, x, g, seed=step)
+        assert torch.equal(oc, pc), f"{case} step {step}: codes differ at {(oc != pc).nonzero()[:5].tolist()}"
+        _close(oo, po, f"{case} output")
+        _close(ol, pl, f"{case} loss")
+        _close(odx, pdx, f"{case} input gradient")
+        pg, og = _grads(peer), _grads(ours)
+        for name in ("project_in.weight", "project_in.bias", "project_out.weight", "project_out.bias"):
+            assert (name in pg) == (name in og), name
+            if name in pg:
+                _close(og[name], pg[name], f"{case} {name} gradient")
+        assert ("_codebook.embed" in pg) == ("codebook" in og), f"{case}: codebook gradient on one side only"
+        if "codebook" in og:
+            _close(og["codebook"], pg["_codebook.embed"].reshape(og["codebook"].shape), f"{case} codebook gradient")
+        for got, want, what in zip(_state(ours), _state(peer), ("codebook", "cluster_size", "embed_sum")):
+            _close(got, want, f"{case} step {step} {what}")
+
+
+def test_eval_outputs_and_codes_match_the_peer():
+    peer, ours = _pair(use_cosine_sim=True, heads=2, codebook_dim=4)
+    peer.eval(), ours.eval()
+    x = torch.randn(3, 20, DIM, generator=torch.Generator().manual_seed(2))
+    po, pc, _ = peer(x)
+    oo, oc, ol = ours(x)
+    assert torch.equal(oc, pc)
+    _close(oo, po, "eval output")
+    assert ol > 0  # differs on purpose: the peer returns 0 in eval, we the commitment loss
+
+
+@pytest.mark.parametrize("zeros", [True, False])
+def test_masked_rows_match_the_peer(zeros):
+    peer, ours = _pair(return_zeros_for_masked_padding=zeros)
+    peer.train(), ours.train()
+    gen = torch.Generator().manual_seed(3)
+    x, g = torch.randn(2, 10, DIM, generator=gen), torch.randn(2, 10, DIM, generator=gen)
+    mask = torch.ones(2, 10, dtype=torch.bool)
+    mask[1, 6:] = False
+    po, pc, pl, pdx = _step(peer, x, g, 0, mask=mask)
+    oo, oc, ol, odx = _step(ours, x, g, 0, mask=mask)
+    assert torch.equal(oc, pc) and bool((oc[1, 6:] == -1).all())
+    _close(oo, po, "masked output")
+    _close(ol, pl, "masked loss")
+    _close(odx, pdx, "masked input gradient")
+    for got, want, what in zip(_state(ours), _state(peer), ("codebook", "cluster_size", "embed_sum")):
+        _close(got, want, f"masked {what}")
+
+
+@pytest.mark.parametrize("layout", [dict(channel_last=False), dict(accept_image_fmap=True), dict(accept_3d_fmap=True)])
+def test_layouts_match_the_peer(layout):
+    peer, ours = _pair(**layout)
+    peer.train(), ours.train()
+    shape = {"channel_last": (2, DIM, 9), "accept_image_fmap": (2, DIM, 3, 4), "accept_3d_fmap": (2, DIM, 2, 3, 2)}[next(iter(layout))]
+    gen = torch.Generator().manual_seed(4)
+    x, g = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    po, pc, pl, pdx = _step(peer, x, g, 0)
+    oo, oc, ol, odx = _step(ours, x, g, 0)
+    assert oc.shape == pc.shape and torch.equal(oc, pc)
+    assert oo.shape == po.shape
+    _close(oo, po, "layout output")
+    _close(odx, pdx, "layout input gradient")
+
+
+@pytest.mark.parametrize("ema_update", [True, False])
+def test_dead_code_restarts_match_the_peer_but_the_rows_picked(ema_update):
+    """Differs on purpose: the peer restarts dead codes from random batch rows (global RNG), we
+    from rows picked by a hash of the batch's codes (no RNG, no host sync). Everything else equal:
+    the live codes' state, and each dead code restarts at some batch row with cluster size the
+    threshold, embed_sum = row * threshold."""
+    peer, ours = _pair(threshold_ema_dead_code=2.0, ema_update=ema_update)
+    peer.train(), ours.train()
+    x = torch.randn(2, 12, DIM, generator=torch.Generator().manual_seed(8))
+    dead = _state(peer)[1] * 0.8 + 0.2 * torch.bincount(ours(x, freeze_codebook=True)[1].reshape(-1), minlength=K) < 2.0
+    peer(x), ours(x)
+    assert 0 < int(dead.sum()) < K
+    rows = x.reshape(-1, DIM)
+    for (got, want), what in zip(zip(_state(ours), _state(peer)), ("codebook", "cluster_size", "embed_sum")):
+        _close(got[~dead], want[~dead], f"live {what}")
+    for module in (ours, peer):
+        book, size, total = _state(module)
+        assert bool((size[dead] == 2.0).all())
+        assert bool(((book[dead][:, None] - rows[None]).abs().amax(-1) < 1e-6).any(-1).all())
+        _close(total[dead], book[dead] * 2.0, "restarted embed_sum")
+
+
+def test_freeze_codebook_per_call_and_ema_state_untouched():
+    peer, ours = _pair()
+    ours.train()
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    ours(torch.randn(4, 5, DIM), freeze_codebook=True)
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_from_vector_quantize_moves_a_trained_state_and_refuses_unsupported_options():
+    torch.manual_seed(0)
+    peer = vqp.VectorQuantize(dim=DIM, codebook_size=K, heads=2, codebook_dim=3, separate_codebook_per_head=True)
+    peer.train()
+    for _ in range(3):
+        peer(torch.randn(2, 10, DIM))
+    ours = VectorQuantizer.from_vector_quantize(peer)
+    assert ours.codebook.shape == (2 * K, 3) and ours.cluster_size.shape == (2 * K,)
+    assert torch.equal(ours.codebook, peer._codebook.embed.reshape(2 * K, 3))
+    assert torch.equal(ours.embed_sum, peer._codebook.embed_avg.reshape(2 * K, 3))
+    assert torch.equal(ours.cluster_size, peer._codebook.cluster_size.reshape(2 * K))
+    assert torch.equal(ours.project_in.weight, peer.project_in.weight)
+    assert (ours.decay, ours.commitment_weight, ours.rotation_trick) == (0.8, 1.0, True)
+    with pytest.raises(ValueError, match="commitment_use_cross_entropy_loss"):
+        VectorQuantizer.from_vector_quantize(vqp.VectorQuantize(dim=DIM, codebook_size=K, commitment_use_cross_entropy_loss=True))
+    with pytest.raises(ValueError, match="layernorm_after_project_in"):
+        VectorQuantizer.from_vector_quantize(vqp.VectorQuantize(dim=DIM, codebook_size=K, codebook_dim=4, layernorm_after_project_in=True))
+
+
+def test_orthogonal_loss_never_builds_k_by_k(monkeypatch):
+    """At K = 4096 the loss is the [d, d] Gram form: equal to the peer's K x K formula."""
+    from vector_quantize_pytorch.vector_quantize_pytorch import orthogonal_loss_fn
+
+    from vqdna.models.quantizer import _orthogonal_loss
+
+    book = torch.randn(1, 4096, 16, generator=torch.Generator().manual_seed(5))
+    _close(_orthogonal_loss(book), orthogonal_loss_fn(book), "orthogonal loss")
+
+
+def test_stochastic_sampling_is_seeded_and_reproducible():
+    _, ours = _pair(stochastic_sample_codes=True)
+    ours.train().freeze_codebook = True
+    x = torch.randn(4, 30, DIM, generator=torch.Generator().manual_seed(6))
+    torch.manual_seed(7)
+    a = ours(x)[1]
+    torch.manual_seed(7)
+    b = ours(x)[1]
+    c = ours(x)[1]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    ours.eval()  # eval: the nearest code, no sampling
+    ours.stochastic_sample_codes = False
+    nearest = ours(x)[1]
+    ours.stochastic_sample_codes = True
+    assert torch.equal(ours(x)[1], nearest) and not torch.equal(a, nearest)
+
+
+@pytest.mark.parametrize("case", ["cosine_heads", "codebook_dim_rotation", "separate_heads", "orthogonal_active", "stochastic", "learnable"])
+def test_options_step_reads_nothing_back(case):
+    _, ours = _pair(**CASES[case])
+    ours.check_finite = "assert"
+    ours.train()
+    x = torch.randn(2, 12, DIM, requires_grad=True)
+    mask = torch.rand(2, 12) < 0.7
+    ours(x, mask=mask)
+    with _NoHostReads():
+        out, _, loss = ours(x, mask=mask)
+        ((out * 2).sum() + loss).backward()
+        ours.eval()
+        ours(x, mask=mask)
