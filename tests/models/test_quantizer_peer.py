@@ -145,11 +145,11 @@ def test_dead_code_restarts_match_the_peer_but_the_rows_picked(ema_update):
     """Differs on purpose: the peer restarts dead codes from random batch rows (global RNG), we
     from rows picked by a hash of the batch's codes (no RNG, no host sync). Everything else equal:
     the live codes' state, and each dead code restarts at some batch row with cluster size the
-    threshold, embed_sum = row * threshold."""
-    peer, ours = _pair(threshold_ema_dead_code=2.0, ema_update=ema_update)
+    threshold, embed_sum = row * threshold (here 1)."""
+    peer, ours = _pair(threshold_ema_dead_code=1.0, ema_update=ema_update)
     peer.train(), ours.train()
     x = torch.randn(2, 12, DIM, generator=torch.Generator().manual_seed(8))
-    dead = _state(peer)[1] * 0.8 + 0.2 * torch.bincount(ours(x, freeze_codebook=True)[1].reshape(-1), minlength=K) < 2.0
+    dead = _state(peer)[1] * 0.8 + 0.2 * torch.bincount(ours(x, freeze_codebook=True)[1].reshape(-1), minlength=K) < 1.0
     peer(x), ours(x)
     assert 0 < int(dead.sum()) < K
     rows = x.reshape(-1, DIM)
@@ -157,9 +157,9 @@ def test_dead_code_restarts_match_the_peer_but_the_rows_picked(ema_update):
         _close(got[~dead], want[~dead], f"live {what}")
     for module in (ours, peer):
         book, size, total = _state(module)
-        assert bool((size[dead] == 2.0).all())
+        assert bool((size[dead] == 1.0).all())
         assert bool(((book[dead][:, None] - rows[None]).abs().amax(-1) < 1e-6).any(-1).all())
-        _close(total[dead], book[dead] * 2.0, "restarted embed_sum")
+        _close(total[dead], book[dead], "restarted embed_sum")
 
 
 def test_freeze_codebook_per_call_and_ema_state_untouched():
