@@ -19,7 +19,7 @@ import torch
 from vqdna.kernels.dispatch import BACKENDS, _why_unavailable
 
 SIZES = ("tiny", "small", "full")
-OPS = ("lookup", "hrq_quantize", "ema_update", "kmeans", "VectorQuantizer", "stem", "tokenizer-encode")
+OPS = ("lookup", "hrq_quantize", "ema_update", "kmeans", "VectorQuantizer", "VectorQuantizer-options", "stem", "tokenizer-encode")
 HRQ_SIZES = (64, 512)
 
 # Per size: (D, N sweep at the reference K, reference K, K sweep, N of the K sweep).
@@ -357,6 +357,75 @@ def module_cases(device: str, size: str, dtypes) -> Iterator[Case]:
         yield case
 
 
+# One case per vector-quantize-pytorch option (issue 23): VectorQuantizer and the peer built with the
+# same options, the same weights (from_vector_quantize) and the same input, eval and training forward.
+# The peer's defaults that differ from ours (decay 0.8, commitment weight 1, rotation trick) are moved
+# over with the state, so both run the same configuration.
+MODULE_OPTIONS = {
+    "plain": dict(rotation_trick=False),
+    "cosine": dict(use_cosine_sim=True),
+    "heads4": dict(heads=4, codebook_dim=64),
+    "separate_heads4": dict(heads=4, codebook_dim=64, separate_codebook_per_head=True),
+    "codebook_dim64": dict(codebook_dim=64),
+    "rotation_trick": dict(rotation_trick=True),
+    "learnable": dict(learnable_codebook=True, ema_update=False),
+    "frozen": dict(freeze_codebook=True),
+    "orthogonal": dict(orthogonal_reg_weight=1.0, orthogonal_reg_active_codes_only=True, orthogonal_reg_max_codes=1024),
+    "stochastic": dict(stochastic_sample_codes=True, sample_codebook_temp=0.5),
+    "channel_first": dict(channel_last=False),
+    "mask": dict(return_zeros_for_masked_padding=True),
+}
+# Per size: N and the (K, D) points.
+_OPTION_GRID = {
+    "tiny": (4096, [(512, 64)]),
+    "small": (65536, [(512, 256), (8192, 384)]),
+    "full": (65536, [(k, d) for k in (512, 8192) for d in (256, 384)]),
+}
+
+
+def option_cases(device: str, size: str, dtypes) -> Iterator[Case]:
+    from vqdna import VectorQuantizer
+
+    n, points = _OPTION_GRID[size]
+    for (k, d), (option, kwargs), mode in (
+        (p, o, m) for p in points for o in MODULE_OPTIONS.items() for m in ("eval", "train")
+    ):
+        case = Case(f"VectorQuantizer-{option}-{mode}", device, torch.float32, {"N": n, "D": d, "K": k}, None,
+                    flops=2.0 * n * k * d)
+        case.impl_names = ["vqdna", *(["vector-quantize-pytorch"] if _has("vector_quantize_pytorch") else [])]
+
+        def setup(mode=mode, kwargs=kwargs, k=k, d=d, option=option):
+            torch.manual_seed(0)
+            mask = None
+            if option == "channel_first":
+                x = torch.randn(1, d, n, generator=_gen(device, 2), device=device)
+            else:
+                x = torch.randn(1, n, d, generator=_gen(device, 2), device=device)
+            if option == "mask":
+                mask = torch.arange(n, device=device)[None] < n - n // 8
+            impls = []
+            if _has("vector_quantize_pytorch"):
+                from vector_quantize_pytorch import VectorQuantize
+
+                peer = VectorQuantize(dim=d, codebook_size=k, **kwargs).to(device).train(mode == "train")
+                ours = VectorQuantizer.from_vector_quantize(peer).train(mode == "train")
+            else:
+                ours = VectorQuantizer(dim=d, codebook_size=k, **kwargs).to(device).train(mode == "train")
+                peer = None
+
+            def step(module):
+                with torch.no_grad():
+                    module(x, mask=mask)
+
+            impls.append(Impl("vqdna", lambda: step(ours)))
+            if peer is not None:
+                impls.append(Impl("vector-quantize-pytorch", lambda: step(peer), kind="peer", rounds=2))
+            return impls
+
+        case.setup = setup
+        yield case
+
+
 # ---------------------------------------------------------------------------------------------
 # stem (memory-bound: ids read once, [N, D] features written once)
 
@@ -444,6 +513,7 @@ _BUILDERS = {
     "ema_update": ema_cases,
     "kmeans": kmeans_cases,
     "VectorQuantizer": module_cases,
+    "VectorQuantizer-options": option_cases,
     "stem": stem_cases,
     "tokenizer-encode": encode_cases,
 }
