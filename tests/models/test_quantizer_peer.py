@@ -33,6 +33,8 @@ CASES = {
     "orthogonal_separate": dict(orthogonal_reg_weight=0.3, heads=2, codebook_dim=4, separate_codebook_per_head=True),
     "stochastic": dict(stochastic_sample_codes=True, sample_codebook_temp=0.5),
     "stochastic_cosine": dict(stochastic_sample_codes=True, use_cosine_sim=True),
+    "stochastic_heads": dict(stochastic_sample_codes=True, heads=2, codebook_dim=4),
+    "stochastic_separate_heads": dict(stochastic_sample_codes=True, heads=2, codebook_dim=3, separate_codebook_per_head=True),
 }
 
 DIM, K = 8, 16

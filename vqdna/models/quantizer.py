@@ -552,7 +552,12 @@ class VectorQuantizer(_EMACodebook):
             _check_finite(self.check_finite, dist_, "VectorQuantizer input x")
         if self.stochastic_sample_codes and self.training and self.sample_codebook_temp > 0:
             with torch.no_grad():
-                codes = self._sample_codes(z.detach(), codebook.detach().view(c, k, -1), self.sample_codebook_temp)
+                # Shared-codebook heads of a [B, N, H, d] input: rows in the peer's (B, H, N) order,
+                # so the same seed draws the same noise per row.
+                peer_order = h > 1 and c == 1 and z.ndim == 4
+                zs = z.detach().transpose(1, 2) if peer_order else z.detach()
+                codes = self._sample_codes(zs, codebook.detach().view(c, k, -1), self.sample_codebook_temp)
+                codes = codes.transpose(1, 2) if peer_order else codes
                 flat_codes = codes if c == 1 else codes + torch.arange(c, device=codes.device) * k
         quantized = torch.nn.functional.embedding(flat_codes, codebook)
         if self.stochastic_sample_codes and self.training and self.sample_codebook_temp > 0:
@@ -567,10 +572,11 @@ class VectorQuantizer(_EMACodebook):
                     if c == 1:
                         kernels.ema_update(zd, codes, self.cluster_size, self.embed_sum, target, decay=self.decay,
                                            eps=self.eps, mask=rows_mask, sync=sync)
-                    for i in range(c if c > 1 else 0):  # one call per codebook: per-codebook Laplace smoothing
-                        sl = slice(i * k, (i + 1) * k)
-                        kernels.ema_update(zd[..., i, :], codes[..., i], self.cluster_size[sl], self.embed_sum[sl],
-                                           target[sl], decay=self.decay, eps=self.eps, mask=mask, sync=sync)
+                    else:  # one call per codebook (contiguous views): per-codebook Laplace smoothing
+                        for i in range(c):
+                            sl = slice(i * k, (i + 1) * k)
+                            kernels.ema_update(zd[..., i, :], codes[..., i], self.cluster_size[sl], self.embed_sum[sl],
+                                               target[sl], decay=self.decay, eps=self.eps, mask=mask, sync=sync)
                     if self.ema_update and self.use_cosine_sim:
                         self.codebook.copy_(_l2norm(self.codebook))
                 self.track_usage(flat_codes, rows_mask)
