@@ -2,6 +2,8 @@
 over by from_vector_quantize), the same inputs, per option and in the combinations people use:
 outputs, codes, losses, gradients and the EMA state after a training step (tests/tolerances.py)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -232,3 +234,24 @@ def test_options_step_reads_nothing_back(case):
         ((out * 2).sum() + loss).backward()
         ours.eval()
         ours(x, mask=mask)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["cosine_heads", "codebook_dim_rotation", "separate_heads", "orthogonal_active", "learnable"])
+def test_options_compile_fullgraph(case):
+    """torch.compile(fullgraph=True) traces a training step with the option (no graph break: no
+    host read) and gives the eager codes, output and loss."""
+    torch._dynamo.reset()
+    _, ours = _pair(**CASES[case])
+    ours.check_finite = "assert"
+    ours.train()
+    x = torch.randn(2, 12, DIM, generator=torch.Generator().manual_seed(9))
+    mask = torch.rand(2, 12, generator=torch.Generator().manual_seed(10)) < 0.7
+    eager = copy.deepcopy(ours)
+    compiled = torch.compile(ours, fullgraph=True)
+    for _ in range(2):
+        co, cc, cl = compiled(x, mask=mask)
+        eo, ec, el = eager(x, mask=mask)
+        assert torch.equal(cc, ec)
+        _close(co, eo, f"{case} compiled output")
+        _close(cl, el, f"{case} compiled loss")
