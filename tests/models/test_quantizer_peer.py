@@ -255,3 +255,20 @@ def test_options_compile_fullgraph(case):
         assert torch.equal(cc, ec)
         _close(co, eo, f"{case} compiled output")
         _close(cl, el, f"{case} compiled loss")
+
+
+@pytest.mark.parametrize("case", ["stochastic", "stochastic_heads", "stochastic_separate_heads"])
+def test_sampling_in_row_blocks_draws_the_peers_noise(case, monkeypatch):
+    """Rows sampled 7 at a time (not a divisor of the row count): the same codes as the peer's one
+    [C, rows, K] draw under the same seed."""
+    import vqdna.models.quantizer as quantizer
+
+    monkeypatch.setattr(quantizer, "_SAMPLE_CHUNK", 7)
+    peer, ours = _pair(**CASES[case])
+    peer.train(), ours.train()
+    x = torch.randn(3, 11, DIM, generator=torch.Generator().manual_seed(11))
+    torch.manual_seed(12)
+    _, pc, _ = peer(x)
+    torch.manual_seed(12)
+    _, oc, _ = ours(x)
+    assert torch.equal(oc, pc)

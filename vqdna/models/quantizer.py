@@ -31,6 +31,7 @@ from vqdna import kernels
 __all__ = ["VectorQuantizer", "HRQuantizer"]
 
 _USAGE_DECAY = 0.9  # the recent-usage window of usage(): about the last 10 training batches
+_SAMPLE_CHUNK = 4096  # rows per block of VectorQuantizer's Gumbel sampling ([4096, K] logits)
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -494,22 +495,30 @@ class VectorQuantizer(_EMACodebook):
         return (x.movedim(1, -1) if move else x), move
 
     def _sample_codes(self, z: torch.Tensor, codebooks: torch.Tensor, temp: float) -> torch.Tensor:
-        """Gumbel-max codes [..., H] of z [..., H, d] over logits -distance / temp (cosine: z.e / temp)
-        per codebook of codebooks [C, K, d], the noise drawn like the peer's (one uniform_ of [C, rows, K]).
-        Torch ops with the full [rows, K] logits (a sampling epilogue in the lookup kernel would not
-        need them: listed as kernel work)."""
+        """Gumbel-max codes [..., C] (or [...] with C = 1) of z [..., C, d] ([..., d]) over logits
+        -distance / temp (cosine: z.e / temp) per codebook of codebooks [C, K, d], from the global
+        torch RNG in the peer's order (the uniforms of [C, rows, K], row-major: chunking the rows
+        draws the same numbers on the CPU). Torch ops, 4096 rows at a time (the [rows, K] logits
+        stay in cache; a sampling epilogue in the lookup kernel is listed as kernel work)."""
         c, d = codebooks.shape[0], z.shape[-1]
         rows = z.reshape(-1, c, d).transpose(0, 1).float()  # [C, rows, d]
         e = codebooks.float()
-        if self.use_cosine_sim:
-            logits = rows @ e.transpose(1, 2)
-        else:
-            sq = rows.pow(2).sum(-1, keepdim=True) + e.pow(2).sum(-1)[:, None, :] - 2.0 * (rows @ e.transpose(1, 2))
-            logits = -sq.clamp_min(1e-8).sqrt()
-        noise = torch.zeros_like(logits).uniform_(0, 1)
-        gumbel = -torch.log((-torch.log(noise.clamp_min(1e-20))).clamp_min(1e-20))  # the peer's log(t, eps=1e-20)
-        logits = logits / temp + gumbel
-        return logits.argmax(-1).transpose(0, 1).reshape(z.shape[:-1])
+        e_sq = e.pow(2).sum(-1)
+        codes = torch.empty(c, rows.shape[1], dtype=torch.int64, device=z.device)
+        for i in range(c):
+            for start in range(0, rows.shape[1], _SAMPLE_CHUNK):
+                r = rows[i, start:start + _SAMPLE_CHUNK]
+                dots = r @ e[i].T
+                if self.use_cosine_sim:
+                    logits = dots
+                else:
+                    sq = (r.pow(2).sum(-1, keepdim=True) + e_sq[i]).sub_(dots, alpha=2.0)
+                    logits = sq.clamp_min_(1e-8).sqrt_().neg_()  # the peer's -cdist
+                noise = torch.empty_like(logits).uniform_(0, 1)
+                # -log(-log(u)) with the peer's log(t) = log(t.clamp(min=1e-20))
+                gumbel = noise.clamp_min_(1e-20).log_().neg_().clamp_min_(1e-20).log_().neg_()
+                codes[i, start:start + _SAMPLE_CHUNK] = logits.div_(temp).add_(gumbel).argmax(-1)
+        return codes.transpose(0, 1).reshape(z.shape[:-1])
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, freeze_codebook: Optional[bool] = None):
         x, move_back = self._channels_last(x)
@@ -537,21 +546,8 @@ class VectorQuantizer(_EMACodebook):
         learn = self.learnable_codebook and not frozen
         if not learn:
             codebook = codebook.detach()
-        if c == 1:
-            codes, dist_ = kernels.lookup(z, codebook, codes_dtype=torch.int64)
-            flat_codes = codes
-        else:
-            # Known gap: one lookup per head (the lookup op takes one codebook; a batched-codebook
-            # lookup is kernel work).
-            books = codebook.view(c, k, -1)
-            found = [kernels.lookup(z[..., i, :], books[i], codes_dtype=torch.int64) for i in range(c)]
-            codes = torch.stack([f[0] for f in found], -1)
-            dist_ = torch.stack([f[1] for f in found], -1)
-            flat_codes = codes + torch.arange(c, device=codes.device) * k
-        if self.check_finite is not False:
-            # A non-finite row of x has a non-finite distance: no extra pass over x.
-            _check_finite(self.check_finite, dist_, "VectorQuantizer input x")
-        if self.stochastic_sample_codes and self.training and self.sample_codebook_temp > 0:
+        sample = self.stochastic_sample_codes and self.training and self.sample_codebook_temp > 0
+        if sample:
             with torch.no_grad():
                 # Shared-codebook heads of a [B, N, H, d] input: rows in the peer's (B, H, N) order,
                 # so the same seed draws the same noise per row.
@@ -559,10 +555,22 @@ class VectorQuantizer(_EMACodebook):
                 zs = z.detach().transpose(1, 2) if peer_order else z.detach()
                 codes = self._sample_codes(zs, codebook.detach().view(c, k, -1), self.sample_codebook_temp)
                 codes = codes.transpose(1, 2) if peer_order else codes
-                flat_codes = codes if c == 1 else codes + torch.arange(c, device=codes.device) * k
+        elif c == 1:
+            codes, dist_ = kernels.lookup(z, codebook, codes_dtype=torch.int64)
+        else:
+            # Known gap: one lookup per head (the lookup op takes one codebook; a batched-codebook
+            # lookup is kernel work).
+            books = codebook.view(c, k, -1)
+            found = [kernels.lookup(z[..., i, :], books[i], codes_dtype=torch.int64) for i in range(c)]
+            codes = torch.stack([f[0] for f in found], -1)
+            dist_ = torch.stack([f[1] for f in found], -1)
+        flat_codes = codes if c == 1 else codes + torch.arange(c, device=codes.device) * k
         quantized = torch.nn.functional.embedding(flat_codes, codebook)
-        if self.stochastic_sample_codes and self.training and self.sample_codebook_temp > 0:
+        if sample:  # the sampled code's squared distance (non-finite where z is)
             dist_ = (z.detach().float() - quantized.detach().float()).pow(2).sum(-1)
+        if self.check_finite is not False:
+            # A non-finite row of x has a non-finite distance: no extra pass over x.
+            _check_finite(self.check_finite, dist_, "VectorQuantizer input x")
         if self.training and not frozen:
             with torch.no_grad():
                 zd = z.detach()
