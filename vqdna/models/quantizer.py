@@ -7,8 +7,9 @@ Argument names follow vector-quantize-pytorch's `VectorQuantize` where the meani
 `threshold_ema_dead_code`, `sync_codebook`, and on `VectorQuantizer` the peer's options listed in
 its docstring; `VectorQuantizer.from_vector_quantize` moves a peer module over). Differences: forward
 returns (quantized, codes, loss) with codes int64 and the loss already weighted; the EMA state is
-always float32 buffers named `codebook`, `cluster_size` and `embed_sum`; non-finite inputs raise a ValueError naming the row
-(eager, CPU tensors) or fail a device-side assertion (CUDA tensors, torch.compile): see `check_finite`.
+always float32 buffers named `codebook`, `cluster_size` and `embed_sum`; non-finite inputs raise a
+ValueError naming the row (eager, CPU tensors) or fail a device-side assertion (CUDA tensors,
+torch.compile): see `check_finite`.
 
 No host sync in a steady-state step (train or eval, any option): k-means init reads its flag from a
 Python mirror of the `initted` buffer (re-read once when the buffer is loaded or replaced), dead-code
