@@ -55,9 +55,9 @@ def kmer_baseline(splits: dict, task: str, k: int = 6, regularization=KMER_REGUL
         if task == "classification":
             model = LogisticRegression(C=reg, max_iter=2000).fit(x["train"], y["train"])
 
-            def scores(split, model=model):  # [n, num_labels] logits over class indices 0..max
-                out = np.full((len(x[split]), int(max(y["train"].max(), y[split].max())) + 1), -np.inf)
-                out[:, model.classes_] = model.predict_log_proba(x[split])
+            def scores(split, model=model):  # [n, classes] probabilities over class indices 0..max (argmax is used)
+                out = np.full((len(x[split]), int(max(y["train"].max(), y[split].max())) + 1), -1.0)
+                out[:, model.classes_] = model.predict_proba(x[split])  # a class unseen in training: never
                 return out
         else:
             model = Ridge(alpha=1.0 / reg).fit(x["train"], y["train"])
