@@ -161,7 +161,7 @@ def test_finetune_starts_from_the_probe_head(tmp_path, monkeypatch):
     real = ft.train_lora
     monkeypatch.setattr(ft, "train_lora", lambda *a, **k: seen.append(k.get("head_state")) or real(*a, **k))
     res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, batch_size=16, head_init="probe")
-    assert res["head_init"] == "probe" and set(res["probe"]) == {"regularization", "feature_std", "dev", "test"}
+    assert res["head_init"] == "probe" and set(res["probe"]) == {"regularization", "feature_std", "dev", "test", "state_file"}
     assert len(seen) == 1 and torch.is_tensor(seen[0]["classifier.weight"])
     res = finetune(data, folder, str(tmp_path / "out2"), lrs=(1e-3,), epochs=1, batch_size=16, head_init="random")
     assert res["probe"] is None and seen[-1] is None
@@ -265,6 +265,10 @@ def test_selection_includes_the_probe_head_as_epoch_0(tmp_path, monkeypatch):
     assert set(res["test"]) == {"mcc", "f1", "accuracy", "loss"}  # the probe reports the model's loss too
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved["chosen"][1]["source"] == "probe" and len(saved["runs"]) == 4
+    from safetensors.torch import load_file  # the reported model is kept: the probe head's tensors
+
+    kept = load_file(tmp_path / "out" / saved["probe"]["state_file"])
+    assert set(kept) == {"pooler.0.weight", "pooler.0.bias", "classifier.weight", "classifier.bias"}
     monkeypatch.setattr(ft, "train_lora", _fake_train_lora(1.0))
     res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=2, batch_size=16)
     assert res["chosen"][0]["source"] == "finetuned" and res["test"]["mcc"]["mean"] == 0.123

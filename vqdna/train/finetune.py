@@ -398,6 +398,11 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
               "baseline": baseline, "test": summary, "chosen": chosen, "runs": runs,
               "runtime": {"torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}}
     os.makedirs(out_dir, exist_ok=True)
+    if probe is not None:  # a seed may report the probe head itself: keep it (pooler and classifier tensors)
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in probe["state"].items()}, os.path.join(out_dir, "probe_head.safetensors"))
+        result["probe"]["state_file"] = "probe_head.safetensors"
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(result, f, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
     return result

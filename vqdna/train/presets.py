@@ -13,7 +13,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-POOLINGS = ("cls", "mean", "mean_layers")  # = vqdna.models.bert.POOLINGS (not imported: that pulls in torch)
+from vqdna.models.bert import POOLINGS
+
 DEFAULT_PRESET = "paper"
 
 
