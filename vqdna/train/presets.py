@@ -133,7 +133,8 @@ def add_preset_arguments(parser: argparse.ArgumentParser, command: str) -> None:
         kind, text = _FIELD_ARGS[field.name]
         values = "; ".join(f"{name}: {_show(getattr(p, field.name))}" for name, p in presets.items())
         parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None,
-                            choices=_CHOICES.get(field.name), help=f"{text} ({values})")
+                            choices=_CHOICES.get(field.name), help=f"{text} ({values})",
+                            metavar="{" + ",".join(POOLINGS) + "}" if field.name == "pooling" else None)
 
 
 def resolve(command: str, args: argparse.Namespace):
