@@ -127,11 +127,14 @@ def test_cli_pretrain_on_token_files(tmp_path, capsys):
     out = tmp_path / "mlm"
     argv = ["pretrain", "--tokens", str(tmp_path / "tokens"), "--tokenizer", f"{_mlm.ROOT}/stage1", "--config",
             "bert-tiny", "--out", str(out), "--steps", "4", "--batch-size", "8", "--max-length", "32",
-            "--warmup-steps", "1", "--logging-steps", "2", "--save-steps", "4"]
+            "--warmup-steps", "1", "--logging-steps", "2", "--save-steps", "4", "--pooling", "mean", "--no-progress"]
     assert main(argv) == 0
-    assert "pretrain: 4 steps" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "pretrain: 4 steps" in captured.out and "preset paper" in captured.out
+    assert "it/s]" not in captured.err  # --no-progress: no tqdm bar (Trainer's or transformers' own)
     model = AutoModelForMaskedLM.from_pretrained(out)
     assert model.config.train_max_length == 32 and model.config.tokenizer_sha256 == tok.tokenizer_sha256
+    assert model.config.classifier_pooling == "mean"  # --pooling is saved for fine-tuning
     # token files from another tokenizer are refused
     other = _mlm.VQDNATokenizerModel(tok.model.config)
     other.save_pretrained(tmp_path / "other")
