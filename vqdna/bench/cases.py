@@ -9,6 +9,7 @@ cases above a work budget are left out and said so).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -201,9 +202,11 @@ def encode_cases(device: str, size: str, dtypes) -> Iterator[Case]:
             yield case
 
 
+@functools.cache
 def _builders() -> dict[str, Callable[..., Iterator[Case]]]:
-    """Bench op name -> its case builder: every op's declaration names its own (bench=), in registry
-    order, then the module-level cases."""
+    """Bench op name -> its case builder: every op's declaration names its own (bench=, in its folder
+    vqdna/kernels/ops/<op>/bench.py), in registry order, then the module-level cases. Resolved on
+    first use: those builders import this module."""
     from vqdna.kernels.ops.registry import declarations
 
     builders = {}
@@ -215,9 +218,10 @@ def _builders() -> dict[str, Callable[..., Iterator[Case]]]:
     return {**builders, "VectorQuantizer": module_cases, "tokenizer-encode": encode_cases}
 
 
-_BUILDERS = _builders()
-# Every op the bench measures: the declared ops' bench names, then the modules.
-OPS = tuple(_BUILDERS)
+def __getattr__(name: str):
+    if name == "OPS":  # every op the bench measures: the declared ops' bench names, then the modules
+        return tuple(_builders())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def cases(ops=None, device: str = "cpu", size: str = "small", dtypes=None) -> Iterator[Case]:
@@ -225,14 +229,15 @@ def cases(ops=None, device: str = "cpu", size: str = "small", dtypes=None) -> It
     On the CPU, cases above the work budget are left out (listed by `left_out`)."""
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {SIZES}")
-    ops = list(ops or OPS)
+    builders = _builders()
+    ops = list(ops or builders)
     for op in ops:
-        if op not in _BUILDERS:
-            raise ValueError(f"unknown op {op!r}; expected one of {', '.join(_BUILDERS)}")
+        if op not in builders:
+            raise ValueError(f"unknown op {op!r}; expected one of {', '.join(builders)}")
     dev_type = torch.device(device).type
     dtypes = tuple(dtypes or _DTYPES.get(dev_type, (torch.float32,)))
     for op in ops:
-        for case in _BUILDERS[op](device, size, dtypes):
+        for case in builders[op](device, size, dtypes):
             if case.flops is not None and not cpu_budget(device, case.flops, CPU_CASE_FLOPS):
                 left_out.append(f"{case.id}: above the CPU work budget ({case.flops:.2g} FLOP)")
                 continue

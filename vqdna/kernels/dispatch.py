@@ -70,6 +70,9 @@ def _availability(backend: str, device_type: str, op: str) -> Optional[str]:
         return f"vqdna.kernels declares no op {op!r}"
     if backend in BACKENDS and backend not in decl.backends:  # its declaration names no such kernel
         return f"there is no {'Triton' if backend == 'triton' else backend} {op} kernel"
+    if decl.reference is None:  # a composite runs where every op it uses runs
+        reasons = (_availability(backend, device_type, used) for used in decl.uses)
+        return next((r for r in reasons if r is not None), None)
     if backend == "reference":
         return None
     if backend == "native":

@@ -10,7 +10,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(0, 5, 3), (1, 1, 1), (7, 3, 2), (100, 17, 64), (1000, 64, 513), (4099, 384, 512)]
 # (backend, device, dtype, *shape); the Triton interpreter (~1 ms per tile step) runs the large ones under `slow`.
 CASES = backend_case_params(
-    [(t, *s) for t in DTYPES for s in SHAPES], lambda t, n, d, k: n * d > 100_000
+    [(t, *s) for t in DTYPES for s in SHAPES], lambda t, n, d, k: n * d > 100_000, op="ema_stats"
 )
 
 
@@ -45,7 +45,7 @@ def test_ema_stats_match_reference(backend, device, dtype, n, d, k, deterministi
         assert torch.allclose(sums.cpu().double(), ref_s, rtol=1e-5, atol=1e-5 * float(scale.max().clamp_min(1)))
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("ema_stats"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
 def test_ema_stats_with_previous_level(backend, device, dtype, rng, poison):
     """HRQ's H_l = 2 Z_l - C_{l-1}[M_{l-1}] recomputed inside the reduction."""
@@ -62,7 +62,7 @@ def test_ema_stats_with_previous_level(backend, device, dtype, rng, poison):
     assert torch.allclose(sums.cpu().double(), ref_s, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("ema_stats"))
 def test_deterministic_mode_is_bitwise_repeatable(backend, device, rng):
     require_backend(backend, device, "ema_stats")
     n, d, k = 2000, 33, 7  # few codes: many rows collide on each
@@ -113,7 +113,7 @@ def test_ema_update_one_step_by_hand():
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["fast", "deterministic"])
 @pytest.mark.parametrize("n", [100, 600])  # Triton: the direct (atomic) and the sorted paths
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("ema_stats"))
 def test_ema_update_matches_reference_state(backend, device, n, deterministic, rng):
     """Two EMA steps of HRQ level 1 (vectors 2 Z - C_prev[M_prev]) with K = 12, skewed counts, codes
     that no row uses (K * eps of Laplace smoothing matters), eps = 0.1 and padding rows."""
@@ -140,7 +140,7 @@ def test_ema_update_matches_reference_state(backend, device, n, deterministic, r
             assert torch.allclose(got.cpu(), want, rtol=1e-5, atol=1e-5), name
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("ema_stats"))
 def test_ema_stats_opcheck(backend, device, rng):
     require_backend(backend, device, "ema_stats")
     from vqdna.kernels.ops.registry import backend_op

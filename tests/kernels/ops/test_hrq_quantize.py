@@ -19,7 +19,7 @@ SHAPES = [  # (N, D, codebook sizes)
 ]
 # (backend, device, dtype, *shape); the Triton interpreter (~1 ms per tile step) runs the large ones under `slow`.
 CASES = backend_case_params(
-    [(t, *s) for t in DTYPES for s in SHAPES], lambda t, n, d, sizes: n * d * sum(sizes) > 3_000_000
+    [(t, *s) for t in DTYPES for s in SHAPES], lambda t, n, d, sizes: n * d * sum(sizes) > 3_000_000, op="hrq_quantize"
 )
 
 
@@ -75,7 +75,7 @@ def test_hrq_matches_reference(backend, device, dtype, n, d, sizes, rng, poison)
     assert agree > 0.98, f"only {agree:.3f} of codes agree with the reference"
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("hrq_quantize"))
 def test_hrq_exact_ties(backend, device, rng, poison):
     require_backend(backend, device, "hrq_quantize")
     d = 12
@@ -91,7 +91,7 @@ def test_hrq_exact_ties(backend, device, rng, poison):
     assert torch.equal(levels.cpu(), ref_levels)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("hrq_quantize"))
 def test_hrq_gradients_equal_reference(backend, device, rng):
     require_backend(backend, device, "hrq_quantize")
     zs, codebooks = make_levels(50, 10, (4, 16, 8), torch.float32, device, rng)
@@ -130,7 +130,7 @@ def test_reference_gradcheck_float64(rng):
     assert torch.equal(hrq_quantize(zs, codebooks, backend="reference")[0], codes_before)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("hrq_quantize"))
 def test_hrq_opcheck(backend, device, rng):
     require_backend(backend, device, "hrq_quantize")
     from vqdna.kernels.ops.registry import backend_op
@@ -156,7 +156,7 @@ def test_hrq_errors():
         hrq_quantize([torch.randn(3, 4)], [torch.randn(2, 5)])
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("hrq_quantize"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
 @pytest.mark.parametrize("n,d,sizes", [(1, 1, (1, 2)), (7, 3, (2, 5, 3)), (100, 17, (64, 130))], ids=lambda v: str(v))
 def test_hrq_out_equals_functional(backend, device, dtype, n, d, sizes, rng):
@@ -275,7 +275,7 @@ def exact_hrq_case(dtype, n=200, d=16, sizes=(8, 24, 40)):
 
 # float16 rows with 2 Z = inf: numpy (the Triton interpreter) warns about the overflow it is meant to do.
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast", "ignore:invalid value encountered in matmul")
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("hrq_quantize"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
 def test_hrq_rounding_is_exactly_the_spec(backend, device, dtype, poison):
     """Codes equal the spec's and zhat_levels[l] is bit for bit float32 sum of the chosen codes,

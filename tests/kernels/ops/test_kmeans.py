@@ -12,7 +12,7 @@ def blobs(n, d, k, gen):
     return centers[torch.randint(k, (n,), generator=gen)] + 0.2 * torch.randn(n, d, generator=gen), centers
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("kmeans"))
 def test_kmeans_finds_separated_clusters(backend, device, rng):
     require_backend(backend, device, "ema_stats")
     require_backend(backend, device, "lookup")
@@ -25,7 +25,7 @@ def test_kmeans_finds_separated_clusters(backend, device, rng):
     assert bool((nearest < 0.3).all()), nearest
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("kmeans"))
 @pytest.mark.parametrize("init", ["kmeans++", "random"])
 def test_kmeans_fast_equals_reference(backend, device, init, rng):
     require_backend(backend, device, "ema_stats")
@@ -48,7 +48,7 @@ def test_kmeans_empty_cluster_keeps_centroid_and_k_above_n(rng):
         kmeans(x, 2, init="bogus")
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("kmeans"))
 def test_kmeans_empty_clusters_stay_where_they_were(backend, device):
     """k = 6 over 4 distinct points (50 copies each): k-means++ takes the 4 points, then (every
     weight 0) copies of the last row, which the lower index wins on every tie, so clusters 4 and 5

@@ -23,7 +23,7 @@ _INTERPRETER_BUDGET = 3_000_000  # N * K * D
 def _backend_shape_params():
     """(backend, device, n, k, d); Triton-on-CPU cases above the interpreter budget carry `slow`."""
     params = []
-    for bp in backend_params():
+    for bp in backend_params("lookup"):
         backend, device = bp.values
         for n, k, d in itertools.product(NS, KS, DS):
             marks = list(bp.marks)
@@ -99,7 +99,7 @@ def test_lookup_matches_reference(backend, device, dtype, n, k, d, rng, poison):
     assert_lookup_matches(z, codebook, codes, dist, dtype)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("lookup"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 @pytest.mark.parametrize("d", [5, 64, 130])
 def test_exact_ties_pick_lowest_index(backend, device, dtype, d, rng, poison):
@@ -120,7 +120,7 @@ def test_exact_ties_pick_lowest_index(backend, device, dtype, d, rng, poison):
     assert torch.equal(dist.cpu().double(), exact.min(dim=1).values)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("lookup"))
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
 def test_nonfinite_rows(backend, device, dtype, rng, poison):
     require_backend(backend, device)
@@ -153,7 +153,7 @@ def test_nonfinite_rows(backend, device, dtype, rng, poison):
         vqdna.kernels.raise_on_nonfinite(dist, "z")
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("lookup"))
 def test_rows_on_codes_are_at_distance_zero_or_more(backend, device, rng, poison):
     """A row equal to a code is at exact distance 0; in float32, ||e||^2 - 2 z.e + ||z||^2 cancels
     to a few ulps of either sign, and the clamp keeps the returned distance >= 0 (DESIGN 2.1)."""
@@ -166,7 +166,7 @@ def test_rows_on_codes_are_at_distance_zero_or_more(backend, device, rng, poison
     assert float(dist.max()) < 1e-3
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("lookup"))
 def test_leading_shape_layout_and_int64(backend, device, rng, poison):
     require_backend(backend, device)
     k, d = 37, 24
@@ -185,7 +185,7 @@ def test_leading_shape_layout_and_int64(backend, device, rng, poison):
     assert torch.equal(c2.reshape(-1), flat_codes)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("lookup"))
 def test_empty_batch(backend, device, poison):
     require_backend(backend, device)
     codes, dist = lookup(torch.randn(0, 4, 8, device=device), torch.randn(3, 8, device=device), backend=backend)
@@ -260,7 +260,7 @@ def test_reference_chunks_large_n(monkeypatch, rng):
     assert torch.equal(codes.long(), torch.cdist(z.double(), e.double()).argmin(1))
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("lookup"))
 def test_opcheck(backend, device, rng):
     """torch.library's own checks of the registered op (schema, fake impl, dispatch)."""
     require_backend(backend, device)

@@ -63,7 +63,7 @@ def assert_stem_close(got, want, dtype):
 
 def _shape_params():
     params = []
-    for bp in backend_params():
+    for bp in backend_params("stem"):
         for shape in SHAPES:
             for dtype in OUT_DTYPES:
                 name = f"{bp.id}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}"
@@ -80,7 +80,7 @@ def test_matches_reference(backend, device, shape, dtype, rng, poison):
     assert_stem_close(got, truth(ids, *params), dtype)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("stem"))
 def test_conv1d_one_hot_peer(backend, device, rng):
     """GELU(LayerNorm(Conv1d(one_hot(x)))), the model's formulation, in float32."""
     require_backend(backend, device, "stem")
@@ -92,7 +92,7 @@ def test_conv1d_one_hot_peer(backend, device, rng):
     assert_stem_close(got, want.double().cpu(), torch.float32)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("stem"))
 def test_padding_inside_a_batch_changes_nothing(backend, device, rng):
     """A record padded to the batch length (pad id 5) encodes exactly as the record alone, and the
     id dtype and layout (uint8 / int32 / int64 / int16, non-contiguous) do not matter."""
@@ -114,7 +114,7 @@ def test_padding_inside_a_batch_changes_nothing(backend, device, rng):
     assert torch.equal(stem(ids_nc, weight, bias, ln_w, ln_b, backend=backend), padded)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("stem"))
 def test_non_finite_parameters(backend, device, rng, poison):
     """An Inf / NaN weight makes exactly the positions that use it NaN, as in the spec."""
     require_backend(backend, device, "stem")
@@ -127,7 +127,7 @@ def test_non_finite_parameters(backend, device, rng, poison):
     assert_stem_close(stem(ids, weight, bias, ln_w, ln_b, backend=backend), want, torch.float32)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("stem"))
 def test_half_precision_parameters(backend, device, rng):
     """bfloat16 / float16 parameters are read as float32 (accumulation stays float32)."""
     require_backend(backend, device, "stem")
@@ -138,7 +138,7 @@ def test_half_precision_parameters(backend, device, rng):
         assert_stem_close(got, truth(ids, *low), dtype)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("stem"))
 def test_bad_ids_name_row_and_column(backend, device, rng):
     require_backend(backend, device, "stem")
     ids, *params = make_inputs(3, 12, 8, 5, rng, device)
@@ -208,7 +208,7 @@ def test_native_kernel_checks_its_arguments(rng):
         op(bad, weight, bias, ln_w, ln_b, 1e-6, torch.float32)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("stem"))
 def test_opcheck(backend, device, rng):
     """torch.library's own checks of the registered op (schema, fake impl, autograd registration)."""
     require_backend(backend, device, "stem")
@@ -234,7 +234,7 @@ def test_torch_compile_fullgraph(backend, rng):
     assert torch.allclose(compiled(ids, weight, bias, ln_w, ln_b), f(ids, weight, bias, ln_w, ln_b), atol=1e-5)
 
 
-@pytest.mark.parametrize("backend,device", backend_params())
+@pytest.mark.parametrize("backend,device", backend_params("stem"))
 def test_gradients_match_reference(backend, device, rng):
     """weight, bias, ln_weight, ln_bias gradients through the fast forward equal the float64 spec's;
     half-precision parameters get gradients in their dtype."""

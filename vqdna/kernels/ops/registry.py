@@ -38,6 +38,7 @@ class OpDeclaration:
     autograd: (backward, setup_context) for torch.library.register_autograd, or None (not differentiable).
     compiled_extras: further vqdna._C ops of this op, name -> (backend, fake) (e.g. an out= variant).
     bench: (the bench's name for the op, "module:function" yielding its cases), or None.
+    uses: for a composite, the declared ops it calls: it runs on the backends they all have.
     """
 
     name: str
@@ -48,13 +49,16 @@ class OpDeclaration:
     autograd: Optional[tuple[Callable, Callable]] = None
     compiled_extras: dict = field(default_factory=dict)
     bench: Optional[tuple[str, str]] = None
+    uses: tuple[str, ...] = ()
 
     @property
     def backends(self) -> tuple[str, ...]:
-        """The backends with a kernel for this op, in BACKENDS order (none for a composite)."""
+        """The backends that run this op, in BACKENDS order: those with a kernel for it, or for a
+        composite those every op it uses has."""
         if self.reference is None:
-            return ()
-        have = {"reference", *self.compiled, *(["triton"] if self.triton else [])}
+            have = set.intersection(*(set(_declarations[u].backends) for u in self.uses)) if self.uses else set()
+        else:
+            have = {"reference", *self.compiled, *(["triton"] if self.triton else [])}
         return tuple(b for b in ("cuda", "triton", "native", "reference") if b in have)
 
 

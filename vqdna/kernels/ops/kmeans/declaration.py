@@ -3,4 +3,6 @@ runs them; no torch op of its own. Declaration: see vqdna/kernels/ops/registry.p
 
 from vqdna.kernels.ops.registry import OpDeclaration
 
-DECLARATION = OpDeclaration(name="kmeans", compiled=(), bench=("kmeans", "vqdna.kernels.ops.kmeans.bench:cases"))
+DECLARATION = OpDeclaration(
+    name="kmeans", compiled=(), uses=("lookup", "ema_stats"), bench=("kmeans", "vqdna.kernels.ops.kmeans.bench:cases")
+)
