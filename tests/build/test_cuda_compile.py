@@ -173,7 +173,7 @@ def _host_cxx():
 @needs_nvcc
 def test_launch_plans_match_python_mirror(tmp_path):
     """stem_table_bytes / kStemMaxDim / kStemMaxWidth (ops/stem/cuda.cuh), ema_atomic_plan (ops/ema_stats/cuda.cuh) and
-    mma_vec_loads (ops/lookup/cuda.cuh) give what vqdna.kernels.cuda_launch says, for every dtype and sizes
+    mma_vec_loads (common/cuda_search_plan.h) give what vqdna.kernels.cuda_launch says, for every dtype and sizes
     on both sides of each threshold (shared-memory budgets of sm_80 and sm_90)."""
     import torch
 

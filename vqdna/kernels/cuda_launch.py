@@ -136,7 +136,7 @@ def ema_atomic_plan(d: int, num_codes: int, dtype: torch.dtype, smem_per_sm: int
 
 
 # ---------------------------------------------------------------------------------------------
-# lookup / hrq_quantize (csrc/ops/lookup/cuda.cuh: mma_vec_loads)
+# lookup / hrq_quantize (csrc/common/cuda_search_plan.h: mma_vec_loads)
 
 
 def mma_vec_loads(dtype: torch.dtype, d: int, inputs_aligned16: bool) -> bool:

@@ -7,7 +7,7 @@
 
 #include <cuda_runtime_api.h>
 
-#include "common/dtype.h"
+#include "common/cuda_search_plan.h"
 
 namespace vqdna::cuda {
 

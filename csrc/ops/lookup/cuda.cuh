@@ -6,20 +6,12 @@
 
 #include <cuda_runtime_api.h>
 
-#include "common/dtype.h"
+#include "common/cuda_search_plan.h"
 
 namespace vqdna::cuda {
 
 // Rows per thread block of every lookup kernel (exposed for tests / benchmarks).
 constexpr int kLookupBlockRows = 128;
-
-// Whether the bf16 / fp16 tensor-core search (lookup, HRQ) stages its tiles with 16-byte cp.async /
-// vector loads: D % 8 == 0 and every input (z or each Z_l, the codebook) 16-byte aligned; otherwise
-// bounds-checked 2-byte loads. float32 always uses 4-byte cp.async. vqdna/kernels/cuda_launch.py
-// mirrors this (tests/build checks they agree).
-inline bool mma_vec_loads(DType dtype, int64_t d, bool inputs_aligned16) {
-  return dtype != DType::kFloat32 && d > 0 && d % 8 == 0 && inputs_aligned16;
-}
 
 // codes[i] = argmin_k (sqnorm[k] - 2 <z_i, e_k>)  (fp32 accumulation; ties -> smallest k; a NaN
 //            distance never wins; a row whose distances are all NaN gets code 0)
