@@ -86,13 +86,13 @@ def backends_for(op: str, device: str) -> list[str]:
     return [b for b in BACKENDS if _why_unavailable(b, dev, op) is None and not (b == "triton" and dev.type == "cpu")]
 
 
-def gen(device: str, seed: int) -> torch.Generator:
+def generator(device: str, seed: int) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
 def near_codes(n: int, k: int, d: int, dtype, device: str, seed: int):
     """Codebook ~ N(0, 1) and rows near random codes (the realistic case), built on the device."""
-    gen = gen(device, seed)
+    gen = generator(device, seed)
     codebook = torch.randn(k, d, generator=gen, device=device)
     z = codebook[torch.randint(k, (n,), generator=gen, device=device)]
     z.add_(torch.randn(n, d, generator=gen, device=device), alpha=0.5)
@@ -137,7 +137,7 @@ def module_cases(device: str, size: str, dtypes) -> Iterator[Case]:
         case.impl_names = ["vqdna", "reference", *(["vector-quantize-pytorch"] if has_module("vector_quantize_pytorch") else [])]
 
         def setup(mode=mode, case=case):
-            x = torch.randn(n, d, generator=gen(device, 2), device=device)
+            x = torch.randn(n, d, generator=generator(device, 2), device=device)
             impls = []
             for name, backend in (("vqdna", None), ("reference", "reference")):
                 module = VectorQuantizer(dim=d, codebook_size=k).to(device).train(mode == "train")
@@ -188,7 +188,7 @@ def encode_cases(device: str, size: str, dtypes) -> Iterator[Case]:
 
             def setup(name=name, b=b, length=length):
                 model = VQDNATokenizerModel(VQDNATokenizerConfig.named(name)).to(device).eval()
-                ids = torch.randint(5, (b, length), generator=gen(device, 3), device=device)
+                ids = torch.randint(5, (b, length), generator=generator(device, 3), device=device)
                 impls = []
                 for impl, backend in (("vqdna", None), ("reference", "reference")):
                     def encode(backend=backend):

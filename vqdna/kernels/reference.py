@@ -22,7 +22,7 @@ __all__ = [
     "BASE_PAD_ID", "NUM_BASES", "EMA_EPS",
 ]
 
-EMA_EPS = 1e-5  # the default Laplace smoothing of the EMA cluster sizes (DESIGN 2.3)
+EMA_EPS = 1e-5  # the default Laplace smoothing of the EMA cluster sizes (docs/design.md §2.3)
 
 # Rows per chunk when the reference forms a [chunk, K] distance block; keeps memory bounded.
 _CHUNK_ELEMENTS = 1 << 24
@@ -118,7 +118,7 @@ def ema_stats(
     prev_codes: Optional[torch.Tensor] = None,
     prev_codebook: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reduction of the EMA update (DESIGN 2.3): per-code counts [K] and vector sums [K, D].
+    """The reduction of the EMA update (docs/design.md §2.3): per-code counts [K] and vector sums [K, D].
 
     x [N, D], codes [N] int in [0, num_codes), mask [N] bool (False rows count for nothing). With
     prev_codes [N] and prev_codebook [K', D], the vector of row i is 2 x_i - prev_codebook[prev_codes_i]
@@ -136,7 +136,7 @@ def ema_stats(
 
 
 def laplace_smoothed(cluster_size: torch.Tensor, eps: float = EMA_EPS) -> torch.Tensor:
-    """Laplace-smoothed cluster sizes [K] (DESIGN 2.3): (n_k + eps) / (sum n + K eps) * sum n, so no
+    """Laplace-smoothed cluster sizes [K] (docs/design.md §2.3): (n_k + eps) / (sum n + K eps) * sum n, so no
     code divides by zero and the total is kept."""
     total = cluster_size.sum()
     return (cluster_size + eps) / (total + cluster_size.shape[0] * eps) * total

@@ -6,7 +6,7 @@ from typing import Iterator
 
 import torch
 
-from vqdna.bench.cases import LOOKUP_GRID, ROWS, Case, Impl, backends_for, gen
+from vqdna.bench.cases import LOOKUP_GRID, ROWS, Case, Impl, backends_for, generator
 
 
 def cases(device: str, size: str, dtypes) -> Iterator[Case]:
@@ -24,7 +24,7 @@ def cases(device: str, size: str, dtypes) -> Iterator[Case]:
             case.impl_names = [n for b in backends for n in (b, f"{b} (deterministic)")] + ["torch index_add_"]
 
             def setup(n=n, k=k, dtype=dtype, backends=backends):
-                gen = gen(device, n + k)
+                gen = generator(device, n + k)
                 x = torch.randn(n, d, generator=gen, device=device).to(dtype)
                 codes = torch.randint(k, (n,), generator=gen, device=device, dtype=torch.int32)
                 state = [torch.ones(k, device=device), torch.zeros(k, d, device=device), torch.zeros(k, d, device=device, dtype=dtype)]

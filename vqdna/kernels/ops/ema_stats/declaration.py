@@ -1,4 +1,4 @@
-"""ema_stats (DESIGN 2.3): per-code counts and vector sums, the reduction of the EMA codebook update
+"""ema_stats (docs/design.md §2.3): per-code counts and vector sums, the reduction of the EMA codebook update
 (`ema_update` in wrapper.py applies the EMA to them). Declaration: see vqdna/kernels/ops/registry.py."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """vqdna.kernels.ema_stats (the op) and ema_update (the EMA codebook update built on it): validation
-and one dispatch per call (DESIGN 2.3)."""
+and one dispatch per call (docs/design.md §2.3)."""
 
 from __future__ import annotations
 

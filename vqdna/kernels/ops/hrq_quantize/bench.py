@@ -16,7 +16,7 @@ from vqdna.bench.cases import (
     Impl,
     backends_for,
     cpu_budget,
-    gen,
+    generator,
 )
 
 
@@ -40,7 +40,7 @@ def cases(device: str, size: str, dtypes) -> Iterator[Case]:
                                *(["torch"] if torch_ok else [])]
 
             def setup(n=n, dtype=dtype, backends=backends, torch_ok=torch_ok, fast=fast, reuse=reuse):
-                gen = gen(device, n)
+                gen = generator(device, n)
                 cbs = [torch.randn(k, d, generator=gen, device=device).to(dtype) for k in HRQ_SIZES]
                 zs = [torch.randn(n, d, generator=gen, device=device).to(dtype) for _ in HRQ_SIZES]
                 impls = [

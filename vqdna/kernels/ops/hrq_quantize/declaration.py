@@ -1,4 +1,4 @@
-"""hrq_quantize (DESIGN 2.2): hierarchical residual quantization with residual doubling, all levels
+"""hrq_quantize (docs/design.md §2.2): hierarchical residual quantization with residual doubling, all levels
 fused. Declaration: see vqdna/kernels/ops/registry.py."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""vqdna.kernels.hrq_quantize: validation and one dispatch per call (DESIGN 2.2)."""
+"""vqdna.kernels.hrq_quantize: validation and one dispatch per call (docs/design.md §2.2)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""vqdna.kernels.kmeans: k-means from the fast kernels (DESIGN 2.4)."""
+"""vqdna.kernels.kmeans: k-means from the fast kernels (docs/design.md §2.4)."""
 
 from __future__ import annotations
 

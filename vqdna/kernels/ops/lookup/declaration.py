@@ -1,4 +1,4 @@
-"""lookup (DESIGN 2.1): the nearest code of every row. Declaration: see vqdna/kernels/ops/registry.py."""
+"""lookup (docs/design.md §2.1): the nearest code of every row. Declaration: see vqdna/kernels/ops/registry.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""vqdna.kernels.lookup: validation, chunking and one dispatch per call (DESIGN 2.1)."""
+"""vqdna.kernels.lookup: validation, chunking and one dispatch per call (docs/design.md §2.1)."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ from typing import Iterator
 
 import torch
 
-from vqdna.bench.cases import LOOKUP_GRID, Case, Impl, backends_for, gen
+from vqdna.bench.cases import LOOKUP_GRID, Case, Impl, backends_for, generator
 
 
 def cases(device: str, size: str, dtypes) -> Iterator[Case]:
@@ -23,7 +23,7 @@ def cases(device: str, size: str, dtypes) -> Iterator[Case]:
             case.impl_names = [*backends, "torch"]
 
             def setup(b=b, length=length, dtype=dtype, backends=backends):
-                gen = gen(device, b)
+                gen = generator(device, b)
                 ids = torch.randint(5, (b, length), generator=gen, device=device, dtype=torch.uint8)
                 w = torch.randn(d, 5, 5, generator=gen, device=device) / 5
                 bias, lw, lb = (torch.randn(d, generator=gen, device=device) for _ in range(3))

@@ -1,4 +1,4 @@
-"""stem (DESIGN 2.5): GELU(LayerNorm(Conv1d(one_hot(ids)))) fused as a gather-sum. Declaration: see
+"""stem (docs/design.md §2.5): GELU(LayerNorm(Conv1d(one_hot(ids)))) fused as a gather-sum. Declaration: see
 vqdna/kernels/ops/registry.py."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""vqdna.kernels.stem: validation and one dispatch per call (DESIGN 2.5)."""
+"""vqdna.kernels.stem: validation and one dispatch per call (docs/design.md §2.5)."""
 
 from __future__ import annotations
 
