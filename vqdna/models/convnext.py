@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vqdna.kernels.ops import stem as fused_stem
+from vqdna.kernels import stem as fused_stem
 from vqdna.kernels.reference import BASE_PAD_ID, NUM_BASES
 
 __all__ = ["ConvNeXtBlock1d", "ConvNeXt1dStem", "ConvNeXt1dEncoder", "ConvNeXt1dDecoder", "base_mask"]
