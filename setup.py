@@ -38,7 +38,8 @@ def _extensions():
 
     os.environ["MAX_JOBS"] = _max_jobs()
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp"))
+                     + glob.glob(os.path.join("csrc", "ops", "*", "cpu.cpp")))
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-march=x86-64-v3" if _is_x86() else "-mcpu=native"]
     nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
     define_macros = []
