@@ -469,3 +469,8 @@ def cases(ops=None, device: str = "cpu", size: str = "small", dtypes=None) -> It
 
 
 left_out: list[str] = []
+
+
+from vqdna.bench.encode_rate import encode_rate_cases  # noqa: E402  (it builds on Case above)
+
+OPS, _BUILDERS["encode-rate"] = OPS + ("encode-rate",), encode_rate_cases
