@@ -26,10 +26,10 @@ def _block(dim, kernel_size, mlp_ratio, seed):
     return block
 
 
-def _native(block, x, keep):
+def _native(block, x, keep, tile_rows=0):
     return torch.ops.vqdna.convnext_block_native(
         x, keep, block.dwconv.weight, block.dwconv.bias, block.norm.weight, block.norm.bias, block.norm.eps,
-        block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight, block.pwconv2.bias, block.gamma,
+        block.pwconv1.weight, block.pwconv1.bias, block.pwconv2.weight, block.pwconv2.bias, block.gamma, tile_rows,
     )
 
 
@@ -37,22 +37,22 @@ def test_op_is_built():
     assert native_block_available(), "vqdna._C has no vqdna::convnext_block_native: rebuild the extension"
 
 
-# (B, L, D, kernel_size, mlp_ratio): odd and tiny channel counts, records shorter than the kernel,
-# and lengths past one tile (64..512 rows) so tile edges fall inside the convolution's halo.
+# (B, L, D, kernel_size, mlp_ratio, tile_rows): odd and tiny channel counts, records shorter than the
+# kernel, and tiles (0: the default 512) that split records so tile edges fall inside the halo.
 SHAPES = [
-    (1, 1, 1, 3, 1), (2, 2, 3, 7, 4), (1, 5, 5, 7, 2), (3, 7, 17, 5, 4), (2, 70, 64, 7, 4), (1, 129, 65, 3, 3),
-    (2, 600, 33, 7, 4), (1, 1100, 12, 9, 4), (1, 300, 384, 7, 4),
+    (1, 1, 1, 3, 1, 0), (2, 2, 3, 7, 4, 1), (1, 5, 5, 7, 2, 2), (3, 7, 17, 5, 4, 3), (2, 70, 64, 7, 4, 16),
+    (1, 129, 65, 3, 3, 0), (2, 600, 33, 7, 4, 0), (1, 1100, 12, 9, 4, 0), (2, 300, 384, 7, 4, 100),
 ]
 
 
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("batch,length,dim,kernel_size,mlp_ratio", SHAPES)
-def test_matches_reference(batch, length, dim, kernel_size, mlp_ratio, masked, rng):
+@pytest.mark.parametrize("batch,length,dim,kernel_size,mlp_ratio,tile_rows", SHAPES)
+def test_matches_reference(batch, length, dim, kernel_size, mlp_ratio, tile_rows, masked, rng):
     block = _block(dim, kernel_size, mlp_ratio, seed=length * dim)
     x = torch.randn(batch, length, dim, generator=rng)
     keep = torch.rand(batch, length, generator=rng) > 0.3 if masked else None
     with torch.no_grad():
-        got, want = _native(block, x, keep), convnext_block_reference(block, x, keep)
+        got, want = _native(block, x, keep, tile_rows), convnext_block_reference(block, x, keep)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     if keep is not None:
         assert (got[~keep] == 0).all()
@@ -66,6 +66,8 @@ def test_rejects_bad_inputs():
         _native(block, torch.zeros(1, 4, 9), None)
     with torch.no_grad(), pytest.raises(RuntimeError, match="keep must be"):
         _native(block, torch.zeros(1, 4, 8), torch.ones(1, 5, dtype=torch.bool))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="tile_rows must be"):
+        _native(block, torch.zeros(1, 4, 8), None, -1)
 
 
 def test_encoder_runs_native_only_without_autograd(monkeypatch, rng):

@@ -8,10 +8,11 @@
 // L2-resident [T, D] buffer; the two pointwise convolutions are plain GEMMs on that buffer (at::addmm_out
 // on views of thread-local buffers: inside at::parallel_for they run single-threaded, in the BLAS torch
 // ships), GELU is torch's own kernel applied in place to the [T, 4D] hidden tile while it is still in
-// cache, and the layer scale, residual and mask are fused into the one write of the output rows. So the
+// cache (T = 512 by default, see kTileRows), and the layer scale, residual and mask are fused into the
+// one write of the output rows. So the
 // only large memory streams are the input (read once, plus the kernel's halo) and the output.
 // Rounding: the GEMMs and GELU are torch's; the convolution sums taps in order and the LayerNorm uses
-// two-pass float32 moments, so results differ from the module's within float32 rounding.
+// two-pass float32 moments (eight partial sums), so results differ from the module's within float32 rounding.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -22,19 +23,32 @@
 
 namespace {
 
-// Rows per task: the [T, 4D] hidden tile should stay within about 512 KB (half of a typical L2), but a
-// tile of at least 64 rows keeps the GEMM calls large enough that their packing and call overhead are
-// small against their FLOPs.
-int64_t tile_rows(int64_t hidden, int64_t length) {
-  int64_t t = (512 * 1024 / 4) / std::max<int64_t>(hidden, 1);
-  t = std::clamp<int64_t>(t / 16 * 16, 64, 512);
-  return std::min(t, length);
+// Rows per task when the caller does not say: 512. Measured (one thread, vqdna-small D = 64 and
+// vqdna-base D = 384): the block's pointwise FLOP rate rises with the tile, from about half of a
+// whole-tensor GEMM of the same shapes at 32-64 rows to par with it at 512 (1024 gains nothing); the
+// per-call packing and overhead of the tile GEMMs stop mattering there, and the hidden tile (512 x 4D
+// floats: 0.5 MB at D = 64, 3 MB at D = 384) is still cache resident.
+constexpr int64_t kTileRows = 512;
+
+// sum_c v[c] (kSquares false) or sum_c (v[c] - mean)^2 (true). Eight independent partial sums (one
+// vector register), so the compiler vectorises the loop; a single running float sum would be a serial
+// chain of dependent adds, slower than the row's whole convolution.
+template <bool kSquares>
+inline float lane_sum(const float* v, int64_t n, float mean) {
+  constexpr int kLanes = 8;
+  float part[kLanes] = {0.f};
+  auto term = [&](float x) { return kSquares ? (x - mean) * (x - mean) : x; };
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int k = 0; k < kLanes; ++k) part[k] += term(v[c + k]);
+  for (; c < n; ++c) part[0] += term(v[c]);
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
 at::Tensor convnext_block_native(const at::Tensor& x, const c10::optional<at::Tensor>& keep, const at::Tensor& dw_weight,
                                  const at::Tensor& dw_bias, const at::Tensor& ln_weight, const at::Tensor& ln_bias,
                                  double ln_eps, const at::Tensor& w1, const at::Tensor& b1, const at::Tensor& w2,
-                                 const at::Tensor& b2, const at::Tensor& gamma) {
+                                 const at::Tensor& b2, const at::Tensor& gamma, int64_t tile) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat, "convnext_block: x must be float32 [B, L, D], got ",
               x.scalar_type(), " ", x.sizes());
   const int64_t B = x.size(0), L = x.size(1), D = x.size(2);
@@ -66,7 +80,8 @@ at::Tensor convnext_block_native(const at::Tensor& x, const c10::optional<at::Te
   at::Tensor out = at::empty_like(xc);
   if (xc.numel() == 0) return out;
 
-  const int64_t T = tile_rows(H, L), tiles_per_record = (L + T - 1) / T;
+  TORCH_CHECK(tile >= 0, "convnext_block: tile_rows must be >= 0 (0: automatic), got ", tile);
+  const int64_t T = std::min(tile > 0 ? tile : kTileRows, L), tiles_per_record = (L + T - 1) / T;
   const float* xp = xc.data_ptr<float>();
   const float* tp = taps.data_ptr<float>();
   const float *dwbp = dwb.data_ptr<float>(), *lnwp = lnw.data_ptr<float>(), *lnbp = lnb.data_ptr<float>();
@@ -95,12 +110,8 @@ at::Tensor convnext_block_native(const at::Tensor& x, const c10::optional<at::Te
           const float* w = tp + j * D;
           for (int64_t c = 0; c < D; ++c) a[c] += w[c] * xr[c];
         }
-        float sum = 0.f;
-        for (int64_t c = 0; c < D; ++c) sum += a[c];
-        const float mean = sum / static_cast<float>(D);
-        float sq = 0.f;
-        for (int64_t c = 0; c < D; ++c) sq += (a[c] - mean) * (a[c] - mean);
-        const float rstd = 1.f / std::sqrt(sq / static_cast<float>(D) + eps);
+        const float mean = lane_sum<false>(a, D, 0.f) / static_cast<float>(D);
+        const float rstd = 1.f / std::sqrt(lane_sum<true>(a, D, mean) / static_cast<float>(D) + eps);
         for (int64_t c = 0; c < D; ++c) a[c] = (a[c] - mean) * rstd * lnwp[c] + lnbp[c];
       }
       at::Tensor a_t = at::from_blob(a_buf.data(), {rows, D}, opts);
@@ -131,10 +142,11 @@ at::Tensor convnext_block_native(const at::Tensor& x, const c10::optional<at::Te
 TORCH_LIBRARY_FRAGMENT(vqdna, m) {
   // ConvNeXt block, channels-last, inference (no autograd): x [B, L, D] float32, keep [B, L] bool or None
   // (rows where it is False are written as zeros), the block's parameters as the nn.Module holds them
-  // (dw_weight [D, 1, k], k odd; w1 [H, D]; w2 [D, H]). Returns keep * (x + gamma * block(x)) [B, L, D].
+  // (dw_weight [D, 1, k], k odd; w1 [H, D]; w2 [D, H]); tile_rows: positions per task (0: 512).
+  // Returns keep * (x + gamma * block(x)) [B, L, D].
   m.def(
       "convnext_block_native(Tensor x, Tensor? keep, Tensor dw_weight, Tensor dw_bias, Tensor ln_weight, "
-      "Tensor ln_bias, float ln_eps, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor gamma) -> Tensor");
+      "Tensor ln_bias, float ln_eps, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor gamma, int tile_rows=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vqdna, CPU, m) { m.impl("convnext_block_native", &convnext_block_native); }
