@@ -147,7 +147,7 @@ def make_row(
     bases may come with flops too (both rates). peak_size: the matmul side / copy length for the limit
     (None: the defaults)."""
     if sum(x is not None for x in (flops, bytes_moved, bases)) != 1 and not (flops is not None and bases is not None and bytes_moved is None):
-        raise ValueError(f"make_row({op!r}, {impl!r}): give one of flops, bytes_moved, bases (or flops and bases)")
+        raise ValueError(f"make_row({op!r}, {impl!r}): give exactly one of flops, bytes_moved, bases (bases may come with flops)")
     if not seconds > 0:
         raise ValueError(f"make_row({op!r}, {impl!r}): time must be positive, got {seconds}")
     torch_dtype = getattr(torch, dtype_name(dtype)) if not isinstance(dtype, torch.dtype) else dtype
