@@ -215,7 +215,10 @@ def _builders() -> dict[str, Callable[..., Iterator[Case]]]:
             name, where = decl.bench
             module, function = where.split(":")
             builders[name] = getattr(importlib.import_module(module), function)
-    return {**builders, "VectorQuantizer": module_cases, "tokenizer-encode": encode_cases}
+    from vqdna.bench.encode_rate import encode_rate_cases
+
+    return {**builders, "VectorQuantizer": module_cases, "tokenizer-encode": encode_cases,
+            "encode-rate": encode_rate_cases}
 
 
 def __getattr__(name: str):
@@ -242,4 +245,3 @@ def cases(ops=None, device: str = "cpu", size: str = "small", dtypes=None) -> It
                 left_out.append(f"{case.id}: above the CPU work budget ({case.flops:.2g} FLOP)")
                 continue
             yield case
-
