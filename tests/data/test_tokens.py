@@ -1,4 +1,4 @@
-"""Token files (vqdna.data.tokens): writer -> TokenDataset round trip, Megatron MMIDIDX layout,
+"""Token files (vqdna.data.tokens reading what vqdna.streaming.token_files writes): writer -> TokenDataset round trip, Megatron MMIDIDX layout,
 completeness checks, refusal of incomplete or corrupt directories (open-time structure checks,
 checksums with verify=True), safe shard names in the manifest."""
 
@@ -10,11 +10,11 @@ import struct
 import numpy as np
 import pytest
 
-from vqdna.data.tokens import (
+from vqdna.data import TokenDataset
+from vqdna.streaming.token_files import (
     FORMAT_VERSION,
     Piece,
     ShardWriter,
-    TokenDataset,
     TokenFileError,
     codes_dtype,
     read_manifest,
