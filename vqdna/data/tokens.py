@@ -102,7 +102,15 @@ class TokenDataset:
         return self.name(i), parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def find(self, name: str) -> int:
-        """Index of the first record called `name` (KeyError if none). Builds a name table once."""
+        """Index of the first record called `name` (KeyError if none). Format 3: a binary search of each
+        shard's name index (memory-mapped; O(shards * log pieces), nothing built). Older formats: a
+        name table built by the first call (reads every name)."""
+        if all(s.name_hashes is not None for s in self._shards):
+            for idx in self._shards:  # shards in record order: the first hit is the first record
+                j = idx.find(name)
+                if j is not None:
+                    return int(idx.ordinals[j])
+            raise KeyError(f"no record named {name!r} in {self.directory}")
         if self._names is None:
             table: dict[str, int] = {}
             for i in range(len(self)):

@@ -6,11 +6,12 @@ order and appends them to the shard)."""
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 import queue
 import threading
 import time
-import contextlib
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -116,7 +117,7 @@ class Pipeline:
 
     def read(self, main: threading.Thread) -> None:
         s, stats = self.settings, self.stats
-        units = work_units(self.inputs, s.shard_bases, s.shard_records)
+        units = work_units(self.inputs, s.shard_bases, s.shard_records, margin=self.halo)
         while True:
             t0 = time.perf_counter()
             unit = next(units, None)  # FASTA decoding happens here
@@ -198,7 +199,7 @@ class Pipeline:
                 elif item[0] == "end":
                     writer.close()
                     stats.shards_written += 1
-                    stats.records += sum(p.start == 0 for p in writer.pieces)
+                    stats.records += int((writer.pieces.starts == 0).sum())
                     for level, counts in enumerate(writer.usage):
                         stats.usage[level] += counts
                     writer = None
@@ -219,6 +220,15 @@ class Pipeline:
     def run(self) -> None:
         """Run every stage to the end; the first error of any stage is raised here."""
         main = threading.current_thread()
+        # Objects alive now (torch, the model, ...) live to the end: keep the cyclic collector off them,
+        # or its full passes, triggered by the reader's per-record allocations, rescan them all.
+        gc.freeze()
+        try:
+            self._run_stages(main)
+        finally:
+            gc.unfreeze()
+
+    def _run_stages(self, main: threading.Thread) -> None:
         reader = _Stage(lambda: self.read(main), "vqdna-tokenize-read")
         writer = _Stage(self.write, "vqdna-tokenize-write")
         failure: Optional[BaseException] = None

@@ -47,8 +47,13 @@ from vqdna.data.integrity import (
 __all__ = [
     "FORMAT_VERSION",
     "MANIFEST",
-    "TokenFileError",
+    "Piece",
+    "Pieces",
+    "ShardIndex",
     "ShardWriter",
+    "TokenFileError",
+    "name_hash",
+    "name_hashes",
     "codes_dtype",
     "read_manifest",
     "read_shard_index",
@@ -63,9 +68,10 @@ __all__ = [
 ]
 
 # 2: per-shard sizes and checksums in the manifest, .bin size and checksums in the .idx trailer.
-# Version 1 directories are still read (without checksums); they are not continued by --resume.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: the .idx trailer adds a name index (hashes sorted, with their pieces): find() without a scan.
+# Older directories are still read (v1 without checksums, v1/v2 find() by a scan); not resumed.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 # Megatron-LM / NeMo indexed dataset header (megatron/core/datasets/indexed_dataset.py).
 _MMIDIDX_MAGIC = b"MMIDIDX\x00\x00"
@@ -73,7 +79,7 @@ _MMIDIDX_VERSION = 1
 # Megatron dtype codes. uint32 has none: its codes are < 2**31, so the bytes read as int32 (code 4).
 _MEGATRON_CODE = {"uint16": 8, "uint32": 4}
 _TRAILER_MAGIC = b"VQDNAIDX"
-_TRAILER_VERSION = 2  # 1: no checksums (format 1)
+_TRAILER_VERSION = 3  # 1: no checksums (format 1); 2: no name index (format 2)
 _CHECKS = struct.Struct(f"<Q{DIGEST_SIZE}s{DIGEST_SIZE}s")  # v2 tail: .bin size, .bin digest, .idx digest
 
 
@@ -101,6 +107,77 @@ class Piece:
     record_length: int
 
 
+@dataclass(frozen=True, eq=False)
+class Pieces:
+    """A shard's pieces in order, columnar (no object per piece): ordinals, starts, lengths,
+    record_lengths int64 [n]; the names UTF-8, concatenated in `names`, name i being
+    names[name_offsets[i] : name_offsets[i + 1]] (int64 [n + 1]). Iterating gives Piece objects."""
+
+    ordinals: np.ndarray
+    names: bytes
+    name_offsets: np.ndarray
+    starts: np.ndarray
+    lengths: np.ndarray
+    record_lengths: np.ndarray
+
+    @classmethod
+    def of(cls, pieces: "Sequence[Piece] | Pieces") -> "Pieces":
+        if isinstance(pieces, Pieces):
+            return pieces
+        pieces = list(pieces)
+        names = [p.name.encode("utf-8") for p in pieces]
+        offsets = np.zeros(len(names) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in names], out=offsets[1:])
+        cols = [np.fromiter((getattr(p, k) for p in pieces), np.int64, count=len(pieces)) for k in ("ordinal", "start", "length", "record_length")]
+        return cls(cols[0], b"".join(names), offsets, *cols[1:])
+
+    def __len__(self) -> int:
+        return len(self.ordinals)
+
+    def name(self, i: int) -> str:
+        return self.names[self.name_offsets[i] : self.name_offsets[i + 1]].decode("utf-8")
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield Piece(int(self.ordinals[i]), self.name(i), int(self.starts[i]), int(self.lengths[i]), int(self.record_lengths[i]))
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Pieces):
+            return NotImplemented
+        return self.names == other.names and all(
+            np.array_equal(getattr(self, k), getattr(other, k)) for k in ("name_offsets", "ordinals", "starts", "lengths", "record_lengths")
+        )
+
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def name_hashes(names: bytes, offsets: np.ndarray) -> np.ndarray:
+    """FNV-1a 64 of each name's UTF-8 bytes -> uint64 [n] (names[offsets[i]:offsets[i + 1]]).
+    Vectorised over the names: one pass per byte position, longest names first (their prefix of the
+    length-sorted order is all that is still hashing); wraps mod 2**64 like the C definition."""
+    data = np.frombuffer(names, dtype=np.uint8)
+    offsets = np.asarray(offsets, dtype=np.int64)
+    lengths = np.diff(offsets)
+    order = np.argsort(-lengths, kind="stable")
+    sorted_lengths, starts = lengths[order], offsets[:-1][order]
+    h = np.full(len(lengths), _FNV_OFFSET, dtype=np.uint64)
+    longest = int(sorted_lengths[0]) if len(lengths) else 0
+    for j in range(longest):
+        m = int(np.searchsorted(-sorted_lengths, -j, side="left"))  # names longer than j
+        h[:m] = (h[:m] ^ data[starts[:m] + j]) * _FNV_PRIME
+    out = np.empty_like(h)
+    out[order] = h
+    return out
+
+
+def name_hash(name: str) -> int:
+    """name_hashes of one name."""
+    raw = name.encode("utf-8")
+    return int(name_hashes(raw, np.array([0, len(raw)]))[0])
+
+
 class ShardWriter:
     """Writes one shard under temporary names; `close()` makes it complete (renames .bin, then .idx).
 
@@ -113,12 +190,12 @@ class ShardWriter:
     def __init__(self, directory: str, index: int, pieces: Sequence[Piece], codebook_sizes: Sequence[int]):
         self.directory = directory
         self.name = shard_name(index)
-        self.pieces = list(pieces)
+        self.pieces = Pieces.of(pieces)
         self.n_levels = len(codebook_sizes)
         self.dtype = np.dtype(codes_dtype(codebook_sizes)).newbyteorder("<")
         self._limits = np.asarray(codebook_sizes, dtype=np.int64)
         self.usage = [np.zeros(k, dtype=np.int64) for k in codebook_sizes]  # codes written, per level
-        self.expected_rows = sum(p.length for p in self.pieces)
+        self.expected_rows = int(self.pieces.lengths.sum())
         self.rows = 0
         self.bin_path = os.path.join(directory, self.name + ".bin")
         self.idx_path = os.path.join(directory, self.name + ".idx")
@@ -193,7 +270,7 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _write_index(f, pieces: Sequence[Piece], dtype: np.dtype, n_levels: int, bin_size: int, bin_digest: bytes) -> None:
+def _write_index(f, pieces: Pieces, dtype: np.dtype, n_levels: int, bin_size: int, bin_digest: bytes) -> None:
     """Write the .idx (layout: docs/token-files.md); its last bytes are the .bin's size and checksum
     and the checksum of every .idx byte before them."""
     digest = new_hasher()
@@ -203,8 +280,7 @@ def _write_index(f, pieces: Sequence[Piece], dtype: np.dtype, n_levels: int, bin
         f.write(data)
 
     n = len(pieces)
-    lengths = np.fromiter((p.length for p in pieces), dtype=np.int64, count=n)
-    sizes = lengths * n_levels  # Megatron counts elements (tokens) per sequence
+    sizes = pieces.lengths * n_levels  # Megatron counts elements (tokens) per sequence
     if n and sizes.max() >= 1 << 31:
         raise ValueError("a piece holds 2**31 codes or more; lower shard_bases")
     pointers = np.zeros(n, dtype="<i8")
@@ -217,16 +293,18 @@ def _write_index(f, pieces: Sequence[Piece], dtype: np.dtype, n_levels: int, bin
     put(sizes.astype("<i4").tobytes())
     put(pointers.tobytes())
     put(np.arange(n + 1, dtype="<i8").tobytes())  # one document per piece
-    names = [p.name.encode("utf-8") for p in pieces]
-    name_offsets = np.zeros(n + 1, dtype="<i8")
-    np.cumsum([len(b) for b in names], out=name_offsets[1:])
     put(_TRAILER_MAGIC)
     put(struct.pack("<QQ", _TRAILER_VERSION, n_levels))
-    put(np.fromiter((p.ordinal for p in pieces), dtype="<i8", count=n).tobytes())
-    put(np.fromiter((p.start for p in pieces), dtype="<i8", count=n).tobytes())
-    put(np.fromiter((p.record_length for p in pieces), dtype="<i8", count=n).tobytes())
-    put(name_offsets.tobytes())
-    put(b"".join(names))
+    for column in (pieces.ordinals, pieces.starts, pieces.record_lengths, pieces.name_offsets):
+        put(np.ascontiguousarray(column, dtype="<i8").data)
+    put(pieces.names)
+    step = 1 << 16  # names hashed a slice at a time: the temporaries stay small
+    hashes = np.concatenate([np.zeros(0, np.uint64)] + [
+        name_hashes(pieces.names, pieces.name_offsets[i : i + step + 1]) for i in range(0, n, step)
+    ])
+    order = np.argsort(hashes, kind="stable")  # equal hashes keep piece order: the first record first
+    put(np.ascontiguousarray(hashes[order], dtype="<u8").data)
+    put(np.ascontiguousarray(order, dtype="<i8").data)
     put(struct.pack(f"<Q{DIGEST_SIZE}s", bin_size, bin_digest))
     f.write(digest.digest())
 
@@ -251,6 +329,17 @@ class ShardIndex:
     bin_checksum: Optional[str] = None
     idx_checksum: Optional[str] = None
     _body: Optional[np.ndarray] = None  # the bytes idx_checksum covers
+    name_hashes: Optional[np.ndarray] = None  # uint64 [n] sorted (trailer version 3)
+    name_order: Optional[np.ndarray] = None  # int64 [n]: the piece of each sorted hash
+
+    def find(self, name: str) -> Optional[int]:
+        """The first piece called `name` (None if none) by the name index: O(log n), no scan."""
+        h = np.uint64(name_hash(name))
+        lo, hi = np.searchsorted(self.name_hashes, h, "left"), np.searchsorted(self.name_hashes, h, "right")
+        for j in self.name_order[lo:hi].tolist():
+            if self.name(j) == name:
+                return j
+        return None
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -295,7 +384,7 @@ def read_shard_index(path: str) -> ShardIndex:
     off += len(_TRAILER_MAGIC)
     trailer_version, n_levels = struct.unpack_from("<QQ", buf, off)
     off += 16
-    if trailer_version not in (1, _TRAILER_VERSION) or n_levels < 1:
+    if trailer_version not in (1, 2, _TRAILER_VERSION) or n_levels < 1:
         fail(f"trailer version {trailer_version}, levels {n_levels}")
     arrays = []
     for _ in range(3):
@@ -304,19 +393,25 @@ def read_shard_index(path: str) -> ShardIndex:
     name_offsets = np.frombuffer(buf, "<i8", n + 1, off)
     off += 8 * (n + 1)
     names_end = off + int(name_offsets[-1])
+    table_end = names_end + (16 * n if trailer_version >= 3 else 0)  # the name index
     tail = _CHECKS.size if trailer_version >= 2 else 0
-    if name_offsets[0] != 0 or (np.diff(name_offsets) < 0).any() or buf.size != names_end + tail:
+    if name_offsets[0] != 0 or (np.diff(name_offsets) < 0).any() or buf.size != table_end + tail:
         fail("size does not match its name table")
     if (sizes < 0).any() or (sizes % n_levels).any():
         fail("sizes are negative or not multiples of the level count")
     checks: tuple = (None, None, None, None)
     if tail:
-        bin_size, bin_digest, idx_digest = _CHECKS.unpack_from(buf, names_end)
-        checks = (int(bin_size), bin_digest.hex(), idx_digest.hex(), buf[: names_end + 8 + DIGEST_SIZE])
+        bin_size, bin_digest, idx_digest = _CHECKS.unpack_from(buf, table_end)
+        checks = (int(bin_size), bin_digest.hex(), idx_digest.hex(), buf[: table_end + 8 + DIGEST_SIZE])
+    table: tuple = (None, None)
+    if trailer_version >= 3:
+        table = (np.frombuffer(buf, "<u8", n, names_end), np.frombuffer(buf, "<i8", n, names_end + 8 * n))
+        if n and ((table[0][1:] < table[0][:-1]).any() or table[1].min() < 0 or table[1].max() >= n):
+            fail("its name index is not sorted or points outside the pieces")
     return ShardIndex(
         path, np.dtype(names[code]).newbyteorder("<"), int(n_levels),
         sizes.astype(np.int64) // n_levels, pointers, arrays[0], arrays[1], arrays[2], name_offsets, buf[off:names_end],
-        *checks,
+        *checks, *table,
     )
 
 
