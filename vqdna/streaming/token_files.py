@@ -620,12 +620,14 @@ def record_pieces(directory: str, manifest: dict, shards: Sequence[ShardIndex]) 
     ordinals disagree with the manifest's record count or a record has no piece."""
     ordinals = np.concatenate([s.ordinals for s in shards]) if shards else np.zeros(0, np.int64)
     n_records = int(manifest["records"])
-    if ordinals.size != 0 and ((np.diff(ordinals) < 0).any() or ordinals[-1] != n_records - 1):
+    # Pieces of a record are consecutive and every record has one: the ordinals go 0, 1, ... n - 1 in
+    # steps of 0 (a split record) or 1. One linear pass (no search per record).
+    steps = np.diff(ordinals)
+    if ordinals.size and ((steps < 0).any() or ordinals[-1] != n_records - 1):
         raise TokenFileError(f"{directory}: shard indexes disagree with the manifest's record count")
-    first = np.searchsorted(ordinals, np.arange(n_records + 1, dtype=np.int64))
+    if (ordinals.size and ordinals[0] != 0) or (steps > 1).any() or (n_records and not ordinals.size):
+        raise TokenFileError(f"{directory}: a record has no piece in the shard indexes")
+    first = np.concatenate([[0], np.flatnonzero(steps) + 1, [ordinals.size]]).astype(np.int64) if n_records else np.zeros(1, np.int64)
     piece_lengths = np.concatenate([s.lengths for s in shards]) if shards else np.zeros(0, np.int64)
     lengths = np.add.reduceat(piece_lengths, first[:-1]) if n_records else np.zeros(0, np.int64)
-    # reduceat gives the piece itself for an empty range; records always have >= 1 piece
-    if (np.diff(first) < 1).any():
-        raise TokenFileError(f"{directory}: a record has no piece in the shard indexes")
     return first, lengths
