@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import struct
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -334,8 +335,10 @@ class ShardIndex:
 
     def find(self, name: str) -> Optional[int]:
         """The first piece called `name` (None if none) by the name index: O(log n), no scan."""
+        # bisect, not np.searchsorted: the column is not 8-byte aligned in the file, and numpy would
+        # copy all of it to search it.
         h = np.uint64(name_hash(name))
-        lo, hi = np.searchsorted(self.name_hashes, h, "left"), np.searchsorted(self.name_hashes, h, "right")
+        lo, hi = bisect_left(self.name_hashes, h), bisect_right(self.name_hashes, h)
         for j in self.name_order[lo:hi].tolist():
             if self.name(j) == name:
                 return j
