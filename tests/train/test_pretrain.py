@@ -112,13 +112,13 @@ def test_tiny_pretrain_learns_saves_and_resumes():
 
 
 def test_cli_pretrain_on_token_files(tmp_path, capsys):
-    """`vqdna pretrain` on token files written by vqdna.tokenize (the bundled phage lambda genome, 48 kb)."""
+    """`vqdna pretrain` on token files written by vqdna.streaming (the bundled phage lambda genome, 48 kb)."""
     from transformers import AutoModelForMaskedLM
 
     from vqdna.cli import main
     from vqdna.data import bundled_fasta
-    from vqdna.data.tokens import TokenDataset
-    from vqdna.tokenize import tokenize_files
+    from vqdna.data import TokenDataset
+    from vqdna.streaming import tokenize_files
 
     tok = _mlm.tokenizer()
     tokenize_files([bundled_fasta()], str(tmp_path / "tokens"), tok.model, window=4096, device="cpu")
@@ -151,7 +151,7 @@ def test_pretrain_ddp_two_ranks_gloo(tmp_path):
     import sys
 
     from vqdna.data import bundled_fasta
-    from vqdna.tokenize import tokenize_files
+    from vqdna.streaming import tokenize_files
 
     tok = _mlm.tokenizer()
     tokenize_files([bundled_fasta()], str(tmp_path / "tokens"), tok.model, window=4096, device="cpu")

@@ -1,4 +1,4 @@
-"""Resuming a token directory (vqdna.tokenize): every setting the manifest guards refuses a resume
+"""Resuming a token directory (vqdna.streaming): every setting the manifest guards refuses a resume
 that would mix shards of two configurations, names the setting, and touches nothing; the original
 settings still resume to the bytes of an uninterrupted run.
 
@@ -12,9 +12,10 @@ import shutil
 
 import pytest
 
-from tests.test_tokenize import _dir_bytes, _random_fasta, _tiny_model, model, one_thread  # noqa: F401 (fixtures)
-from vqdna.data.tokens import MANIFEST, TMP_SUFFIX, TokenDataset, read_manifest, shard_name, write_manifest
-from vqdna.tokenize import TokenizeError, tokenize_files
+from tests.streaming.test_tokenize_files import _dir_bytes, _random_fasta, _tiny_model, model, one_thread  # noqa: F401 (fixtures)
+from vqdna.data import TokenDataset
+from vqdna.streaming.token_files import MANIFEST, TMP_SUFFIX, read_manifest, shard_name, write_manifest
+from vqdna.streaming import TokenizeError, tokenize_files
 
 # The settings of the original run: several shards (the 1,301-base record spans three of them).
 SETTINGS = dict(window=50, batch_size=4, shard_bases=300, shard_records=5)

@@ -1,4 +1,4 @@
-"""Streaming tokenization (vqdna.tokenize, `vqdna tokenize`): streaming equals whole-record encoding,
+"""Streaming tokenization (vqdna.streaming, `vqdna tokenize`): streaming equals whole-record encoding,
 resume after a crash is byte-identical, two ranks equal one, malformed input and changed inputs give
 one clear error, disk errors are reported. A tiny random tokenizer keeps it fast."""
 
@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.models.test_tokenizer import CHECKPOINT_DAMAGES, damage_checkpoint
+from tests.models.test_tokenizer_model import CHECKPOINT_DAMAGES, damage_checkpoint
 from tests.tolerances import TOL
 from vqdna import cli
-from vqdna.data.tokens import TokenDataset
+from vqdna.data import TokenDataset
 from vqdna.kernels import reference
-from vqdna.tokenize import TokenizeError, tokenize_files, work_units
+from vqdna.streaming import TokenizeError, tokenize_files, work_units
 
 # Record lengths around every boundary that matters: empty, shorter than the halo, one window,
 # window +- 1, several windows, longer than a shard.
@@ -154,7 +154,7 @@ def test_resume_after_failure_is_byte_identical(tmp_path, model, monkeypatch):
     kw = dict(window=50, batch_size=4, shard_bases=300)
     tokenize_files([fasta], str(tmp_path / "a"), model, **kw)
     # Crash while writing the 3rd shard: two shards complete, the third left as a temporary file.
-    from vqdna.data import tokens
+    from vqdna.streaming import token_files as tokens
 
     real_close, closed = tokens.ShardWriter.close, []
 
@@ -300,7 +300,7 @@ def test_cli_legal_oddities(tmp_path, model_dir, capsys):
 def _disk_full_for(monkeypatch, name):
     """Writes to the temporary file `name` fail with ENOSPC: the file is created as usual (so a leftover
     would show), then its descriptor is swapped for /dev/full's."""
-    from vqdna.data import tokens
+    from vqdna.streaming import token_files as tokens
 
     real = tokens.create_new
 
@@ -428,7 +428,7 @@ def test_concurrent_resume_is_refused(tmp_path, model, model_dir, clean, capsys,
     """A --resume started while another run writes the directory used to truncate that run's open
     shard (a hole of zeros under "complete": true). Now it exits at once naming the directory and the
     holder's pid, and the first run's output is byte-identical to a clean run."""
-    from vqdna.data import tokens
+    from vqdna.streaming import token_files as tokens
 
     fasta, want = clean
     out = str(tmp_path / "out")
@@ -505,7 +505,7 @@ def test_resume_redoes_damaged_shards(tmp_path, model, clean, how):
     flipped .bin bit keeps the sizes right), a damaged shard is re-done, and the result is
     byte-identical to a clean run."""
     from tests.data.test_tokens import _damage
-    from vqdna.data.tokens import read_manifest, write_manifest
+    from vqdna.streaming.token_files import read_manifest, write_manifest
 
     fasta, want = clean
     out = tmp_path / "out"
@@ -543,7 +543,7 @@ def test_changed_config_with_same_weights_is_refused(tmp_path, clean):
 
 @pytest.mark.parametrize("where", ["parent", "absolute"])
 def test_manifest_path_names_are_refused_on_resume(tmp_path, model, clean, where):
-    from vqdna.data.tokens import TokenFileError, read_manifest, write_manifest
+    from vqdna.streaming.token_files import TokenFileError, read_manifest, write_manifest
 
     fasta, want = clean
     out = tmp_path / "out"
@@ -559,7 +559,7 @@ def test_symlinked_tmp_is_never_followed(tmp_path, model, clean):
     """A symlink named shard-00000.bin.tmp planted in a killed run's directory used to be followed and
     its target overwritten. Now the directory is refused (and a symlink planted later makes the
     O_EXCL|O_NOFOLLOW open fail): the target is untouched."""
-    from vqdna.data.tokens import read_manifest, write_manifest
+    from vqdna.streaming.token_files import read_manifest, write_manifest
 
     fasta, want = clean
     out = tmp_path / "out"
@@ -624,11 +624,11 @@ def test_cli_cuda_without_cuda(tmp_path, model_dir, capsys, monkeypatch):
 def test_cli_ctrl_c_exits_130_and_resumes(tmp_path, model_dir, clean, capsys, monkeypatch):
     """Ctrl-C printed a KeyboardInterrupt traceback; now one line, exit 130, and --resume finishes the
     directory byte-identical to a clean run."""
-    from vqdna import tokenize as tok
+    from vqdna.streaming import pipeline as tok
 
     fasta, want = clean
     out = str(tmp_path / "out")
-    real, calls = tok._Pipeline.compute, []
+    real, calls = tok.Pipeline.compute, []
 
     def interrupted(self, batch):
         calls.append(1)
@@ -636,11 +636,11 @@ def test_cli_ctrl_c_exits_130_and_resumes(tmp_path, model_dir, clean, capsys, mo
             raise KeyboardInterrupt
         real(self, batch)
 
-    monkeypatch.setattr(tok._Pipeline, "compute", interrupted)
+    monkeypatch.setattr(tok.Pipeline, "compute", interrupted)
     args = [fasta, "--out", out, "--model", model_dir, "--device", "cpu", "--window", "50", "--batch-size", "4", "--shard-bases", "300"]
     code, _, err = _cli(capsys, *args)
     _one_line_error(code, err, "interrupted", out, "--resume", want_code=130)
-    monkeypatch.setattr(tok._Pipeline, "compute", real)
+    monkeypatch.setattr(tok.Pipeline, "compute", real)
     assert "shard-00000.idx" in os.listdir(out) and open(os.path.join(out, "tokenize.lock")).read() == ""
     code, _, err = _cli(capsys, *args, "--resume")
     assert code == 0, err
@@ -689,7 +689,7 @@ def test_format_1_directory_is_not_continued(tmp_path, model):
     """Format 1 (no checksums) is read (tests/data/test_tokens.py) but not continued: its shards
     could not be checked like the new ones."""
     out = tmp_path / "tokens-v1"
-    shutil.copytree(os.path.join(os.path.dirname(__file__), "data", "fixtures", "tokens-v1"), out)
+    shutil.copytree(os.path.join(os.path.dirname(__file__), "..", "data", "fixtures", "tokens-v1"), out)
     fasta = _random_fasta(tmp_path / "in.fa", lengths=[0, 5, 63, 200, 3])
     with pytest.raises(TokenizeError, match="cannot resume: it was written in format version 1 by an older vqdna"):
         tokenize_files([fasta], str(out), model, resume=True, window=50, batch_size=4, shard_bases=150)
