@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # On the project's CPU machines this pin is a CPU build on local disk; elsewhere the normal PyPI build.
 TORCH_PIN ?= torch==2.13.0
-SOURCES := $(wildcard csrc/*.cpp csrc/*/*.cpp csrc/*/*.cu csrc/*/*.cuh csrc/*/*.h)
+SOURCES := $(wildcard csrc/*.cpp csrc/*/*.h csrc/*/*.cuh csrc/ops/*/*.cpp csrc/ops/*/*.cu csrc/ops/*/*.cuh)
 
 .PHONY: install demo test test-slow mutate bench bench-gpu clean tokenizer
 

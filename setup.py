@@ -38,7 +38,11 @@ def _extensions():
 
     os.environ["MAX_JOBS"] = _max_jobs()
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    # Every C++ file under csrc/ (csrc/module.cpp, csrc/ops/<op>/*.cpp); the CUDA-only ones are
+    # named cuda*.{cu,cpp} (csrc/ops/<op>/cuda.cu, cuda_binding.cpp), so a new op or backend needs no
+    # edit here.
+    every = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    sources = [s for s in every if not os.path.basename(s).startswith("cuda")]
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-march=x86-64-v3" if _is_x86() else "-mcpu=native"]
     nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
     define_macros = []
@@ -53,7 +57,8 @@ def _extensions():
         )
     if build_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", os.environ.get("VQDNA_CUDA_ARCHS", "8.0;9.0"))
-        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
+        sources += sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)
+                          + [s for s in every if os.path.basename(s).startswith("cuda")])
         define_macros.append(("VQDNA_WITH_CUDA", "1"))
         ext_cls = cpp_extension.CUDAExtension
         extra = {"cxx": cxx_flags, "nvcc": nvcc_flags}

@@ -50,6 +50,7 @@ from vqdna.kernels import (
     reference,
     stem,
 )
+from vqdna.kernels.ops.registry import declarations
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The CUDA stem may refuse W > 32 (one warp loads the taps); anything else refusing is a failure.
@@ -313,7 +314,7 @@ def ema_switch_rows() -> int:
     """Rows at which the Triton EMA's fast mode switches to its sorted path (2^15 on a GPU, lower
     under the interpreter); 2^15 when Triton is absent."""
     try:
-        from vqdna.kernels.triton import ema_update as triton_ema
+        from vqdna.kernels.ops.ema_stats import triton_kernel as triton_ema
     except ImportError:
         return 1 << 15
     return int(getattr(triton_ema, "_SORTED_MIN_ROWS", 1 << 15))
@@ -395,9 +396,11 @@ def limit_triton_configs(keep: int) -> None:
 
     from triton.runtime.autotuner import Autotuner
 
-    for mod in ("lookup", "hrq_quantize", "ema_update", "stem"):
+    from vqdna.kernels.gpu_check import triton_kernel_modules
+
+    for mod in triton_kernel_modules():
         try:
-            module = importlib.import_module(f"vqdna.kernels.triton.{mod}")
+            module = importlib.import_module(mod)
         except ImportError:
             continue
         for obj in vars(module).values():
@@ -442,7 +445,7 @@ def main(argv=None) -> int:
         if backend == "auto":
             continue
         # One line per requested backend that cannot run here (its cases then fail with the reason).
-        ops = {"lookup": "lookup", "hrq_quantize": "hrq_quantize", "ema_stats": "ema_stats", "stem": "stem"}
+        ops = [op for op, decl in declarations().items() if decl.reference is not None]  # not the composites
         missing = [op for op in ops if backend not in available_backends(device, op)]
         if missing:
             record({"case": f"available/{backend}", "op": None, "backend": backend, "dtype": None, "status": "fail",

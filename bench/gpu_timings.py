@@ -17,7 +17,7 @@ Points, in this order (names are what --only matches):
                          of the copy bandwidth (x, codes read; state read and written; codebook
                          written). Target >= 70%.
   stem/B                 stem bf16 out, B x L = 64 x 16384 bases, D = 384, W = 5: bases/s and GB/s.
-  tokenize/*             end to end through vqdna.tokenize.tokenize_files (what `vqdna tokenize` runs),
+  tokenize/*             end to end through vqdna.streaming.tokenize_files (what `vqdna tokenize` runs),
                          bf16 on a FASTA file generated here: vqdna-base with random weights (no trained
                          vqdna-base ships; throughput does not depend on the weights) per backend, and
                          the bundled vqdna-small; one warm-up run on a smaller file first. Target >= 20 M
@@ -299,7 +299,7 @@ class Points:
     def _tokenize(self, model, fasta, out, device, dtype, backend):
         import shutil
 
-        from vqdna.tokenize import tokenize_files
+        from vqdna.streaming import tokenize_files
 
         shutil.rmtree(out, ignore_errors=True)
         old = os.environ.get("VQDNA_BACKEND")
@@ -336,7 +336,7 @@ class Points:
         """Codes of the device path (bf16 on a GPU) against the CPU float32 path on the same FASTA."""
         import numpy as np
 
-        from vqdna.data.tokens import TokenDataset
+        from vqdna.data import TokenDataset
 
         model, weights = self._model(name)
         fasta = self._fasta(self.size["agree_bases"])

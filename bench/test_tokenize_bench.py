@@ -1,4 +1,4 @@
-"""End-to-end streaming tokenization (`vqdna tokenize` / vqdna.tokenize.tokenize_files): FASTA on disk
+"""End-to-end streaming tokenization (`vqdna tokenize` / vqdna.streaming.tokenize_files): FASTA on disk
 -> token files on disk, in bases per second, with the busy time of the reading, compute and writing
 stages (they overlap). CPU: vqdna-small (the bundled tokenizer when present, else random weights of
 that configuration), float32, native kernels. GPU (`cuda` marker): vqdna-base with random weights
@@ -33,7 +33,7 @@ def _model(name: str, device: str):
 
 
 def _run(benchmark, tmp_path, fasta, model, device, dtype, window, batch_size, rounds):
-    from vqdna.tokenize import tokenize_files
+    from vqdna.streaming import tokenize_files
 
     out = tmp_path / "tokens"
     last = {}

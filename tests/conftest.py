@@ -10,17 +10,27 @@ CPU_BACKENDS = [("reference", "cpu"), ("native", "cpu"), ("triton", "cpu")]
 CUDA_BACKENDS = [("reference", "cuda"), ("cuda", "cuda"), ("triton", "cuda")]
 
 
-def backend_params():
-    params = [pytest.param(b, d, id=f"{b}-{d}") for b, d in CPU_BACKENDS]
-    params += [pytest.param(b, d, id=f"{b}-{d}", marks=pytest.mark.cuda) for b, d in CUDA_BACKENDS]
-    return params
+def _pairs(op):
+    """The (backend, device) pairs that test `op`: the backends its declaration has (all for op=None)."""
+    pairs = CPU_BACKENDS + CUDA_BACKENDS
+    if op is None:
+        return pairs
+    from vqdna.kernels.ops.registry import declaration
+
+    declared = declaration(op).backends
+    return [(b, d) for b, d in pairs if b in declared]
 
 
-def backend_case_params(cases, interpreter_too_big):
-    """pytest params (backend, device, *case) for every backend and every case tuple; Triton-on-CPU
+def backend_params(op=None):
+    """pytest params (backend, device) for every backend of `op` (vqdna/kernels/ops/<op>/declaration.py)."""
+    return [pytest.param(b, d, id=f"{b}-{d}", marks=[pytest.mark.cuda] if d == "cuda" else []) for b, d in _pairs(op)]
+
+
+def backend_case_params(cases, interpreter_too_big, op=None):
+    """pytest params (backend, device, *case) for every backend of `op` and every case tuple; Triton-on-CPU
     cases for which interpreter_too_big(*case) holds carry `slow` (the interpreter is ~1000x slower)."""
     params = []
-    for b, d in CPU_BACKENDS + CUDA_BACKENDS:
+    for b, d in _pairs(op):
         for case in cases:
             marks = [pytest.mark.cuda] if d == "cuda" else []
             if b == "triton" and d == "cpu" and interpreter_too_big(*case):

@@ -1,6 +1,6 @@
 """Species classification of 200-bp windows of five bacterial genomes, end to end on a CPU:
 stage-1 tokenizer -> stage-2 masked-LM pre-training -> stage-3 LoRA fine-tuning, beside a 6-mer frequency +
-logistic regression baseline on the same split.
+logistic regression baseline on the same split (the library's, vqdna.train.baseline: strength chosen on dev).
 
 Split (no test window shares a strain or genome region with training):
   H. pylori, S. aureus: train/dev windows from one strain (G27, COL), test windows from the other (SJM180, N315).
@@ -72,34 +72,11 @@ def sample_windows(arrays, count: int, length: int, rng) -> list[str]:
     return out
 
 
-def kmer_features(seqs, k: int = 6) -> np.ndarray:
-    """Normalised k-mer frequencies [n, 4^k] (canonical order A C G T)."""
-    lut = np.full(256, 0, np.int64)
-    for i, c in enumerate(b"ACGT"):
-        lut[c] = i
-    x = np.zeros((len(seqs), 4**k), np.float32)
-    powers = 4 ** np.arange(k - 1, -1, -1)
-    for row, s in enumerate(seqs):
-        ids = lut[np.frombuffer(s.encode(), np.uint8)]
-        idx = np.lib.stride_tricks.sliding_window_view(ids, k) @ powers
-        np.add.at(x[row], idx, 1.0)
-        x[row] /= max(1, len(idx))
-    return x
-
-
-def baseline(data) -> dict:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-
-    clf = LogisticRegression(max_iter=2000, C=10.0)
-    clf.fit(kmer_features(data["train"][0]), data["train"][1])
-    pred = clf.predict(kmer_features(data["test"][0]))
-    y = data["test"][1]
-    return {"mcc": float(matthews_corrcoef(y, pred)), "f1": float(f1_score(y, pred, average="macro")),
-            "accuracy": float(accuracy_score(y, pred))}
-
-
 def main() -> int:
+    from vqdna.models.bert import POOLINGS
+    from vqdna.train.presets import FINETUNE_PRESETS, PRETRAIN_PRESETS
+
+    PRE, FT = PRETRAIN_PRESETS["small"], FINETUNE_PRESETS["small"]
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True)
     p.add_argument("--genomes", required=True, metavar="DIR",
@@ -111,15 +88,16 @@ def main() -> int:
     p.add_argument("--train-windows", type=int, default=1000, help="per species")
     p.add_argument("--eval-windows", type=int, default=300, help="dev and test windows per species")
     p.add_argument("--pretrain-bases", type=int, default=1_000_000, help="pre-training bases per species (train regions)")
-    p.add_argument("--pretrain-steps", type=int, default=1500)
-    p.add_argument("--max-length", type=int, default=128, help="pre-training window in tokens")
-    p.add_argument("--config", default="bert-mini")
-    p.add_argument("--pooling", default="mean_layers", choices=("cls", "mean", "mean_layers"),
+    # defaults: the library's `small` presets (vqdna/train/presets.py), the recipe `--preset small` runs
+    p.add_argument("--pretrain-steps", type=int, default=PRE.steps)
+    p.add_argument("--max-length", type=int, default=PRE.max_length, help="pre-training window in tokens")
+    p.add_argument("--config", default=PRE.config)
+    p.add_argument("--pooling", default=PRE.pooling, choices=POOLINGS,
                    help="classifier input: the CLS token, the last layer's mean over the window's tokens, or "
                         "those means of every layer, concatenated")
-    p.add_argument("--lrs", default="5e-4")
-    p.add_argument("--lora-dropout", type=float, default=0.0)
-    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lrs", default=",".join(f"{x:g}" for x in FT.lrs))
+    p.add_argument("--lora-dropout", type=float, default=FT.lora_dropout)
+    p.add_argument("--epochs", type=int, default=FT.epochs)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -151,8 +129,8 @@ def main() -> int:
         sample_windows(parts[s]["train"], args.pretrain_bases // 1000, 1000, rng) for s in names))
     records = [(f"chunk{i}", c.numpy().astype(np.uint16)) for i, c in enumerate(tok.encode_codes(chunks))]
     mlm_dir = os.path.join(args.out, "mlm")
-    trainer = pretrain(records, tok, mlm_dir, config=args.config, steps=args.pretrain_steps, batch_size=32,
-                       max_length=args.max_length, lr=1e-3, warmup_steps=0.1,
+    trainer = pretrain(records, tok, mlm_dir, config=args.config, steps=args.pretrain_steps, batch_size=PRE.batch_size,
+                       max_length=args.max_length, lr=PRE.lr, warmup_steps=PRE.warmup_steps,
                        logging_steps=max(1, min(50, args.pretrain_steps // 5)), save_steps=args.pretrain_steps,
                        seed=args.seed, model_overrides={"classifier_pooling": args.pooling},
                        extra_args={"disable_tqdm": True})
@@ -174,18 +152,19 @@ def main() -> int:
         data[split] = (seqs, np.array(labels))
         with open(os.path.join(task, f"{split}.csv"), "w") as f:
             f.write("sequence,label\n" + "".join(f"{q},{v}\n" for q, v in zip(seqs, labels)))
-    base = baseline(data)
-    print(f"[{time.time() - t0:6.0f} s] 6-mer + logistic regression: test MCC {base['mcc']:.4f}", flush=True)
 
     # 4. LoRA fine-tuning
     torch.manual_seed(args.seed)
     res = finetune(task, mlm_dir, os.path.join(args.out, "finetune"), lrs=[float(x) for x in args.lrs.split(",")],
-                   epochs=args.epochs, batch_size=32, seeds=(args.seed,), tokenizer=tok, lora_dropout=args.lora_dropout)
+                   epochs=args.epochs, batch_size=FT.batch_size, seeds=(args.seed,), tokenizer=tok,
+                   lora_dropout=args.lora_dropout, pooling=args.pooling, baseline_k=6)
+    base = res["baseline"]["test"]
     mcc = res["test"]["mcc"]["mean"]
     print(f"[{time.time() - t0:6.0f} s] linear-probe head alone (before fine-tuning): test MCC "
           f"{res['probe']['test']['mcc']:.4f}", flush=True)
-    print(f"[{time.time() - t0:6.0f} s] VQDNA {args.config} + LoRA: test MCC {mcc:.4f} "
-          f"(lr {res['chosen'][0]['lr']:g}, epoch {res['chosen'][0]['best_epoch']})")
+    chosen = res["chosen"][0]
+    how = "the probe head (epoch 0)" if chosen["source"] == "probe" else f"lr {chosen['lr']:g}, epoch {chosen['best_epoch']}"
+    print(f"[{time.time() - t0:6.0f} s] VQDNA {args.config} + LoRA: test MCC {mcc:.4f} ({how}, chosen on dev)")
     summary = {"species": names, "windows": {k: len(v[0]) for k, v in data.items()}, "baseline_6mer_lr": base,
                "vqdna": {k: v["mean"] for k, v in res["test"].items()}, "probe_head": res["probe"]["test"],
                "args": vars(args),

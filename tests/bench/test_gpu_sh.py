@@ -121,13 +121,14 @@ def test_smoke_records_a_failure_and_runs_on(tmp_path, capsys):
 
 def test_smoke_fails_a_backend_that_answers_wrong(tmp_path, monkeypatch, capsys):
     from bench import gpu_smoke
-    from vqdna.kernels import ops, reference
+    from vqdna.kernels import reference
+    from vqdna.kernels.ops import registry
 
     def off_by_one(z, codebook, sqnorm):  # the nearest code's neighbour: a plausible indexing bug
         codes, dist = reference.lookup(z, codebook, sqnorm)
         return (codes + 1) % codebook.shape[0], dist
 
-    monkeypatch.setitem(ops._REFERENCE_OPS, "lookup", off_by_one)
+    monkeypatch.setitem(registry._ops, ("lookup", "reference"), off_by_one)
     jsonl = tmp_path / "smoke.jsonl"
     assert gpu_smoke.main(["--device", "cpu", "--backends", "reference", "--dtypes", "float32", "--only",
                            "lookup/reference/float32/N300K700D130", "--jsonl", str(jsonl)]) == 1

@@ -1,7 +1,7 @@
-"""Compile checks for the CUDA sources (csrc/cuda): no GPU needed, only nvcc.
+"""Compile checks for the CUDA sources (csrc/ops/<op>/cuda*): no GPU needed, only nvcc.
 
-Every csrc/cuda/*.cu must compile warning-free with nvcc for sm_80 and sm_90 with the build's flags,
-and no kernel instantiation may spill registers (ptxas -v, -warn-spills); every csrc/cuda/*.cpp
+Every csrc/ops/<op>/*.cu must compile warning-free with nvcc for sm_80 and sm_90 with the build's flags,
+and no kernel instantiation may spill registers (ptxas -v, -warn-spills); every csrc/ops/<op>/cuda*.cpp
 must pass a host-compiler syntax check against torch's and CUDA's headers (-DVQDNA_WITH_CUDA); and
 the launchers' host-side decisions in the headers (stem limits, EMA path, vector loads) must agree
 with their Python mirror, vqdna/kernels/cuda_launch.py. Skipped when nvcc is not on PATH.
@@ -20,9 +20,9 @@ pytestmark = pytest.mark.nvcc
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
-CUDA_DIR = CSRC / "cuda"
-CU_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
-CPP_SOURCES = sorted(CUDA_DIR.glob("*.cpp"))
+OPS_DIR = CSRC / "ops"
+CU_SOURCES = sorted(OPS_DIR.glob("*/*.cu"))
+CPP_SOURCES = sorted(OPS_DIR.glob("*/cuda*.cpp"))  # the CUDA-only host files (setup.py's rule)
 ARCHS = ["sm_80", "sm_90"]
 TIMEOUT_S = 300
 
@@ -63,8 +63,8 @@ def _cuda_include_dir():
 
 
 def test_sources_exist():
-    assert CU_SOURCES, f"no .cu files under {CUDA_DIR}"
-    assert CPP_SOURCES, f"no .cpp files under {CUDA_DIR}"
+    assert CU_SOURCES, f"no .cu files under {OPS_DIR}"
+    assert CPP_SOURCES, f"no cuda*.cpp files under {OPS_DIR}"
 
 
 def ptxas_resources(text):
@@ -86,14 +86,14 @@ ptxas info    : Used 255 registers, used 1 barriers, 72 bytes cumulative stack s
 
 @needs_nvcc
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("src", CU_SOURCES, ids=lambda p: p.name)
+@pytest.mark.parametrize("src", CU_SOURCES, ids=lambda p: str(p.relative_to(OPS_DIR)))
 def test_nvcc_compiles(src, arch, tmp_path):
     """Warning-free with setup.py's nvcc flags, and no register spills in any kernel instantiation."""
     cmd = [
         NVCC, "-c", "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-lineinfo", f"-arch={arch}",
         "-Werror", "all-warnings", "-Xptxas", "-v,-warn-spills",
         f"-I{CSRC}",
-        str(src), "-o", str(tmp_path / f"{src.stem}_{arch}.o"),
+        str(src), "-o", str(tmp_path / f"{src.parent.name}_{src.stem}_{arch}.o"),
     ]  # fmt: skip
     proc = _run(cmd)
     out = proc.stdout + proc.stderr
@@ -106,7 +106,7 @@ def test_nvcc_compiles(src, arch, tmp_path):
 
 
 @needs_nvcc
-@pytest.mark.parametrize("src", CPP_SOURCES, ids=lambda p: p.name)
+@pytest.mark.parametrize("src", CPP_SOURCES, ids=lambda p: str(p.relative_to(OPS_DIR)))
 def test_host_syntax(src):
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if cxx is None:
@@ -136,9 +136,9 @@ def test_host_syntax(src):
 # Python mirror (vqdna/kernels/cuda_launch.py) over a grid of sizes around every threshold.
 _PLAN_PROGRAM = r"""
 #include <cstdio>
-#include "cuda/ema_stats.cuh"
-#include "cuda/lookup.cuh"
-#include "cuda/stem.cuh"
+#include "ops/ema_stats/cuda.cuh"
+#include "ops/lookup/cuda.cuh"
+#include "ops/stem/cuda.cuh"
 using namespace vqdna::cuda;
 int main() {
   std::printf("stem_limits %lld %lld\n", (long long)kStemMaxDim, (long long)kStemMaxWidth);
@@ -172,8 +172,8 @@ def _host_cxx():
 
 @needs_nvcc
 def test_launch_plans_match_python_mirror(tmp_path):
-    """stem_table_bytes / kStemMaxDim / kStemMaxWidth (stem.cuh), ema_atomic_plan (ema_stats.cuh) and
-    mma_vec_loads (lookup.cuh) give what vqdna.kernels.cuda_launch says, for every dtype and sizes
+    """stem_table_bytes / kStemMaxDim / kStemMaxWidth (ops/stem/cuda.cuh), ema_atomic_plan (ops/ema_stats/cuda.cuh) and
+    mma_vec_loads (common/cuda_search_plan.h) give what vqdna.kernels.cuda_launch says, for every dtype and sizes
     on both sides of each threshold (shared-memory budgets of sm_80 and sm_90)."""
     import torch
 

@@ -17,7 +17,7 @@ from vqdna.data.integrity import (
     is_shard_name,
     parse_entry,
 )
-from vqdna.data.tokens import shard_name
+from vqdna.streaming.token_files import shard_name
 
 
 def test_names_are_exactly_the_formats():

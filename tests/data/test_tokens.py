@@ -1,4 +1,4 @@
-"""Token files (vqdna.data.tokens): writer -> TokenDataset round trip, Megatron MMIDIDX layout,
+"""Token files (vqdna.data.tokens reading what vqdna.streaming.token_files writes): writer -> TokenDataset round trip, Megatron MMIDIDX layout,
 completeness checks, refusal of incomplete or corrupt directories (open-time structure checks,
 checksums with verify=True), safe shard names in the manifest."""
 
@@ -10,11 +10,11 @@ import struct
 import numpy as np
 import pytest
 
-from vqdna.data.tokens import (
+from vqdna.data import TokenDataset
+from vqdna.streaming.token_files import (
     FORMAT_VERSION,
     Piece,
     ShardWriter,
-    TokenDataset,
     TokenFileError,
     codes_dtype,
     read_manifest,
@@ -306,3 +306,16 @@ def test_format_1_directories_stay_readable(tmp_path):
         assert codes.shape == (ds.lengths[i], 2) and (codes < np.array(ds.codebook_sizes)).all()
     assert verify_directory(v1) == []
     assert read_shard_index(os.path.join(v1, "shard-00000.idx")).bin_checksum is None
+
+
+def test_format_2_directories_stay_readable():
+    """A directory written in format 2 (checksums, no name index) opens, verifies and holds the same
+    codes as the format 1 directory of the same input (tests/data/fixtures/README.md)."""
+    fixtures = os.path.join(os.path.dirname(__file__), "fixtures")
+    v1, v2 = TokenDataset(os.path.join(fixtures, "tokens-v1")), TokenDataset(os.path.join(fixtures, "tokens-v2"), verify=True)
+    assert v2.manifest["format_version"] == 2 and verify_directory(v2.directory) == []
+    assert read_shard_index(os.path.join(v2.directory, "shard-00000.idx")).bin_checksum is not None
+    assert len(v1) == len(v2) == 5 and v2.lengths.tolist() == [0, 5, 63, 200, 3]
+    for i in range(len(v1)):
+        assert v1.name(i) == v2.name(i)
+        np.testing.assert_array_equal(v1[i][1], v2[i][1])

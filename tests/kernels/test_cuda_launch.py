@@ -9,7 +9,7 @@ import torch
 
 from vqdna.kernels import cuda_launch, dispatch
 from vqdna.kernels.cuda_launch import SMEM_OPTIN, SMEM_PER_SM, ema_atomic_plan, mma_vec_loads, stem_cuda_unsupported
-from vqdna.kernels.ops import _select_stem_backend
+from vqdna.kernels.ops.stem.wrapper import select_stem_backend as _select_stem_backend
 
 CUDA0 = torch.device("cuda", 0)
 

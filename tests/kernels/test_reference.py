@@ -62,3 +62,24 @@ def test_lookup_largest_codebook(backend, rng):
     codes, dist = lookup(z, codebook, backend=backend)
     exact = torch.cdist(z.double(), codebook.double()).argmin(1)
     assert torch.equal(codes.long(), exact)
+
+
+def test_laplace_smoothing_by_hand():
+    """(n_k + eps) / (sum n + K eps) * sum n (docs/design.md §2.3): the total is kept, no code is 0.
+    Every EMA path (ops, bench, modules) uses this one formula, so it is checked against numbers."""
+    sizes = torch.tensor([0.0, 2.0], dtype=torch.float64)
+    got = reference.laplace_smoothed(sizes, eps=1.0)
+    assert torch.allclose(got, torch.tensor([0.5, 1.5], dtype=torch.float64))  # (0+1)/(2+2)*2, (2+1)/4*2
+    assert float(got.sum()) == pytest.approx(float(sizes.sum()))
+
+
+def test_ema_stats_by_hand():
+    """reference.ema_stats: counts and sums per code, masked rows count for nothing, and with
+    prev_codes the vector is 2 x - prev_codebook[prev_code]."""
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]], dtype=torch.float64)
+    codes = torch.tensor([1, 1, 0], dtype=torch.int32)
+    counts, sums = reference.ema_stats(x, codes, 3, mask=torch.tensor([True, True, False]))
+    assert counts.tolist() == [0.0, 2.0, 0.0] and sums.tolist() == [[0, 0], [4, 6], [0, 0]]
+    prev = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    _, sums = reference.ema_stats(x, codes, 2, prev_codes=torch.zeros(3, dtype=torch.int32), prev_codebook=prev)
+    assert sums.tolist() == [[9, 11], [6, 10]]  # 2x - 1: [1,3]+[5,7] for code 1, [9,11] for code 0

@@ -161,7 +161,11 @@ def test_bundled_small_reconstructs_lambda():
     assert model.config.dim == 64 and model.receptive_radius == 14 and model.config.codebook_sizes == [64, 256]
     assert len(model.tokenizer_sha256) == 64
     ids = torch.from_numpy(next(read_fasta(bundled_fasta())).ids[:4096].astype("int64")).view(16, 256)
-    out = model(ids)
+    # Without autograd, as encode runs: both then take the fused native encoder blocks, whose float32
+    # rounding differs from the module ops' by an ulp, which flips a near-tie here (1 of 8192 codes,
+    # the best two distances 8e-6 apart relative).
+    with torch.no_grad():
+        out = model(ids)
     assert (out.logits.argmax(-1) == ids).float().mean() > 0.99
     assert torch.equal(model.encode(ids).long(), out.codes)
 

@@ -3,6 +3,7 @@ target matches; only adapters and head train), and a tiny pre-train + fine-tune 
 synthetic but learnable task (GC-rich vs AT-rich), classification and regression."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -91,9 +92,10 @@ def test_finetune_grid_writes_results(tmp_path):
     assert saved["test"]["mcc"]["mean"] == pytest.approx(res["test"]["mcc"]["mean"])
     assert set(saved["test"]) == {"mcc", "f1", "accuracy", "loss"} and saved["metric"] == "mcc"
     assert len(saved["runs"]) == 4 and len(saved["chosen"]) == 2
-    for c in saved["chosen"]:  # the chosen run per seed is the best on dev
+    for c in saved["chosen"]:  # the chosen model per seed is the best on dev, the probe head (epoch 0) included
         peers = [r for r in saved["runs"] if r["seed"] == c["seed"]]
-        assert c["dev"]["mcc"] == max(r["dev"]["mcc"] for r in peers)
+        assert c["dev"]["mcc"] == max([r["dev"]["mcc"] for r in peers] + [saved["probe"]["dev"]["mcc"]])
+        assert c["source"] in ("probe", "finetuned") and (c["best_epoch"] == 0) == (c["source"] == "probe")
     assert saved["tokenizer_sha256"] == _mlm.tokenizer().tokenizer_sha256
     assert saved["test"]["mcc"]["std"] >= 0
 
@@ -159,7 +161,7 @@ def test_finetune_starts_from_the_probe_head(tmp_path, monkeypatch):
     real = ft.train_lora
     monkeypatch.setattr(ft, "train_lora", lambda *a, **k: seen.append(k.get("head_state")) or real(*a, **k))
     res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, batch_size=16, head_init="probe")
-    assert res["head_init"] == "probe" and set(res["probe"]) == {"regularization", "dev", "test"}
+    assert res["head_init"] == "probe" and set(res["probe"]) == {"regularization", "feature_std", "dev", "test", "state_file"}
     assert len(seen) == 1 and torch.is_tensor(seen[0]["classifier.weight"])
     res = finetune(data, folder, str(tmp_path / "out2"), lrs=(1e-3,), epochs=1, batch_size=16, head_init="random")
     assert res["probe"] is None and seen[-1] is None
@@ -236,3 +238,131 @@ def test_probe_pooler_stays_frozen_and_is_saved(tmp_path):
     saved = load_file(glob.glob(str(tmp_path / "run" / "checkpoint-*" / "adapter_model.safetensors"))[0])
     key = next(k for k in saved if "pooler" in k and k.endswith("0.weight"))
     assert torch.equal(saved[key], state["pooler.0.weight"])
+
+
+def _fake_train_lora(dev_mcc):
+    """train_lora stand-in: a run whose best dev MCC is dev_mcc (test MCC 0.123: recognisable)."""
+    def fake(*args, **kwargs):
+        m = {"mcc": dev_mcc, "f1": 0.5, "accuracy": 0.5, "loss": 1.0}
+        return None, {"lr": args[5], "seed": args[8], "best_epoch": 2, "dev": m, "test": {**m, "mcc": 0.123},
+                      "dev_by_epoch": [dev_mcc - 0.1, dev_mcc]}
+    return fake
+
+
+def test_selection_includes_the_probe_head_as_epoch_0(tmp_path, monkeypatch):
+    """A seed whose fine-tuned runs are all worse on dev than the probe head reports the probe head itself
+    (source "probe", epoch 0): a run never ends below its own start on dev. Better runs still win."""
+    import vqdna.train.finetune as ft
+
+    folder, _ = _mlm.pretrained()
+    data = _mlm.write_gue(tmp_path / "task", sizes=(64, 32, 32))
+    monkeypatch.setattr(ft, "train_lora", _fake_train_lora(-0.5))
+    res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3, 1e-2), epochs=2, batch_size=16, seeds=(0, 1))
+    probe = res["probe"]
+    assert probe["dev"]["mcc"] > -0.5
+    assert [c["source"] for c in res["chosen"]] == ["probe", "probe"] and res["chosen"][0]["best_epoch"] == 0
+    assert res["test"]["mcc"]["mean"] == pytest.approx(probe["test"]["mcc"])
+    assert set(res["test"]) == {"mcc", "f1", "accuracy", "loss"}  # the probe reports the model's loss too
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["chosen"][1]["source"] == "probe" and len(saved["runs"]) == 4
+    from safetensors.torch import load_file  # the reported model is kept: the probe head's tensors
+
+    kept = load_file(tmp_path / "out" / saved["probe"]["state_file"])
+    assert set(kept) == {"pooler.0.weight", "pooler.0.bias", "classifier.weight", "classifier.bias"}
+    monkeypatch.setattr(ft, "train_lora", _fake_train_lora(1.0))
+    res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=2, batch_size=16)
+    assert res["chosen"][0]["source"] == "finetuned" and res["test"]["mcc"]["mean"] == 0.123
+
+
+def test_probe_loss_is_the_models_loss(tmp_path):
+    """The probe's reported "loss" is the cross-entropy the classifier's forward computes with its state."""
+    from vqdna.models.bert import load_classifier
+    from vqdna.train.finetune import ClassificationCollator, probe_head
+
+    folder, _ = _mlm.pretrained()
+    data, task = _encoded_task(tmp_path, sizes=(64, 32, 32))
+    model = load_classifier(folder, num_labels=2).eval()
+    probe = probe_head(model, data, task, 2)
+    model.load_state_dict(probe["state"], strict=False)
+    batch = ClassificationCollator(_mlm.tokenizer().codebook_sizes)([data["test"][i] for i in range(len(data["test"]))])
+    with torch.no_grad():
+        loss = model(**batch).loss
+    assert probe["test"]["loss"] == pytest.approx(float(loss), rel=1e-4)
+
+
+def test_finetune_reports_the_kmer_baseline(tmp_path, monkeypatch):
+    import vqdna.train.finetune as ft
+    from vqdna.train.baseline import kmer_baseline
+
+    folder, _ = _mlm.pretrained()
+    data = _mlm.write_gue(tmp_path / "task", sizes=(64, 32, 32))
+    monkeypatch.setattr(ft, "train_lora", _fake_train_lora(0.5))
+    res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, baseline_k=3, head_init="random")
+    splits, task = load_task(data)
+    assert res["baseline"] == kmer_baseline(splits, task, k=3) and res["baseline"]["k"] == 3
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["baseline"]["test"] == res["baseline"]["test"]
+    table = ft.format_results(res)
+    assert "3-mer frequencies + logistic regression" in table and "lr 0.001 epoch 2" in table
+    assert f"{res['baseline']['test']['mcc']:.4f}" in table
+    assert finetune(data, folder, str(tmp_path / "o2"), lrs=(1e-3,), epochs=1, head_init="random")["baseline"] is None
+
+
+@pytest.mark.parametrize("pooling", ["mean", "mean_layers"])
+def test_finetune_pooling_override(tmp_path, monkeypatch, pooling):
+    """pooling= reaches both the probe (its head's width follows it) and every fine-tuning run; bad values
+    are refused."""
+    import vqdna.train.finetune as ft
+
+    folder, _ = _mlm.pretrained()
+    data = _mlm.write_gue(tmp_path / "task", sizes=(32, 16, 16))
+    seen = []
+    fake = _fake_train_lora(0.5)
+    monkeypatch.setattr(ft, "train_lora", lambda *a, **k: seen.append((k["pooling"], k["head_state"])) or fake(*a, **k))
+    res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, pooling=pooling)
+    width = {"mean": 64, "mean_layers": 64 * 3}[pooling]  # bert-tiny: hidden 64, 2 layers + embeddings
+    assert [p for p, _ in seen] == [pooling] and res["pooling"] == pooling
+    assert seen[0][1]["classifier.weight"].shape == (2, width)
+    with pytest.raises(ValueError, match="pooling"):
+        finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, pooling="max")
+
+
+def test_cls_probe_is_what_lora_steps_swamp(tmp_path):
+    """Why fine-tuning from the probe head diverged (issue 18: training loss above chance, gradient norms
+    > 100): with CLS pooling. Masked-LM pre-training never trains the CLS output, so its features barely
+    vary between sequences; the probe's standardisation multiplies them by 0.5 / std, and AdamW's first
+    steps (each LoRA entry moves by ~lr, whatever its gradient) shift them by more than their spread.
+    Measured here: a few LoRA steps at lr 5e-4 from the CLS probe push the training loss far above ln 2
+    with gradient norms > 50, while from the mean-pooled probe the loss stays low and the norms small.
+    Hence `--pooling` on both commands and mean_layers in `--preset small`."""
+    from vqdna.models.bert import load_classifier
+    from vqdna.train.finetune import ClassificationCollator, probe_head
+
+    folder, _ = _mlm.pretrained()
+    data, task = _encoded_task(tmp_path, sizes=(320, 80, 80))
+    collate = ClassificationCollator(_mlm.tokenizer().codebook_sizes)
+    stats = {}
+    for pooling in ("cls", "mean"):
+        off = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout=0.0)
+        probe = probe_head(load_classifier(folder, num_labels=2, classifier_pooling=pooling), data, task, 2)
+        torch.manual_seed(0)
+        model = load_classifier(folder, num_labels=2, classifier_pooling=pooling, **off)
+        model.load_state_dict(probe["state"], strict=False)
+        model = apply_lora(model, dropout=0.0)
+        params = [p for n, p in model.named_parameters() if p.requires_grad and ".pooler." not in n]
+        opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
+        g = torch.Generator().manual_seed(0)
+        losses, norms = [], []
+        model.train()
+        for _ in range(3):
+            batch = collate([data["train"][i] for i in torch.randint(0, 320, (32,), generator=g).tolist()])
+            loss = model(**batch).loss
+            opt.zero_grad()
+            loss.backward()
+            norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
+            losses.append(loss.item())
+            opt.step()
+        stats[pooling] = (probe["feature_std"]["median"], max(losses), max(norms))
+    (cls_std, cls_loss, cls_norm), (mean_std, mean_loss, mean_norm) = stats["cls"], stats["mean"]
+    assert cls_std < mean_std / 3, stats
+    assert cls_loss > 2 * math.log(2) and cls_norm > 50, stats  # diverged
+    assert mean_loss < math.log(2) and mean_norm < 5, stats  # did not

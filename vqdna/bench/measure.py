@@ -142,11 +142,12 @@ def make_row(
     kind: str = "backend",
     peak_size: Optional[int] = None,
 ) -> dict:
-    """One measured point. impl: a backend name or a peer ("torch", "faiss", ...). Give exactly one
-    of flops (fraction of the matrix peak), bytes_moved (fraction of the copy bandwidth) or bases
-    (bases_per_s). peak_size: the matmul side / copy length for the limit (None: the defaults)."""
-    if sum(x is not None for x in (flops, bytes_moved, bases)) != 1:
-        raise ValueError(f"make_row({op!r}, {impl!r}): give exactly one of flops, bytes_moved, bases")
+    """One measured point. impl: a backend name or a peer ("torch", "faiss", ...). Give one of flops
+    (fraction of the matrix peak), bytes_moved (fraction of the copy bandwidth) or bases (bases_per_s);
+    bases may come with flops too (both rates). peak_size: the matmul side / copy length for the limit
+    (None: the defaults)."""
+    if sum(x is not None for x in (flops, bytes_moved, bases)) != 1 and not (flops is not None and bases is not None and bytes_moved is None):
+        raise ValueError(f"make_row({op!r}, {impl!r}): give exactly one of flops, bytes_moved, bases (bases may come with flops)")
     if not seconds > 0:
         raise ValueError(f"make_row({op!r}, {impl!r}): time must be positive, got {seconds}")
     torch_dtype = getattr(torch, dtype_name(dtype)) if not isinstance(dtype, torch.dtype) else dtype
@@ -169,7 +170,9 @@ def make_row(
         row.update(gbps=bytes_moved / seconds / 1e9, peak_gbps=peak)
         row["fraction_of_peak"] = row["gbps"] / peak
     else:
-        row.update(bases_per_s=bases / seconds, fraction_of_peak=None)
+        row.update(fraction_of_peak=None)
+    if bases is not None:
+        row["bases_per_s"] = bases / seconds
     return row
 
 
@@ -217,6 +220,8 @@ def format_table(rows: list[dict]) -> list[str]:
             rate_text = f"{rate:9.1f}" if rate >= 10 else f"{rate:9.3g}"
             line = f"  {r['backend']:<26} {r['ms']:10.3f} {rate_text} {of_peak:>8} {vs_ref:>8}"
             line += "".join(f" {r['speedup_vs_' + p]:11.2f}x" for p in peers)
+            if rate_key != "bases_per_s" and r.get("bases_per_s"):
+                line += f"  {r['bases_per_s'] / 1e6:.3f} Mbase/s"
             lines.append(line)
     return lines
 

@@ -28,7 +28,7 @@ def _tokenize(path: str, model_name: str) -> None:
     from vqdna.commands.tokenize import format_summary
     from vqdna.data import TokenDataset
     from vqdna.models import VQDNATokenizerModel
-    from vqdna.tokenize import tokenize_files
+    from vqdna.streaming import tokenize_files
 
     model = VQDNATokenizerModel.from_pretrained(model_name)
     with tempfile.TemporaryDirectory(prefix="vqdna-demo-") as out:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from vqdna.train.presets import add_preset_arguments, resolve
+
 HELP = "masked-LM pre-training (stage 2) of a VQDNA BERT on token files"
 
 
@@ -11,20 +13,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens", required=True, help="token-file folder written by `vqdna tokenize`")
     parser.add_argument("--tokenizer", help="stage-1 tokenizer (directory or bundled name) that wrote the tokens "
                         "(default: the bundled tokenizer whose sha256 the token manifest records)")
-    parser.add_argument("--config", default="bert-base", help="named model size: bert-base (default), bert-small (4 x 256), bert-mini (4 x 128), bert-tiny (2 x 64)")
     parser.add_argument("--out", required=True, help="output folder: checkpoints, final model and tokenizer")
-    parser.add_argument("--steps", type=int, default=100_000)
-    parser.add_argument("--batch-size", type=int, default=256, help="global batch (split over torchrun ranks)")
-    parser.add_argument("--max-length", type=int, default=256, help="tokens per window, CLS and SEP included")
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--min-lr", type=float, default=1e-6)
-    parser.add_argument("--warmup-steps", type=float, default=10_000, help="steps, or a fraction of --steps when < 1")
-    parser.add_argument("--mlm-probability", type=float, default=0.25)
+    add_preset_arguments(parser, "pretrain")
     parser.add_argument("--save-steps", type=int, default=1000)
     parser.add_argument("--logging-steps", type=int, default=50)
     parser.add_argument("--num-workers", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (loss lines every --logging-steps)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,11 +31,19 @@ def run(args: argparse.Namespace) -> int:
     name = args.tokenizer or _manifest_tokenizer(records, args.tokens)
     tokenizer = VQDNATokenizer.from_pretrained(name)
     _check_identity(records, tokenizer, args.tokens)
-    warmup = int(args.warmup_steps) if args.warmup_steps >= 1 else args.warmup_steps
-    trainer = pretrain(records, tokenizer, args.out, config=args.config, steps=args.steps, batch_size=args.batch_size,
-                       max_length=args.max_length, lr=args.lr, min_lr=args.min_lr, warmup_steps=warmup,
-                       mlm_probability=args.mlm_probability, seed=args.seed, resume=not args.no_resume,
-                       logging_steps=args.logging_steps, save_steps=args.save_steps, num_workers=args.num_workers)
+    recipe = resolve("pretrain", args)
+    if args.no_progress:  # also transformers' own bars (loading and writing weights)
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+    warmup = int(recipe.warmup_steps) if recipe.warmup_steps >= 1 else recipe.warmup_steps
+    print(f"pretrain: preset {args.preset}: {recipe}", flush=True)
+    trainer = pretrain(records, tokenizer, args.out, config=recipe.config, steps=recipe.steps,
+                       batch_size=recipe.batch_size, max_length=recipe.max_length, lr=recipe.lr, min_lr=recipe.min_lr,
+                       warmup_steps=warmup, mlm_probability=recipe.mlm_probability, seed=args.seed,
+                       resume=not args.no_resume, logging_steps=args.logging_steps, save_steps=args.save_steps,
+                       num_workers=args.num_workers, model_overrides={"classifier_pooling": recipe.pooling},
+                       extra_args={"disable_tqdm": True} if args.no_progress else None)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if losses:
         print(f"pretrain: {trainer.state.global_step} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; model in {args.out}")

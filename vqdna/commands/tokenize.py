@@ -24,11 +24,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="FASTA files (plain, .gz or .xz)")
     parser.add_argument("--out", required=True, help="output directory (created; see docs/token-files.md)")
     parser.add_argument("--model", default="vqdna-small", help="bundled tokenizer name or a directory (default: vqdna-small)")
-    parser.add_argument("--window", type=positive_int, default=8192, help="bases per window; a halo of the receptive radius is added each side")
+    from vqdna.streaming.settings import DEFAULT_SHARD_BASES, DEFAULT_WINDOW
+
+    parser.add_argument("--window", type=positive_int, default=DEFAULT_WINDOW, help="bases per window; a halo of the receptive radius is added each side")
     parser.add_argument("--batch-size", type=positive_int, default=None, help="windows per batch (default 8 on CPU, 64 on CUDA)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="inference precision (default bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--shard-bases", type=positive_int, default=1 << 26, help="bases per shard (= per work unit)")
+    parser.add_argument("--shard-bases", type=positive_int, default=DEFAULT_SHARD_BASES, help="bases per shard (= per work unit)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run, re-checking the shards it wrote and re-doing damaged ones")
     parser.add_argument("--verify", action="store_true", help="with --resume: also recompute the checksums of the shards written before")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -72,8 +74,8 @@ def format_summary(stats, seconds_label: str = "") -> str:
 
 def run(args: argparse.Namespace) -> int:
     from vqdna.data.fasta import FastaFormatError
-    from vqdna.data.tokens import TokenFileError
-    from vqdna.tokenize import TokenizeError, tokenize_files
+    from vqdna.streaming import TokenizeError, tokenize_files
+    from vqdna.streaming.token_files import TokenFileError
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     rank = 0

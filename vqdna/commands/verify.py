@@ -14,7 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Exit 0 when every shard matches its manifest entry and index, else 1 with one line per problem."""
-    from vqdna.data.tokens import read_manifest, verify_directory
+    from vqdna.streaming.token_files import read_manifest, verify_directory
 
     problems = verify_directory(args.directory)
     if problems:

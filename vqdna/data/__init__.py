@@ -3,7 +3,6 @@
 from vqdna.data.alphabet import BASES, BYTE_TO_ID, PAD
 from vqdna.data.fasta import FastaFormatError, FastaRecord, bundled_fasta, read_fasta
 from vqdna.data.index import IndexRecord, SequenceIndex, Windows
-from vqdna.data.tokens import TokenDataset, TokenFileError
 
 __all__ = [
     "BASES",
@@ -19,3 +18,13 @@ __all__ = [
     "bundled_fasta",
     "read_fasta",
 ]
+
+
+def __getattr__(name: str):
+    # Imported on first use: vqdna.data.tokens reads through vqdna.streaming.token_files, which itself
+    # imports vqdna.data.integrity (an eager import here would be circular).
+    if name in ("TokenDataset", "TokenFileError"):
+        from vqdna.data import tokens
+
+        return getattr(tokens, name)
+    raise AttributeError(f"module 'vqdna.data' has no attribute {name!r}")

@@ -18,12 +18,12 @@ import numpy as np
 
 from vqdna.data.alphabet import BYTE_TO_ID, PAD
 from vqdna.data.fasta import DEFAULT_BLOCK_SIZE, read_fasta
+from vqdna.data.fingerprint import head_tail_sha256
 
 FORMAT = "vqdna-sequence-index"
 VERSION = 1
 _SEQUENCE = "sequence.u8"
 _TABLE = "index.json"
-_PROBE = 1 << 20  # bytes hashed at each end of an input for its fingerprint
 
 
 @dataclass(frozen=True)
@@ -48,13 +48,7 @@ class Windows(NamedTuple):
 def _fingerprint(path: str) -> dict:
     """Identity of an input without reading all of it: size, mtime and sha256 of both ends."""
     st = os.stat(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        h.update(f.read(_PROBE))
-        if st.st_size > _PROBE:
-            f.seek(max(_PROBE, st.st_size - _PROBE))
-            h.update(f.read(_PROBE))
-    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_ends": h.hexdigest()}
+    return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256_ends": head_tail_sha256(path, st.st_size)}
 
 
 def _key(fingerprints: list[dict]) -> str:

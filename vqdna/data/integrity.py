@@ -1,7 +1,7 @@
 """What keeps a token directory trustworthy (docs/token-files.md): the names the format defines, the
 one-writer lock, temporary files that never follow a planted symlink, and the checksum.
 
-Everything here is about files and names; the shard and manifest formats live in vqdna.data.tokens.
+Everything here is about files and names; the shard and manifest formats live in vqdna.streaming.token_files.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""What the CUDA launchers (csrc/cuda/*.cu) decide on the host, in Python: pure functions of the
+"""What the CUDA launchers (csrc/ops/<op>/cuda.cu) decide on the host, in Python: pure functions of the
 sizes, dtype, pointer alignment and the device's shared-memory limits, callable without a GPU.
 
 dispatch uses them to keep backend="auto" off a CUDA kernel that cannot run a shape, and tests use
-them to check which kernel path a call takes. They mirror the C++ (stem.cuh, ema_stats.cuh,
-lookup.cuh); tests/build/test_cuda_compile.py compiles the C++ side on the host and checks that
+them to check which kernel path a call takes. They mirror the C++ (csrc/ops/<op>/cuda.cuh of
+stem, ema_stats and lookup); tests/build/test_cuda_compile.py compiles the C++ side on the host and checks that
 both give the same answers, so a change to one that is not made to the other fails CI.
 """
 
@@ -13,13 +13,15 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from vqdna.kernels.compile_marks import assume_constant_result
+
 # Opt-in shared memory per block and shared memory per SM (bytes), for tests and for planning
 # without a GPU; at run time the device's own values are read (smem_limits).
 SMEM_OPTIN = {"sm_80": 166_912, "sm_90": 232_448}
 SMEM_PER_SM = {"sm_80": 167_936, "sm_90": 233_472}
 
 # ---------------------------------------------------------------------------------------------
-# stem (csrc/cuda/stem.cuh)
+# stem (csrc/ops/stem/cuda.cuh)
 
 STEM_MAX_DIM = 2048  # kStemMaxDim: a warp keeps a position's D features in registers, 64 per lane
 STEM_MAX_WIDTH = 1024  # kStemMaxWidth
@@ -34,7 +36,7 @@ def stem_table_bytes(d: int, width: int) -> int:
 def stem_cuda_unsupported(d: int, width: int, out_dtype: torch.dtype, smem_optin: int) -> Optional[str]:
     """None when the CUDA stem can run weight [D, 5, W] with this output dtype on a device with
     `smem_optin` bytes of opt-in shared memory per block; else the reason it cannot (the limits
-    stem_binding.cpp enforces)."""
+    csrc/ops/stem/cuda_binding.cpp enforces)."""
     if out_dtype not in _STEM_OUT_DTYPES:
         return f"the CUDA stem writes float32, bfloat16 or float16, not {out_dtype}"
     if not 1 <= d <= STEM_MAX_DIM:
@@ -51,7 +53,7 @@ def stem_cuda_unsupported(d: int, width: int, out_dtype: torch.dtype, smem_optin
 _smem_limits: dict = {}
 
 
-@torch.compiler.assume_constant_result  # torch.compile evaluates it once while tracing
+@assume_constant_result  # torch.compile evaluates it once while tracing
 def smem_limits(device_index: int) -> tuple[int, int]:
     """(opt-in shared memory per block, shared memory per SM) in bytes of CUDA device `device_index`
     (torch.cuda.get_device_properties; cached)."""
@@ -70,7 +72,7 @@ def device_smem_optin(device: torch.device) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# ema_stats fast mode (csrc/cuda/ema_stats.cuh: ema_atomic_plan)
+# ema_stats fast mode (csrc/ops/ema_stats/cuda.cuh: ema_atomic_plan)
 
 _EMA_LOG_V = {torch.float32: 2, torch.bfloat16: 3, torch.float16: 3}  # log2 of the lanes' 16-byte vector
 _EMA_MAX_GROUP_LOG2 = 5  # a row group has at most 32 lanes
@@ -134,7 +136,7 @@ def ema_atomic_plan(d: int, num_codes: int, dtype: torch.dtype, smem_per_sm: int
 
 
 # ---------------------------------------------------------------------------------------------
-# lookup / hrq_quantize (csrc/cuda/lookup.cuh: mma_vec_loads)
+# lookup / hrq_quantize (csrc/common/cuda_search_plan.h: mma_vec_loads)
 
 
 def mma_vec_loads(dtype: torch.dtype, d: int, inputs_aligned16: bool) -> bool:

@@ -17,7 +17,6 @@ here, "auto" takes the generic order below (the documented default; the reason i
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from typing import Callable, Optional
 import torch
 
 from vqdna import _ext
+from vqdna.kernels.compile_marks import assume_constant_result
 
 logger = logging.getLogger("vqdna.kernels")
 
@@ -55,26 +55,24 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Ops that have a kernel file per backend; an op missing here for a backend has no such kernel yet.
-_TRITON_MODULES = {
-    "lookup": "vqdna.kernels.triton.lookup",
-    "hrq_quantize": "vqdna.kernels.triton.hrq_quantize",
-    "ema_stats": "vqdna.kernels.triton.ema_update",
-    "stem": "vqdna.kernels.triton.stem",
-}
-
-
 def _why_unavailable(backend: str, device: torch.device, op: str = "lookup") -> Optional[str]:
     """None when `backend` can run `op` on tensors on `device`, else the reason it cannot."""
     return _availability(backend, torch.device(device).type, op)
 
 
-@torch.compiler.assume_constant_result  # torch.compile evaluates it once while tracing
+@assume_constant_result  # torch.compile evaluates it once while tracing
 def _availability(backend: str, device_type: str, op: str) -> Optional[str]:
-    from vqdna.kernels.native import has_kernel
+    from vqdna.kernels.ops.registry import declarations, has_kernel
 
     device = torch.device(device_type)
-
+    decl = declarations().get(op)
+    if decl is None:
+        return f"vqdna.kernels declares no op {op!r}"
+    if backend in BACKENDS and backend not in decl.backends:  # its declaration names no such kernel
+        return f"there is no {'Triton' if backend == 'triton' else backend} {op} kernel"
+    if decl.reference is None:  # a composite runs where every op it uses runs
+        reasons = (_availability(backend, device_type, used) for used in decl.uses)
+        return next((r for r in reasons if r is not None), None)
     if backend == "reference":
         return None
     if backend == "native":
@@ -96,8 +94,6 @@ def _availability(backend: str, device_type: str, op: str) -> Optional[str]:
     if backend == "triton":
         if not triton_available():
             return "triton is not installed"
-        if op not in _TRITON_MODULES or importlib.util.find_spec(_TRITON_MODULES[op]) is None:
-            return f"there is no Triton {op} kernel"
         if device.type == "cuda" or (device.type == "cpu" and triton_interpreter()):
             return None
         return f"triton runs CUDA tensors (or CPU tensors with TRITON_INTERPRET=1), got {device.type}"
@@ -195,7 +191,7 @@ def _bucket(x) -> Optional[int]:
     return int(x).bit_length() if isinstance(x, int) else None
 
 
-@torch.compiler.assume_constant_result  # torch.compile evaluates it once while tracing
+@assume_constant_result  # torch.compile evaluates it once while tracing
 def _table_choice(op: str, device_type: str, device_index: int, dtype: str, n_bucket: int, k_bucket: int) -> str:
     """The measured winner for this call's nearest (N, K) point, or "" when the table has none."""
     key = (op, device_type, device_index, dtype, n_bucket, k_bucket)

@@ -2,7 +2,7 @@
 
 Triton: every variant a launcher can run (`aot_variants()` of each kernel file: every autotune
 config, dtype and constexpr variant) is compiled for `GPUTarget("cuda", arch, 32)` and ptxas's
-report is read (registers, spill stores, shared memory). CUDA: every csrc/cuda/*.cu is compiled
+report is read (registers, spill stores, shared memory). CUDA: every csrc/ops/<op>/*.cu is compiled
 with nvcc `-Xptxas -v` with the build's flags for each arch and every kernel instantiation's report
 is read. A record per (kernel, dtype, config, arch):
 
@@ -39,13 +39,15 @@ from typing import Iterable, Optional
 
 from vqdna.kernels.triton.common import SHARED_LIMIT_BYTES
 
-# Kernel files with Triton kernels, in op order (the dispatch's table names the same files).
-TRITON_KERNEL_MODULES = (
-    "vqdna.kernels.triton.lookup",
-    "vqdna.kernels.triton.hrq_quantize",
-    "vqdna.kernels.triton.ema_update",
-    "vqdna.kernels.triton.stem",
-)
+
+
+def triton_kernel_modules() -> list[str]:
+    """The Triton kernel file of every op that declares one (vqdna/kernels/ops/<op>/triton_kernel.py),
+    in registry order."""
+    from vqdna.kernels.ops.registry import declarations
+
+    return [d.triton for d in declarations().values() if d.triton]
+
 
 # A float32 Triton kernel may spill this much per thread (docs/design.md: exact-fp32 tiles hold
 # twice the operand registers of a 16-bit tile; the spilled values are loop-invariant row state
@@ -133,7 +135,7 @@ def triton_variants(full: bool = True) -> list:
     """Every AotVariant the launchers can run (each kernel file's `aot_variants()`); `full=False`:
     the representative subset, the first and the last declared variant of each (op, kernel, dtype)
     (the largest and the smallest tile, masked and unmasked, the fewest and the most levels)."""
-    variants = [v for name in TRITON_KERNEL_MODULES for v in importlib.import_module(name).aot_variants()]
+    variants = [v for name in triton_kernel_modules() for v in importlib.import_module(name).aot_variants()]
     if full:
         return variants
     groups: dict = {}
@@ -268,22 +270,23 @@ def _short_kernel(demangled: str) -> tuple[str, str, str]:
 
 
 def cuda_sources() -> list[Path]:
-    return sorted((CSRC / "cuda").glob("*.cu"))
+    """Every CUDA source, csrc/ops/<op>/*.cu (the op is the folder's name)."""
+    return sorted((CSRC / "ops").glob("*/*.cu"))
 
 
 def _cuda_key(src: Path, arch: int, nvcc_version: str) -> str:
     h = hashlib.sha256()
-    h.update(f"{nvcc_version}|{arch}|{' '.join(NVCC_FLAGS)}|{src.name}".encode())
+    h.update(f"{nvcc_version}|{arch}|{' '.join(NVCC_FLAGS)}|{src.relative_to(CSRC)}".encode())
     # Every header of csrc may be included: hash them all with the source.
     for p in [src, *sorted(CSRC.rglob("*.h")), *sorted(CSRC.rglob("*.cuh"))]:
-        h.update(p.name.encode())
+        h.update(str(p.relative_to(CSRC)).encode())
         h.update(p.read_bytes())
     return "cuda-" + h.hexdigest()[:32]
 
 
 def compile_cuda(src: Path, arch: int, nvcc: str, nvcc_version: str, use_cache: bool = True) -> list[dict]:
     """Compile one .cu for `arch` with `-Xptxas -v`; one record per kernel instantiation."""
-    op = src.stem
+    op = src.parent.name
     key = _cuda_key(src, arch, nvcc_version)
     if use_cache:
         hit = _cache_get(key)
@@ -298,7 +301,7 @@ def compile_cuda(src: Path, arch: int, nvcc: str, nvcc_version: str, use_cache: 
     elapsed = round(time.perf_counter() - t0, 2)
     base = {"op": op, "backend": "cuda", "arch": f"sm_{arch}", "shared_limit": limit, "compile_s": elapsed, "cached": False}
     if proc.returncode != 0:
-        return [dict(base, kernel=src.name, dtype="-", config="", ok=False, error=(proc.stderr or proc.stdout)[-2000:],
+        return [dict(base, kernel=str(src.relative_to(CSRC)), dtype="-", config="", ok=False, error=(proc.stderr or proc.stdout)[-2000:],
                      registers=None, spill_bytes=None, shared_bytes=None)]  # fmt: skip
     funcs = _parse_ptxas(proc.stdout + proc.stderr)
     names = _demangle([f["function"] for f in funcs])
@@ -379,7 +382,7 @@ def run_check(
                                       "shared_limit": None})  # fmt: skip
         else:
             report["nvcc"] = _nvcc_version(nvcc)
-            srcs = [s for s in cuda_sources() if ops is None or s.stem in ops]
+            srcs = [s for s in cuda_sources() if ops is None or s.parent.name in ops]
             cuda_tasks = [(s, a, nvcc, report["nvcc"], use_cache) for a in archs for s in srcs]
 
     def note(records):

@@ -13,10 +13,16 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-__all__ = ["lookup", "hrq_quantize", "ema_update", "kmeans", "kmeans_init", "stem", "BASE_PAD_ID", "NUM_BASES"]
+from vqdna.data.alphabet import NUM_BASES  # A C G T N
+from vqdna.data.alphabet import PAD as BASE_PAD_ID  # "no base here": adds nothing to the stem, like Conv1d's zero padding
+from vqdna.kernels.compile_marks import assume_constant_result
 
-NUM_BASES = 5  # A C G T N
-BASE_PAD_ID = 5  # "no base here": contributes nothing to the stem, like Conv1d's zero padding
+__all__ = [
+    "lookup", "hrq_quantize", "ema_stats", "ema_update", "laplace_smoothed", "kmeans", "kmeans_init", "stem",
+    "BASE_PAD_ID", "NUM_BASES", "EMA_EPS",
+]
+
+EMA_EPS = 1e-5  # the default Laplace smoothing of the EMA cluster sizes (docs/design.md §2.3)
 
 # Rows per chunk when the reference forms a [chunk, K] distance block; keeps memory bounded.
 _CHUNK_ELEMENTS = 1 << 24
@@ -103,6 +109,39 @@ def hrq_quantize(
     return torch.stack(codes), torch.stack(levels)
 
 
+def ema_stats(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    num_codes: int,
+    *,
+    mask: Optional[torch.Tensor] = None,
+    prev_codes: Optional[torch.Tensor] = None,
+    prev_codebook: Optional[torch.Tensor] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reduction of the EMA update (docs/design.md §2.3): per-code counts [K] and vector sums [K, D].
+
+    x [N, D], codes [N] int in [0, num_codes), mask [N] bool (False rows count for nothing). With
+    prev_codes [N] and prev_codebook [K', D], the vector of row i is 2 x_i - prev_codebook[prev_codes_i]
+    (HRQ's H_l). Accumulated in float32 (float64 for float64 x), the dtype of both outputs.
+    """
+    acc = _accum_dtype(x.dtype)
+    xf = x.to(acc)
+    if prev_codes is not None:
+        xf = 2.0 * xf - prev_codebook.to(acc)[prev_codes.long()]
+    weight = torch.ones(x.shape[0], dtype=acc, device=x.device) if mask is None else mask.to(acc)
+    idx = codes.long()
+    counts = torch.zeros(num_codes, dtype=acc, device=x.device).index_add_(0, idx, weight)
+    sums = torch.zeros(num_codes, x.shape[1], dtype=acc, device=x.device).index_add_(0, idx, xf * weight[:, None])
+    return counts, sums
+
+
+def laplace_smoothed(cluster_size: torch.Tensor, eps: float = EMA_EPS) -> torch.Tensor:
+    """Laplace-smoothed cluster sizes [K] (docs/design.md §2.3): (n_k + eps) / (sum n + K eps) * sum n, so no
+    code divides by zero and the total is kept."""
+    total = cluster_size.sum()
+    return (cluster_size + eps) / (total + cluster_size.shape[0] * eps) * total
+
+
 def ema_update(
     x: torch.Tensor,
     codes: torch.Tensor,
@@ -110,7 +149,7 @@ def ema_update(
     embed_sum: torch.Tensor,
     *,
     decay: float = 0.99,
-    eps: float = 1e-5,
+    eps: float = EMA_EPS,
     mask: Optional[torch.Tensor] = None,
     all_reduce: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -123,27 +162,19 @@ def ema_update(
     Returns (cluster_size, embed_sum, codebook [K, D] float32).
     """
     k = cluster_size.shape[0]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(acc)
-    weight = torch.ones(x.shape[0], dtype=acc, device=x.device)
-    if mask is not None:
-        weight = mask.to(acc)
-    idx = codes.long()
-    n = torch.zeros(k, dtype=acc, device=x.device).index_add_(0, idx, weight)
-    s = torch.zeros(k, x.shape[1], dtype=acc, device=x.device).index_add_(0, idx, xf * weight[:, None])
+    acc = _accum_dtype(x.dtype)
+    n, s = ema_stats(x, codes, k, mask=mask)
     if all_reduce is not None:
         buf = torch.cat([n, s.reshape(-1)])
         all_reduce(buf)
         n, s = buf[:k], buf[k:].reshape(k, -1)
     new_cluster_size = decay * cluster_size.to(acc) + (1.0 - decay) * n
     new_embed_sum = decay * embed_sum.to(acc) + (1.0 - decay) * s
-    total = new_cluster_size.sum()
-    smoothed = (new_cluster_size + eps) / (total + k * eps) * total
-    codebook = new_embed_sum / smoothed[:, None]
+    codebook = new_embed_sum / laplace_smoothed(new_cluster_size, eps)[:, None]
     return new_cluster_size, new_embed_sum, codebook
 
 
-@torch.compiler.assume_constant_result  # constants for torch.compile: no generator inside a graph
+@assume_constant_result  # constants for torch.compile: no generator inside a graph
 def _kmeans_init_draws(init: str, seed: int, k: int, n: int) -> tuple:
     """The random draws of `kmeans_init`, from a CPU generator seeded with `seed`: "random": k row
     indices; "kmeans++": k uniforms (float64) and the first row's index. Python numbers, not
@@ -200,17 +231,15 @@ def kmeans(
     seed: int = 0,
 ) -> torch.Tensor:
     """k-means on x [N, D] (DESIGN 2.4): `kmeans_init`, then `iters` rounds of assigning with
-    `lookup` and updating with the `ema_update` reduction at decay 0 (plain means). A cluster left
+    `lookup` and updating with the `ema_stats` reduction (plain means). A cluster left
     empty keeps its previous centroid. Returns centroids [k, D] float32 (float64 for float64 x).
     """
     centroids = kmeans_init(x, k, init=init, seed=seed)
     acc = centroids.dtype
     xf = x.to(acc)
-    zeros_n = torch.zeros(k, dtype=acc, device=x.device)
-    zeros_s = torch.zeros(k, x.shape[1], dtype=acc, device=x.device)
     for _ in range(iters):
         codes, _ = lookup(xf, centroids)
-        counts, sums, _ = ema_update(xf, codes, zeros_n, zeros_s, decay=0.0, eps=0.0)
+        counts, sums = ema_stats(xf, codes, k)
         means = sums / counts.clamp_min(1)[:, None]
         centroids = torch.where((counts > 0)[:, None], means, centroids)
     return centroids

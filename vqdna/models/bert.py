@@ -459,6 +459,12 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
     num_labels == 1 -> regression (MSE), integer labels -> single-label cross-entropy, float multi-hot
     labels -> multi-label BCE (config.problem_type overrides). labels [B]; logits [B, num_labels]."""
 
+    # Loading a masked LM's checkpoint is the expected head swap: its MLM head (transform, decoders) is not
+    # used and the pooler and classifier are new. Ignored here, so transformers prints no load report for
+    # it; any other missing or unexpected tensor is still reported (and load_classifier raises).
+    _keys_to_ignore_on_load_unexpected = [r"^transform\.", r"^decoders\."]
+    _keys_to_ignore_on_load_missing = [r"^pooler\.", r"^classifier\."]
+
     def __init__(self, config: VQDNAConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -511,6 +517,19 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
         if not return_dict:
             return tuple(x for x in (loss, logits, states) if x is not None)
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=states)
+
+
+def load_classifier(model_dir, **overrides) -> VQDNAForSequenceClassification:
+    """VQDNAForSequenceClassification from a VQDNA checkpoint folder (a masked LM's or a classifier's);
+    overrides are config fields (num_labels, classifier_pooling, dropouts...). The expected head swap is
+    silent; any other tensor missing from the checkpoint or left unused raises ValueError naming the
+    tensors and the folder (a silently random encoder weight would only show as a poor result)."""
+    model, info = VQDNAForSequenceClassification.from_pretrained(model_dir, output_loading_info=True, **overrides)
+    bad = {k: sorted(info[k]) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    if bad:
+        raise ValueError(f"{model_dir}: the checkpoint does not match VQDNAForSequenceClassification: "
+                         + "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, v))}" for k, v in bad.items()))
+    return model
 
 
 def register_auto_classes() -> None:

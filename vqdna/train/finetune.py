@@ -2,12 +2,13 @@
 
 A task folder holds train.csv, dev.csv, test.csv with header `sequence,label`. Integer labels make a
 classification task (metrics MCC, macro-F1, accuracy; MCC selects), other numbers a regression task
-(Spearman selects; also Pearson and MSE). The encoder is frozen; LoRA (r 8, alpha 16, dropout 0.05)
-adapts the modules the model names (`lora_target_modules`) and the classifier head trains in full, as
-does the pooler when the head starts at random (from the linear probe it stays the probe's fixed
-standardisation). For every seed and learning rate of the grid the model trains for `epochs` epochs, evaluated on
-dev after each; the (learning rate, epoch) with the best dev metric is chosen per seed and its test
-metrics reported; the JSON summary gives the mean and standard deviation over seeds.
+(Spearman selects; also Pearson and MSE). The encoder is frozen; LoRA (r 8, alpha 16, dropout 0.05 by
+default) adapts the modules the model names (`lora_target_modules`) and the classifier head trains in
+full, as does the pooler when the head starts at random (from the linear probe it stays the probe's fixed
+standardisation). For every seed and learning rate of the grid the model trains for `epochs` epochs,
+evaluated on dev after each; the (learning rate, epoch) with the best dev metric is chosen per seed, the
+probe head itself competing as epoch 0, and its test metrics reported; the JSON summary gives the mean
+and standard deviation over seeds, beside the probe head alone and (optionally) a k-mer baseline.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import logging
 import math
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -178,7 +180,7 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
     std = np.maximum(feats["train"].std(0), 1e-6)
     pooled = {split: np.tanh(PROBE_SCALE * (x - mean) / std) for split, x in feats.items()}
     y = {split: data[split].labels.numpy() for split in SPLITS}
-    metric, metrics_fn = task_metrics(task)
+    metric = task_metrics(task)[0]
     hidden = mean.shape[0]
     best = None
     for reg in PROBE_REGULARIZATION:
@@ -197,7 +199,7 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
         else:
             ridge = Ridge(alpha=1.0 / reg).fit(pooled["train"], y["train"])
             weight[0], bias[0] = ridge.coef_, ridge.intercept_
-        dev = metrics_fn(pooled["dev"] @ weight.T + bias, y["dev"])
+        dev = head_metrics(task, pooled["dev"] @ weight.T + bias, y["dev"])
         if best is None or dev[metric] > best["dev"][metric]:
             best = {"regularization": reg, "weight": weight, "bias": bias, "dev": dev}
     state = {
@@ -206,8 +208,21 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
         "classifier.weight": torch.tensor(best["weight"], dtype=torch.float32),
         "classifier.bias": torch.tensor(best["bias"], dtype=torch.float32),
     }
-    test = metrics_fn(pooled["test"] @ best["weight"].T + best["bias"], y["test"])
-    return {"state": state, "regularization": best["regularization"], "dev": best["dev"], "test": test}
+    test = head_metrics(task, pooled["test"] @ best["weight"].T + best["bias"], y["test"])
+    spread = {"min": float(std.min()), "median": float(np.median(std)), "max": float(std.max())}
+    return {"state": state, "regularization": best["regularization"], "feature_std": spread, "dev": best["dev"],
+            "test": test}
+
+
+def head_metrics(task: str, logits: np.ndarray, labels: np.ndarray) -> dict:
+    """task_metrics of logits [n, num_labels] (float64) plus "loss", the loss the model's forward computes
+    (cross-entropy, or MSE for regression): the same keys Trainer's evaluation reports."""
+    out = task_metrics(task)[1](logits, labels)
+    if task == "classification":
+        out["loss"] = float(torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels).long()))
+    else:
+        out["loss"] = float(np.mean((logits.reshape(-1) - labels) ** 2))
+    return out
 
 
 def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, target_modules=None):
@@ -226,7 +241,10 @@ def apply_lora(model, r: int = 8, alpha: int = 16, dropout: float = 0.05, target
         raise ValueError(f"LoRA target modules {missing} match no Linear module of {type(model).__name__}")
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                      modules_to_save=[m for m in HEAD_MODULES if hasattr(model, m)], bias="none")
-    return get_peft_model(model, cfg)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` (a FutureWarning on every run)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, cfg)
 
 
 def trainable_parameter_names(model) -> list[str]:
@@ -234,8 +252,10 @@ def trainable_parameter_names(model) -> list[str]:
 
 
 def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, seed, out_dir, lora, weight_decay,
-               head_state=None, dropout: float | None = None):
-    from transformers import AutoModelForSequenceClassification, Trainer, TrainingArguments, set_seed
+               head_state=None, dropout: float | None = None, pooling: str | None = None, progress: bool = False):
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from vqdna.models.bert import load_classifier
 
     from vqdna.train.pretrain import cpu_ddp_args
 
@@ -243,8 +263,9 @@ def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, s
     problem_type = "single_label_classification" if task == "classification" else "regression"
     overrides = {} if dropout is None else dict(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout,
                                                  classifier_dropout=dropout)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels, problem_type=problem_type,
-                                                               **overrides)
+    if pooling is not None:
+        overrides["classifier_pooling"] = pooling
+    model = load_classifier(model_dir, num_labels=num_labels, problem_type=problem_type, **overrides)
     if head_state is not None:
         missing = set(head_state) - set(model.state_dict())
         if missing:
@@ -274,7 +295,8 @@ def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, s
         lr_scheduler_type="linear", warmup_steps=0.05, eval_strategy="epoch", save_strategy="epoch",
         save_total_limit=1, load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=True,
         logging_strategy="epoch", seed=seed, report_to="none", remove_unused_columns=False,
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), disable_tqdm=True,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), disable_tqdm=not progress,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for host-to-GPU copies; on a CPU it only warns
         **cpu_ddp_args(),
     )
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["dev"],
@@ -293,22 +315,40 @@ def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, s
 def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5), epochs: int = 3,
              batch_size: int = 32, seeds=(0,), task: str = "auto", max_length: int | None = None,
              lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.05, weight_decay: float = 0.01,
-             tokenizer=None, head_init: str = "probe", dropout: float | None = 0.0) -> dict:
+             tokenizer=None, head_init: str = "probe", dropout: float | None = 0.0, pooling: str | None = None,
+             baseline_k: int | None = None, progress: bool = False) -> dict:
     """Grid over learning rates (epochs chosen on dev) per seed; writes out_dir/results.json and returns
     it. model_dir: a pre-trained VQDNA model directory (with its tokenizer unless `tokenizer` is given).
     head_init: "probe" starts every run from the linear-probe head of `probe_head` (LP-FT), "random" from
-    the usual random head. max_length (tokens incl. CLS/SEP; default: the longest sequence) truncates longer sequences.
+    the usual random head. With the probe head, the probe itself is candidate "epoch 0" of the dev-based
+    choice: a seed's chosen model is never worse on dev than the probe it started from (results.json:
+    "chosen"[i]["source"] is "probe" or "finetuned"). max_length (tokens incl. CLS/SEP; default: the
+    longest sequence) truncates longer sequences.
     dropout: the model's hidden, attention and classifier dropout while fine-tuning (None keeps the pre-trained
     config's). It defaults to 0: the probe head is fitted on dropout-free features, and on the species example
-    dropout 0.1 kept the training loss above ln 5 with the probe head and cost 0.05 test MCC after 3 epochs."""
+    dropout 0.1 kept the training loss above ln 5 with the probe head and cost 0.05 test MCC after 3 epochs.
+    pooling: the classifier's pooling (cls | mean | mean_layers; None keeps the pre-trained config's).
+    baseline_k: also fit the k-mer baseline of vqdna.train.baseline (None: none), reported as "baseline".
+    progress: a progress bar per run (else one log line per epoch)."""
+    from vqdna.models.bert import POOLINGS, load_classifier
     from vqdna.models.hf_tokenizer import VQDNATokenizer
 
     if head_init not in ("probe", "random"):
         raise ValueError(f"head_init must be 'probe' or 'random', got {head_init!r}")
     if dropout is not None and not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+    if pooling is not None and pooling not in POOLINGS:
+        raise ValueError(f"pooling must be {'|'.join(POOLINGS)} or None, got {pooling!r}")
     tok = tokenizer or VQDNATokenizer.from_pretrained(model_dir)
     splits, task = load_task(data_dir, task)
+    metric = task_metrics(task)[0]
+    baseline = None
+    if baseline_k is not None:
+        from vqdna.train.baseline import kmer_baseline
+
+        baseline = kmer_baseline(splits, task, k=baseline_k)
+        log.warning("%d-mer baseline (regularization %g): dev %s %.4f, test %.4f", baseline_k,
+                    baseline["regularization"], metric, baseline["dev"][metric], baseline["test"][metric])
     num_labels = int(splits["train"][1].max()) + 1 if task == "classification" else 1
     data = {}
     for split, (seqs, labels) in splits.items():
@@ -317,13 +357,17 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
     lora = dict(r=lora_r, alpha=lora_alpha, dropout=lora_dropout)
     probe = None
     if head_init == "probe":
-        from transformers import AutoModelForSequenceClassification
-
-        base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=num_labels)
+        base = load_classifier(model_dir, num_labels=num_labels,
+                               **({} if pooling is None else {"classifier_pooling": pooling}))
         probe = probe_head(base, data, task, num_labels, batch_size=max(batch_size, 64))
+        if base.config.classifier_pooling == "cls":
+            # Measured on the test suite's bert-tiny (test_finetune.py::test_cls_probe_is_what_lora_steps_swamp): CLS features vary ~8x
+            # less between sequences than token means, the probe scales them up by as much, and LoRA at lr 5e-4
+            # then threw the training loss above chance (gradient norms ~120) where mean pooling stayed below 1.
+            log.warning("the probe head reads the CLS token, which masked-LM pre-training never trains (feature "
+                        "std median %.3g): LoRA steps can swamp it; --pooling mean_layers or mean fine-tunes stably",
+                        probe["feature_std"]["median"])
         del base
-    metric = task_metrics(task)[0]
-    if probe is not None:
         log.warning("probe head (regularization %g): dev %s %.4f, test %.4f", probe["regularization"], metric,
                     probe["dev"][metric], probe["test"][metric])
     runs, chosen = [], []
@@ -332,12 +376,16 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
         for lr in lrs:
             run_dir = os.path.join(out_dir, "runs", f"seed{seed}-lr{lr:g}")
             _, res = train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, seed, run_dir, lora, weight_decay,
-                                head_state=probe["state"] if probe else None, dropout=dropout)
+                                head_state=probe["state"] if probe else None, dropout=dropout, pooling=pooling,
+                                progress=progress)
             log.warning("seed %d lr %g: dev %s %.4f (epoch %d), test %.4f", seed, lr, metric, res["dev"][metric],
                         res["best_epoch"], res["test"][metric])
-            per_seed.append(res)
+            per_seed.append({"source": "finetuned", **res})
+        # The probe is every run's epoch 0: first among the candidates, so a tie keeps the simpler model.
+        start = [{"source": "probe", "lr": None, "seed": seed, "best_epoch": 0, "dev": probe["dev"],
+                  "test": probe["test"]}] if probe else []
+        chosen.append(max(start + per_seed, key=lambda r: r["dev"][metric]))
         runs += per_seed
-        chosen.append(max(per_seed, key=lambda r: r["dev"][metric]))
     summary = {}
     for key in chosen[0]["test"]:
         vals = [c["test"][key] for c in chosen]
@@ -346,8 +394,39 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
               "tokenizer_sha256": tok.tokenizer_sha256, "num_labels": num_labels,
               "sizes": {s: len(d) for s, d in data.items()}, "lora": lora, "lrs": list(lrs), "epochs": epochs,
               "batch_size": batch_size, "seeds": list(seeds), "head_init": head_init, "dropout": dropout,
-              "probe": {k: v for k, v in probe.items() if k != "state"} if probe else None, "test": summary, "chosen": chosen, "runs": runs}
+              "pooling": pooling, "probe": {k: v for k, v in probe.items() if k != "state"} if probe else None,
+              "baseline": baseline, "test": summary, "chosen": chosen, "runs": runs,
+              "runtime": {"torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}}
     os.makedirs(out_dir, exist_ok=True)
+    if probe is not None:  # a seed may report the probe head itself: keep it (pooler and classifier tensors)
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in probe["state"].items()}, os.path.join(out_dir, "probe_head.safetensors"))
+        result["probe"]["state_file"] = "probe_head.safetensors"
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(result, f, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
     return result
+
+
+def format_results(res: dict) -> str:
+    """A results.json (as `finetune` returns it) as a plain-text table: the model (mean ± std over seeds,
+    what was chosen per seed), its probe head alone and the k-mer baseline, test metrics."""
+    m = res["metric"]
+    keys = [m] + sorted(k for k in res["test"] if k not in (m, "loss"))
+    rows = [("VQDNA + LoRA" if res["head_init"] == "random" else "VQDNA (LoRA from the probe head)",
+             {k: f"{v['mean']:.4f} ± {v['std']:.4f}" for k, v in res["test"].items()},
+             "; ".join(f"seed {c['seed']}: " + ("the probe head (epoch 0)" if c["source"] == "probe"
+                                              else f"lr {c['lr']:g} epoch {c['best_epoch']}")
+                       + f", dev {c['dev'][m]:.4f}" for c in res["chosen"]))]
+    if res.get("probe"):
+        p = res["probe"]
+        rows.append(("its linear-probe head alone", {k: f"{p['test'][k]:.4f}" for k in keys},
+                     f"C {p['regularization']:g}, dev {p['dev'][m]:.4f}"))
+    if res.get("baseline"):
+        b = res["baseline"]
+        rows.append((f"{b['k']}-mer frequencies + {'logistic' if res['task'] == 'classification' else 'ridge'} regression",
+                     {k: f"{b['test'][k]:.4f}" for k in keys}, f"C {b['regularization']:g}, dev {b['dev'][m]:.4f}"))
+    header = ["model"] + [f"test {k}" for k in keys] + ["chosen on dev"]
+    table = [header] + [[name] + [vals.get(k, "") for k in keys] + [note] for name, vals, note in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(header) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in table)

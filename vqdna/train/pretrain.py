@@ -169,6 +169,7 @@ def pretrain(
         remove_unused_columns=False,
         report_to="none",
         ddp_find_unused_parameters=False,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for host-to-GPU copies; on a CPU it only warns
         **{**cpu_ddp_args(), **(extra_args or {})},
     )
     trainer = Trainer(model=model, args=args, train_dataset=train,

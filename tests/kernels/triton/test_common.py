@@ -63,7 +63,7 @@ def test_prune_keeps_what_the_declaration_allows(module, monkeypatch):
     the D; none over the shared-memory limit."""
     import importlib
 
-    mod = importlib.import_module(f"vqdna.kernels.triton.{module}")
+    mod = importlib.import_module(f"vqdna.kernels.ops.{module}.triton_kernel")
     configs = [t.config() for t in mod.TILES]
 
     class Props:
@@ -90,7 +90,7 @@ def test_prune_keeps_what_the_declaration_allows(module, monkeypatch):
 def test_autotune_key_includes_the_row_class(module):
     import importlib
 
-    kernel = getattr(importlib.import_module(f"vqdna.kernels.triton.{module}"), f"_{module.split('_')[0]}_kernel")
+    kernel = getattr(importlib.import_module(f"vqdna.kernels.ops.{module}.triton_kernel"), f"_{module.split('_')[0]}_kernel")
     assert "N_CLASS" in kernel.keys  # tuned per size class of N, not once at the first call's N
 
 
@@ -98,14 +98,14 @@ def test_triton_hrq_launcher_makes_no_host_tensor():
     """The offsets table is built on the device (common.int_tensor_on), not copied from the host."""
     import inspect
 
-    from vqdna.kernels.triton import hrq_quantize
+    from vqdna.kernels.ops.hrq_quantize import triton_kernel
 
-    src = inspect.getsource(hrq_quantize)
+    src = inspect.getsource(triton_kernel)
     assert "torch.tensor(" not in src and "int_tensor_on(" in src
 
 
 def test_ema_path_threshold_on_a_gpu():
-    from vqdna.kernels.triton import ema_update
+    from vqdna.kernels.ops.ema_stats import triton_kernel as ema_update
 
     threshold = ema_update.GPU_TILES[4]
     assert threshold == 1 << 15

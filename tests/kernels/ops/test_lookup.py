@@ -1,0 +1,310 @@
+"""lookup: every backend against the float64 reference (DESIGN 2.1)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+import vqdna
+from vqdna.kernels import dispatch, lookup, reference
+from tests.conftest import backend_params, require_backend
+from tests.tolerances import TOL
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+NS = [0, 1, 7, 1000]
+DS = [1, 3, 17, 64, 384, 1030]
+KS = [1, 2, 513, 4096]
+
+# The Triton interpreter runs on the CPU at ~1 ms per tile step: larger problems go behind `slow`.
+_INTERPRETER_BUDGET = 3_000_000  # N * K * D
+
+
+def _backend_shape_params():
+    """(backend, device, n, k, d); Triton-on-CPU cases above the interpreter budget carry `slow`."""
+    params = []
+    for bp in backend_params("lookup"):
+        backend, device = bp.values
+        for n, k, d in itertools.product(NS, KS, DS):
+            marks = list(bp.marks)
+            if backend == "triton" and device == "cpu" and n * k * d > _INTERPRETER_BUDGET:
+                marks.append(pytest.mark.slow)
+            params.append(pytest.param(backend, device, n, k, d, marks=marks, id=f"{bp.id}-N{n}-K{k}-D{d}"))
+    return params
+
+
+def make_inputs(n, k, d, dtype, device, gen):
+    """Codebook ~ N(0, 1); half the rows of z near a code (the realistic case), half uniform noise
+    at a random scale. Rounded to `dtype`."""
+    codebook = torch.randn(k, d, generator=gen)
+    near = codebook[torch.randint(k, (n,), generator=gen)] + 0.3 * torch.randn(n, d, generator=gen)
+    far = (torch.rand(n, d, generator=gen) * 2 - 1) * (0.5 + 3 * torch.rand(n, 1, generator=gen))
+    pick = torch.rand(n, 1, generator=gen) < 0.5
+    z = torch.where(pick, near, far)
+    return z.to(dtype).to(device), codebook.to(dtype).to(device)
+
+
+def exact_distances(z, codebook):
+    """[N, K] float64 squared distances (the truth: float64 is ~1e-16 relative, and exact on the
+    small integers of the tie tests)."""
+    z64, e64 = z.double().cpu(), codebook.double().cpu()
+    out = z64.pow(2).sum(-1)[:, None] - 2.0 * (z64 @ e64.T) + e64.pow(2).sum(-1)[None, :]
+    return out.clamp_min(0)
+
+
+def assert_lookup_matches(z, codebook, codes, dist, dtype):
+    """The contract of DESIGN 2.1 checked on every row; finite rows only."""
+    n, k = z.shape[0], codebook.shape[0]
+    assert codes.dtype == torch.int32 and dist.dtype == torch.float32
+    assert codes.shape == (n,) and dist.shape == (n,)
+    codes, dist = codes.cpu().long(), dist.cpu().double()
+    assert bool(((codes >= 0) & (codes < k)).all()), f"codes out of range: {codes[(codes < 0) | (codes >= k)][:5]}"
+    if n == 0:
+        return
+    exact = exact_distances(z, codebook)
+    sq = z.double().cpu().pow(2).sum(-1) + codebook.double().cpu().pow(2).sum(-1).max()
+    tol = TOL[dtype] * sq + 1e-9
+    true_min = exact.min(dim=1).values
+    chosen = exact.gather(1, codes[:, None])[:, 0]
+    excess = chosen - true_min
+    bad = excess > tol
+    assert not bool(bad.any()), (
+        f"{int(bad.sum())} rows chose a code farther than the tolerance; first row {int(bad.nonzero()[0])}: "
+        f"excess {float(excess[bad][0]):.3g} > tol {float(tol[bad][0]):.3g}"
+    )
+    derr = (dist - chosen).abs()
+    bad = derr > tol
+    assert not bool(bad.any()), (
+        f"{int(bad.sum())} rows have a wrong distance; first row {int(bad.nonzero()[0])}: "
+        f"got {float(dist[bad][0])}, exact {float(chosen[bad][0])}"
+    )
+    # Away from near-ties the code is the reference's, exactly.
+    if k > 1:
+        two = exact.topk(2, dim=1, largest=False).values
+        clear = (two[:, 1] - two[:, 0]) > 2 * tol
+        ref_codes = exact.argmin(dim=1)
+        wrong = clear & (codes != ref_codes)
+        assert not bool(wrong.any()), f"{int(wrong.sum())} rows differ from the reference away from ties"
+    else:
+        assert bool((codes == 0).all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("backend,device,n,k,d", _backend_shape_params())
+def test_lookup_matches_reference(backend, device, dtype, n, k, d, rng, poison):
+    require_backend(backend, device)
+    z, codebook = make_inputs(n, k, d, dtype, device, rng)
+    codes, dist = lookup(z, codebook, backend=backend)
+    assert dispatch.last_backend("lookup") == backend
+    assert_lookup_matches(z, codebook, codes, dist, dtype)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("lookup"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("d", [5, 64, 130])
+def test_exact_ties_pick_lowest_index(backend, device, dtype, d, rng, poison):
+    """Small integers make every sum exact in any order, so duplicated codes tie exactly; the
+    duplicates sit in different K tiles of every backend."""
+    require_backend(backend, device)
+    k = 700
+    base = torch.randint(-3, 4, (100, d), generator=rng).float()
+    codebook = base[torch.arange(k) % 100]  # row j == row j + 100 == row j + 200 ...
+    perm = torch.randperm(k, generator=rng)
+    codebook = codebook[perm]
+    z = torch.randint(-3, 4, (300, d), generator=rng).float()
+    z[:100] = codebook[torch.randint(k, (100,), generator=rng)]  # exact hits on duplicated codes
+    exact = exact_distances(z, codebook)
+    expected = exact.argmin(dim=1).to(torch.int32)  # torch returns the first minimum: lowest index
+    codes, dist = lookup(z.to(dtype).to(device), codebook.to(dtype).to(device), backend=backend)
+    assert torch.equal(codes.cpu(), expected)
+    assert torch.equal(dist.cpu().double(), exact.min(dim=1).values)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("lookup"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+def test_nonfinite_rows(backend, device, dtype, rng, poison):
+    require_backend(backend, device)
+    n, k, d = 50, 300, 19
+    z, codebook = make_inputs(n, k, d, dtype, "cpu", rng)
+    z[3, 5] = math.nan
+    z[10, 0] = math.inf
+    z[11, 18] = -math.inf
+    z[12] = math.nan
+    bad_rows = torch.zeros(n, dtype=torch.bool)
+    bad_rows[[3, 10, 11, 12]] = True
+    codebook[7, 2] = math.nan  # a NaN code never wins against finite ones
+    codes, dist = lookup(z.to(device), codebook.to(device), backend=backend)
+    codes, dist = codes.cpu(), dist.cpu()
+    assert not bool(torch.isfinite(dist[bad_rows]).any()), dist[bad_rows]
+    assert bool(((codes >= 0) & (codes < k)).all())
+    assert not bool((codes[~bad_rows] == 7).any())
+    good = ~bad_rows
+    keep = torch.ones(k, dtype=torch.bool)
+    keep[7] = False
+    remap = torch.arange(k)[keep]
+    # The finite rows match a lookup over the finite codes.
+    sub_codes, sub_dist = codes[good], dist[good]
+    inv = torch.full((k,), -1, dtype=torch.long)
+    inv[remap] = torch.arange(k - 1)
+    assert_lookup_matches(
+        z[good], codebook[keep], inv[sub_codes.long()].to(torch.int32), sub_dist, dtype
+    )
+    with pytest.raises(ValueError, match="row 3 holds NaN or Inf"):
+        vqdna.kernels.raise_on_nonfinite(dist, "z")
+
+
+@pytest.mark.parametrize("backend,device", backend_params("lookup"))
+def test_rows_on_codes_are_at_distance_zero_or_more(backend, device, rng, poison):
+    """A row equal to a code is at exact distance 0; in float32, ||e||^2 - 2 z.e + ||z||^2 cancels
+    to a few ulps of either sign, and the clamp keeps the returned distance >= 0 (DESIGN 2.1)."""
+    require_backend(backend, device)
+    codebook = torch.randn(64, 96, generator=rng) * 3
+    z = codebook[torch.randperm(64, generator=rng)].repeat(4, 1)
+    codes, dist = lookup(z.to(device), codebook.to(device), backend=backend)
+    assert torch.equal(codebook[codes.cpu().long()], z)
+    assert bool((dist.cpu() >= 0).all()), f"{int((dist < 0).sum())} negative distances"
+    assert float(dist.max()) < 1e-3
+
+
+@pytest.mark.parametrize("backend,device", backend_params("lookup"))
+def test_leading_shape_layout_and_int64(backend, device, rng, poison):
+    require_backend(backend, device)
+    k, d = 37, 24
+    big = torch.randn(2, 3, 5, 2 * d, generator=rng)
+    z = big[..., ::2]  # non-contiguous
+    codebook = torch.randn(d, k, generator=rng).T  # non-contiguous codebook
+    assert not z.is_contiguous() and not codebook.is_contiguous()
+    z, codebook = z.to(device), codebook.to(device)
+    codes, dist = lookup(z, codebook, backend=backend, codes_dtype=torch.int64)
+    assert codes.shape == (2, 3, 5) and codes.dtype == torch.int64 and dist.shape == (2, 3, 5)
+    flat_codes, flat_dist = lookup(z.reshape(-1, d).contiguous(), codebook.contiguous(), backend=backend)
+    assert torch.equal(codes.reshape(-1).to(torch.int32), flat_codes)
+    assert torch.equal(dist.reshape(-1), flat_dist)
+    sq = codebook.float().pow(2).sum(-1)
+    c2, d2 = lookup(z, codebook, codebook_sqnorm=sq, backend=backend)
+    assert torch.equal(c2.reshape(-1), flat_codes)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("lookup"))
+def test_empty_batch(backend, device, poison):
+    require_backend(backend, device)
+    codes, dist = lookup(torch.randn(0, 4, 8, device=device), torch.randn(3, 8, device=device), backend=backend)
+    assert codes.shape == (0, 4) and dist.shape == (0, 4)
+
+
+def test_float64_runs_on_reference_only(rng):
+    z, e = torch.randn(9, 5, dtype=torch.float64, generator=rng), torch.randn(4, 5, dtype=torch.float64, generator=rng)
+    codes, dist = lookup(z, e)
+    assert dispatch.last_backend("lookup") == "reference"
+    assert dist.dtype == torch.float64
+    assert torch.equal(codes.long(), torch.cdist(z, e).argmin(1))
+    with pytest.raises(TypeError, match="float64"):
+        lookup(z, e, backend="native")
+
+
+@pytest.mark.parametrize(
+    "z_shape,cb_shape,z_dtype,cb_dtype,exc,match",
+    [
+        ((4, 8), (3, 9), torch.float32, torch.float32, ValueError, "dimension mismatch"),
+        ((4, 8), (0, 8), torch.float32, torch.float32, ValueError, "empty"),
+        ((4, 8), (3, 8), torch.float32, torch.float16, TypeError, "dtype mismatch"),
+        ((4, 8), (8,), torch.float32, torch.float32, ValueError, r"\[K, D\]"),
+        ((4, 8), (3, 8), torch.int32, torch.int32, TypeError, "dtype"),
+        ((), (3, 8), torch.float32, torch.float32, ValueError, "shape"),
+    ],
+)
+def test_clear_errors(z_shape, cb_shape, z_dtype, cb_dtype, exc, match):
+    z = torch.ones(z_shape).to(z_dtype)
+    cb = torch.ones(cb_shape).to(cb_dtype)
+    with pytest.raises(exc, match=match):
+        lookup(z, cb)
+
+
+def test_device_mismatch_and_unknown_backend():
+    with pytest.raises(ValueError, match="device mismatch"):
+        lookup(torch.randn(4, 8, device="meta"), torch.randn(3, 8))
+    with pytest.raises(RuntimeError, match="unknown backend"):
+        lookup(torch.randn(4, 8), torch.randn(3, 8), backend="fastest")
+    with pytest.raises(RuntimeError, match="cuda backend runs CUDA tensors"):
+        lookup(torch.randn(4, 8), torch.randn(3, 8), backend="cuda")
+
+
+def test_auto_takes_the_fast_backend_on_cpu(monkeypatch):
+    """A working native kernel must be what "auto" runs on CPU tensors; no silent fallback."""
+    monkeypatch.delenv("VQDNA_BACKEND", raising=False)
+    require_backend("native", "cpu")
+    lookup(torch.randn(10, 8), torch.randn(4, 8))
+    assert dispatch.last_backend("lookup") == "native"
+    assert dispatch.available_backends("cpu")[0] == "native"
+
+
+def test_env_overrides_auto(monkeypatch):
+    monkeypatch.setenv("VQDNA_BACKEND", "reference")
+    lookup(torch.randn(10, 8), torch.randn(4, 8))
+    assert dispatch.last_backend("lookup") == "reference"
+    monkeypatch.setenv("VQDNA_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="cannot run here"):
+        lookup(torch.randn(10, 8), torch.randn(4, 8))
+
+
+def test_backend_is_logged(caplog):
+    with caplog.at_level("DEBUG", logger="vqdna.kernels"):
+        lookup(torch.randn(10, 8), torch.randn(4, 8), backend="reference")
+    assert "lookup: backend=reference" in caplog.text
+
+
+def test_reference_chunks_large_n(monkeypatch, rng):
+    monkeypatch.setattr(reference, "_CHUNK_ELEMENTS", 64)
+    z, e = torch.randn(100, 6, generator=rng), torch.randn(10, 6, generator=rng)
+    codes, dist = reference.lookup(z, e)
+    assert torch.equal(codes.long(), torch.cdist(z.double(), e.double()).argmin(1))
+
+
+@pytest.mark.parametrize("backend,device", backend_params("lookup"))
+def test_opcheck(backend, device, rng):
+    """torch.library's own checks of the registered op (schema, fake impl, dispatch)."""
+    require_backend(backend, device)
+    from vqdna.kernels.ops.registry import backend_op
+
+    op = backend_op("lookup", backend)
+    z = torch.randn(33, 20, generator=rng).to(device)
+    e = torch.randn(70, 20, generator=rng).to(device)
+    sq = e.pow(2).sum(-1)
+    tests = ("test_schema", "test_faketensor")
+    if not (backend == "triton" and device == "cpu"):
+        tests = tests + ("test_aot_dispatch_dynamic",)
+    torch.library.opcheck(op, (z, e, sq), test_utils=tests)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_torch_compile_fullgraph(backend, rng):
+    require_backend(backend, "cpu")
+    z, e = torch.randn(40, 12, generator=rng), torch.randn(9, 12, generator=rng)
+
+    def f(z, e):
+        codes, dist = lookup(z, e, backend=backend)
+        return e[codes.long()] + dist[:, None]
+
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.allclose(compiled(z, e), f(z, e))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("which", ["z", "codebook", "both"])
+def test_cuda_misaligned_inputs_take_the_scalar_path(dtype, which, rng, poison):
+    """D % 8 == 0 but a pointer off a 16-byte boundary: the CUDA kernel stages its tiles with
+    element-wise loads (16-byte cp.async would fault) and returns exactly what the aligned call does."""
+    require_backend("cuda", "cuda")
+    from tests.conftest import misaligned
+    from vqdna.kernels.cuda_launch import mma_vec_loads
+
+    n, k, d = 1000, 513, 64
+    z, cb = make_inputs(n, k, d, dtype, "cuda", rng)
+    zm = misaligned(z) if which in ("z", "both") else z
+    cbm = misaligned(cb) if which in ("codebook", "both") else cb
+    assert not mma_vec_loads(dtype, d, zm.data_ptr() % 16 == 0 and cbm.data_ptr() % 16 == 0)
+    codes, dist = lookup(zm, cbm, backend="cuda")
+    want_codes, want_dist = lookup(z, cb, backend="cuda")
+    assert torch.equal(codes, want_codes) and torch.equal(dist, want_dist)
+    assert_lookup_matches(z, cb, codes, dist, dtype)

@@ -1,0 +1,58 @@
+"""The built-in k-mer baseline (vqdna/train/baseline.py): frequencies counted right, the strength chosen on
+dev, far above chance on the learnable GC task, regression through ridge."""
+
+import numpy as np
+import pytest
+
+from tests.train import _mlm
+from vqdna.train.baseline import KMER_REGULARIZATION, kmer_baseline, kmer_features
+from vqdna.train.finetune import classification_metrics, load_task
+
+
+def test_kmer_features_count_frequencies():
+    x = kmer_features(["ACGTA", "acgta", "ACNGT", "A", "NNNN"], k=2)
+    index = {"AC": 1, "CG": 6, "GT": 11, "TA": 12}  # A=0 C=1 G=2 T=3, first base most significant
+    expected = np.zeros(16, np.float32)
+    expected[list(index.values())] = 0.25
+    assert x.shape == (5, 16) and x.dtype == np.float32
+    np.testing.assert_array_equal(x[0], expected)
+    np.testing.assert_array_equal(x[1], expected)  # lower case counts the same
+    assert x[2, 1] == x[2, 11] == 0.5 and x[2].sum() == 1.0  # k-mers over N are skipped: AC, GT
+    assert not x[3].any() and not x[4].any()  # shorter than k / no clean k-mer: zeros
+    with pytest.raises(ValueError, match="k must be"):
+        kmer_features(["ACGT"], k=0)
+
+
+def test_kmer_baseline_classification_chooses_on_dev(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    splits, task = load_task(_mlm.write_gue(tmp_path / "task", sizes=(200, 80, 80)))
+    res = kmer_baseline(splits, task, k=2)
+    assert res["k"] == 2 and res["regularization"] in KMER_REGULARIZATION
+    assert res["test"]["mcc"] > 0.5 and set(res["test"]) == {"mcc", "f1", "accuracy"}  # chance is 0
+    # the chosen strength is the best on dev: refit every strength by hand
+    scaler = StandardScaler().fit(kmer_features(splits["train"][0], 2))
+    x = {s: scaler.transform(kmer_features(q, 2)) for s, (q, _) in splits.items()}
+    y = {s: np.asarray(v) for s, (_, v) in splits.items()}
+    dev = {c: classification_metrics(np.eye(2)[LogisticRegression(C=c, max_iter=2000).fit(x["train"], y["train"])
+                                               .predict(x["dev"])], y["dev"])["mcc"] for c in KMER_REGULARIZATION}
+    assert res["dev"]["mcc"] == pytest.approx(max(dev.values()))
+    assert dev[res["regularization"]] == pytest.approx(max(dev.values()))
+
+
+def test_kmer_baseline_regression(tmp_path):
+    gc = lambda seqs: [f"{np.mean([c in 'GC' for c in s]):.4f}" for s in seqs]  # noqa: E731
+    splits, task = load_task(_mlm.write_gue(tmp_path / "task", sizes=(200, 60, 60), labels=gc))
+    assert task == "regression"
+    res = kmer_baseline(splits, task, k=1)  # GC content is a linear function of the 1-mer frequencies
+    assert res["test"]["spearman"] > 0.99 and set(res["test"]) == {"spearman", "pearson", "mse"}
+
+
+def test_kmer_baseline_class_missing_from_training(tmp_path):
+    """A class present in dev/test but never in train is predicted never (no crash, right shape)."""
+    labels = lambda seqs: [str(i % 2) if i < len(seqs) - 1 else "2" for i in range(len(seqs))]  # noqa: E731
+    splits, task = load_task(_mlm.write_gue(tmp_path / "task", sizes=(60, 20, 20), labels=labels))
+    splits["train"] = (splits["train"][0][:-1], splits["train"][1][:-1])
+    res = kmer_baseline(splits, task, k=2)
+    assert -1.0 <= res["test"]["mcc"] <= 1.0

@@ -1,0 +1,177 @@
+"""Triton nearest-code lookup (DESIGN 2.1): one fused kernel, distance tiles from tl.dot and a running
+(min, argmin) per row across K tiles; the N x K distance matrix never reaches global memory.
+
+Registered as the custom op `vqdna::lookup_triton` (torch.library.triton_op), so torch.compile sees it.
+"""
+
+from __future__ import annotations
+
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from vqdna.kernels.dispatch import triton_interpreter
+from vqdna.kernels.triton.common import (
+    TORCH_DTYPES,
+    AotVariant,
+    HALF,
+    Tile,
+    autotune_configs,
+    chunk_masks,
+    device_guard,
+    jit_function,
+    pipelined_shared_bytes,
+    prune_for_device,
+    running_argmin,
+    signature,
+    size_class,
+)
+
+__all__ = ["lookup_triton"]
+
+
+# The tiles the autotuner may pick on a GPU (common.Tile: BLOCK_N, BLOCK_K, BLOCK_D, warps, stages,
+# dtypes, only without the dimension mask, architectures). `vqdna gpu-check` compiles each for what it
+# is declared for, under Triton 3.6 (the GPU machines') and 3.9, and fails on a 16-bit spill: with the
+# dimension mask every 16-bit tile over 32 x 32 spilled somewhere, 4-warp tiles over 64 x 64 spilled
+# everywhere, 64/128 x 128/64 x 64 spill on sm_80 and 128 x 128 x 64 on sm_90 under Triton 3.6
+# (48-116 B), so none of those is declared there. Exact float32 (FMA) keeps two small tiles.
+TILES = [
+    Tile(128, 128, 32, 8, 3, HALF, even_d_only=True),
+    Tile(64, 128, 64, 8, 3, HALF, even_d_only=True, archs=(90,)),
+    Tile(128, 64, 64, 8, 3, HALF, even_d_only=True, archs=(90,)),
+    Tile(64, 64, 32, 8, 2, ("fp32",)),
+    Tile(32, 32, 32, 4, 2),
+]
+INTERPRETER_TILE = Tile(32, 128, 64, 1, 1)  # the interpreter runs on the CPU: one small tile
+
+
+def shared_bytes(tile: Tile, dtype_bytes: int) -> int:
+    """Shared memory a tile needs (the pruning rule; gpu-check compares it with the compiled value)."""
+    return pipelined_shared_bytes(tile, dtype_bytes)
+
+
+@triton.autotune(
+    configs=autotune_configs(TILES, INTERPRETER_TILE),
+    key=["N_CLASS", "K", "D", "IEEE_FP32", "UPCAST"],
+    prune_configs_by={"early_config_prune": prune_for_device("z_ptr", shared_bytes, TILES)},
+)
+@triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
+@triton.jit
+def _lookup_kernel(
+    z_ptr,
+    e_ptr,
+    e_sqnorm_ptr,
+    codes_ptr,
+    dist_ptr,
+    N,
+    K,
+    D,
+    N_CLASS,  # size_class(N): only an autotuning key
+    IEEE_FP32: tl.constexpr,
+    UPCAST: tl.constexpr,
+    EVEN_D: tl.constexpr,  # D % BLOCK_D == 0: no dimension mask (the masked loads cost registers)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    # 64-bit tile bases (N * D can exceed 2^31), 32-bit offsets inside a tile: half the registers
+    # of a 64-bit pointer per element.
+    z_tile = z_ptr + pid.to(tl.int64) * BLOCK_N * D
+    z_offs = tl.arange(0, BLOCK_N)[:, None] * D
+
+    z_sqnorm = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        z_ok = row_ok[:, None] if EVEN_D else row_ok[:, None] & (dims < D)[None, :]
+        zt = tl.load(z_tile + z_offs + dims[None, :], mask=z_ok, other=0.0).to(tl.float32)
+        z_sqnorm += tl.sum(zt * zt, axis=1)
+
+    best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
+    best_code = tl.zeros([BLOCK_N], dtype=tl.int32)
+    e_offs = tl.arange(0, BLOCK_K)[:, None] * D
+    for k0 in range(0, K, BLOCK_K):
+        codes = k0 + tl.arange(0, BLOCK_K)
+        code_ok = codes < K
+        e_tile = e_ptr + tl.cast(k0, tl.int64) * D
+        dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            z_ok, e_ok = chunk_masks(row_ok, code_ok, dims, D, EVEN_D)
+            zt = tl.load(z_tile + z_offs + dims[None, :], mask=z_ok, other=0.0)
+            et = tl.load(e_tile + e_offs + dims[None, :], mask=e_ok, other=0.0)
+            if UPCAST:
+                zt = zt.to(tl.float32)
+                et = et.to(tl.float32)
+            if IEEE_FP32 or UPCAST:
+                dot = tl.dot(zt, tl.trans(et), dot, input_precision="ieee")
+            else:
+                dot = tl.dot(zt, tl.trans(et), dot)
+        e_sqnorm = tl.load(e_sqnorm_ptr + codes, mask=code_ok, other=0.0)
+        best, best_code = running_argmin(best, best_code, dot, e_sqnorm, code_ok, k0)
+
+    dist = best + z_sqnorm
+    dist = tl.where(dist < 0.0, 0.0, dist)  # clamp, but keep NaN (a non-finite row must show)
+    tl.store(codes_ptr + rows, best_code, mask=row_ok)
+    tl.store(dist_ptr + rows, dist, mask=row_ok)
+
+
+@triton_op("vqdna::lookup_triton", mutates_args=())
+def lookup_triton(z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """z [N, D] contiguous, codebook [K, D] contiguous (same dtype: float32/bfloat16/float16),
+    codebook_sqnorm [K] float32. Returns codes int32 [N], dist float32 [N] (DESIGN 2.1)."""
+    n, d = z.shape
+    k = codebook.shape[0]
+    codes = torch.empty(n, dtype=torch.int32, device=z.device)
+    dist = torch.empty(n, dtype=torch.float32, device=z.device)
+    if n == 0:
+        return codes, dist
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_N"]),)
+
+    with device_guard(z.device):
+        wrap_triton(_lookup_kernel)[grid](
+            z,
+            codebook,
+            codebook_sqnorm,
+            codes,
+            dist,
+            n,
+            k,
+            d,
+            size_class(n),
+            IEEE_FP32=z.dtype == torch.float32,
+            # The Triton interpreter's tl.dot reads bfloat16 as raw bits; products of bf16 values are
+            # exact in float32, so upcasting there computes what the tensor cores compute on a GPU.
+            UPCAST=z.dtype == torch.bfloat16 and triton_interpreter(),
+        )
+    return codes, dist
+
+
+def aot_variants():
+    """What `vqdna gpu-check` compiles: every declared tile for each dtype it is declared for, with and
+    without the dimension mask where the tile allows both (on a GPU the other constants follow from
+    the dtype), and the shared-memory estimate the pruner applies per arch."""
+    for dtype, torch_dtype in TORCH_DTYPES.items():
+        for tile in TILES:
+            if dtype not in tile.dtypes:
+                continue
+            archs = tile.archs
+            for even_d in (True, False) if not tile.even_d_only else (True,):
+                consts = {"IEEE_FP32": torch_dtype == torch.float32, "UPCAST": False, "EVEN_D": even_d,
+                          "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "BLOCK_D": tile.block_d}  # fmt: skip
+                ptr = f"*{dtype}"
+                sig = signature(
+                    jit_function(_lookup_kernel),
+                    {"z_ptr": ptr, "e_ptr": ptr, "e_sqnorm_ptr": "*fp32", "codes_ptr": "*i32", "dist_ptr": "*fp32"},
+                    consts,
+                )
+                label = tile.label + ("" if even_d else " masked-D")
+                yield AotVariant("lookup", "_lookup_kernel", jit_function(_lookup_kernel), dtype, label, sig, consts,
+                                 tile.num_warps, tile.num_stages, shared_bytes(tile, torch_dtype.itemsize), archs)  # fmt: skip

@@ -1,0 +1,97 @@
+"""vqdna.kernels.lookup: validation, chunking and one dispatch per call (docs/design.md §2.1)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from vqdna.kernels.dispatch import select_backend
+from vqdna.kernels.ops.registry import FLOAT_DTYPES, backend_op
+
+__all__ = ["lookup", "raise_on_nonfinite", "check_lookup_inputs"]
+
+# Rows per kernel launch: bounds the temporary memory of a launch and keeps 32-bit row indices safe.
+_MAX_ROWS_PER_LAUNCH = 1 << 24
+
+
+def check_lookup_inputs(z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: Optional[torch.Tensor]) -> None:
+    if not isinstance(z, torch.Tensor) or not isinstance(codebook, torch.Tensor):
+        raise TypeError("lookup: z and codebook must be tensors")
+    if z.dim() < 1:
+        raise ValueError(f"lookup: z must have shape [..., D], got a {z.dim()}-d tensor")
+    if codebook.dim() != 2:
+        raise ValueError(f"lookup: codebook must have shape [K, D], got {tuple(codebook.shape)}")
+    if codebook.shape[0] == 0:
+        raise ValueError("lookup: the codebook is empty (K = 0)")
+    if codebook.shape[1] != z.shape[-1]:
+        raise ValueError(f"lookup: dimension mismatch: z has D={z.shape[-1]}, codebook has D={codebook.shape[1]}")
+    if z.shape[-1] == 0:
+        raise ValueError("lookup: D must be >= 1")
+    if z.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"lookup: z has dtype {z.dtype}; expected float32, bfloat16, float16 (or float64 on the reference)")
+    if codebook.dtype != z.dtype:
+        raise TypeError(f"lookup: dtype mismatch: z is {z.dtype}, codebook is {codebook.dtype}")
+    if codebook.device != z.device:
+        raise ValueError(f"lookup: device mismatch: z is on {z.device}, codebook on {codebook.device}")
+    if codebook_sqnorm is not None:
+        if codebook_sqnorm.shape != (codebook.shape[0],):
+            raise ValueError(f"lookup: codebook_sqnorm must have shape [{codebook.shape[0]}], got {tuple(codebook_sqnorm.shape)}")
+        if codebook_sqnorm.device != z.device:
+            raise ValueError(f"lookup: device mismatch: codebook_sqnorm is on {codebook_sqnorm.device}, z on {z.device}")
+
+
+def lookup(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    codebook_sqnorm: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+    codes_dtype: torch.dtype = torch.int32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest code of every vector (DESIGN 2.1); not differentiable.
+
+    z [..., D] and codebook [K, D]: same dtype (float32, bfloat16, float16; float64 on the reference
+    backend only) and device; any layout. codebook_sqnorm [K] (optional, float32): ||e_k||^2, reused
+    across calls when the codebook is unchanged.
+    Returns codes [...] (int32, or int64 with codes_dtype=torch.int64): argmin_k ||z - e_k||^2, ties to
+    the smallest k; dist [...] float32 (float64 for float64 inputs): the squared distance to the chosen code, clamped at 0,
+    non-finite where the row of z is non-finite (its code is then unspecified).
+    backend: "auto" | "cuda" | "triton" | "native" | "reference" (env VQDNA_BACKEND replaces "auto").
+    """
+    check_lookup_inputs(z, codebook, codebook_sqnorm)
+    if codes_dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"lookup: codes_dtype must be torch.int32 or torch.int64, got {codes_dtype}")
+    lead, d = z.shape[:-1], z.shape[-1]
+    flat = z.detach().reshape(-1, d).contiguous()
+    n = flat.shape[0]
+    name = select_backend("lookup", backend, z.device, z.dtype, size=(n, codebook.shape[0]))
+    cb = codebook.detach().contiguous()
+    if codebook_sqnorm is None:
+        acc = torch.float64 if cb.dtype == torch.float64 else torch.float32
+        sq = cb.to(acc).pow(2).sum(-1).to(torch.float32 if acc == torch.float32 else acc)
+    else:
+        sq = codebook_sqnorm.detach().to(torch.float64 if cb.dtype == torch.float64 else torch.float32).contiguous()
+    op = backend_op("lookup", name)
+    if n <= _MAX_ROWS_PER_LAUNCH:
+        codes, dist = op(flat, cb, sq)
+    else:
+        parts = [op(flat[s : s + _MAX_ROWS_PER_LAUNCH], cb, sq) for s in range(0, n, _MAX_ROWS_PER_LAUNCH)]
+        codes = torch.cat([p[0] for p in parts])
+        dist = torch.cat([p[1] for p in parts])
+    return codes.to(codes_dtype).reshape(lead), dist.reshape(lead)
+
+
+def raise_on_nonfinite(dist: torch.Tensor, tensor_name: str = "input") -> None:
+    """Raise ValueError naming the first row whose lookup distance is non-finite (a NaN/Inf row).
+
+    dist: the `dist` output of `lookup` ([...]); rows are reported as multi-indices into it.
+    """
+    bad = ~torch.isfinite(dist)
+    if bool(bad.any()):
+        first = bad.nonzero()[0].tolist()
+        count = int(bad.sum())
+        raise ValueError(
+            f"{tensor_name}: row {tuple(first) if len(first) != 1 else first[0]} holds NaN or Inf "
+            f"({count} non-finite row{'s' if count != 1 else ''} in all); pass check_finite=False to skip this check"
+        )

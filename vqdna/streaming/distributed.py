@@ -1,0 +1,75 @@
+"""The torch.distributed glue of a run: which rank this is, rank-0-only steps whose errors reach every
+rank, and the sums of the ranks' statistics. Without an initialised process group: rank 0 of 1."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+
+from vqdna.streaming.settings import TokenizeError
+
+__all__ = ["all_ranks_ok", "distributed", "on_rank0", "sum_over_ranks"]
+
+
+def distributed() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def on_rank0(fn, rank: int, world: int):
+    """Run fn() on rank 0; its error (TokenizeError/OSError) is raised on every rank (a collective:
+    every rank calls this). Returns fn()'s result on rank 0, None elsewhere."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except (TokenizeError, OSError) as exc:
+            error = exc
+    message = None if error is None else str(error)
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if error is not None:
+        raise error
+    if message is not None:
+        raise TokenizeError(message)
+    return result
+
+
+def all_ranks_ok(failure: Optional[BaseException], rank: int, world: int) -> None:
+    """Every rank learns whether any rank failed (a collective); the failing rank re-raises its own."""
+    errors = [None if failure is None else f"rank {rank}: {failure}"]
+    if world > 1:
+        import torch.distributed as dist
+
+        errors = [None] * world
+        dist.all_gather_object(errors, None if failure is None else f"rank {rank}: {failure}")
+    if failure is not None:
+        raise failure
+    if any(errors):
+        raise TokenizeError("; ".join(e for e in errors if e))
+
+
+def sum_over_ranks(stats, dev: torch.device) -> None:
+    import torch.distributed as dist
+
+    sizes = [len(u) for u in stats.usage]
+    totals = torch.tensor([stats.records, stats.bases, stats.shards_written, stats.shards_skipped], dtype=torch.int64)
+    usage = torch.from_numpy(np.concatenate(stats.usage))
+    if dist.get_backend() == "nccl":
+        totals, usage = totals.to(dev), usage.to(dev)
+    dist.all_reduce(totals)
+    dist.all_reduce(usage)
+    stats.records, stats.bases, stats.shards_written, stats.shards_skipped = (int(v) for v in totals.cpu())
+    stats.usage = list(np.split(usage.cpu().numpy(), np.cumsum(sizes)[:-1]))
+    redone = [None] * dist.get_world_size()
+    dist.all_gather_object(redone, stats.redone)
+    stats.redone = [line for lines in redone for line in lines]

@@ -1,0 +1,114 @@
+"""Work units (DESIGN 2.5): the records of all inputs, in order, cut greedily into units of at most
+`shard_bases` bases and `shard_records` pieces (a long record is split into pieces across units).
+Units depend only on the input, so every rank derives the same list; unit k becomes shard k.
+
+A unit is columnar (numpy arrays and one byte buffer, no object per record), so its memory is a few
+bytes per piece plus its bases, bounded by the two limits whatever the corpus holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from vqdna.data.fasta import read_fasta
+from vqdna.streaming.token_files import Piece, Pieces
+
+__all__ = ["Unit", "work_units"]
+
+_FLUSH = 4096  # records gathered in Python lists before they are joined into arrays
+
+
+@dataclass
+class Unit:
+    """Work unit `index` (shard `index`): its pieces in input order (columnar), and the base ids
+    around each piece (its bases and up to `margin` more on each side, for the windows' halo):
+    bases [seq_starts[j], seq_starts[j] + n) of piece j's record are seq[seq_offsets[j] :][:n]
+    (seq uint8; seq_starts, seq_offsets int64 [pieces])."""
+
+    index: int
+    pieces: Pieces
+    seq: np.ndarray
+    seq_starts: np.ndarray
+    seq_offsets: np.ndarray
+
+    @property
+    def bases(self) -> int:
+        return int(self.pieces.lengths.sum())
+
+
+class _UnitBuilder:
+    """Collects a unit's pieces: per record a few list appends; every _FLUSH records the lists are
+    joined into arrays, so no Python object per record outlives a few thousand records."""
+
+    def __init__(self, margin: int):
+        self.margin = margin
+        self.bases = self.count = 0
+        self._rows: list[tuple] = []  # per piece: ordinal, start, length, record length, seq start
+        self._names: list[bytes] = []
+        self._seqs: list[np.ndarray] = []
+        self._chunks: list[tuple] = []
+
+    def add(self, ordinal: int, name: bytes, start: int, length: int, record: np.ndarray) -> None:
+        n = len(record)
+        lo, hi = max(0, start - self.margin), min(n, start + length + self.margin)
+        self._rows.append((ordinal, start, length, n, lo))
+        self._names.append(name)
+        self._seqs.append(record if hi - lo == n else record[lo:hi])
+        self.bases += length
+        self.count += 1
+        if len(self._rows) >= _FLUSH:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows:
+            cols = np.array(self._rows, dtype=np.int64).T
+            name_lengths = np.fromiter(map(len, self._names), dtype=np.int64, count=len(self._names))
+            self._chunks.append((cols, name_lengths, b"".join(self._names), _join(self._seqs)))
+            self._rows, self._names, self._seqs = [], [], []
+
+    def build(self, index: int) -> Unit:
+        self._flush()
+        chunks = self._chunks
+        cols = [np.concatenate([c[0][k] for c in chunks]) for k in range(5)]
+        name_offsets = np.zeros(self.count + 1, dtype=np.int64)
+        np.cumsum(np.concatenate([c[1] for c in chunks]), out=name_offsets[1:])
+        seq = _join([c[3] for c in chunks])
+        kept = np.minimum(cols[3], cols[1] + cols[2] + self.margin) - cols[4]  # bases kept per piece
+        seq_offsets = np.zeros(self.count, dtype=np.int64)
+        np.cumsum(kept[:-1], out=seq_offsets[1:])
+        pieces = Pieces(cols[0], b"".join(c[2] for c in chunks), name_offsets, cols[1], cols[2], cols[3])
+        return Unit(index, pieces, seq, cols[4], seq_offsets)
+
+
+def _join(arrays: list[np.ndarray]) -> np.ndarray:
+    """One uint8 array (no copy for a single array: a long record's bases are not duplicated)."""
+    if len(arrays) == 1:
+        return arrays[0]
+    return np.concatenate(arrays) if arrays else np.zeros(0, np.uint8)
+
+
+def work_units(paths: Sequence[str], shard_bases: int, shard_records: int, margin: int = 0) -> Iterator[Unit]:
+    """The deterministic work units of the inputs (see the module docstring), streamed; each keeps
+    `margin` bases of context on each side of its pieces (the encoder's halo)."""
+    if shard_bases < 1 or shard_records < 1:
+        raise ValueError(f"shard_bases and shard_records must be >= 1, got {shard_bases}, {shard_records}")
+    index, ordinal = 0, 0
+    unit = _UnitBuilder(margin)
+    for path in paths:
+        for rec in read_fasta(path):
+            n, start, name = len(rec.ids), 0, rec.name.encode("utf-8")
+            while True:
+                take = min(n - start, shard_bases - unit.bases)
+                unit.add(ordinal, name, start, take, rec.ids)
+                start += take
+                if unit.bases >= shard_bases or unit.count >= shard_records:
+                    yield unit.build(index)
+                    index, unit = index + 1, _UnitBuilder(margin)
+                if start >= n:
+                    break
+            ordinal += 1
+    if unit.count:
+        yield unit.build(index)

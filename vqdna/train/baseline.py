@@ -1,0 +1,70 @@
+"""The k-mer baseline every fine-tuning result is read against: k-mer frequencies, standardised, then
+L2-regularised logistic regression (classification) or ridge regression (regression), the strength
+chosen on dev, metrics on test: the same splits and metrics as `vqdna finetune`."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# C of logistic regression = 1 / alpha of ridge; chosen on dev
+KMER_REGULARIZATION = (0.01, 0.1, 1.0, 10.0, 100.0)
+_LUT = np.full(256, 4, np.int64)  # byte -> 0..3 for A C G T (either case), 4 for anything else
+for _i, _c in enumerate(b"ACGT"):
+    _LUT[_c] = _LUT[_c + 32] = _i
+
+
+def kmer_features(seqs, k: int = 6) -> np.ndarray:
+    """Frequencies of the 4^k k-mers (A < C < G < T, first base most significant) of each sequence:
+    float32 [len(seqs), 4^k], each row summing to 1 over the k-mers without N (or other letters);
+    a sequence with none (shorter than k, or all N) is a row of zeros."""
+    if not 1 <= k <= 12:
+        raise ValueError(f"k must be in 1..12, got {k}")
+    x = np.zeros((len(seqs), 4**k), np.float32)
+    powers = 4 ** np.arange(k - 1, -1, -1)
+    for row, s in enumerate(seqs):
+        ids = _LUT[np.frombuffer(s.encode("ascii", "replace"), np.uint8)]
+        if len(ids) < k:
+            continue
+        windows = np.lib.stride_tricks.sliding_window_view(ids, k)
+        windows = windows[(windows < 4).all(1)]
+        if len(windows):
+            x[row] = np.bincount(windows @ powers, minlength=4**k) / len(windows)
+    return x
+
+
+def kmer_baseline(splits: dict, task: str, k: int = 6, regularization=KMER_REGULARIZATION) -> dict:
+    """Fit the k-mer baseline on splits["train"], choose the strength on "dev", score "test".
+
+    splits: {"train" | "dev" | "test": (sequences, labels)} with labels int class indices (classification)
+    or floats (regression), as vqdna.train.finetune.load_task returns them. task: "classification" |
+    "regression". Returns {"k", "regularization" (the chosen C = 1/alpha), "dev", "test"} (metric dicts).
+    """
+    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.preprocessing import StandardScaler
+
+    from vqdna.train.finetune import task_metrics
+
+    metric, metrics_fn = task_metrics(task)
+    scaler = StandardScaler()
+    x = {"train": scaler.fit_transform(kmer_features(splits["train"][0], k))}
+    for split in ("dev", "test"):
+        x[split] = scaler.transform(kmer_features(splits[split][0], k))
+    y = {split: np.asarray(labels) for split, (_, labels) in splits.items()}
+    best = None
+    for reg in regularization:
+        if task == "classification":
+            model = LogisticRegression(C=reg, max_iter=2000).fit(x["train"], y["train"])
+
+            def scores(split, model=model):  # [n, classes] probabilities over class indices 0..max (argmax is used)
+                out = np.full((len(x[split]), int(max(y["train"].max(), y[split].max())) + 1), -1.0)
+                out[:, model.classes_] = model.predict_proba(x[split])  # a class unseen in training: never
+                return out
+        else:
+            model = Ridge(alpha=1.0 / reg).fit(x["train"], y["train"])
+
+            def scores(split, model=model):
+                return model.predict(x[split])
+        dev = metrics_fn(scores("dev"), y["dev"])
+        if best is None or dev[metric] > best["dev"][metric]:
+            best = {"k": k, "regularization": reg, "dev": dev, "test": metrics_fn(scores("test"), y["test"])}
+    return best
