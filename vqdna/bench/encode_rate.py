@@ -82,7 +82,7 @@ def encode_rate_cases(device: str, size: str, dtypes) -> Iterator[Case]:
                             torch.mm(hid, w2t, out=out)
 
                 def unfused():  # encode as before the fused block: the module's ops, native lookups
-                    with mock.patch.object(convnext, "_runs_native", lambda block, x: False):
+                    with mock.patch.object(convnext, "_fused_applies", lambda x: False):
                         encode()
 
                 return [

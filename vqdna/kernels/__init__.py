@@ -4,6 +4,7 @@ wrapper, Triton kernel and bench cases), registered by one line in ops/__init__.
 
 from vqdna.kernels import reference
 from vqdna.kernels.dispatch import BACKENDS, available_backends, last_backend
+from vqdna.kernels.ops.convnext_block.wrapper import convnext_block
 from vqdna.kernels.ops.ema_stats.wrapper import ema_stats, ema_update
 from vqdna.kernels.ops.hrq_quantize.wrapper import hrq_quantize
 from vqdna.kernels.ops.kmeans.wrapper import kmeans
@@ -13,6 +14,7 @@ from vqdna.kernels.ops.stem.wrapper import stem
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "convnext_block",
     "ema_stats",
     "ema_update",
     "hrq_quantize",

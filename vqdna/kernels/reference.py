@@ -19,6 +19,7 @@ from vqdna.kernels.compile_marks import assume_constant_result
 
 __all__ = [
     "lookup", "hrq_quantize", "ema_stats", "ema_update", "laplace_smoothed", "kmeans", "kmeans_init", "stem",
+    "convnext_block",
     "BASE_PAD_ID", "NUM_BASES", "EMA_EPS",
 ]
 
@@ -289,3 +290,34 @@ def stem(
         y += table[:, :, j].T[padded[:, j : j + length]]  # gather [B, L, D]
     y = torch.nn.functional.layer_norm(y, (d,), ln_weight.to(acc), ln_bias.to(acc), ln_eps)
     return torch.nn.functional.gelu(y)
+
+
+def convnext_block(
+    x: torch.Tensor,
+    keep: Optional[torch.Tensor],
+    dw_weight: torch.Tensor,
+    dw_bias: torch.Tensor,
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor,
+    gamma: torch.Tensor,
+    *,
+    ln_eps: float = 1e-6,
+) -> torch.Tensor:
+    """One ConvNeXt block of the tokenizer, channels-last (docs/design.md §3):
+    keep * (x + gamma * Linear2(GELU(Linear1(LayerNorm(DWConv(x)))))).
+
+    x [B, L, D]; keep [B, L] bool (rows where False are written as zeros) or None (all kept);
+    dw_weight [D, 1, k] (depthwise Conv1d, k odd, zero padding k // 2 at the record's ends), dw_bias,
+    ln_weight, ln_bias, b2, gamma [D]; w1 [H, D], b1 [H], w2 [D, H] (nn.Linear layout); exact (erf)
+    GELU. Computes and returns [B, L, D] in x's dtype (float64 inputs: float64), with exactly the
+    torch ops of vqdna.models.convnext.ConvNeXtBlock1d (differentiable)."""
+    y = torch.nn.functional.conv1d(x.transpose(1, 2), dw_weight, dw_bias, padding=dw_weight.shape[-1] // 2,
+                                   groups=dw_weight.shape[0]).transpose(1, 2)
+    y = torch.nn.functional.layer_norm(y, (y.shape[-1],), ln_weight, ln_bias, ln_eps)
+    y = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(y, w1, b1)), w2, b2)
+    y = x + gamma * y
+    return y if keep is None else y * keep[..., None].to(y.dtype)

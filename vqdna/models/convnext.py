@@ -4,29 +4,27 @@ Features at masked-out positions (padding, base id 5) are zeroed after the stem 
 block, so a record padded inside a batch encodes exactly as the record alone would (the depthwise
 convolutions then see zeros there, the same as their own zero padding at the record's ends).
 
-Inference (no autograd, float32 on the CPU) runs each block as the fused native op
-`vqdna::convnext_block_native` (csrc/ops/convnext_block/cpu.cpp) when vqdna._C has it: one pass per
-tile of positions around two plain GEMMs, instead of the module's transposes and [B, L, 4D]
-temporaries. Its spec is `convnext_block_reference` (the module's own ops); VQDNA_BACKEND=reference
-forces the spec.
+Inference (no autograd) runs each block as the op `vqdna.kernels.convnext_block`, whose dispatch takes
+the fused native CPU kernel (csrc/ops/convnext_block/cpu.cpp: one pass per tile of positions around two
+plain GEMMs, instead of the module's transposes and [B, L, 4D] temporaries) for float32 CPU tensors and
+the spec `vqdna.kernels.reference.convnext_block` (the module's own ops) otherwise, or when
+VQDNA_BACKEND=reference.
 """
 
 from __future__ import annotations
 
-import functools
-import os
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from vqdna.kernels import convnext_block as fused_block
+from vqdna.kernels import reference
 from vqdna.kernels import stem as fused_stem
 from vqdna.kernels.reference import BASE_PAD_ID, NUM_BASES
 
 __all__ = [
     "ConvNeXtBlock1d", "ConvNeXt1dStem", "ConvNeXt1dEncoder", "ConvNeXt1dDecoder", "base_mask",
-    "convnext_block_reference", "native_block_available",
 ]
 
 LN_EPS = 1e-6
@@ -86,58 +84,31 @@ class ConvNeXtBlock1d(nn.Module):
         # Layer scale (ConvNeXt): every block starts near the identity.
         self.gamma = nn.Parameter(torch.full((dim,), float(layer_scale_init)))
 
+    def _params(self) -> tuple:
+        """The block's parameters in the order of vqdna.kernels.reference.convnext_block."""
+        return (self.dwconv.weight, self.dwconv.bias, self.norm.weight, self.norm.bias,
+                self.pwconv1.weight, self.pwconv1.bias, self.pwconv2.weight, self.pwconv2.bias, self.gamma)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.dwconv(x.transpose(1, 2)).transpose(1, 2)
-        y = self.pwconv2(F.gelu(self.pwconv1(self.norm(y))))
-        return x + self.gamma * y
+        return reference.convnext_block(x, None, *self._params(), ln_eps=self.norm.eps)
 
     def forward_masked(self, x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
-        """keep * block(x) [B, L, D] (keep [B, L] bool or None = all): the fused native op where it
-        applies (see `_runs_native`), else the module's ops (`convnext_block_reference`)."""
-        if _runs_native(self, x):
-            return torch.ops.vqdna.convnext_block_native(
-                x, keep, self.dwconv.weight, self.dwconv.bias, self.norm.weight, self.norm.bias, self.norm.eps,
-                self.pwconv1.weight, self.pwconv1.bias, self.pwconv2.weight, self.pwconv2.bias, self.gamma,
-            )
-        return convnext_block_reference(self, x, keep)
+        """keep * block(x) [B, L, D] (keep [B, L] bool or None = all): the op vqdna.kernels.convnext_block
+        where it applies (`_fused_applies`; its dispatch picks the backend), else the module's ops."""
+        if _fused_applies(x):
+            return fused_block(x, keep, *self._params(), ln_eps=self.norm.eps)
+        return reference.convnext_block(x, keep, *self._params(), ln_eps=self.norm.eps)
 
 
 def _masked(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return x * keep[..., None].to(x.dtype)
 
 
-def convnext_block_reference(block: ConvNeXtBlock1d, x: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
-    """The spec of the fused op: keep * block(x) with the module's ops, x [B, L, D], keep [B, L] bool or None."""
-    y = block(x)
-    return y if keep is None else _masked(y, keep)
-
-
-@functools.lru_cache(maxsize=None)
-def native_block_available() -> bool:
-    """True when vqdna._C registered the fused CPU block `vqdna::convnext_block_native`."""
-    from vqdna import _ext
-
-    if not _ext.extension_available():
-        return False
-    try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("vqdna::convnext_block_native", "CPU")
-    except RuntimeError:  # a vqdna._C built before the op existed
-        return False
-
-
-def _runs_native(block: ConvNeXtBlock1d, x: torch.Tensor) -> bool:
-    """The fused op has no autograd and computes in float32 on the CPU: it runs when no gradient is
-    recorded, x and the parameters are float32 CPU tensors, torch.compile is not tracing, and
-    VQDNA_BACKEND does not ask for the reference."""
-    return (
-        not torch.is_grad_enabled()
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and block.pwconv1.weight.dtype == torch.float32
-        and not torch.compiler.is_compiling()
-        and os.environ.get("VQDNA_BACKEND", "auto").lower() != "reference"
-        and native_block_available()
-    )
+def _fused_applies(x: torch.Tensor) -> bool:
+    """The op vqdna.kernels.convnext_block has no autograd: it runs when no gradient is recorded and
+    torch.compile is not tracing (which then compiles the module's ops). Which backend runs (the
+    native kernel for float32 CPU tensors, else the reference) is its dispatch's choice."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
 class ConvNeXt1dEncoder(nn.Module):

@@ -1,6 +1,6 @@
 // Native CPU ConvNeXt block, channels-last, inference only (docs/design.md §3):
 //   out = keep * (x + gamma * Linear2(GELU(Linear1(LayerNorm(DWConv(x))))))     x, out [B, L, D] float32
-// Spec: vqdna.models.convnext.convnext_block_reference (the nn.Module's ops, which transpose to [B, D, L]
+// Spec: vqdna.kernels.reference.convnext_block (the nn.Module's ops, which transpose to [B, D, L]
 // for the depthwise convolution and make a [B, L, 4D] hidden tensor in memory, several passes each).
 //
 // Design: one task handles a tile of T consecutive positions of one record. The depthwise convolution
@@ -138,15 +138,5 @@ at::Tensor convnext_block_native(const at::Tensor& x, const c10::optional<at::Te
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(vqdna, m) {
-  // ConvNeXt block, channels-last, inference (no autograd): x [B, L, D] float32, keep [B, L] bool or None
-  // (rows where it is False are written as zeros), the block's parameters as the nn.Module holds them
-  // (dw_weight [D, 1, k], k odd; w1 [H, D]; w2 [D, H]); tile_rows: positions per task (0: 512).
-  // Returns keep * (x + gamma * block(x)) [B, L, D].
-  m.def(
-      "convnext_block_native(Tensor x, Tensor? keep, Tensor dw_weight, Tensor dw_bias, Tensor ln_weight, "
-      "Tensor ln_bias, float ln_eps, Tensor w1, Tensor b1, Tensor w2, Tensor b2, Tensor gamma, int tile_rows=0) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(vqdna, CPU, m) { m.impl("convnext_block_native", &convnext_block_native); }

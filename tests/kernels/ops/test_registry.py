@@ -42,6 +42,22 @@ def test_declaration_matches_the_files(op):
         assert callable(getattr(importlib.import_module(module), function))
 
 
+@pytest.mark.parametrize("op", [op for op, d in declarations().items() if d.reference is not None and d.compiled])
+def test_compiled_schemas_match_the_reference(op):
+    """Every backend op is called with the same arguments and shares one fake: the C++ schemas
+    (csrc/ops/<op>/schema.cpp) must take exactly what the declaration's reference function takes."""
+    import torch
+
+    def args(schema):
+        return [(a.name, str(a.type), a.default_value) for a in schema.arguments], [str(r.type) for r in schema.returns]
+
+    want = args(getattr(torch.ops.vqdna, f"{op}_reference").default._schema)
+    for backend in declarations()[op].compiled:
+        if not hasattr(torch.ops.vqdna, f"{op}_{backend}"):
+            pytest.skip("vqdna._C is not built")
+        assert args(getattr(torch.ops.vqdna, f"{op}_{backend}").default._schema) == want, f"vqdna::{op}_{backend}"
+
+
 def test_composite_runs_where_its_ops_run():
     kmeans = declarations()["kmeans"]
     assert kmeans.backends == declarations()["lookup"].backends == ("cuda", "triton", "native", "reference")

@@ -10,4 +10,5 @@ DECLARATIONS = registry.register([
     "ema_stats",
     "kmeans",
     "stem",
+    "convnext_block",
 ])
