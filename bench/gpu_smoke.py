@@ -209,7 +209,7 @@ class Checks:
         codes, levels = hrq_quantize(zs, cbs, backend=backend)
         self._ran("hrq_quantize", backend)
         assert codes.shape == (len(sizes), n) and levels.shape == (len(sizes), n, d) and levels.dtype == dtype
-        # Each level against its own previous choice (DESIGN 2.2): H_l = round(2 Z_l - C_{l-1}[M_{l-1}]),
+        # Each level against its own previous choice (docs/design.md §2.2): H_l = round(2 Z_l - C_{l-1}[M_{l-1}]),
         # M_l a nearest code of H_l; zhat_levels[l] = round(mean of the chosen embeddings, float32).
         running = torch.zeros(n, d, dtype=torch.float32)
         prev = None

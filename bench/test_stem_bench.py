@@ -1,4 +1,4 @@
-"""stem (DESIGN 2.5): every backend at B*L = 2^16, 2^18, 2^20 bases (rows of 4096), D = 64 and 384,
+"""stem (docs/design.md §2.5): every backend at B*L = 2^16, 2^18, 2^20 bases (rows of 4096), D = 64 and 384,
 float32 parameters, float32 / bfloat16 output (and float16 on CUDA), against the reference and the
 torch peer a user would write (Conv1d over the one-hot, LayerNorm, GELU; float32, cast at the end).
 

@@ -2,7 +2,7 @@
 -> token files on disk, in bases per second, with the busy time of the reading, compute and writing
 stages (they overlap). CPU: vqdna-small (the bundled tokenizer when present, else random weights of
 that configuration), float32, native kernels. GPU (`cuda` marker): vqdna-base with random weights
-(throughput does not depend on the weights), bf16, against the DESIGN 4 limit of the device:
+(throughput does not depend on the weights), bf16, against the docs/design.md §4 limit of the device:
 measured bf16 matmul peak / 14.7 MFLOP per base (about 54 M bases/s on an H100)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from bench.fasta import write_fasta as _write_fasta
 # Bases per run by --vqdna-size: the CPU runs ~0.1-1 M bases/s with vqdna-small on 2 cores.
 CPU_BASES = {"tiny": 200_000, "small": 2_000_000, "full": 8_000_000}
 GPU_BASES = {"tiny": 20_000_000, "small": 200_000_000, "full": 1_000_000_000}
-BASE_FLOP_PER_BASE = 14.7e6  # DESIGN 4: the paper-size HRQ tokenizer (6 blocks x 16 D^2 + lookups)
+BASE_FLOP_PER_BASE = 14.7e6  # docs/design.md §4: the paper-size HRQ tokenizer (6 blocks x 16 D^2 + lookups)
 
 
 def _model(name: str, device: str):

@@ -26,7 +26,7 @@ ATTENTION_ATOL = {
     torch.float16: 4e-3,
 }
 
-# stem (DESIGN 2.5), keyed by the output dtype: |got - want| <= atol + rtol * |want| against the float64
+# stem (docs/design.md §2.5), keyed by the output dtype: |got - want| <= atol + rtol * |want| against the float64
 # spec on the same parameters. The outputs are O(1) activations; float32 may differ by the float32
 # accumulation order, rsqrt and erf (~1 ulp); bfloat16 / float16 add one rounding of that float32
 # result (at most 2^-9 / 2^-12 relative; float16 subnormals absolute 2^-25), with a factor 2 margin.

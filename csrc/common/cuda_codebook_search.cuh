@@ -1,5 +1,5 @@
 // Device code shared by the CUDA codebook searches (csrc/ops/lookup/cuda.cu, csrc/ops/hrq_quantize/cuda.cu; ema_stats/cuda.cu uses its element helpers): the 128-row x
-// whole-codebook tile search of DESIGN 2.1 with a running (min, index) per row, for bf16/fp16
+// whole-codebook tile search of docs/design.md §2.1 with a running (min, index) per row, for bf16/fp16
 // (tensor-core mma.sync, fp32 accumulation) and float32 (exact FMA, no TF32).
 //
 // Work decomposition (both searches): one thread block owns BM = 128 rows and sweeps the whole

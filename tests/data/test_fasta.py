@@ -20,7 +20,7 @@ from vqdna.data.fasta import DEFAULT_BLOCK_SIZE
 
 BLOCK_SIZES = [1, 2, 3, 7, 64, DEFAULT_BLOCK_SIZE]
 
-# DESIGN 1: A C G T N = 0..4, any case, U -> T, every other IUPAC letter -> N. Written out here
+# docs/design.md §1: A C G T N = 0..4, any case, U -> T, every other IUPAC letter -> N. Written out here
 # independently of vqdna.data.alphabet.
 REF_CODE = {**{c: i for i, c in enumerate("ACGT")}, "U": 3, **{c: 4 for c in "RYSWKMBDHVN"}}
 LETTERS = "ACGTUNRYSWKMBDHV" + "ACGTUNRYSWKMBDHV".lower()

@@ -45,7 +45,7 @@ def _tokenize(path: str, model_name: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """1. With the bundled tokenizer (or --model DIR): stream the genome into token files in a temporary
     directory and print the run's summary. 2. Nearest-code lookup on real sequence features: the
-    genome through a seeded random stem (DESIGN 2.5) gives one D-dim feature per base; a k-means
+    genome through a seeded random stem (docs/design.md §2.5) gives one D-dim feature per base; a k-means
     codebook is fit on a sample; every base is looked up on each backend available here, timed
     against the spec."""
     import torch

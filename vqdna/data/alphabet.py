@@ -1,4 +1,4 @@
-"""DNA bytes -> base ids (DESIGN 1 and 2.5): A C G T N = 0 1 2 3 4, any case; U -> T; every other
+"""DNA bytes -> base ids (docs/design.md §1 and 2.5): A C G T N = 0 1 2 3 4, any case; U -> T; every other
 IUPAC letter -> N. Whitespace (and line ends) is skipped; any other byte is invalid."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""The executable spec (DESIGN section 2): pure PyTorch, written for clarity, float64-capable.
+"""The executable spec (docs/design.md §2): pure PyTorch, written for clarity, float64-capable.
 
 Every fast backend of every op is tested against the function of the same name here.
 Conventions: z is [N, D]; a codebook is [K, D]; codes are int32; reductions accumulate in float32
@@ -48,7 +48,7 @@ def _no_tf32():
 def lookup(
     z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: Optional[torch.Tensor] = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest code per row (DESIGN 2.1).
+    """Nearest code per row (docs/design.md §2.1).
 
     z [N, D], codebook [K, D] (float32/bfloat16/float16/float64), codebook_sqnorm [K] (optional).
     Returns codes int32 [N] = argmin_k ||e_k||^2 - 2 z.e_k (ties: smallest k; a NaN distance is
@@ -77,14 +77,14 @@ def lookup(
 def hrq_quantize(
     zs: Sequence[torch.Tensor], codebooks: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hierarchical residual quantization with residual doubling (DESIGN 2.2).
+    """Hierarchical residual quantization with residual doubling (docs/design.md §2.2).
 
     zs: L tensors [N, D] (encoder outputs at the tapped blocks, one dtype); codebooks: L tensors
     [K_l, D] of that dtype. H_0 = Z_0; H_l = 2 Z_l - C_{l-1}[M_{l-1}] (rounded to the dtype of zs);
     M_l = lookup(H_l, C_l); Hhat_l = C_l[M_l].
     Returns codes int32 [L, N] and zhat_levels [L, N, D] (dtype of zs), the cumulative means
     zhat_levels[l] = mean_{m<=l} Hhat_m, accumulated in float32 and rounded once.
-    Gradient (straight-through, DESIGN 2.2): Hhat_l carries the gradient of H_l, with the previous
+    Gradient (straight-through, docs/design.md §2.2): Hhat_l carries the gradient of H_l, with the previous
     code embedding inside H_l detached, so d zhat_levels[l] / d Z_0 = 1/(l+1) and / d Z_m = 2/(l+1)
     for 1 <= m <= l. Codebooks get no gradient (they are updated by EMA).
     """
@@ -154,7 +154,7 @@ def ema_update(
     mask: Optional[torch.Tensor] = None,
     all_reduce: Optional[Callable[[torch.Tensor], None]] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """EMA codebook update (DESIGN 2.3), functional: returns new tensors, inputs untouched.
+    """EMA codebook update (docs/design.md §2.3), functional: returns new tensors, inputs untouched.
 
     x [N, D] (the vectors that were quantised), codes [N] int in [0, K), cluster_size [K] float32,
     embed_sum [K, D] float32, mask [N] bool (False rows are padding and count for nothing).
@@ -231,7 +231,7 @@ def kmeans(
     init: str = "kmeans++",
     seed: int = 0,
 ) -> torch.Tensor:
-    """k-means on x [N, D] (DESIGN 2.4): `kmeans_init`, then `iters` rounds of assigning with
+    """k-means on x [N, D] (docs/design.md §2.4): `kmeans_init`, then `iters` rounds of assigning with
     `lookup` and updating with the `ema_stats` reduction (plain means). A cluster left
     empty keeps its previous centroid. Returns centroids [k, D] float32 (float64 for float64 x).
     """
@@ -263,7 +263,7 @@ def stem(
     *,
     ln_eps: float = 1e-6,
 ) -> torch.Tensor:
-    """The tokenizer stem on base ids as a gather-sum (DESIGN 2.5), then LayerNorm and GELU.
+    """The tokenizer stem on base ids as a gather-sum (docs/design.md §2.5), then LayerNorm and GELU.
 
     ids [B, L] integer in 0..4 (A C G T N) or BASE_PAD_ID (5: no base, contributes nothing);
     weight [D, 5, W] (Conv1d weight over the one-hot input, W odd, padding W // 2), bias [D],

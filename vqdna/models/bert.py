@@ -3,7 +3,7 @@
 Inputs are code ids per level, `input_ids` [B, L, n_levels] int64, plus `attention_mask` [B, L]
 (1 / True = a real token). Level l holds a code in [0, K_l) of the stage-1 tokenizer's codebook l, or
 a special id K_l + s with s in PAD 0, CLS 1, SEP 2, MASK 3 - the same s in every level of a position.
-A code position is embedded as mean_l C_l[id_l] (the HRQ output embedding, DESIGN 2.2) through the
+A code position is embedded as mean_l C_l[id_l] (the HRQ output embedding, docs/design.md §2.2) through the
 frozen tokenizer codebooks (one [K_l, codebook_dim] float32 persistent buffer per level, `codebook_<l>`,
 copied from the tokenizer and saved with the model), then projected to the hidden size; a special
 position takes a learned [4, hidden] embedding instead. No position embeddings: attention carries the

@@ -1,4 +1,4 @@
-"""1D ConvNeXt encoder and decoder of the tokenizer (DESIGN 1), channels-last [B, L, D] throughout.
+"""1D ConvNeXt encoder and decoder of the tokenizer (docs/design.md §1), channels-last [B, L, D] throughout.
 
 Features at masked-out positions (padding, base id 5) are zeroed after the stem and after every
 block, so a record padded inside a batch encodes exactly as the record alone would (the depthwise
@@ -64,7 +64,7 @@ class ConvNeXt1dStem(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=LN_EPS)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        # The fused op (DESIGN 2.5: gather-sum over the ids, LayerNorm, GELU; no one-hot tensor) on the
+        # The fused op (docs/design.md §2.5: gather-sum over the ids, LayerNorm, GELU; no one-hot tensor) on the
         # fastest backend, differentiable w.r.t. the conv and norm parameters; output in their dtype.
         w = self.conv.weight
         return fused_stem(ids, w, self.conv.bias, self.norm.weight, self.norm.bias, ln_eps=self.norm.eps, out_dtype=w.dtype)

@@ -25,7 +25,7 @@ MODEL_SUBDIR = "stage1_tokenizer"
 
 
 def dna_to_ids(seq: str | bytes, name: str = "sequence") -> np.ndarray:
-    """A DNA string -> uint8 base ids 0..4 (DESIGN 1 alphabet; whitespace dropped). A byte that is no
+    """A DNA string -> uint8 base ids 0..4 (docs/design.md §1 alphabet; whitespace dropped). A byte that is no
     IUPAC letter raises ValueError naming `name` and the position."""
     raw = np.frombuffer(seq.encode("ascii", errors="replace") if isinstance(seq, str) else bytes(seq), np.uint8)
     ids = BYTE_TO_ID[raw]

@@ -1,5 +1,5 @@
 """Drop-in quantizer modules: `VectorQuantizer` (one EMA codebook) and `HRQuantizer` (hierarchical
-residual quantization with residual doubling, DESIGN 2.2). Both only call `vqdna.kernels`; the
+residual quantization with residual doubling, docs/design.md §2.2). Both only call `vqdna.kernels`; the
 backend is chosen there, never here.
 
 Argument names follow vector-quantize-pytorch's `VectorQuantize` where the meaning is the same
@@ -171,7 +171,7 @@ def _check_finite(mode, row_dist: torch.Tensor, name: str) -> None:
 
 
 class _EMACodebook(nn.Module):
-    """One codebook with its float32 EMA state (DESIGN 2.3) and usage statistics."""
+    """One codebook with its float32 EMA state (docs/design.md §2.3) and usage statistics."""
 
     def __init__(self, dim: int, codebook_size: int, decay: float, eps: float, threshold_ema_dead_code: float):
         super().__init__()
@@ -314,7 +314,7 @@ _PEER_UNSUPPORTED = {
 
 
 class VectorQuantizer(_EMACodebook):
-    """VQ-VAE quantizer with an EMA codebook (DESIGN 1, Eq. 3), with vector-quantize-pytorch's
+    """VQ-VAE quantizer with an EMA codebook (docs/design.md §1, Eq. 3), with vector-quantize-pytorch's
     `VectorQuantize` options under its names (docs/design.md §5).
 
     forward(x [..., dim], mask [...] bool = None, freeze_codebook=None) -> (quantized [..., dim] (dtype
@@ -637,7 +637,7 @@ class VectorQuantizer(_EMACodebook):
 
 
 class HRQuantizer(nn.Module):
-    """Hierarchical residual quantizer with residual doubling (DESIGN 2.2, Eq. 8).
+    """Hierarchical residual quantizer with residual doubling (docs/design.md §2.2, Eq. 8).
 
     forward(zs: L tensors [..., dim], mask [...] bool = None) -> (zhat [..., dim] (the decoder input:
     mean of the L chosen code embeddings, straight-through: d zhat / d Z_0 = 1/L, / d Z_l = 2/L),

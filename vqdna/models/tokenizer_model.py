@@ -1,4 +1,4 @@
-"""The VQDNA tokenizer (DESIGN 1): ConvNeXt1d encoder -> VQ or HRQ quantizer -> ConvNeXt1d decoder,
+"""The VQDNA tokenizer (docs/design.md §1): ConvNeXt1d encoder -> VQ or HRQ quantizer -> ConvNeXt1d decoder,
 as a transformers model (config.json + model.safetensors; AutoConfig/AutoModel type "vqdna-tokenizer").
 
 Bundled tokenizers live in vqdna/assets/<name>/ and load by name:
@@ -32,7 +32,7 @@ ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
-# Named configurations. vqdna-base is the paper's (DESIGN 1). vqdna-small trains on a 2-core CPU in
+# Named configurations. vqdna-base is the paper's (docs/design.md §1). vqdna-small trains on a 2-core CPU in
 # minutes: D=64, 4 blocks, taps after blocks 2 and 4, level sizes 2^b * K0 with K0 = 16.
 NAMED_CONFIGS = {
     "vqdna-base": dict(dim=384, depth=6, quantizer="hrq", taps=(3, 6), codebook_sizes=(64, 512)),

@@ -1,4 +1,4 @@
-"""Stage 1: train the VQ-VAE / HRQ tokenizer on genome windows (DESIGN 1).
+"""Stage 1: train the VQ-VAE / HRQ tokenizer on genome windows (docs/design.md §1).
 
 Recipe: AdamW (0.9, 0.98), weight decay 0.01 (on weight matrices and convolution kernels), cosine
 learning rate with linear warm-up (transformers' schedule), windows of 128 bases during warm-up then

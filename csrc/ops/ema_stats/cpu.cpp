@@ -1,4 +1,4 @@
-// Native CPU EMA statistics (DESIGN 2.3): counts[k] = sum_i w_i [codes_i = k] and
+// Native CPU EMA statistics (docs/design.md §2.3): counts[k] = sum_i w_i [codes_i = k] and
 // sums[k] = sum_i w_i [codes_i = k] v_i in float32, v_i = x_i or 2 x_i - prev_codebook[prev_i].
 // Work is split by ranges of codes: every task scans the (small) code array and accumulates only
 // its own codes' rows, in row order. No two tasks write the same output, so there are no races

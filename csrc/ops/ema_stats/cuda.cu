@@ -1,4 +1,4 @@
-// CUDA EMA statistics (DESIGN 2.3): per-code counts [K] and vector sums [K, D] in float32.
+// CUDA EMA statistics (docs/design.md §2.3): per-code counts [K] and vector sums [K, D] in float32.
 //
 // Common row layout. A block has 256 threads split into lane groups of G = 2^g lanes (G <= 32);
 // a group handles one row at a time, each lane V consecutive columns (V = 16 bytes of the input:

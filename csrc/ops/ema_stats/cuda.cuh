@@ -1,4 +1,4 @@
-// Launchers for the CUDA EMA statistics (DESIGN 2.3). Plain C++ header: no torch includes, so
+// Launchers for the CUDA EMA statistics (docs/design.md §2.3). Plain C++ header: no torch includes, so
 // cuda.cu compiles with nvcc alone and cuda_binding.cpp with the host compiler.
 #pragma once
 

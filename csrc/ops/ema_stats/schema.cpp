@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(vqdna, m) {
-  // EMA statistics, the reduction of DESIGN 2.3: counts[k] = sum_i w_i [codes_i = k],
+  // EMA statistics, the reduction of docs/design.md §2.3: counts[k] = sum_i w_i [codes_i = k],
   // sums[k] = sum_i w_i [codes_i = k] x_i, both float32, w_i = mask_i (1 when mask is None).
   // x [N, D] contiguous float32 / bfloat16 / float16; codes [N] int32 in [0, num_codes);
   // mask [N] bool or None. When prev_codes [N] int32 and prev_codebook [K', D] (dtype of x) are

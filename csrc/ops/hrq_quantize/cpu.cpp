@@ -1,4 +1,4 @@
-// Native CPU HRQ residual doubling (DESIGN 2.2), all levels of a block of rows in one task:
+// Native CPU HRQ residual doubling (docs/design.md §2.2), all levels of a block of rows in one task:
 // level 0 searches C_0 with Z_0; level l >= 1 forms H_l = T(T(2 Z_l) - C_{l-1}[M_{l-1}]) in float32,
 // rounded to the input dtype T (as the reference does), and packs it straight into the search
 // panels, so H_l only ever exists in a thread's L2-sized block buffer. The running mean of the

@@ -1,4 +1,4 @@
-// Fused CUDA HRQ residual doubling (DESIGN 2.2): one thread block owns 128 rows for ALL levels.
+// Fused CUDA HRQ residual doubling (docs/design.md §2.2): one thread block owns 128 rows for ALL levels.
 //
 // Per level l the block runs the shared tile search of common/cuda_codebook_search.cuh (the same pipeline, tie and
 // NaN rules as lookup) against C_l, with the A operand

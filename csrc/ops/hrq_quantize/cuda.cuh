@@ -1,4 +1,4 @@
-// Launcher for the fused CUDA HRQ residual doubling (DESIGN 2.2). Plain C++ header: no torch
+// Launcher for the fused CUDA HRQ residual doubling (docs/design.md §2.2). Plain C++ header: no torch
 // includes, so cuda.cu compiles with nvcc alone and cuda_binding.cpp with the host
 // compiler.
 #pragma once

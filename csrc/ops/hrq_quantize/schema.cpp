@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(vqdna, m) {
-  // HRQ residual doubling, fused multi-level lookup (DESIGN 2.2). zs: L tensors [N, D], contiguous
+  // HRQ residual doubling, fused multi-level lookup (docs/design.md §2.2). zs: L tensors [N, D], contiguous
   // (float32 / bfloat16 / float16; a list, so the caller's per-level tensors are never stacked); codebooks [sum_l K_l, D] contiguous, same dtype, level l's rows
   // at offset sum_{m<l} K_m; codebook_sqnorms [sum_l K_l] float32; codebook_sizes [L] = K_l.
   // H_0 = Z_0; H_l = 2 Z_l - C_{l-1}[M_{l-1}] (formed in float32, rounded to the input dtype before

@@ -1,4 +1,4 @@
-// CUDA nearest-code lookup (DESIGN 2.1): codes[i] = argmin_k (||e_k||^2 - 2 z_i.e_k),
+// CUDA nearest-code lookup (docs/design.md §2.1): codes[i] = argmin_k (||e_k||^2 - 2 z_i.e_k),
 // dist[i] = min + ||z_i||^2 clamped at 0. The N x K distance matrix never leaves the SM.
 //
 // One thread block owns 128 rows of z and runs the shared tile search of common/cuda_codebook_search.cuh (design,

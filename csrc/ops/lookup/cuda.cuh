@@ -1,4 +1,4 @@
-// Launcher for the CUDA nearest-code lookup (DESIGN 2.1). Plain C++ header: no torch includes, so
+// Launcher for the CUDA nearest-code lookup (docs/design.md §2.1). Plain C++ header: no torch includes, so
 // cuda.cu compiles with nvcc alone and cuda_binding.cpp with the host compiler.
 #pragma once
 

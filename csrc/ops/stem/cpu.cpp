@@ -1,4 +1,4 @@
-// Native CPU fused stem (DESIGN 2.5): y[t] = bias + sum_j W[:, x[t + j - W/2], j] as a gather-sum over
+// Native CPU fused stem (docs/design.md §2.5): y[t] = bias + sum_j W[:, x[t + j - W/2], j] as a gather-sum over
 // base ids (the one-hot tensor is never built), then LayerNorm and exact (erf) GELU, all in float32.
 //
 // Design: the weight is repacked once per call into a table of [W][6][D] float32 rows (channel 5, the

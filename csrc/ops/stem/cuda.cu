@@ -1,4 +1,4 @@
-// CUDA fused stem (DESIGN 2.5): gather-sum over base ids, LayerNorm and exact GELU in one kernel.
+// CUDA fused stem (docs/design.md §2.5): gather-sum over base ids, LayerNorm and exact GELU in one kernel.
 //
 // A block stages the [W][5][D] float32 weight table in shared memory once, then each warp takes one
 // position at a time (grid-stride): lanes read the W base ids of the window, 32 taps per round, and

@@ -1,4 +1,4 @@
-// Launcher for the CUDA fused stem (DESIGN 2.5). Plain C++ header: no torch includes, so cuda.cu
+// Launcher for the CUDA fused stem (docs/design.md §2.5). Plain C++ header: no torch includes, so cuda.cu
 // compiles with nvcc alone and cuda_binding.cpp with the host compiler.
 #pragma once
 

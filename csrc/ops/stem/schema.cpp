@@ -4,7 +4,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(vqdna, m) {
-  // Fused stem (DESIGN 2.5): ids [B, L] uint8 / int32 / int64 (0..4 = A C G T N, 5 = pad: adds
+  // Fused stem (docs/design.md §2.5): ids [B, L] uint8 / int32 / int64 (0..4 = A C G T N, 5 = pad: adds
   // nothing), weight [D, 5, W] (W odd), bias / ln_weight / ln_bias [D], all float32.
   // y[b, t] = bias + sum_j weight[:, ids[b, t + j - W/2], j] (off-edge taps add nothing), then
   // LayerNorm(ln_eps) and exact GELU, accumulated in float32; returns [B, L, D] in out_dtype

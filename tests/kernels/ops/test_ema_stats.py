@@ -1,4 +1,4 @@
-"""ema_stats / ema_update: every backend against the reference (DESIGN 2.3)."""
+"""ema_stats / ema_update: every backend against the reference (docs/design.md §2.3)."""
 
 import pytest
 import torch
@@ -96,7 +96,7 @@ def test_deterministic_default_follows_torch(monkeypatch, rng):
 
 
 def test_ema_update_one_step_by_hand():
-    """DESIGN 2.3 computed by hand for K=2, D=1, decay 0.5, eps 0.1."""
+    """docs/design.md §2.3 computed by hand for K=2, D=1, decay 0.5, eps 0.1."""
     x = torch.tensor([[1.0], [3.0], [10.0]])
     codes = torch.tensor([0, 0, 1])
     cluster_size = torch.tensor([2.0, 0.0])

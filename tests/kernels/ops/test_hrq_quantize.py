@@ -1,4 +1,4 @@
-"""hrq_quantize: every backend against the reference (DESIGN 2.2), forward and gradients."""
+"""hrq_quantize: every backend against the reference (docs/design.md §2.2), forward and gradients."""
 
 import pytest
 import torch
@@ -104,7 +104,7 @@ def test_hrq_gradients_equal_reference(backend, device, rng):
     ref_grads = torch.autograd.grad((ref_levels * weight.cpu()).sum(), ref_zs)
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g.cpu(), r, atol=1e-6)
-    # The straight-through slopes of DESIGN 2.2 for the decoder input zhat = levels[-1].
+    # The straight-through slopes of docs/design.md §2.2 for the decoder input zhat = levels[-1].
     ones = torch.autograd.grad(hrq_quantize(zs, codebooks, backend=backend)[1][-1].sum(), zs)
     assert torch.allclose(ones[0], torch.full_like(ones[0], 1 / 3))
     assert torch.allclose(ones[1], torch.full_like(ones[1], 2 / 3))
@@ -200,7 +200,7 @@ def test_hrq_native_out_rejects_overlap(rng):
                                                 torch.empty(2, 8, dtype=torch.int32), levels)
 
 
-# --- the spec's rounding, exactly (DESIGN 2.2) -----------------------------------------------------
+# --- the spec's rounding, exactly (docs/design.md §2.2) -----------------------------------------------------
 
 # Significant bits (with the implicit one) of the low-precision dtypes.
 _PRECISION = {torch.bfloat16: 8, torch.float16: 11}

@@ -1,4 +1,4 @@
-"""kmeans on the fast kernels against the reference (DESIGN 2.4)."""
+"""kmeans on the fast kernels against the reference (docs/design.md §2.4)."""
 
 import pytest
 import torch

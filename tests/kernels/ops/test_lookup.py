@@ -1,4 +1,4 @@
-"""lookup: every backend against the float64 reference (DESIGN 2.1)."""
+"""lookup: every backend against the float64 reference (docs/design.md §2.1)."""
 
 import itertools
 import math
@@ -53,7 +53,7 @@ def exact_distances(z, codebook):
 
 
 def assert_lookup_matches(z, codebook, codes, dist, dtype):
-    """The contract of DESIGN 2.1 checked on every row; finite rows only."""
+    """The contract of docs/design.md §2.1 checked on every row; finite rows only."""
     n, k = z.shape[0], codebook.shape[0]
     assert codes.dtype == torch.int32 and dist.dtype == torch.float32
     assert codes.shape == (n,) and dist.shape == (n,)
@@ -156,7 +156,7 @@ def test_nonfinite_rows(backend, device, dtype, rng, poison):
 @pytest.mark.parametrize("backend,device", backend_params("lookup"))
 def test_rows_on_codes_are_at_distance_zero_or_more(backend, device, rng, poison):
     """A row equal to a code is at exact distance 0; in float32, ||e||^2 - 2 z.e + ||z||^2 cancels
-    to a few ulps of either sign, and the clamp keeps the returned distance >= 0 (DESIGN 2.1)."""
+    to a few ulps of either sign, and the clamp keeps the returned distance >= 0 (docs/design.md §2.1)."""
     require_backend(backend, device)
     codebook = torch.randn(64, 96, generator=rng) * 3
     z = codebook[torch.randperm(64, generator=rng)].repeat(4, 1)

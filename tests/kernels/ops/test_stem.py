@@ -1,4 +1,4 @@
-"""stem: every backend against the float64 reference and against Conv1d over the one-hot (DESIGN 2.5)."""
+"""stem: every backend against the float64 reference and against Conv1d over the one-hot (docs/design.md §2.5)."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Triton EMA statistics (DESIGN 2.3): per-code counts [K] and vector sums [K, D], float32.
+"""Triton EMA statistics (docs/design.md §2.3): per-code counts [K] and vector sums [K, D], float32.
 
 The vector of row i is x_i, or 2 x_i - prev_codebook[prev_codes_i] (HRQ's H_l, formed in float32
 on the fly and never stored); rows whose mask is False count for nothing.
@@ -178,7 +178,7 @@ def ema_stats_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [N, D] contiguous (float32/bfloat16/float16), codes [N] int32 in [0, num_codes), mask [N]
     bool or None, prev_codes [N] int32 + prev_codebook [K', D] (dtype of x) or None.
-    Returns counts [K] and sums [K, D], float32 (DESIGN 2.3). deterministic: no float atomics,
+    Returns counts [K] and sums [K, D], float32 (docs/design.md §2.3). deterministic: no float atomics,
     bitwise repeatable run to run."""
     n, d = x.shape
     device = x.device

@@ -69,7 +69,7 @@ def ema_update(
     deterministic: Optional[bool] = None,
     backend: str = "auto",
 ) -> None:
-    """EMA codebook update in place (DESIGN 2.3).
+    """EMA codebook update in place (docs/design.md §2.3).
 
     x [..., D] the quantised vectors (or Z_l with prev_codes/prev_codebook: see `ema_stats`),
     codes [...] their codes; state: cluster_size [K] float32, embed_sum [K, D] float32, and the

@@ -32,7 +32,7 @@ def _hrq_setup_context(ctx, inputs, output):
 
 
 def _hrq_backward(ctx, grad_codes, grad_levels):
-    """Straight-through gradient of DESIGN 2.2: zhat_levels[l] = mean_{m<=l} Hhat_m with
+    """Straight-through gradient of docs/design.md §2.2: zhat_levels[l] = mean_{m<=l} Hhat_m with
     dHhat_m/dZ_0 = 1 (m = 0) and dHhat_m/dZ_m = 2 (m >= 1), so
     dL/dZ_m = c_m * sum_{l>=m} grad_levels[l] / (l + 1), c_0 = 1, c_m = 2."""
     if grad_levels is None:

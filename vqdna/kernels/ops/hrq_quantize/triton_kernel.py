@@ -1,4 +1,4 @@
-"""Triton HRQ residual doubling (DESIGN 2.2): one launch does every level for a tile of rows.
+"""Triton HRQ residual doubling (docs/design.md §2.2): one launch does every level for a tile of rows.
 
 Level 0 searches C_0 with Z_0; level l >= 1 gathers the previous level's chosen code rows (the codes
 stay in registers), forms H_l = 2 Z_l - C_{l-1}[M_{l-1}] on chip, rounded to the input dtype exactly
@@ -201,7 +201,7 @@ def hrq_quantize_triton(
     """zs: L tensors [N, D] contiguous (float32/bfloat16/float16); codebooks [sum K_l, D] contiguous,
     same dtype, level l's rows at offset sum_{m<l} K_m; codebook_sqnorms [sum K_l] float32;
     codebook_sizes [L] = K_l. Returns codes int32 [L, N] (level-local) and zhat_levels [L, N, D] in
-    the dtype of zs (DESIGN 2.2). The per-level tensors are read in place, never stacked."""
+    the dtype of zs (docs/design.md §2.2). The per-level tensors are read in place, never stacked."""
     n_levels = len(zs)
     n, d = zs[0].shape
     device, dtype = zs[0].device, zs[0].dtype

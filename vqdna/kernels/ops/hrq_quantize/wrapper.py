@@ -19,13 +19,13 @@ def hrq_quantize(
     backend: str = "auto",
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hierarchical residual quantization with residual doubling, all levels fused (DESIGN 2.2).
+    """Hierarchical residual quantization with residual doubling, all levels fused (docs/design.md §2.2).
 
     zs: L tensors [..., D] (or one tensor [L, ..., D]), one dtype (float32/bfloat16/float16) and device.
     codebooks: L tensors [K_l, D] of that dtype. codebook_sqnorms: optional L tensors [K_l] float32.
     Returns codes int32 [L, ...] (level-local code indices) and zhat_levels [L, ..., D] (dtype of zs),
     zhat_levels[l] the cumulative mean of the chosen code embeddings of levels 0..l (the decoder input
-    is zhat_levels[-1]). Differentiable w.r.t. zs with the straight-through gradient of DESIGN 2.2
+    is zhat_levels[-1]). Differentiable w.r.t. zs with the straight-through gradient of docs/design.md §2.2
     (d zhat_levels[-1] / d Z_0 = 1/L, / d Z_l = 2/L); codebooks get no gradient.
 
     out: optional (codes, zhat_levels) to write into and return, contiguous, of the shapes and dtypes

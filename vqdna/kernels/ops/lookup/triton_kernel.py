@@ -1,4 +1,4 @@
-"""Triton nearest-code lookup (DESIGN 2.1): one fused kernel, distance tiles from tl.dot and a running
+"""Triton nearest-code lookup (docs/design.md §2.1): one fused kernel, distance tiles from tl.dot and a running
 (min, argmin) per row across K tiles; the N x K distance matrix never reaches global memory.
 
 Registered as the custom op `vqdna::lookup_triton` (torch.library.triton_op), so torch.compile sees it.
@@ -124,7 +124,7 @@ def _lookup_kernel(
 @triton_op("vqdna::lookup_triton", mutates_args=())
 def lookup_triton(z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """z [N, D] contiguous, codebook [K, D] contiguous (same dtype: float32/bfloat16/float16),
-    codebook_sqnorm [K] float32. Returns codes int32 [N], dist float32 [N] (DESIGN 2.1)."""
+    codebook_sqnorm [K] float32. Returns codes int32 [N], dist float32 [N] (docs/design.md §2.1)."""
     n, d = z.shape
     k = codebook.shape[0]
     codes = torch.empty(n, dtype=torch.int32, device=z.device)

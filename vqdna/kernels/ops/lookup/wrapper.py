@@ -49,7 +49,7 @@ def lookup(
     backend: str = "auto",
     codes_dtype: torch.dtype = torch.int32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest code of every vector (DESIGN 2.1); not differentiable.
+    """Nearest code of every vector (docs/design.md §2.1); not differentiable.
 
     z [..., D] and codebook [K, D]: same dtype (float32, bfloat16, float16; float64 on the reference
     backend only) and device; any layout. codebook_sqnorm [K] (optional, float32): ||e_k||^2, reused

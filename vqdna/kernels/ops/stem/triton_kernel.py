@@ -1,4 +1,4 @@
-"""Triton fused stem (DESIGN 2.5): gather-sum over base ids, LayerNorm and exact GELU in one kernel.
+"""Triton fused stem (docs/design.md §2.5): gather-sum over base ids, LayerNorm and exact GELU in one kernel.
 
 One program per tile of BLOCK_T positions (flattened over [B, L]) and the whole feature row
 (BLOCK_D = next power of two >= D): for each of the W taps it loads the tile's base ids and gathers

@@ -41,7 +41,7 @@ def stem(
     backend: str = "auto",
     check_ids: bool = True,
 ) -> torch.Tensor:
-    """The tokenizer stem fused (DESIGN 2.5): GELU(LayerNorm(Conv1d(one_hot(ids)))) as a gather-sum,
+    """The tokenizer stem fused (docs/design.md §2.5): GELU(LayerNorm(Conv1d(one_hot(ids)))) as a gather-sum,
     never building the one-hot tensor or (on the fast backends) the pre-activation.
 
     ids [B, L] integer (uint8 preferred): 0..4 = A C G T N, 5 = pad (adds nothing, like Conv1d's zero
