@@ -63,7 +63,7 @@ __all__ = [
     "shard_name",
     "shard_problem",
     "open_shards",
-    "record_pieces",
+    "record_continuations",
     "verify_directory",
     "write_manifest",
 ]
@@ -312,14 +312,15 @@ def _write_index(f, pieces: Pieces, dtype: np.dtype, n_levels: int, bin_size: in
 
 @dataclass
 class ShardIndex:
-    """One shard's index, memory-mapped: per piece the length (bases), byte pointer into the .bin,
-    record ordinal, start within the record, record length, and name. Trailer version 2 adds the
+    """One shard's index, memory-mapped (nothing per piece is copied): per piece the Megatron size
+    (codes, int32; `lengths`: bases), byte pointer into the .bin, record ordinal, start within the
+    record, record length, and name. Trailer version 2 adds the
     .bin's size and checksum and the checksum of the index's own bytes (None in version 1)."""
 
     path: str
     dtype: np.dtype
     n_levels: int
-    lengths: np.ndarray
+    sizes: np.ndarray  # int32 [n]: codes per piece (Megatron's sizes), n_levels per base
     pointers: np.ndarray
     ordinals: np.ndarray
     starts: np.ndarray
@@ -344,15 +345,24 @@ class ShardIndex:
                 return j
         return None
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """int64 [n]: bases per piece (computed on each use: not kept with the open index)."""
+        return self.sizes.astype(np.int64) // self.n_levels
+
+    def length(self, i: int) -> int:
+        """Bases of piece i."""
+        return int(self.sizes[i]) // self.n_levels
+
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self.sizes)
 
     def name(self, i: int) -> str:
         return bytes(self._names[self._name_offsets[i] : self._name_offsets[i + 1]]).decode("utf-8")
 
     @property
     def rows(self) -> int:
-        return int(self.lengths.sum())
+        return int(self.sizes.sum(dtype=np.int64)) // self.n_levels
 
 
 def read_shard_index(path: str) -> ShardIndex:
@@ -413,7 +423,7 @@ def read_shard_index(path: str) -> ShardIndex:
             fail("its name index is not sorted or points outside the pieces")
     return ShardIndex(
         path, np.dtype(names[code]).newbyteorder("<"), int(n_levels),
-        sizes.astype(np.int64) // n_levels, pointers, arrays[0], arrays[1], arrays[2], name_offsets, buf[off:names_end],
+        sizes, pointers, arrays[0], arrays[1], arrays[2], name_offsets, buf[off:names_end],
         *checks, *table,
     )
 
@@ -587,7 +597,7 @@ def verify_directory(directory: str) -> list[str]:
             problems.append(f"{os.path.join(directory, name)}: not listed in the manifest")
     if not problems:
         try:
-            record_pieces(directory, manifest, open_shards(directory, manifest))
+            record_continuations(directory, manifest, open_shards(directory, manifest))
         except TokenFileError as exc:
             problems.append(str(exc))
     return problems
@@ -617,20 +627,29 @@ def open_shards(directory: str, manifest: dict) -> list[ShardIndex]:
     return shards
 
 
-def record_pieces(directory: str, manifest: dict, shards: Sequence[ShardIndex]) -> tuple[np.ndarray, np.ndarray]:
-    """(first, lengths): the pieces of record r are global pieces [first[r], first[r + 1]) (int64
-    [records + 1]); lengths: int64 [records] bases per record. TokenFileError when the shards' record
-    ordinals disagree with the manifest's record count or a record has no piece."""
-    ordinals = np.concatenate([s.ordinals for s in shards]) if shards else np.zeros(0, np.int64)
+def record_continuations(directory: str, manifest: dict, shards: Sequence[ShardIndex]) -> np.ndarray:
+    """The record ordinal of every piece after a record's first (int64 [pieces - records], sorted):
+    record r has pieces [r + c, r + c + 1 + m) of all shards' pieces, c = pieces of ordinal < r in the
+    result, m = those of ordinal r. Checked one shard at a time (memory: a shard's temporaries, not
+    the record count): ordinals go 0, 1, ... records - 1 in steps of 0 (a split record: that piece
+    starts after base 0) or 1 (a new record, starting at base 0). TokenFileError naming what is wrong."""
     n_records = int(manifest["records"])
-    # Pieces of a record are consecutive and every record has one: the ordinals go 0, 1, ... n - 1 in
-    # steps of 0 (a split record) or 1. One linear pass (no search per record).
-    steps = np.diff(ordinals)
-    if ordinals.size and ((steps < 0).any() or ordinals[-1] != n_records - 1):
+    last, pieces, continued = -1, 0, []
+    for s in shards:
+        ordinals = np.asarray(s.ordinals)
+        if not ordinals.size:
+            continue
+        steps = np.diff(ordinals, prepend=last)
+        if (steps < 0).any():
+            raise TokenFileError(f"{directory}: shard indexes disagree with the manifest's record count")
+        if (steps > 1).any():
+            raise TokenFileError(f"{directory}: a record has no piece in the shard indexes")
+        if not np.array_equal(steps == 0, np.asarray(s.starts) > 0):
+            raise TokenFileError(f"{s.path}: a record's pieces do not start at base 0 and continue it")
+        continued.append(ordinals[steps == 0])
+        last, pieces = int(ordinals[-1]), pieces + ordinals.size
+    if pieces and last != n_records - 1:
         raise TokenFileError(f"{directory}: shard indexes disagree with the manifest's record count")
-    if (ordinals.size and ordinals[0] != 0) or (steps > 1).any() or (n_records and not ordinals.size):
+    if n_records and not pieces:
         raise TokenFileError(f"{directory}: a record has no piece in the shard indexes")
-    first = np.concatenate([[0], np.flatnonzero(steps) + 1, [ordinals.size]]).astype(np.int64) if n_records else np.zeros(1, np.int64)
-    piece_lengths = np.concatenate([s.lengths for s in shards]) if shards else np.zeros(0, np.int64)
-    lengths = np.add.reduceat(piece_lengths, first[:-1]) if n_records else np.zeros(0, np.int64)
-    return first, lengths
+    return np.concatenate(continued).astype(np.int64) if continued else np.zeros(0, np.int64)
