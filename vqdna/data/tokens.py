@@ -61,8 +61,6 @@ class TokenDataset:
         # Memory independent of the record count: the pieces after a record's first (split records:
         # about one per shard) locate every record; lengths are read from the indexes when asked for.
         self._continued = record_continuations(self.directory, manifest, self._shards)
-        for idx in self._shards:  # the passes above read every column: give those pages back
-            idx.release_pages()
         self._n_records = int(manifest["records"])
         self._lengths: Optional[np.ndarray] = None
         self._names: Optional[dict] = None

@@ -660,6 +660,7 @@ def record_continuations(directory: str, manifest: dict, shards: Sequence[ShardI
             raise TokenFileError(f"{s.path}: a record's pieces do not start at base 0 and continue it")
         continued.append(ordinals[steps == 0])
         last, pieces = int(ordinals[-1]), pieces + ordinals.size
+        s.release_pages()  # this pass read two columns of every index: keep one shard's resident
     if pieces and last != n_records - 1:
         raise TokenFileError(f"{directory}: shard indexes disagree with the manifest's record count")
     if n_records and not pieces:
