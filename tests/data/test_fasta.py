@@ -165,6 +165,25 @@ def test_random_fasta_matches_reference(tmp_path, compression, crlf, seed):
         _check(list(read_fasta(path, block_size=block_size)), expected)
 
 
+@pytest.mark.parametrize("compression", list(COMPRESSIONS))
+def test_record_offsets_and_reading_from_one(tmp_path, compression):
+    """Each FASTA record's offset is its '>' in the decompressed text, and read_fasta(start=offset)
+    yields that record and the rest (what a rank reads of its planned work units)."""
+    rng = np.random.default_rng(_seed("offsets", compression))
+    text = write_fasta(random_records(rng, 9), rng, crlf=False)
+    expected = ref_parse_fasta(text)
+    path = tmp_path / f"x.fa.{compression}"
+    path.write_bytes(COMPRESSIONS[compression](text, rng))
+    for block_size in (3, 1 << 20):
+        records = list(read_fasta(path, block_size=block_size))
+        assert all(text[r.offset : r.offset + 1] == b">" for r in records)
+        assert len({r.offset for r in records}) == len(records)
+        for i in (1, len(records) - 1):
+            _check(list(read_fasta(path, block_size=block_size, start=records[i].offset)), expected[i:])
+    with pytest.raises(FastaFormatError, match="is not the start of a FASTA record"):
+        list(read_fasta(path, start=records[1].offset + 1))
+
+
 @pytest.mark.parametrize("compression", ["plain", "gzip", "bgzf", "xz"])
 @pytest.mark.parametrize("crlf", [False, True], ids=["lf", "crlf"])
 @pytest.mark.parametrize("seed", range(3))

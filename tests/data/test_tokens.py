@@ -92,7 +92,7 @@ def test_round_trip(tmp_path, sizes, shard_bases):
     with pytest.raises(IndexError):
         ds[len(records)]
     # A record held in one shard comes back memory-mapped, not copied.
-    whole = [i for i in range(len(ds)) if ds._first[i + 1] - ds._first[i] == 1 and ds.lengths[i] > 0]
+    whole = [i for i in range(len(ds)) if len(ds._pieces(i)) == 1 and ds.lengths[i] > 0]
     assert whole or shard_bases == 1
     for i in whole:
         assert isinstance(ds[i][1].base, np.memmap) or isinstance(ds[i][1], np.memmap)
@@ -319,3 +319,38 @@ def test_format_2_directories_stay_readable():
     for i in range(len(v1)):
         assert v1.name(i) == v2.name(i)
         np.testing.assert_array_equal(v1[i][1], v2[i][1])
+
+
+def test_open_keeps_no_per_record_memory(tmp_path):
+    """An open TokenDataset holds memory independent of its record count (issue 22): 100 k records
+    (one shard) leave < 100 kB allocated (a per-record array of first pieces and lengths: 1.6 MB);
+    records, names and lengths still come out right."""
+    import tracemalloc
+
+    from vqdna.streaming.token_files import Pieces
+
+    n = 100_000
+    names = [b"r%d" % i for i in range(n)]
+    offsets = np.zeros(n + 1, np.int64)
+    np.cumsum([len(b) for b in names], out=offsets[1:])
+    ones = np.ones(n, np.int64)
+    pieces = Pieces(np.arange(n, dtype=np.int64), b"".join(names), offsets, np.zeros(n, np.int64), ones, ones)
+    w = ShardWriter(str(tmp_path), 0, pieces, (64,))
+    w.write((np.arange(n) % 64)[:, None])
+    w.close()
+    manifest = {
+        "format": "vqdna-tokens", "format_version": FORMAT_VERSION, "complete": True, "levels": 1,
+        "codebook_sizes": [64], "dtype": codes_dtype((64,)), "shards": [shard_entry(str(tmp_path), 0)[0]],
+        "records": n, "bases": n,
+    }
+    write_manifest(str(tmp_path), manifest)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        ds = TokenDataset(tmp_path)
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 100_000, f"an open TokenDataset of {n} records keeps {kept} bytes"
+    assert len(ds) == n and ds[n - 1][0] == f"r{n - 1}" and int(ds[12345][1][0, 0]) == 12345 % 64
+    assert ds.find("r777") == 777 and ds.lengths.sum() == n

@@ -204,7 +204,22 @@ def _rank_main(rank, world, init_file, fasta, out, model_dir):
     import torch.distributed as dist
 
     from vqdna.models import VQDNATokenizerModel
+    from vqdna.streaming import run as run_mod, units as units_mod
 
+    # Count what this rank plans and which records it decodes (the ranks are forked: patch here).
+    seen = {"plans": 0, "records": []}
+    real_plan, real_read = units_mod.plan_units, units_mod.read_fasta
+
+    def plan(*args, **kw):
+        seen["plans"] += 1
+        return real_plan(*args, **kw)
+
+    def read(path, **kw):
+        for rec in real_read(path, **kw):
+            seen["records"].append(rec.name)
+            yield rec
+
+    run_mod.plan_units, units_mod.read_fasta = plan, read
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -212,9 +227,13 @@ def _rank_main(rank, world, init_file, fasta, out, model_dir):
         tokenize_files([fasta], out, model, window=40, batch_size=4, shard_bases=250)
     finally:
         dist.destroy_process_group()
+    with open(f"{init_file}.rank{rank}.json", "w") as f:
+        json.dump(seen, f)
 
 
 def test_two_ranks_equal_one(tmp_path, model_dir):
+    """Two gloo ranks write the same bytes as one process; only rank 0 plans (one pass over the
+    input), rank 1 decodes only the records of its own units (issue 22: planning is not O(bases) per rank)."""
     from vqdna.models import VQDNATokenizerModel
 
     fasta = _random_fasta(tmp_path / "in.fa")
@@ -228,6 +247,17 @@ def test_two_ranks_equal_one(tmp_path, model_dir):
     )
     assert len(TokenDataset(one).manifest["shards"]) >= 4
     assert _dir_bytes(one) == _dir_bytes(two)
+    seen = [json.loads((tmp_path / f"init.rank{r}.json").read_text()) for r in range(2)]
+    assert [s["plans"] for s in seen] == [1, 0]
+    ds = TokenDataset(two)
+    odd = {f"r{int(o)}" for k, shard in enumerate(ds.manifest["shards"]) if k % 2 for o in _shard_ordinals(two, k)}
+    assert sorted(set(seen[1]["records"])) == sorted(odd) and len(odd) < len(LENGTHS)
+
+
+def _shard_ordinals(out, k):
+    from vqdna.streaming.token_files import read_shard_index, shard_name
+
+    return read_shard_index(os.path.join(out, shard_name(k) + ".idx")).ordinals.tolist()
 
 
 # --- the CLI ---------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ class FastaRecord:
     name: str  # first word of the header
     description: str  # the whole header line after '>' (or '@'), stripped
     ids: np.ndarray  # [length] uint8 base ids 0..4 (A C G T N), writable
+    offset: int = -1  # FASTA: byte offset of the '>' of its header in the (decompressed) text; FASTQ: -1
 
 
 class FastaFormatError(ValueError):
@@ -143,10 +144,11 @@ class _FastaParser:
         self.description = ""
         self.chunks: list[bytes] = []
         self.offset = 0  # of the current block in the decompressed text
+        self.header_offset = -1  # of the current record's '>'
 
     def _record(self) -> FastaRecord:
         ids = np.frombuffer(bytearray().join(self.chunks), dtype=np.uint8)  # one copy, writable
-        return FastaRecord(self.name, self.description, ids)
+        return FastaRecord(self.name, self.description, ids, self.header_offset)
 
     def _sequence(self, buf: bytes, start: int, end: int) -> None:
         seg = buf[start:end]  # the whole block is not copied (full slice of bytes is the object)
@@ -173,6 +175,7 @@ class _FastaParser:
         self.name = self.description.split(maxsplit=1)[0] if self.description else ""
         self.cursor.record = self.name
         self.chunks = []
+        self.header_offset = offset
 
     def parse(self, blocks: Iterable[bytes]) -> Iterator[FastaRecord]:
         header: list[bytes] | None = None  # pieces of a header line that spans blocks
@@ -303,18 +306,31 @@ def _parse_fastq(blocks: Iterable[bytes], cursor: _Cursor) -> Iterator[FastaReco
         raise cursor.error(f"the file ends inside a FASTQ record (missing {part}; truncated?)", lineno)
 
 
-def read_fasta(path: str | os.PathLike, *, block_size: int = DEFAULT_BLOCK_SIZE) -> Iterator[FastaRecord]:
+def read_fasta(path: str | os.PathLike, *, block_size: int = DEFAULT_BLOCK_SIZE, start: int = 0) -> Iterator[FastaRecord]:
     """Yield the records of a FASTA or FASTQ file in order (format from the first non-blank byte:
     '>' FASTA, '@' FASTQ). Plain, gzip/bgzip, bz2 or xz (detected by magic bytes). Each record's
     .ids is a writable uint8 array [length] of 0..4 (A C G T N; any case, U -> T, other IUPAC -> N);
     empty records are kept with length 0. Raises FastaFormatError (a ValueError) on malformed input,
-    naming the file, record, line and column. block_size: bytes decoded per step (tests use tiny ones)."""
+    naming the file, record, line and column. block_size: bytes decoded per step (tests use tiny ones).
+    start: a FASTA record's `offset` (from an earlier read): read from that record on (a plain file
+    seeks; a compressed one is decompressed up to it, not parsed); error lines stay those of the file."""
     path = os.fspath(path)
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if start < 0:
+        raise ValueError(f"start must be >= 0, got {start}")
     cursor = _Cursor(path)
     handle, compressed = _open(path)
     with handle:
+        if start:
+            handle.seek(start)
+            if handle.read(1) != b">":
+                raise cursor.error(f"byte offset {start} is not the start of a FASTA record ('>')")
+            handle.seek(start)
+            parser = _FastaParser(cursor)
+            parser.offset = start
+            yield from parser.parse(_blocks(handle, compressed, block_size, cursor))
+            return
         blocks = _blocks(handle, compressed, block_size, cursor)
         head: list[bytes] = []
         first = None

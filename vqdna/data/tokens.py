@@ -15,7 +15,7 @@ from vqdna.streaming.token_files import (
     TokenFileError,
     open_shards,
     read_manifest,
-    record_pieces,
+    record_continuations,
     verify_directory,
 )
 
@@ -58,11 +58,29 @@ class TokenDataset:
         self._bins: list[Optional[np.memmap]] = [None] * len(self._shards)
         counts = [len(s) for s in self._shards]
         self._shard_first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._first, self.lengths = record_pieces(self.directory, manifest, self._shards)
+        # Memory independent of the record count: the pieces after a record's first (split records:
+        # about one per shard) locate every record; lengths are read from the indexes when asked for.
+        self._continued = record_continuations(self.directory, manifest, self._shards)
+        self._n_records = int(manifest["records"])
+        self._lengths: Optional[np.ndarray] = None
         self._names: Optional[dict] = None
 
     def __len__(self) -> int:
-        return len(self.lengths)
+        return self._n_records
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """int64 [len(ds)]: bases per record (built on first use from the memory-mapped indexes:
+        the record length of each record's first piece)."""
+        if self._lengths is None:
+            parts = [np.asarray(s.record_lengths)[np.asarray(s.starts) == 0] for s in self._shards]
+            self._lengths = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+        return self._lengths
+
+    def _pieces(self, i: int) -> range:
+        """Global piece numbers of record i (0 <= i < len)."""
+        before, upto = np.searchsorted(self._continued, [i, i + 1]).tolist()  # pieces continuing earlier records / record i
+        return range(i + before, i + upto + 1)
 
     # Pickled (DataLoader workers under spawn) as its directory: the memory maps are reopened, not copied.
     def __getstate__(self) -> dict:
@@ -89,16 +107,16 @@ class TokenDataset:
         return i % n
 
     def name(self, i: int) -> str:
-        idx, _, j = self._piece(int(self._first[self._record(int(i))]))
+        idx, _, j = self._piece(self._pieces(self._record(int(i)))[0])
         return idx.name(j)
 
     def __getitem__(self, i: int) -> tuple[str, np.ndarray]:
         i = self._record(int(i))
         parts = []
-        for g in range(int(self._first[i]), int(self._first[i + 1])):
+        for g in self._pieces(i):
             idx, shard, j = self._piece(g)
             start = int(idx.pointers[j]) // idx.dtype.itemsize
-            parts.append(self._bin(shard)[start : start + int(idx.lengths[j]) * self.n_levels].reshape(-1, self.n_levels))
+            parts.append(self._bin(shard)[start : start + idx.length(j) * self.n_levels].reshape(-1, self.n_levels))
         return self.name(i), parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def find(self, name: str) -> int:

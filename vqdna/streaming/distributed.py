@@ -10,7 +10,7 @@ import torch
 
 from vqdna.streaming.settings import TokenizeError
 
-__all__ = ["all_ranks_ok", "distributed", "on_rank0", "sum_over_ranks"]
+__all__ = ["all_ranks_ok", "distributed", "from_rank0", "on_rank0", "sum_over_ranks"]
 
 
 def distributed() -> tuple[int, int]:
@@ -41,6 +41,29 @@ def on_rank0(fn, rank: int, world: int):
         raise error
     if message is not None:
         raise TokenizeError(message)
+    return result
+
+
+def from_rank0(fn, rank: int, world: int):
+    """fn() computed on rank 0 only and broadcast to every rank (a collective: every rank calls this).
+    Its error (any Exception: e.g. a FastaFormatError while planning) is raised on rank 0 as it is and
+    on the other ranks as a TokenizeError with its message."""
+    result, error = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as exc:  # noqa: BLE001  (re-raised below, after every rank learnt of it)
+            error = exc
+    if world > 1:
+        import torch.distributed as dist
+
+        box = [(result, None if error is None else str(error))]
+        dist.broadcast_object_list(box, src=0)
+        result, message = box[0]
+        if error is None and message is not None:
+            raise TokenizeError(message)
+    if error is not None:
+        raise error
     return result
 
 

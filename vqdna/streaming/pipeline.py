@@ -22,7 +22,7 @@ from vqdna.data.alphabet import PAD
 from vqdna.streaming.packing import Batch, batches
 from vqdna.streaming.settings import Settings, TokenizeError
 from vqdna.streaming.token_files import ShardWriter, shard_name, shard_problem
-from vqdna.streaming.units import work_units
+from vqdna.streaming.units import planned_units, work_units
 
 __all__ = ["Pipeline", "TokenizeStats"]
 
@@ -83,15 +83,18 @@ class Pipeline:
     """One rank's reader thread -> compute (the calling thread) -> writer thread, joined by bounded
     queues of items ("unit", index, pieces), ("batch", Batch), ("end", index), ("done",)."""
 
-    def __init__(self, model, inputs, out_dir, settings: Settings, run: dict, stats: TokenizeStats, *, rank, world, resume, verify, progress):
-        """run: the run's manifest fields (directory.run_manifest): halo, levels, codes dtype."""
+    def __init__(self, model, inputs, out_dir, settings: Settings, run: dict, stats: TokenizeStats, *, rank, world, resume, verify, progress, plan=None):
+        """run: the run's manifest fields (directory.run_manifest): halo, levels, codes dtype. plan:
+        every unit's UnitStart (units.plan_units), so this rank reads only its own units' records;
+        None: the units are cut while reading all inputs (one rank)."""
         self.model, self.inputs, self.out_dir, self.settings, self.stats = model, inputs, out_dir, settings, stats
         self.dev, self.dtype, self.rank, self.world, self.resume = settings.torch_device, settings.dtype, rank, world, resume
         self.halo, self.levels, self.codes_dtype = run["halo"], run["levels"], run["dtype"]
         self.verify = verify
         self.progress = progress and rank == 0
         self.codebook_sizes = run["codebook_sizes"]
-        self.n_units = 0
+        self.plan = plan
+        self.n_units = 0 if plan is None else len(plan)
         self.stop = threading.Event()
         self.in_q: queue.Queue = queue.Queue(_QUEUE_DEPTH)
         self.out_q: queue.Queue = queue.Queue(_QUEUE_DEPTH)
@@ -117,17 +120,26 @@ class Pipeline:
 
     def read(self, main: threading.Thread) -> None:
         s, stats = self.settings, self.stats
-        units = work_units(self.inputs, s.shard_bases, s.shard_records, margin=self.halo)
+        if self.plan is None:
+            units = work_units(self.inputs, s.shard_bases, s.shard_records, margin=self.halo)
+        else:  # only this rank's units, and (resume) only those not kept: no unit is read to be skipped
+            t0 = time.perf_counter()
+            mine = [k for k in range(self.rank, len(self.plan), self.world)]
+            wanted = [k for k in mine if not (self.resume and self._keep(k))]
+            stats.shards_skipped += len(mine) - len(wanted)
+            stats.read_s += time.perf_counter() - t0
+            units = planned_units(self.inputs, self.plan, wanted, s.shard_bases, s.shard_records, margin=self.halo)
         while True:
             t0 = time.perf_counter()
             unit = next(units, None)  # FASTA decoding happens here
             stats.read_s += time.perf_counter() - t0
             if unit is None:
                 break
-            self.n_units = unit.index + 1
+            if self.plan is None:
+                self.n_units = unit.index + 1
             if unit.index % self.world != self.rank:
                 continue
-            if self.resume and self._keep(unit.index):
+            if self.plan is None and self.resume and self._keep(unit.index):
                 stats.shards_skipped += 1
                 continue
             if not self._put(self.in_q, ("unit", unit.index, unit.pieces), main):

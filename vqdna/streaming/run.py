@@ -10,10 +10,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from vqdna.streaming.directory import finish_directory, prepare_directory, run_manifest
-from vqdna.streaming.distributed import all_ranks_ok, distributed, on_rank0, sum_over_ranks
+from vqdna.streaming.distributed import all_ranks_ok, distributed, from_rank0, on_rank0, sum_over_ranks
 from vqdna.streaming.pipeline import Pipeline, TokenizeStats
 from vqdna.streaming.settings import DEFAULT_SHARD_BASES, DEFAULT_SHARD_RECORDS, DEFAULT_WINDOW, Settings, TokenizeError
 from vqdna.streaming.token_files import read_manifest
+from vqdna.streaming.units import plan_units
 
 __all__ = ["tokenize_files"]
 
@@ -76,9 +77,14 @@ def _run(model, inputs, out_dir, settings: Settings, run: dict, damaged, t_start
         stats.seconds = time.perf_counter() - t_start
         return stats
 
+    # Several ranks: rank 0 plans (one pass that keeps a few numbers per unit) and broadcasts the plan,
+    # so each rank reads only its own units' records (docs/design.md §2.5).
+    plan = None
+    if world > 1:
+        plan = from_rank0(lambda: plan_units(inputs, settings.shard_bases, settings.shard_records), rank, world)
     pipeline = Pipeline(
         model.to(settings.torch_device).eval(), inputs, out_dir, settings, run, stats,
-        rank=rank, world=world, resume=resume, verify=verify, progress=progress,
+        rank=rank, world=world, resume=resume, verify=verify, progress=progress, plan=plan,
     )
     failure = None
     try:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import mmap
 import os
 import struct
 from bisect import bisect_left, bisect_right
@@ -63,7 +64,7 @@ __all__ = [
     "shard_name",
     "shard_problem",
     "open_shards",
-    "record_pieces",
+    "record_continuations",
     "verify_directory",
     "write_manifest",
 ]
@@ -312,14 +313,15 @@ def _write_index(f, pieces: Pieces, dtype: np.dtype, n_levels: int, bin_size: in
 
 @dataclass
 class ShardIndex:
-    """One shard's index, memory-mapped: per piece the length (bases), byte pointer into the .bin,
-    record ordinal, start within the record, record length, and name. Trailer version 2 adds the
+    """One shard's index, memory-mapped (nothing per piece is copied): per piece the Megatron size
+    (codes, int32; `lengths`: bases), byte pointer into the .bin, record ordinal, start within the
+    record, record length, and name. Trailer version 2 adds the
     .bin's size and checksum and the checksum of the index's own bytes (None in version 1)."""
 
     path: str
     dtype: np.dtype
     n_levels: int
-    lengths: np.ndarray
+    sizes: np.ndarray  # int32 [n]: codes per piece (Megatron's sizes), n_levels per base
     pointers: np.ndarray
     ordinals: np.ndarray
     starts: np.ndarray
@@ -332,6 +334,14 @@ class ShardIndex:
     _body: Optional[np.ndarray] = None  # the bytes idx_checksum covers
     name_hashes: Optional[np.ndarray] = None  # uint64 [n] sorted (trailer version 3)
     name_order: Optional[np.ndarray] = None  # int64 [n]: the piece of each sorted hash
+    _mapped: Optional[mmap.mmap] = None  # the file's mapping (all columns are views of it)
+
+    def release_pages(self) -> None:
+        """Unmap the pages read so far from this process (the file stays in the page cache, the
+        columns stay valid and page back in on use): after the open-time pass over every column,
+        an open dataset's resident memory does not grow with its pieces."""
+        if self._mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
+            self._mapped.madvise(mmap.MADV_DONTNEED)
 
     def find(self, name: str) -> Optional[int]:
         """The first piece called `name` (None if none) by the name index: O(log n), no scan."""
@@ -344,23 +354,34 @@ class ShardIndex:
                 return j
         return None
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """int64 [n]: bases per piece (computed on each use: not kept with the open index)."""
+        return self.sizes.astype(np.int64) // self.n_levels
+
+    def length(self, i: int) -> int:
+        """Bases of piece i."""
+        return int(self.sizes[i]) // self.n_levels
+
     def __len__(self) -> int:
-        return len(self.lengths)
+        return len(self.sizes)
 
     def name(self, i: int) -> str:
         return bytes(self._names[self._name_offsets[i] : self._name_offsets[i + 1]]).decode("utf-8")
 
     @property
     def rows(self) -> int:
-        return int(self.lengths.sum())
+        return int(self.sizes.sum(dtype=np.int64)) // self.n_levels
 
 
 def read_shard_index(path: str) -> ShardIndex:
     """Parse a shard's .idx (Megatron MMIDIDX + vqdna trailer). Raises TokenFileError naming the file."""
     try:
-        buf = np.memmap(path, dtype=np.uint8, mode="r")
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, ValueError) as exc:
         raise TokenFileError(f"{path}: cannot read the shard index ({exc})") from exc
+    buf = np.frombuffer(mapped, dtype=np.uint8)
 
     def fail(why: str):
         raise TokenFileError(f"{path}: not a vqdna shard index ({why})")
@@ -413,8 +434,8 @@ def read_shard_index(path: str) -> ShardIndex:
             fail("its name index is not sorted or points outside the pieces")
     return ShardIndex(
         path, np.dtype(names[code]).newbyteorder("<"), int(n_levels),
-        sizes.astype(np.int64) // n_levels, pointers, arrays[0], arrays[1], arrays[2], name_offsets, buf[off:names_end],
-        *checks, *table,
+        sizes, pointers, arrays[0], arrays[1], arrays[2], name_offsets, buf[off:names_end],
+        *checks, *table, mapped,
     )
 
 
@@ -587,7 +608,7 @@ def verify_directory(directory: str) -> list[str]:
             problems.append(f"{os.path.join(directory, name)}: not listed in the manifest")
     if not problems:
         try:
-            record_pieces(directory, manifest, open_shards(directory, manifest))
+            record_continuations(directory, manifest, open_shards(directory, manifest))
         except TokenFileError as exc:
             problems.append(str(exc))
     return problems
@@ -613,24 +634,35 @@ def open_shards(directory: str, manifest: dict) -> list[ShardIndex]:
         problem = _structure_problem(idx, base + ".bin", bin_size) or _entry_problem(idx, base + ".bin", entry, False)
         if problem is not None:
             raise TokenFileError(problem)
+        idx.release_pages()
         shards.append(idx)
     return shards
 
 
-def record_pieces(directory: str, manifest: dict, shards: Sequence[ShardIndex]) -> tuple[np.ndarray, np.ndarray]:
-    """(first, lengths): the pieces of record r are global pieces [first[r], first[r + 1]) (int64
-    [records + 1]); lengths: int64 [records] bases per record. TokenFileError when the shards' record
-    ordinals disagree with the manifest's record count or a record has no piece."""
-    ordinals = np.concatenate([s.ordinals for s in shards]) if shards else np.zeros(0, np.int64)
+def record_continuations(directory: str, manifest: dict, shards: Sequence[ShardIndex]) -> np.ndarray:
+    """The record ordinal of every piece after a record's first (int64 [pieces - records], sorted):
+    record r has pieces [r + c, r + c + 1 + m) of all shards' pieces, c = pieces of ordinal < r in the
+    result, m = those of ordinal r. Checked one shard at a time (memory: a shard's temporaries, not
+    the record count): ordinals go 0, 1, ... records - 1 in steps of 0 (a split record: that piece
+    starts after base 0) or 1 (a new record, starting at base 0). TokenFileError naming what is wrong."""
     n_records = int(manifest["records"])
-    # Pieces of a record are consecutive and every record has one: the ordinals go 0, 1, ... n - 1 in
-    # steps of 0 (a split record) or 1. One linear pass (no search per record).
-    steps = np.diff(ordinals)
-    if ordinals.size and ((steps < 0).any() or ordinals[-1] != n_records - 1):
+    last, pieces, continued = -1, 0, []
+    for s in shards:
+        ordinals = np.asarray(s.ordinals)
+        if not ordinals.size:
+            continue
+        steps = np.diff(ordinals, prepend=last)
+        if (steps < 0).any():
+            raise TokenFileError(f"{directory}: shard indexes disagree with the manifest's record count")
+        if (steps > 1).any():
+            raise TokenFileError(f"{directory}: a record has no piece in the shard indexes")
+        if not np.array_equal(steps == 0, np.asarray(s.starts) > 0):
+            raise TokenFileError(f"{s.path}: a record's pieces do not start at base 0 and continue it")
+        continued.append(ordinals[steps == 0])
+        last, pieces = int(ordinals[-1]), pieces + ordinals.size
+        s.release_pages()  # this pass read two columns of every index: keep one shard's resident
+    if pieces and last != n_records - 1:
         raise TokenFileError(f"{directory}: shard indexes disagree with the manifest's record count")
-    if (ordinals.size and ordinals[0] != 0) or (steps > 1).any() or (n_records and not ordinals.size):
+    if n_records and not pieces:
         raise TokenFileError(f"{directory}: a record has no piece in the shard indexes")
-    first = np.concatenate([[0], np.flatnonzero(steps) + 1, [ordinals.size]]).astype(np.int64) if n_records else np.zeros(1, np.int64)
-    piece_lengths = np.concatenate([s.lengths for s in shards]) if shards else np.zeros(0, np.int64)
-    lengths = np.add.reduceat(piece_lengths, first[:-1]) if n_records else np.zeros(0, np.int64)
-    return first, lengths
+    return np.concatenate(continued).astype(np.int64) if continued else np.zeros(0, np.int64)

@@ -9,14 +9,14 @@ bytes per piece plus its bases, bounded by the two limits whatever the corpus ho
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from vqdna.data.fasta import read_fasta
+from vqdna.data.fasta import FastaRecord, read_fasta
 from vqdna.streaming.token_files import Piece, Pieces
 
-__all__ = ["Unit", "work_units"]
+__all__ = ["Unit", "UnitStart", "plan_units", "planned_units", "work_units"]
 
 _FLUSH = 4096  # records gathered in Python lists before they are joined into arrays
 
@@ -90,25 +90,105 @@ def _join(arrays: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(arrays) if arrays else np.zeros(0, np.uint8)
 
 
+def _check_limits(shard_bases: int, shard_records: int) -> None:
+    if shard_bases < 1 or shard_records < 1:
+        raise ValueError(f"shard_bases and shard_records must be >= 1, got {shard_bases}, {shard_records}")
+
+
+def _records(paths: Sequence[str], file: int = 0, offset: int = 0, skip: int = 0) -> Iterator[tuple[int, int, FastaRecord]]:
+    """(file number, record number in that file, record) of the inputs in order, from the record at
+    byte `offset` of paths[file], or (offset -1: FASTQ, not seekable) its record number `skip`."""
+    for f in range(file, len(paths)):
+        first = f == file
+        records = read_fasta(paths[f], start=offset if first and offset > 0 else 0)
+        for r, rec in enumerate(records, skip if first and offset > 0 else 0):
+            if not (first and offset < 0 and r < skip):
+                yield f, r, rec
+
+
+def _cut(records, shard_bases: int, shard_records: int, margin: int, index: int = 0, ordinal: int = 0,
+         first_start: int = 0, starts: Optional[list] = None) -> Iterator[Unit]:
+    """The greedy cut (module docstring) of `records`, numbering units from `index` and records from
+    `ordinal`; the first record is taken from base `first_start` on. With `starts`, no unit is built:
+    each unit's UnitStart is appended to it instead (the plan)."""
+    unit = _UnitBuilder(margin)
+    count = bases = 0  # of the unit being cut (planning builds nothing)
+    for file, number, rec in records:
+        n, start = len(rec.ids), first_start
+        first_start = 0
+        name = None if starts is not None else rec.name.encode("utf-8")
+        while True:
+            take = min(n - start, shard_bases - bases)
+            if starts is not None:
+                if count == 0:
+                    starts.append(UnitStart(file, rec.offset, number, ordinal, start))
+            else:
+                unit.add(ordinal, name, start, take, rec.ids)
+            start += take
+            bases, count = bases + take, count + 1
+            if bases >= shard_bases or count >= shard_records:
+                if starts is None:
+                    yield unit.build(index)
+                    unit = _UnitBuilder(margin)
+                index, bases, count = index + 1, 0, 0
+            if start >= n:
+                break
+        ordinal += 1
+    if count and starts is None:
+        yield unit.build(index)
+
+
 def work_units(paths: Sequence[str], shard_bases: int, shard_records: int, margin: int = 0) -> Iterator[Unit]:
     """The deterministic work units of the inputs (see the module docstring), streamed; each keeps
     `margin` bases of context on each side of its pieces (the encoder's halo)."""
-    if shard_bases < 1 or shard_records < 1:
-        raise ValueError(f"shard_bases and shard_records must be >= 1, got {shard_bases}, {shard_records}")
-    index, ordinal = 0, 0
-    unit = _UnitBuilder(margin)
-    for path in paths:
-        for rec in read_fasta(path):
-            n, start, name = len(rec.ids), 0, rec.name.encode("utf-8")
-            while True:
-                take = min(n - start, shard_bases - unit.bases)
-                unit.add(ordinal, name, start, take, rec.ids)
-                start += take
-                if unit.bases >= shard_bases or unit.count >= shard_records:
-                    yield unit.build(index)
-                    index, unit = index + 1, _UnitBuilder(margin)
-                if start >= n:
-                    break
-            ordinal += 1
-    if unit.count:
-        yield unit.build(index)
+    _check_limits(shard_bases, shard_records)
+    yield from _cut(_records(paths), shard_bases, shard_records, margin)
+
+
+@dataclass(frozen=True)
+class UnitStart:
+    """Where work unit k starts: record `ordinal` (0-based over all inputs), which is record `number`
+    of input `file` and starts at its byte `offset` (FASTA; -1 for FASTQ, which is read from its
+    start to that record), from base `start` of that record."""
+
+    file: int
+    offset: int
+    number: int
+    ordinal: int
+    start: int
+
+
+def plan_units(paths: Sequence[str], shard_bases: int, shard_records: int) -> list[UnitStart]:
+    """The start of every work unit (the plan one rank makes and broadcasts under torch.distributed):
+    one pass over the inputs that keeps no bases and a few dozen bytes per unit."""
+    _check_limits(shard_bases, shard_records)
+    starts: list[UnitStart] = []
+    for _ in _cut(_records(paths), shard_bases, shard_records, 0, starts=starts):
+        pass
+    return starts
+
+
+def planned_units(paths: Sequence[str], plan: Sequence[UnitStart], wanted: Sequence[int], shard_bases: int,
+                  shard_records: int, margin: int = 0) -> Iterator[Unit]:
+    """Work units `wanted` (increasing indices) of the inputs, found from `plan` (plan_units) without
+    reading the inputs before them: each unit's reading starts at its first record (a seek in a plain
+    file). Consecutive wanted units inside one record (a long genome) share one reading of it."""
+    _check_limits(shard_bases, shard_records)
+    units: Optional[Iterator[Unit]] = None
+    position = -1  # the index of the unit `units` yields next
+    for k in wanted:
+        s = plan[k]
+        if units is None or position > k or not _same_record(plan[position], s):
+            units = _cut(_records(paths, s.file, s.offset, s.number), shard_bases, shard_records, margin,
+                         index=k, ordinal=s.ordinal, first_start=s.start)
+            position = k
+        while True:
+            unit = next(units)
+            position = unit.index + 1
+            if unit.index == k:
+                yield unit
+                break
+
+
+def _same_record(a: UnitStart, b: UnitStart) -> bool:
+    return (a.file, a.offset, a.ordinal) == (b.file, b.offset, b.ordinal)
