@@ -1,4 +1,4 @@
-"""Streaming tokenization (DESIGN 2.5): FASTA files -> token files (docs/token-files.md).
+"""Streaming tokenization (docs/design.md §2.5): FASTA files -> token files (docs/token-files.md).
 
     settings.py     Settings: the run's options, typed, frozen, validated once; TokenizeError
     units.py        work units: records of all inputs cut into shards' worth of pieces

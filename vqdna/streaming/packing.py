@@ -1,4 +1,4 @@
-"""Packing (DESIGN 2.5): inside a unit, each piece is cut into windows of `window` bases read with a halo
+"""Packing (docs/design.md §2.5): inside a unit, each piece is cut into windows of `window` bases read with a halo
 of R = model.receptive_radius bases on each side (clipped at the record ends), so a base's codes do
 not depend on where its record was cut. Segments (windows, or whole short records) are packed greedily
 into rows of window + 2R positions, R pad positions (PAD, masked) apart, and rows into batches.

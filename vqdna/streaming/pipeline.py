@@ -1,4 +1,4 @@
-"""One rank's pipeline (DESIGN 2.5): three stages overlap. A reader thread (FASTA decoding, work units,
+"""One rank's pipeline (docs/design.md §2.5): three stages overlap. A reader thread (FASTA decoding, work units,
 packing; on GPU it pins the batch), the compute stage in the calling thread (asynchronous
 host-to-device copy, inference under bf16 autocast or in float32, asynchronous device-to-host copy
 into pinned memory) and a writer thread (waits for the copy, gathers the segments' codes in piece

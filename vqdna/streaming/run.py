@@ -1,4 +1,4 @@
-"""The entry point of streaming tokenization (DESIGN 2.5): `tokenize_files`, FASTA files -> token files
+"""The entry point of streaming tokenization (docs/design.md §2.5): `tokenize_files`, FASTA files -> token files
 (docs/token-files.md), on a CPU, one GPU, or many `torchrun` ranks, resumable byte for byte."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Token files (DESIGN 2.5, docs/token-files.md): a directory of shards plus one manifest. This module
+"""Token files (docs/design.md §2.5, docs/token-files.md): a directory of shards plus one manifest. This module
 owns the format: it is the only one that reads or writes manifest.json, .bin and .idx bytes
 (vqdna.data.TokenDataset reads through it).
 

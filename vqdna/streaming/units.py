@@ -1,4 +1,4 @@
-"""Work units (DESIGN 2.5): the records of all inputs, in order, cut greedily into units of at most
+"""Work units (docs/design.md §2.5): the records of all inputs, in order, cut greedily into units of at most
 `shard_bases` bases and `shard_records` pieces (a long record is split into pieces across units).
 Units depend only on the input, so every rank derives the same list; unit k becomes shard k.
 
