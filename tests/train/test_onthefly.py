@@ -92,3 +92,81 @@ def test_same_seed_same_windows(corpus):
     b = MLMCollator(sizes)([files[j] for j in js])
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def _train(records, out, steps=4, **kw):
+    from tests.train import _mlm
+    from vqdna.train.pretrain import pretrain
+
+    return pretrain(records, _mlm.tokenizer(), str(out), config="bert-tiny", steps=steps, batch_size=8, max_length=32,
+                    lr=2e-3, warmup_steps=1, logging_steps=1, save_steps=2, extra_args={"disable_tqdm": True}, **kw)
+
+
+def _weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def mlm_corpus(tmp_path_factory):
+    """(SequenceIndex, TokenDataset) of the test FASTA tokenized with the stage-2 tests' saved tokenizer."""
+    from tests.train import _mlm
+
+    tmp = tmp_path_factory.mktemp("otf-mlm")
+    fasta = _fasta(tmp / "in.fa")
+    tokenize_files([fasta], str(tmp / "tokens"), _mlm.tokenizer().model, window=100, device="cpu", dtype="fp32")
+    return fasta, SequenceIndex.build([fasta], cache=str(tmp / "cache")), TokenDataset(str(tmp / "tokens"))
+
+
+def test_pretrain_genomes_equals_tokens_and_resumes(mlm_corpus, tmp_path):
+    """pretrain() on raw genomes and on their token files, same seed: the same windows and codes, so the
+    same losses and weights, bit for bit; a run resumed from the step-2 checkpoint ends bit-identical."""
+    import json
+    import shutil
+
+    _, index, tokens = mlm_corpus
+    from_tokens = _train(tokens, tmp_path / "tokens-run")
+    from_genomes = _train(index, tmp_path / "genomes-run")
+    losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (from_tokens, from_genomes)]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
+    final = _weights(from_genomes)
+    assert all(torch.equal(final[k], v) for k, v in _weights(from_tokens).items())
+    data = json.loads((tmp_path / "genomes-run" / "training_data.json").read_text())
+    assert data["source"] == "genomes" and data["inputs"][0]["sha256_ends"] and data["window"] == 30
+    assert data["tokenizer"]["sha256"] == _mlm_sha()
+    assert json.loads((tmp_path / "tokens-run" / "training_data.json").read_text())["source"] == "tokens"
+    # resume: only the step-2 checkpoint in a fresh folder; the run continues to step 4
+    shutil.copytree(tmp_path / "genomes-run" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = _train(index, tmp_path / "resumed")
+    assert [h["loss"] for h in resumed.state.log_history if "loss" in h][-2:] == losses[1][-2:]
+    assert all(torch.equal(final[k], v) for k, v in _weights(resumed).items())
+
+
+def _mlm_sha():
+    from tests.train import _mlm
+
+    return _mlm.tokenizer().tokenizer_sha256
+
+
+def test_cli_pretrain_genomes(mlm_corpus, tmp_path, capsys):
+    """`vqdna pretrain --genomes`: trains and saves; --tokens and --genomes exclude each other; a malformed
+    genome gives `vqdna tokenize`'s error (file, record, line)."""
+    from tests.train import _mlm
+    from vqdna.cli import main
+
+    fasta = mlm_corpus[0]
+    argv = ["pretrain", "--genomes", fasta, "--tokenizer", f"{_mlm.ROOT}/stage1", "--config", "bert-tiny", "--out",
+            str(tmp_path / "mlm"), "--steps", "2", "--batch-size", "4", "--max-length", "32", "--warmup-steps", "1",
+            "--save-steps", "2", "--logging-steps", "1", "--no-progress"]
+    assert main(argv) == 0
+    assert "pretrain: 2 steps" in capsys.readouterr().out
+    assert (tmp_path / "mlm" / "training_data.json").exists() and (tmp_path / "mlm" / "sequence-index").is_dir()
+    with pytest.raises(SystemExit):
+        main(argv[:3] + ["--tokens", str(tmp_path)] + argv[3:])
+    capsys.readouterr()
+    bad = tmp_path / "bad.fa"
+    bad.write_text(">ok\nACGT\n>broken\nACGT\nAC!GT\n")
+    assert main(["tokenize", str(bad), "--out", str(tmp_path / "tok"), "--model", f"{_mlm.ROOT}/stage1", "--no-progress"]) == 1
+    want = capsys.readouterr().err.split("vqdna tokenize: error: ", 1)[1]
+    assert main(argv[:2] + [str(bad)] + argv[3:]) == 1
+    got = capsys.readouterr().err.split("vqdna pretrain: error: ", 1)[1]
+    assert got == want and "broken" in got and str(bad) in got

@@ -1,18 +1,30 @@
-"""`vqdna pretrain`: stage-2 masked-LM pre-training on token files."""
+"""`vqdna pretrain`: stage-2 masked-LM pre-training on token files (--tokens) or on genomes tokenized on the
+fly (--genomes, vqdna.train.onthefly)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+
+from vqdna.commands.tokenize import os_error_message
 
 from vqdna.train.presets import add_preset_arguments, resolve
 
-HELP = "masked-LM pre-training (stage 2) of a VQDNA BERT on token files"
+HELP = "masked-LM pre-training (stage 2) of a VQDNA BERT on token files or on genomes tokenized on the fly"
+DEFAULT_GENOME_TOKENIZER = "vqdna-small"  # `vqdna tokenize`'s default model
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tokens", required=True, help="token-file folder written by `vqdna tokenize`")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--tokens", help="token-file folder written by `vqdna tokenize`")
+    source.add_argument("--genomes", nargs="+", metavar="FILE", help="FASTA/FASTQ files tokenized on the fly while "
+                        "training (the same codes and windows as `vqdna tokenize` then --tokens; no token files)")
     parser.add_argument("--tokenizer", help="stage-1 tokenizer (directory or bundled name) that wrote the tokens "
-                        "(default: the bundled tokenizer whose sha256 the token manifest records)")
+                        "(default: the bundled tokenizer whose sha256 the token manifest records), or that "
+                        f"tokenizes --genomes (default: {DEFAULT_GENOME_TOKENIZER})")
+    parser.add_argument("--index-cache", help="with --genomes: folder of the decoded, memory-mapped sequence index "
+                        "(default: OUT/sequence-index; reused while the genome files are unchanged)")
     parser.add_argument("--out", required=True, help="output folder: checkpoints, final model and tokenizer")
     add_preset_arguments(parser, "pretrain")
     parser.add_argument("--save-steps", type=int, default=1000)
@@ -27,10 +39,24 @@ def run(args: argparse.Namespace) -> int:
     from vqdna.models.hf_tokenizer import VQDNATokenizer
     from vqdna.train.pretrain import open_token_dataset, pretrain
 
-    records = open_token_dataset(args.tokens)
-    name = args.tokenizer or _manifest_tokenizer(records, args.tokens)
-    tokenizer = VQDNATokenizer.from_pretrained(name)
-    _check_identity(records, tokenizer, args.tokens)
+    if args.genomes:
+        from vqdna.data.fasta import FastaFormatError
+        from vqdna.data.index import SequenceIndex
+
+        try:
+            records = SequenceIndex.build(args.genomes, cache=args.index_cache or os.path.join(args.out, "sequence-index"))
+        except FastaFormatError as exc:  # the message `vqdna tokenize` gives for the same file
+            print(f"vqdna pretrain: error: {exc}", file=sys.stderr)
+            return 1
+        except OSError as exc:
+            print(f"vqdna pretrain: error: {os_error_message(exc, args.out)}", file=sys.stderr)
+            return 1
+        tokenizer = VQDNATokenizer.from_pretrained(args.tokenizer or DEFAULT_GENOME_TOKENIZER)
+    else:
+        records = open_token_dataset(args.tokens)
+        name = args.tokenizer or _manifest_tokenizer(records, args.tokens)
+        tokenizer = VQDNATokenizer.from_pretrained(name)
+        _check_identity(records, tokenizer, args.tokens)
     recipe = resolve("pretrain", args)
     if args.no_progress:  # also transformers' own bars (loading and writing weights)
         from transformers.utils.logging import disable_progress_bar

@@ -100,9 +100,9 @@ class OnTheFlyMLMCollator:
     worker that runs the collator also runs the encode, overlapping the training step)."""
 
     def __init__(self, model, codebook_sizes, mlm_probability: float = 0.25, pad_to_multiple_of: int = 8,
-                 device: str | torch.device = "cpu"):
+                 seed: int | None = None, device: str | torch.device = "cpu"):
         self.encoder = OnTheFlyEncoder(model, device)
-        self.mlm = MLMCollator(codebook_sizes, mlm_probability, pad_to_multiple_of)
+        self.mlm = MLMCollator(codebook_sizes, mlm_probability, pad_to_multiple_of, seed=seed)
 
     def __call__(self, features):
         return self.mlm(self.encoder(features))

@@ -10,6 +10,7 @@ batch); checkpoints every save_steps and an automatic resume from the newest one
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
@@ -22,22 +23,30 @@ from vqdna.models.bert import MASK, VQDNAConfig, VQDNAForMaskedLM, build_inputs,
 log = logging.getLogger(__name__)
 
 
+def window_starts(lengths, window: int, min_length: int = 1) -> np.ndarray:
+    """(record, start) int64 [windows, 2]: starts 0, window, 2 * window, ... of every record of
+    `lengths` positions (records shorter than min_length skipped). The one window layout of CodeWindows
+    (token files) and vqdna.train.onthefly.GenomeWindows (raw sequences), so both number windows alike."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    index = []
+    for i, n in enumerate(np.asarray(lengths, dtype=np.int64).reshape(-1)):
+        starts = np.arange(0, n, window) if n >= min_length else np.zeros(0, np.int64)
+        index.append(np.stack([np.full(len(starts), i), starts], 1))
+    return np.concatenate(index).astype(np.int64) if index else np.zeros((0, 2), np.int64)
+
+
 class CodeWindows(Dataset):
     """Windows of at most `window` codes over the records of `records` (ds[i] -> (name, codes
     [length, n_levels])); item j -> int64 codes [n, n_levels]. Records shorter than min_length codes
     are skipped. Record lengths come from `records.lengths` when present, else are read once here."""
 
     def __init__(self, records, window: int, min_length: int = 1):
-        if window < 1:
-            raise ValueError(f"window must be >= 1, got {window}")
         self.records, self.window = records, window
-        index = []
         lengths = getattr(records, "lengths", None)  # TokenDataset knows them without reading codes
-        for i in range(len(records)):
-            n = int(lengths[i]) if lengths is not None else len(records[i][1])
-            starts = np.arange(0, n, window) if n >= min_length else np.zeros(0, np.int64)
-            index.append(np.stack([np.full(len(starts), i), starts], 1))
-        self.index = np.concatenate(index) if index else np.zeros((0, 2), np.int64)
+        if lengths is None:
+            lengths = [len(records[i][1]) for i in range(len(records))]
+        self.index = window_starts(lengths, window, min_length)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -71,16 +80,27 @@ def mask_tokens(input_ids: torch.Tensor, codebook_sizes, mlm_probability: float 
 
 class MLMCollator:
     """list of code tensors [n_i, n_levels] -> {"input_ids", "attention_mask", "labels"} (CLS/SEP added,
-    padded to a multiple of 8, masked by mask_tokens)."""
+    padded to a multiple of 8, masked by mask_tokens).
 
-    def __init__(self, codebook_sizes, mlm_probability: float = 0.25, pad_to_multiple_of: int = 8):
+    seed: None draws the masks from torch's global RNG. An int draws them from a generator seeded by
+    (seed, the batch's codes), so a batch's masks depend on nothing but the run's seed and the batch:
+    the same in DataLoader workers, on every rank, and after a resume (the Trainer's data loader collates
+    one batch ahead, so the global RNG state a checkpoint saves is already past the next batch's masks)."""
+
+    def __init__(self, codebook_sizes, mlm_probability: float = 0.25, pad_to_multiple_of: int = 8,
+                 seed: int | None = None):
         self.codebook_sizes = [int(k) for k in codebook_sizes]
         self.mlm_probability = mlm_probability
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.seed = seed
 
     def __call__(self, features):
         input_ids, mask = build_inputs(features, self.codebook_sizes, pad_to_multiple_of=self.pad_to_multiple_of)
-        input_ids, labels = mask_tokens(input_ids, self.codebook_sizes, self.mlm_probability)
+        generator = None
+        if self.seed is not None:
+            digest = hashlib.blake2b(input_ids.numpy().tobytes(), digest_size=8, key=str(self.seed).encode())
+            generator = torch.Generator().manual_seed(int.from_bytes(digest.digest(), "little") >> 1)
+        input_ids, labels = mask_tokens(input_ids, self.codebook_sizes, self.mlm_probability, generator=generator)
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
@@ -128,8 +148,10 @@ def pretrain(
 ):
     """Masked-LM pre-training; saves the model (safetensors) and the tokenizer in out_dir.
 
-    records: ds[i] -> (name, codes [length, n_levels]) (e.g. vqdna.data.TokenDataset); tokenizer: the
-    VQDNATokenizer whose stage-1 model produced the codes. batch_size is global (split over the
+    records: ds[i] -> (name, codes [length, n_levels]) (e.g. vqdna.data.TokenDataset), or a
+    vqdna.data.SequenceIndex of raw genomes tokenized on the fly (same windows, same codes; see
+    vqdna.train.onthefly); tokenizer: the VQDNATokenizer whose stage-1 model produced (or produces) the
+    codes. out_dir also gets training_data.json (write_training_data). batch_size is global (split over the
     torchrun world). Returns the transformers Trainer (trainer.state.log_history holds the losses).
     """
     from transformers import Trainer, TrainingArguments, set_seed
@@ -142,9 +164,10 @@ def pretrain(
     if max_length < 3:
         raise ValueError(f"max_length must be >= 3 (CLS, one code, SEP), got {max_length}")
     model = build_model(config, tokenizer.model, train_max_length=max_length, **(model_overrides or {}))
-    train = CodeWindows(records, max_length - 2)
+    train, collator = training_windows(records, tokenizer.model, max_length - 2, model.config.codebook_sizes,
+                                       mlm_probability, seed=seed, encode_device="cuda" if torch.cuda.is_available() and num_workers == 0 else "cpu")
     if len(train) == 0:
-        raise ValueError("the token dataset holds no codes")
+        raise ValueError("the token dataset holds no codes" if isinstance(train, CodeWindows) else "the genomes hold no bases")
     if bf16 is None:
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     args = TrainingArguments(
@@ -172,8 +195,7 @@ def pretrain(
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for host-to-GPU copies; on a CPU it only warns
         **{**cpu_ddp_args(), **(extra_args or {})},
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train,
-                      data_collator=MLMCollator(model.config.codebook_sizes, mlm_probability))
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
     last = get_last_checkpoint(out_dir) if resume and os.path.isdir(out_dir) else None
     if last:
         log.warning("resuming from %s", last)
@@ -182,7 +204,50 @@ def pretrain(
     if trainer.is_world_process_zero():
         tokenizer.model_max_length = max_length
         tokenizer.save_pretrained(out_dir)
+        write_training_data(out_dir, records, tokenizer, max_length - 2, seed)
     return trainer
+
+
+TRAINING_DATA = "training_data.json"
+
+
+def training_windows(records, tokenizer_model, window: int, codebook_sizes, mlm_probability: float = 0.25,
+                     seed: int | None = None, encode_device="cpu"):
+    """(dataset, collator) for the Trainer: CodeWindows + MLMCollator over token files, or, when
+    `records` is a vqdna.data.SequenceIndex of raw genomes, GenomeWindows (halo = the tokenizer's
+    receptive radius) + OnTheFlyMLMCollator, which encodes each batch in the data path (DataLoader
+    workers when num_workers > 0) into the codes `vqdna tokenize` writes. Both number windows alike."""
+    from vqdna.data.index import SequenceIndex
+
+    if isinstance(records, SequenceIndex):
+        from vqdna.train.onthefly import GenomeWindows, OnTheFlyMLMCollator
+
+        return (GenomeWindows(records, window, halo=tokenizer_model.receptive_radius),
+                OnTheFlyMLMCollator(tokenizer_model, codebook_sizes, mlm_probability, seed=seed, device=encode_device))
+    return CodeWindows(records, window), MLMCollator(codebook_sizes, mlm_probability, seed=seed)
+
+
+def write_training_data(out_dir: str, records, tokenizer, window: int, seed: int) -> None:
+    """out_dir/training_data.json: what the model was trained on (the inputs with their fingerprints:
+    the genomes' size/mtime/end hashes, or the token files' manifest), the tokenizer's identity
+    (sha256 of its weights, receptive radius) and the window layout and seed that fix the sampling."""
+    import json
+
+    from vqdna.data.index import SequenceIndex
+
+    model = tokenizer.model
+    if isinstance(records, SequenceIndex):
+        data = {"source": "genomes", "inputs": records.inputs, "records": len(records.lengths),
+                "bases": int(records.total)}
+    else:
+        manifest = getattr(records, "manifest", None)
+        data = {"source": "tokens", "directory": getattr(records, "directory", None), "manifest": manifest,
+                "records": len(records)}
+    data.update({"tokenizer": {"sha256": model.tokenizer_sha256, "receptive_radius": int(model.receptive_radius),
+                               "codebook_sizes": [int(k) for k in model.config.codebook_sizes]},
+                 "window": int(window), "seed": int(seed)})
+    with open(os.path.join(out_dir, TRAINING_DATA), "w") as f:
+        json.dump(data, f, indent=1, default=str)
 
 
 def cpu_ddp_args() -> dict:
