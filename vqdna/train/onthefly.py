@@ -29,11 +29,12 @@ __all__ = ["GenomeWindow", "GenomeWindows", "OnTheFlyEncoder", "OnTheFlyMLMColla
 
 class GenomeWindow(NamedTuple):
     """One window with its halo: ids uint8 [n + left + right] (bases [start - left, start + n + right)
-    of the record), left/n: where the window's own bases are inside ids."""
+    of the record), left/n: where the window's own bases are inside ids; number: its dataset index."""
 
     ids: np.ndarray
     left: int
     n: int
+    number: int = -1
 
 
 class GenomeWindows(Dataset):
@@ -72,7 +73,7 @@ class GenomeWindows(Dataset):
         lo, hi = max(0, start - self.halo), min(n_rec, start + n + self.halo)
         base = int(self.offsets[i])
         ids = np.asarray(self.sequences.data[base + lo : base + hi], dtype=np.uint8)
-        return GenomeWindow(ids, start - lo, n)
+        return GenomeWindow(ids, start - lo, n, int(j))
 
 
 class OnTheFlyEncoder:
