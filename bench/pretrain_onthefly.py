@@ -19,6 +19,12 @@ import time
 import torch
 
 
+def _epochs(loader):
+    """The loader's batches, epoch after epoch (a small genome has fewer batches than the run's steps)."""
+    while True:
+        yield from loader
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--fasta", help="default: the bundled phage lambda genome")
@@ -54,7 +60,7 @@ def main() -> None:
         loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                                              num_workers=args.num_workers, drop_last=True,
                                              generator=torch.Generator().manual_seed(0))
-        runs[name] = dict(data=data, collate=collate, model=model, batches=iter(loader), seconds=0.0,
+        runs[name] = dict(data=data, collate=collate, model=model, batches=_epochs(loader), seconds=0.0,
                           opt=torch.optim.AdamW(model.parameters(), lr=1e-4))
     # The two runs' steps alternate, so a change of the machine's load hits both alike.
     for step in range(args.warmup + args.steps):
