@@ -165,7 +165,7 @@ def pretrain(
         raise ValueError(f"max_length must be >= 3 (CLS, one code, SEP), got {max_length}")
     model = build_model(config, tokenizer.model, train_max_length=max_length, **(model_overrides or {}))
     train, collator = training_windows(records, tokenizer.model, max_length - 2, model.config.codebook_sizes,
-                                       mlm_probability, seed=seed, encode_device="cuda" if torch.cuda.is_available() and num_workers == 0 else "cpu")
+                                       mlm_probability, seed=seed, encode_device=_encode_device(num_workers))
     if len(train) == 0:
         raise ValueError("the token dataset holds no codes" if isinstance(train, CodeWindows) else "the genomes hold no bases")
     if bf16 is None:
@@ -209,6 +209,14 @@ def pretrain(
 
 
 TRAINING_DATA = "training_data.json"
+
+
+def _encode_device(num_workers: int) -> str:
+    """Where the on-the-fly encode runs: this rank's GPU when the collator runs in this process (CUDA
+    cannot be used in forked DataLoader workers), else the CPU (in the workers, overlapping the step)."""
+    if torch.cuda.is_available() and num_workers == 0:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return "cpu"
 
 
 def training_windows(records, tokenizer_model, window: int, codebook_sizes, mlm_probability: float = 0.25,
