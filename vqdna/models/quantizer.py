@@ -548,6 +548,9 @@ class VectorQuantizer(_EMACodebook):
         if not learn:
             codebook = codebook.detach()
         sample = self.stochastic_sample_codes and self.training and self.sample_codebook_temp > 0
+        # One codebook, nearest codes, no codebook gradient: the fused op finds the codes and writes the
+        # chosen rows (with the straight-through gradient) and the distances in one pass over z.
+        fused = c == 1 and not sample and not learn
         if sample:
             with torch.no_grad():
                 # Shared-codebook heads of a [B, N, H, d] input: rows in the peer's (B, H, N) order,
@@ -556,6 +559,8 @@ class VectorQuantizer(_EMACodebook):
                 zs = z.detach().transpose(1, 2) if peer_order else z.detach()
                 codes = self._sample_codes(zs, codebook.detach().view(c, k, -1), self.sample_codebook_temp)
                 codes = codes.transpose(1, 2) if peer_order else codes
+        elif fused:
+            codes, quantized_st, dist_, _, _ = kernels.quantize(z, codebook, codes_dtype=torch.int64)
         elif c == 1:
             codes, dist_ = kernels.lookup(z, codebook, codes_dtype=torch.int64)
         else:
@@ -566,7 +571,7 @@ class VectorQuantizer(_EMACodebook):
             codes = torch.stack([f[0] for f in found], -1)
             dist_ = torch.stack([f[1] for f in found], -1)
         flat_codes = codes if c == 1 else codes + torch.arange(c, device=codes.device) * k
-        quantized = torch.nn.functional.embedding(flat_codes, codebook)
+        quantized = quantized_st.detach() if fused else torch.nn.functional.embedding(flat_codes, codebook)
         if sample:  # the sampled code's squared distance (non-finite where z is)
             dist_ = (z.detach().float() - quantized.detach().float()).pow(2).sum(-1)
         if self.check_finite is not False:
@@ -592,13 +597,18 @@ class VectorQuantizer(_EMACodebook):
                 self.track_usage(flat_codes, rows_mask)
                 self.restart_dead(zd, codes, rows_mask, sync)
         weight = None if rows_mask is None else rows_mask.to(dist_.dtype)
-        loss = self.commitment_weight * _CommitmentLoss.apply(z, quantized if learn else quantized.detach(), dist_, weight)
+        # The loss is its own graph node (not the op's sqdist_sum): the output and the loss then backward
+        # independently (autograd.grad on each, as before), and its value is the same sum as before.
+        loss = self.commitment_weight * _CommitmentLoss.apply(
+            z, quantized if learn else quantized.detach(), dist_.detach() if fused else dist_, weight)
         if self.training and self.orthogonal_reg_weight > 0:
             loss = loss + self.orthogonal_reg_weight * self._orthogonal_reg(flat_codes)
-        if z.requires_grad:
-            out = (_RotationTrick if self.rotation_trick else _StraightThrough).apply(z, quantized)
+        if z.requires_grad and self.rotation_trick:
+            out = _RotationTrick.apply(z, quantized)
+        elif fused:
+            out = quantized_st
         else:
-            out = quantized
+            out = _StraightThrough.apply(z, quantized) if z.requires_grad else quantized
         if h > 1:
             out = out.flatten(-2)
         out = self.project_out(out)
