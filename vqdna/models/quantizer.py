@@ -54,13 +54,14 @@ class _StraightThrough(torch.autograd.Function):
 
 class _CommitmentLoss(torch.autograd.Function):
     """Weighted mean((x - sg(q))^2) over the unmasked rows, its value taken from the lookup's
-    per-row squared distances (no extra pass over x). x, q [..., D]; row_sqdist [...] float32;
+    per-row squared distances (no extra pass over x). x, q [..., D]; row_sqdist [...] float32 (or
+    their sum [] without row_weight);
     row_weight [...] float32 or None (all ones). Backward: 2 w (x - q) / (D * sum(w))."""
 
     @staticmethod
     def forward(x, quantized, row_sqdist, row_weight):
-        if row_weight is None:
-            return row_sqdist.sum() / x.numel()
+        if row_weight is None:  # row_sqdist may be the sum already (a 0-d tensor: the quantize op's)
+            return (row_sqdist if row_sqdist.dim() == 0 else row_sqdist.sum()) / x.numel()
         return (row_sqdist * row_weight).sum() / (row_weight.sum().clamp_min(1) * x.shape[-1])
 
     @staticmethod
@@ -154,9 +155,10 @@ def _check_finite_mode(check_finite) -> Union[bool, str]:
     return check_finite
 
 
-def _check_finite(mode, row_dist: torch.Tensor, name: str) -> None:
+def _check_finite(mode, row_dist: torch.Tensor, name: str, nonfinite: Optional[torch.Tensor] = None) -> None:
     """The NaN/Inf check of one input; row_dist [...] is non-finite exactly at its bad rows (the
-    lookup's distances: no extra pass over the input).
+    lookup's distances: no extra pass over the input). nonfinite: the quantize op's int64 [2] report
+    (count, first row) of those rows, when there is one: then row_dist is only read to name the row.
 
     mode True: a ValueError naming the first bad row in eager mode on CPU tensors (reading a CPU
     tensor drains no queue), else a device-side assertion (no host sync). "raise": that ValueError
@@ -165,9 +167,11 @@ def _check_finite(mode, row_dist: torch.Tensor, name: str) -> None:
     if mode is False:
         return
     if not torch.compiler.is_compiling() and (mode == "raise" or (mode is True and row_dist.device.type == "cpu")):
-        kernels.raise_on_nonfinite(row_dist, name)
+        if nonfinite is None or int(nonfinite[0]) > 0:
+            kernels.raise_on_nonfinite(row_dist, name)
     else:
-        torch._assert_async(torch.isfinite(row_dist).all(), f"{name} holds NaN or Inf (check_finite='raise' names the row)")
+        ok = torch.isfinite(row_dist).all() if nonfinite is None else nonfinite[0] == 0
+        torch._assert_async(ok, f"{name} holds NaN or Inf (check_finite='raise' names the row)")
 
 
 class _EMACodebook(nn.Module):
@@ -560,7 +564,7 @@ class VectorQuantizer(_EMACodebook):
                 codes = self._sample_codes(zs, codebook.detach().view(c, k, -1), self.sample_codebook_temp)
                 codes = codes.transpose(1, 2) if peer_order else codes
         elif fused:
-            codes, quantized_st, dist_, _, _ = kernels.quantize(z, codebook, codes_dtype=torch.int64)
+            codes, quantized_st, dist_, sqdist_sum, nonfinite = kernels.quantize(z, codebook, codes_dtype=torch.int64)
         elif c == 1:
             codes, dist_ = kernels.lookup(z, codebook, codes_dtype=torch.int64)
         else:
@@ -576,7 +580,7 @@ class VectorQuantizer(_EMACodebook):
             dist_ = (z.detach().float() - quantized.detach().float()).pow(2).sum(-1)
         if self.check_finite is not False:
             # A non-finite row of x has a non-finite distance: no extra pass over x.
-            _check_finite(self.check_finite, dist_, "VectorQuantizer input x")
+            _check_finite(self.check_finite, dist_, "VectorQuantizer input x", nonfinite if fused else None)
         if self.training and not frozen:
             with torch.no_grad():
                 zd = z.detach()
@@ -597,10 +601,10 @@ class VectorQuantizer(_EMACodebook):
                 self.track_usage(flat_codes, rows_mask)
                 self.restart_dead(zd, codes, rows_mask, sync)
         weight = None if rows_mask is None else rows_mask.to(dist_.dtype)
-        # The loss is its own graph node (not the op's sqdist_sum): the output and the loss then backward
-        # independently (autograd.grad on each, as before), and its value is the same sum as before.
-        loss = self.commitment_weight * _CommitmentLoss.apply(
-            z, quantized if learn else quantized.detach(), dist_.detach() if fused else dist_, weight)
+        # The loss is its own graph node (the op's sqdist_sum detached): the output and the loss then
+        # backward independently (autograd.grad on each, as before).
+        sqdist = (sqdist_sum if weight is None else dist_).detach() if fused else dist_
+        loss = self.commitment_weight * _CommitmentLoss.apply(z, quantized if learn else quantized.detach(), sqdist, weight)
         if self.training and self.orthogonal_reg_weight > 0:
             loss = loss + self.orthogonal_reg_weight * self._orthogonal_reg(flat_codes)
         if z.requires_grad and self.rotation_trick:

@@ -17,6 +17,29 @@ namespace {
 
 using namespace vqdna::cpu;
 
+// Outputs above this size are written with non-temporal stores: they would only evict the codebook
+// and the next blocks of z, and a streamed store skips the read-for-ownership of a cached one.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
+// Copies `bytes` bytes of one codebook row (src) to its output row (dst), streamed when `stream`.
+inline void copy_row(void* dst, const void* src, int64_t bytes, bool stream) {
+#ifdef VQDNA_AVX2
+  if (stream) {
+    char* d = static_cast<char*>(dst);
+    const char* s = static_cast<const char*>(src);
+    int64_t i = 0;
+    for (; i < bytes && (reinterpret_cast<uintptr_t>(d + i) & 31) != 0; ++i) d[i] = s[i];
+    for (; i + 32 <= bytes; i += 32) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+    }
+    for (; i < bytes; ++i) d[i] = s[i];
+    return;
+  }
+#endif
+  (void)stream;
+  std::memcpy(dst, src, bytes);
+}
+
 template <typename T>
 void quantize_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& sqnorm, at::Tensor& codes,
                      at::Tensor& quantized, at::Tensor& dist, at::Tensor& sqdist_sum, at::Tensor& nonfinite) {
@@ -31,6 +54,9 @@ void quantize_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::
   const int64_t n_blocks = (N + mb - 1) / mb;
   std::vector<double> blk_sum(n_blocks, 0.0);
   std::vector<int64_t> blk_bad(n_blocks, 0), blk_first(n_blocks, -1);
+  const int64_t q_bytes = N * D * int64_t(sizeof(T));
+  const bool stream = q_bytes >= kStreamBytes;
+  advise_huge_pages(q_p, static_cast<size_t>(q_bytes));
 
   at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
     AlignedBuf apack = aligned_floats(mb * D);
@@ -58,7 +84,7 @@ void quantize_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::
         const int32_t code = best_idx[r];
         dist_p[r0 + r] = d;
         codes_p[r0 + r] = code;
-        std::memcpy(q_p + (r0 + r) * D, cbp + int64_t(code) * D, D * sizeof(T));
+        copy_row(q_p + (r0 + r) * D, cbp + int64_t(code) * D, D * int64_t(sizeof(T)), stream);
         sum += d;
         if (!std::isfinite(d)) {
           if (bad++ == 0) first = r0 + r;
@@ -68,6 +94,9 @@ void quantize_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::
       blk_bad[blk] = bad;
       blk_first[blk] = first;
     }
+#ifdef VQDNA_AVX2
+    if (stream) _mm_sfence();  // this thread's streamed stores are visible before the outputs are read
+#endif
   });
   double total = 0.0;
   int64_t bad = 0, first = -1;
