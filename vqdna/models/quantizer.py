@@ -421,6 +421,7 @@ class VectorQuantizer(_EMACodebook):
             # A parameter (same state-dict key): the optimizer or the orthogonality loss moves it.
             codebook = self._buffers.pop("codebook")
             self.codebook = nn.Parameter(codebook)
+        self._sqnorm_cache: tuple = (None, -1, None)  # (codebook tensor, its version, ||e_k||^2 [K])
         self.has_projections = codebook_dim * heads != dim
         self.project_in = nn.Linear(dim, codebook_dim * heads) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(codebook_dim * heads, dim) if self.has_projections else nn.Identity()
@@ -525,6 +526,20 @@ class VectorQuantizer(_EMACodebook):
                 codes[i, start:start + _SAMPLE_CHUNK] = logits.div_(temp).add_(gumbel).argmax(-1)
         return codes.transpose(0, 1).reshape(z.shape[:-1])
 
+    def _codebook_sqnorm(self, codebook: torch.Tensor) -> Optional[torch.Tensor]:
+        """||e_k||^2 [K] float32 of `codebook` (the float32 buffer itself, detached), computed as the
+        lookup wrapper does and kept while the buffer is the same tensor at the same version (eval
+        calls: one small pass less per call). None where it is not cached (compiled code, cosine
+        codebooks, another dtype): the op computes it then."""
+        book = self.codebook
+        if torch.compiler.is_compiling() or self.use_cosine_sim or codebook.dtype != torch.float32 or book.dtype != torch.float32:
+            return None
+        cached, version, sq = self._sqnorm_cache
+        if cached is not book or version != book._version:
+            sq = book.detach().pow(2).sum(-1)
+            self._sqnorm_cache = (book, book._version, sq)
+        return sq
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, freeze_codebook: Optional[bool] = None):
         x, move_back = self._channels_last(x)
         if x.shape[-1] != self.dim:
@@ -564,7 +579,8 @@ class VectorQuantizer(_EMACodebook):
                 codes = self._sample_codes(zs, codebook.detach().view(c, k, -1), self.sample_codebook_temp)
                 codes = codes.transpose(1, 2) if peer_order else codes
         elif fused:
-            codes, quantized_st, dist_, sqdist_sum, nonfinite = kernels.quantize(z, codebook, codes_dtype=torch.int64)
+            codes, quantized_st, dist_, sqdist_sum, nonfinite = kernels.quantize(
+                z, codebook, codebook_sqnorm=self._codebook_sqnorm(codebook), codes_dtype=torch.int64)
         elif c == 1:
             codes, dist_ = kernels.lookup(z, codebook, codes_dtype=torch.int64)
         else:
