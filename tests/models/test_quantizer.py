@@ -533,3 +533,26 @@ def test_cuda_graph_training_step_equals_eager(kind):
             torch.testing.assert_close(a, b)
     for (k, a), b in zip(m.state_dict().items(), eager.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_vq_runs_the_fused_quantize_op_and_follows_codebook_changes(rng):
+    """One codebook: the forward is the quantize op (codes, rows, loss sum, non-finite report in one
+    pass); its cached ||e_k||^2 follows in-place codebook writes (load_state_dict, copy_, EMA)."""
+
+    vq = VectorQuantizer(dim=5, codebook_size=8).eval()
+    x = torch.randn(30, 5, generator=rng)
+    q, codes, loss = vq(x)
+    assert dispatch.last_backend("quantize") is not None
+    assert torch.equal(codes, reference.lookup(x, vq.codebook)[0].long())
+    with torch.no_grad():
+        vq.codebook.mul_(-3.0)  # same tensor, new version: the cache must not serve the old norms
+    q, codes, loss = vq(x)
+    assert torch.equal(codes, reference.lookup(x, vq.codebook)[0].long())
+    assert torch.equal(q, vq.codebook[codes])
+    torch.testing.assert_close(loss, 0.5 * (x - q).pow(2).mean())
+    vq.load_state_dict({**vq.state_dict(), "codebook": torch.randn(8, 5, generator=rng)})
+    q, codes, _ = vq(x)
+    assert torch.equal(codes, reference.lookup(x, vq.codebook)[0].long())
+    x[4, 2] = float("nan")
+    with pytest.raises(ValueError, match="row 4 holds NaN or Inf"):
+        vq(x)

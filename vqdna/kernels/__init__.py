@@ -9,6 +9,7 @@ from vqdna.kernels.ops.ema_stats.wrapper import ema_stats, ema_update
 from vqdna.kernels.ops.hrq_quantize.wrapper import hrq_quantize
 from vqdna.kernels.ops.kmeans.wrapper import kmeans
 from vqdna.kernels.ops.lookup.wrapper import lookup, raise_on_nonfinite
+from vqdna.kernels.ops.quantize.wrapper import quantize
 from vqdna.kernels.ops.stem.wrapper import stem
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "kmeans",
     "last_backend",
     "lookup",
+    "quantize",
     "raise_on_nonfinite",
     "reference",
     "stem",

@@ -74,6 +74,35 @@ def lookup(
     return codes, dist
 
 
+def quantize(
+    z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: Optional[torch.Tensor] = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Nearest code, its row, the commitment-loss sum and the non-finite rows in one pass (docs/design.md §2.1).
+
+    z [N, D], codebook [K, D] (same dtype: float32/bfloat16/float16/float64), codebook_sqnorm [K] (optional).
+    Returns
+      codes int32 [N] and dist [N] float32 (float64 for float64 inputs): exactly `lookup(z, codebook)`;
+      quantized [N, D] (dtype of z) = codebook[codes]: the straight-through output's values, bit-exact rows
+        of the codebook;
+      sqdist_sum [] float32 (float64 for float64 inputs) = sum_i dist[i], accumulated in float64 and
+        rounded once: the commitment loss is sqdist_sum / (N D). Non-finite when any row is;
+      nonfinite int64 [2] = (number of rows i with a non-finite dist[i], the first such i or -1): every
+        row of z holding NaN/Inf is one (so is a finite row whose float32 squared distance overflows).
+        A device tensor: reading it is the caller's choice (no host sync here).
+    Gradient (docs/design.md §2.1, straight-through + commitment): dL/dz = g_quantized
+    + 2 (g_sqdist_sum + g_dist[:, None]) (z - quantized); the codebook gets none (EMA updates it).
+    """
+    codes, dist = lookup(z, codebook, codebook_sqnorm)
+    quantized = codebook[codes.long()].to(z.dtype)
+    sqdist_sum = dist.double().sum().to(dist.dtype)
+    bad = ~torch.isfinite(dist)
+    count = bad.sum()
+    first = torch.where(bad, torch.arange(dist.shape[0], device=dist.device), dist.shape[0]).min() if dist.shape[0] else count
+    first = torch.where(count > 0, first, torch.full_like(first, -1))
+    nonfinite = torch.stack([count, first]).to(torch.int64)
+    return codes, quantized, dist, sqdist_sum, nonfinite
+
+
 def hrq_quantize(
     zs: Sequence[torch.Tensor], codebooks: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,13 +54,14 @@ class _StraightThrough(torch.autograd.Function):
 
 class _CommitmentLoss(torch.autograd.Function):
     """Weighted mean((x - sg(q))^2) over the unmasked rows, its value taken from the lookup's
-    per-row squared distances (no extra pass over x). x, q [..., D]; row_sqdist [...] float32;
+    per-row squared distances (no extra pass over x). x, q [..., D]; row_sqdist [...] float32 (or
+    their sum [] without row_weight);
     row_weight [...] float32 or None (all ones). Backward: 2 w (x - q) / (D * sum(w))."""
 
     @staticmethod
     def forward(x, quantized, row_sqdist, row_weight):
-        if row_weight is None:
-            return row_sqdist.sum() / x.numel()
+        if row_weight is None:  # row_sqdist may be the sum already (a 0-d tensor: the quantize op's)
+            return (row_sqdist if row_sqdist.dim() == 0 else row_sqdist.sum()) / x.numel()
         return (row_sqdist * row_weight).sum() / (row_weight.sum().clamp_min(1) * x.shape[-1])
 
     @staticmethod
@@ -154,9 +155,10 @@ def _check_finite_mode(check_finite) -> Union[bool, str]:
     return check_finite
 
 
-def _check_finite(mode, row_dist: torch.Tensor, name: str) -> None:
+def _check_finite(mode, row_dist: torch.Tensor, name: str, nonfinite: Optional[torch.Tensor] = None) -> None:
     """The NaN/Inf check of one input; row_dist [...] is non-finite exactly at its bad rows (the
-    lookup's distances: no extra pass over the input).
+    lookup's distances: no extra pass over the input). nonfinite: the quantize op's int64 [2] report
+    (count, first row) of those rows, when there is one: then row_dist is only read to name the row.
 
     mode True: a ValueError naming the first bad row in eager mode on CPU tensors (reading a CPU
     tensor drains no queue), else a device-side assertion (no host sync). "raise": that ValueError
@@ -165,9 +167,11 @@ def _check_finite(mode, row_dist: torch.Tensor, name: str) -> None:
     if mode is False:
         return
     if not torch.compiler.is_compiling() and (mode == "raise" or (mode is True and row_dist.device.type == "cpu")):
-        kernels.raise_on_nonfinite(row_dist, name)
+        if nonfinite is None or int(nonfinite[0]) > 0:
+            kernels.raise_on_nonfinite(row_dist, name)
     else:
-        torch._assert_async(torch.isfinite(row_dist).all(), f"{name} holds NaN or Inf (check_finite='raise' names the row)")
+        ok = torch.isfinite(row_dist).all() if nonfinite is None else nonfinite[0] == 0
+        torch._assert_async(ok, f"{name} holds NaN or Inf (check_finite='raise' names the row)")
 
 
 class _EMACodebook(nn.Module):
@@ -417,6 +421,7 @@ class VectorQuantizer(_EMACodebook):
             # A parameter (same state-dict key): the optimizer or the orthogonality loss moves it.
             codebook = self._buffers.pop("codebook")
             self.codebook = nn.Parameter(codebook)
+        self._sqnorm_cache: tuple = (None, -1, None)  # (codebook tensor, its version, ||e_k||^2 [K])
         self.has_projections = codebook_dim * heads != dim
         self.project_in = nn.Linear(dim, codebook_dim * heads) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(codebook_dim * heads, dim) if self.has_projections else nn.Identity()
@@ -521,6 +526,20 @@ class VectorQuantizer(_EMACodebook):
                 codes[i, start:start + _SAMPLE_CHUNK] = logits.div_(temp).add_(gumbel).argmax(-1)
         return codes.transpose(0, 1).reshape(z.shape[:-1])
 
+    def _codebook_sqnorm(self, codebook: torch.Tensor) -> Optional[torch.Tensor]:
+        """||e_k||^2 [K] float32 of `codebook` (the float32 buffer itself, detached), computed as the
+        lookup wrapper does and kept while the buffer is the same tensor at the same version (eval
+        calls: one small pass less per call). None where it is not cached (compiled code, cosine
+        codebooks, another dtype): the op computes it then."""
+        book = self.codebook
+        if torch.compiler.is_compiling() or self.use_cosine_sim or codebook.dtype != torch.float32 or book.dtype != torch.float32:
+            return None
+        cached, version, sq = self._sqnorm_cache
+        if cached is not book or version != book._version:
+            sq = book.detach().pow(2).sum(-1)
+            self._sqnorm_cache = (book, book._version, sq)
+        return sq
+
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, freeze_codebook: Optional[bool] = None):
         x, move_back = self._channels_last(x)
         if x.shape[-1] != self.dim:
@@ -548,6 +567,9 @@ class VectorQuantizer(_EMACodebook):
         if not learn:
             codebook = codebook.detach()
         sample = self.stochastic_sample_codes and self.training and self.sample_codebook_temp > 0
+        # One codebook, nearest codes, no codebook gradient: the fused op finds the codes and writes the
+        # chosen rows (with the straight-through gradient) and the distances in one pass over z.
+        fused = c == 1 and not sample and not learn
         if sample:
             with torch.no_grad():
                 # Shared-codebook heads of a [B, N, H, d] input: rows in the peer's (B, H, N) order,
@@ -556,6 +578,9 @@ class VectorQuantizer(_EMACodebook):
                 zs = z.detach().transpose(1, 2) if peer_order else z.detach()
                 codes = self._sample_codes(zs, codebook.detach().view(c, k, -1), self.sample_codebook_temp)
                 codes = codes.transpose(1, 2) if peer_order else codes
+        elif fused:
+            codes, quantized_st, dist_, sqdist_sum, nonfinite = kernels.quantize(
+                z, codebook, codebook_sqnorm=self._codebook_sqnorm(codebook), codes_dtype=torch.int64)
         elif c == 1:
             codes, dist_ = kernels.lookup(z, codebook, codes_dtype=torch.int64)
         else:
@@ -566,12 +591,12 @@ class VectorQuantizer(_EMACodebook):
             codes = torch.stack([f[0] for f in found], -1)
             dist_ = torch.stack([f[1] for f in found], -1)
         flat_codes = codes if c == 1 else codes + torch.arange(c, device=codes.device) * k
-        quantized = torch.nn.functional.embedding(flat_codes, codebook)
+        quantized = quantized_st.detach() if fused else torch.nn.functional.embedding(flat_codes, codebook)
         if sample:  # the sampled code's squared distance (non-finite where z is)
             dist_ = (z.detach().float() - quantized.detach().float()).pow(2).sum(-1)
         if self.check_finite is not False:
             # A non-finite row of x has a non-finite distance: no extra pass over x.
-            _check_finite(self.check_finite, dist_, "VectorQuantizer input x")
+            _check_finite(self.check_finite, dist_, "VectorQuantizer input x", nonfinite if fused else None)
         if self.training and not frozen:
             with torch.no_grad():
                 zd = z.detach()
@@ -592,13 +617,18 @@ class VectorQuantizer(_EMACodebook):
                 self.track_usage(flat_codes, rows_mask)
                 self.restart_dead(zd, codes, rows_mask, sync)
         weight = None if rows_mask is None else rows_mask.to(dist_.dtype)
-        loss = self.commitment_weight * _CommitmentLoss.apply(z, quantized if learn else quantized.detach(), dist_, weight)
+        # The loss is its own graph node (the op's sqdist_sum detached): the output and the loss then
+        # backward independently (autograd.grad on each, as before).
+        sqdist = (sqdist_sum if weight is None else dist_).detach() if fused else dist_
+        loss = self.commitment_weight * _CommitmentLoss.apply(z, quantized if learn else quantized.detach(), sqdist, weight)
         if self.training and self.orthogonal_reg_weight > 0:
             loss = loss + self.orthogonal_reg_weight * self._orthogonal_reg(flat_codes)
-        if z.requires_grad:
-            out = (_RotationTrick if self.rotation_trick else _StraightThrough).apply(z, quantized)
+        if z.requires_grad and self.rotation_trick:
+            out = _RotationTrick.apply(z, quantized)
+        elif fused:
+            out = quantized_st
         else:
-            out = quantized
+            out = _StraightThrough.apply(z, quantized) if z.requires_grad else quantized
         if h > 1:
             out = out.flatten(-2)
         out = self.project_out(out)

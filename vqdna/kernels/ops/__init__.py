@@ -11,4 +11,5 @@ DECLARATIONS = registry.register([
     "kmeans",
     "stem",
     "convnext_block",
+    "quantize",
 ])

@@ -1,0 +1,157 @@
+// Native CPU quantize: the lookup search of csrc/ops/lookup/cpu.cpp (packed codebook, 6 x 16 AVX2 tiles with
+// the fused argmin, common/cpu_codebook_search.h) with the block's epilogue extended: while the block's rows
+// of z are still in cache, each row's chosen codebook row is copied to `quantized`, its distance is added
+// to the block's float64 loss sum and a non-finite distance is counted. Per-block sums and counts are
+// combined in block order after the parallel loop, so the result does not depend on the thread count.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "common/cpu_codebook_search.h"
+
+namespace {
+
+using namespace vqdna::cpu;
+
+// Outputs above this size are written with non-temporal stores: they would only evict the codebook
+// and the next blocks of z, and a streamed store skips the read-for-ownership of a cached one.
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
+
+// Copies `bytes` bytes of one codebook row (src) to its output row (dst), streamed when `stream`.
+inline void copy_row(void* dst, const void* src, int64_t bytes, bool stream) {
+#ifdef VQDNA_AVX2
+  if (stream) {
+    char* d = static_cast<char*>(dst);
+    const char* s = static_cast<const char*>(src);
+    int64_t i = 0;
+    for (; i < bytes && (reinterpret_cast<uintptr_t>(d + i) & 31) != 0; ++i) d[i] = s[i];
+    for (; i + 32 <= bytes; i += 32) {
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+    }
+    for (; i < bytes; ++i) d[i] = s[i];
+    return;
+  }
+#endif
+  (void)stream;
+  std::memcpy(dst, src, bytes);
+}
+
+template <typename T>
+void quantize_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& sqnorm, at::Tensor& codes,
+                     at::Tensor& quantized, at::Tensor& dist, at::Tensor& sqdist_sum, at::Tensor& nonfinite) {
+  const int64_t N = z.size(0), D = z.size(1), K = codebook.size(0);
+  const T* zp = z.const_data_ptr<T>();
+  const T* cbp = codebook.const_data_ptr<T>();
+  int32_t* codes_p = codes.mutable_data_ptr<int32_t>();
+  T* q_p = quantized.mutable_data_ptr<T>();
+  float* dist_p = dist.mutable_data_ptr<float>();
+  const PackedCodebook cb = pack_codebook(cbp, sqnorm.const_data_ptr<float>(), K, D);
+  const int64_t mb = block_rows(N, D);
+  const int64_t n_blocks = (N + mb - 1) / mb;
+  std::vector<double> blk_sum(n_blocks, 0.0);
+  std::vector<int64_t> blk_bad(n_blocks, 0), blk_first(n_blocks, -1);
+  const int64_t q_bytes = N * D * int64_t(sizeof(T));
+  const bool stream = q_bytes >= kStreamBytes;
+  advise_huge_pages(q_p, static_cast<size_t>(q_bytes));
+
+  at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
+    AlignedBuf apack = aligned_floats(mb * D);
+    AlignedBuf tmp = aligned_floats(D);
+    std::unique_ptr<float[]> best(new float[mb]), znorm(new float[mb]);
+    std::unique_ptr<int32_t[]> best_idx(new int32_t[mb]);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t r0 = blk * mb;
+      const int64_t rows = std::min(mb, N - r0);
+      const int64_t row_panels = (rows + kMR - 1) / kMR;
+      for (int64_t p = 0; p < row_panels; ++p) {
+        const int64_t pr = std::min(kMR, rows - p * kMR);
+        pack_panel<T, kMR>(zp + (r0 + p * kMR) * D, pr, D, apack.get() + p * kMR * D, tmp.get(),
+                           znorm.get() + p * kMR);
+      }
+      const char* next = reinterpret_cast<const char*>(zp + (r0 + mb) * D);
+      const int64_t next_lines = blk + 1 < blk1 ? (std::min(mb, N - r0 - mb) * D * int64_t(sizeof(T)) + 63) / 64 : 0;
+      search_block(apack.get(), row_panels, cb, best.get(), best_idx.get(), next, next_lines);
+      double sum = 0.0;
+      int64_t bad = 0, first = -1;
+      for (int64_t r = 0; r < rows; ++r) {
+        // NaN/Inf rows: znorm is non-finite, so is the sum; `x < 0` leaves NaN untouched.
+        const float x = best[r] + znorm[r];
+        const float d = x < 0.f ? 0.f : x;
+        const int32_t code = best_idx[r];
+        dist_p[r0 + r] = d;
+        codes_p[r0 + r] = code;
+        copy_row(q_p + (r0 + r) * D, cbp + int64_t(code) * D, D * int64_t(sizeof(T)), stream);
+        sum += d;
+        if (!std::isfinite(d)) {
+          if (bad++ == 0) first = r0 + r;
+        }
+      }
+      blk_sum[blk] = sum;
+      blk_bad[blk] = bad;
+      blk_first[blk] = first;
+    }
+#ifdef VQDNA_AVX2
+    if (stream) _mm_sfence();  // this thread's streamed stores are visible before the outputs are read
+#endif
+  });
+  double total = 0.0;
+  int64_t bad = 0, first = -1;
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    total += blk_sum[b];
+    if (blk_bad[b] > 0 && bad == 0) first = blk_first[b];
+    bad += blk_bad[b];
+  }
+  sqdist_sum.fill_(static_cast<float>(total));
+  int64_t* nf = nonfinite.mutable_data_ptr<int64_t>();
+  nf[0] = bad;
+  nf[1] = first;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_native_cpu(
+    const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& codebook_sqnorm) {
+  TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu() && codebook_sqnorm.device().is_cpu(),
+              "vqdna.quantize_native: all inputs must be CPU tensors, got z on ", z.device(), ", codebook on ",
+              codebook.device(), ", codebook_sqnorm on ", codebook_sqnorm.device());
+  TORCH_CHECK(z.dim() == 2, "vqdna.quantize_native: z must be 2-D [N, D], got shape ", z.sizes());
+  TORCH_CHECK(codebook.dim() == 2, "vqdna.quantize_native: codebook must be 2-D [K, D], got shape ",
+              codebook.sizes());
+  TORCH_CHECK(z.size(1) == codebook.size(1), "vqdna.quantize_native: dimension mismatch: z has D=", z.size(1),
+              ", codebook has D=", codebook.size(1));
+  TORCH_CHECK(codebook.size(0) >= 1, "vqdna.quantize_native: the codebook is empty (K = 0)");
+  TORCH_CHECK(codebook.size(0) <= std::numeric_limits<int32_t>::max() - kNR,
+              "vqdna.quantize_native: K = ", codebook.size(0), " does not fit int32 codes");
+  const auto dt = z.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              "vqdna.quantize_native: z must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(codebook.scalar_type() == dt, "vqdna.quantize_native: dtype mismatch: z is ", dt, ", codebook is ",
+              codebook.scalar_type());
+  TORCH_CHECK(codebook_sqnorm.dim() == 1 && codebook_sqnorm.size(0) == codebook.size(0),
+              "vqdna.quantize_native: codebook_sqnorm must have shape [", codebook.size(0), "], got ",
+              codebook_sqnorm.sizes());
+  TORCH_CHECK(codebook_sqnorm.scalar_type() == at::kFloat,
+              "vqdna.quantize_native: codebook_sqnorm must be float32, got ", codebook_sqnorm.scalar_type());
+
+  const at::Tensor zc = z.contiguous(), cbc = codebook.contiguous(), sqc = codebook_sqnorm.contiguous();
+  const int64_t N = zc.size(0);
+  at::Tensor codes = at::empty({N}, zc.options().dtype(at::kInt));
+  at::Tensor quantized = at::empty_like(zc);
+  at::Tensor dist = at::empty({N}, zc.options().dtype(at::kFloat));
+  at::Tensor sqdist_sum = at::zeros({}, zc.options().dtype(at::kFloat));
+  at::Tensor nonfinite = at::tensor({int64_t(0), int64_t(-1)}, zc.options().dtype(at::kLong));
+  if (N == 0) return {codes, quantized, dist, sqdist_sum, nonfinite};
+
+  AT_DISPATCH_SWITCH(
+      dt, "vqdna_quantize_native",
+      AT_DISPATCH_CASE(at::kFloat, [&] { quantize_kernel<float>(zc, cbc, sqc, codes, quantized, dist, sqdist_sum, nonfinite); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { quantize_kernel<c10::BFloat16>(zc, cbc, sqc, codes, quantized, dist, sqdist_sum, nonfinite); })
+      AT_DISPATCH_CASE(at::kHalf, [&] { quantize_kernel<c10::Half>(zc, cbc, sqc, codes, quantized, dist, sqdist_sum, nonfinite); }));
+  return {codes, quantized, dist, sqdist_sum, nonfinite};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(vqdna, CPU, m) { m.impl("quantize_native", &quantize_native_cpu); }
