@@ -3,6 +3,8 @@
 // epilogue, and a block search over a packed codebook. See csrc/ops/lookup/cpu.cpp for the design.
 #pragma once
 
+#include <limits>
+
 #include "common/cpu_buffers.h"
 
 namespace vqdna::cpu {
@@ -170,6 +172,32 @@ inline int64_t block_rows(int64_t N, int64_t D) {
   int64_t mb = std::clamp<int64_t>(kBlockBytes / (D * int64_t(sizeof(float))), kMR, kMaxBlockRows);
   mb = std::min(mb, (N + nthreads - 1) / nthreads);
   return std::max<int64_t>(kMR, (mb + kMR - 1) / kMR * kMR);
+}
+
+// The input contract of the single-codebook searches (lookup_native, quantize_native): CPU tensors,
+// z [N, D] and codebook [K, D] of one float dtype, codebook_sqnorm [K] float32, 1 <= K < 2^31 - kNR.
+// `op` names the caller in the messages ("vqdna.lookup_native").
+inline void check_search_inputs(const char* op, const at::Tensor& z, const at::Tensor& codebook,
+                                const at::Tensor& codebook_sqnorm) {
+  TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu() && codebook_sqnorm.device().is_cpu(),
+              op, ": all inputs must be CPU tensors, got z on ", z.device(), ", codebook on ",
+              codebook.device(), ", codebook_sqnorm on ", codebook_sqnorm.device());
+  TORCH_CHECK(z.dim() == 2, op, ": z must be 2-D [N, D], got shape ", z.sizes());
+  TORCH_CHECK(codebook.dim() == 2, op, ": codebook must be 2-D [K, D], got shape ", codebook.sizes());
+  TORCH_CHECK(z.size(1) == codebook.size(1), op, ": dimension mismatch: z has D=", z.size(1),
+              ", codebook has D=", codebook.size(1));
+  TORCH_CHECK(codebook.size(0) >= 1, op, ": the codebook is empty (K = 0)");
+  TORCH_CHECK(codebook.size(0) <= std::numeric_limits<int32_t>::max() - kNR, op, ": K = ", codebook.size(0),
+              " does not fit int32 codes");
+  const auto dt = z.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
+              op, ": z must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(codebook.scalar_type() == dt, op, ": dtype mismatch: z is ", dt, ", codebook is ",
+              codebook.scalar_type());
+  TORCH_CHECK(codebook_sqnorm.dim() == 1 && codebook_sqnorm.size(0) == codebook.size(0),
+              op, ": codebook_sqnorm must have shape [", codebook.size(0), "], got ", codebook_sqnorm.sizes());
+  TORCH_CHECK(codebook_sqnorm.scalar_type() == at::kFloat,
+              op, ": codebook_sqnorm must be float32, got ", codebook_sqnorm.scalar_type());
 }
 
 }  // namespace vqdna::cpu

@@ -113,27 +113,8 @@ void quantize_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_native_cpu(
     const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& codebook_sqnorm) {
-  TORCH_CHECK(z.device().is_cpu() && codebook.device().is_cpu() && codebook_sqnorm.device().is_cpu(),
-              "vqdna.quantize_native: all inputs must be CPU tensors, got z on ", z.device(), ", codebook on ",
-              codebook.device(), ", codebook_sqnorm on ", codebook_sqnorm.device());
-  TORCH_CHECK(z.dim() == 2, "vqdna.quantize_native: z must be 2-D [N, D], got shape ", z.sizes());
-  TORCH_CHECK(codebook.dim() == 2, "vqdna.quantize_native: codebook must be 2-D [K, D], got shape ",
-              codebook.sizes());
-  TORCH_CHECK(z.size(1) == codebook.size(1), "vqdna.quantize_native: dimension mismatch: z has D=", z.size(1),
-              ", codebook has D=", codebook.size(1));
-  TORCH_CHECK(codebook.size(0) >= 1, "vqdna.quantize_native: the codebook is empty (K = 0)");
-  TORCH_CHECK(codebook.size(0) <= std::numeric_limits<int32_t>::max() - kNR,
-              "vqdna.quantize_native: K = ", codebook.size(0), " does not fit int32 codes");
+  check_search_inputs("vqdna.quantize_native", z, codebook, codebook_sqnorm);
   const auto dt = z.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf,
-              "vqdna.quantize_native: z must be float32, bfloat16 or float16, got ", dt);
-  TORCH_CHECK(codebook.scalar_type() == dt, "vqdna.quantize_native: dtype mismatch: z is ", dt, ", codebook is ",
-              codebook.scalar_type());
-  TORCH_CHECK(codebook_sqnorm.dim() == 1 && codebook_sqnorm.size(0) == codebook.size(0),
-              "vqdna.quantize_native: codebook_sqnorm must have shape [", codebook.size(0), "], got ",
-              codebook_sqnorm.sizes());
-  TORCH_CHECK(codebook_sqnorm.scalar_type() == at::kFloat,
-              "vqdna.quantize_native: codebook_sqnorm must be float32, got ", codebook_sqnorm.scalar_type());
 
   const at::Tensor zc = z.contiguous(), cbc = codebook.contiguous(), sqc = codebook_sqnorm.contiguous();
   const int64_t N = zc.size(0);
