@@ -3,6 +3,8 @@ equal what `vqdna tokenize` wrote for the same bases (record ends, N runs, short
 and the windows are laid out exactly as CodeWindows lays them out over the token files, so a seeded
 sampler draws the same code windows from either."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -40,19 +42,23 @@ def corpus(tmp_path_factory):
     return model, SequenceIndex.build([fasta], cache=str(tmp / "cache")), TokenDataset(str(tmp / "tokens"))
 
 
-@pytest.mark.parametrize("window", [7, 62])
-def test_codes_equal_token_files(corpus, window):
-    model, index, tokens = corpus
+def _assert_codes_equal(model, index, tokens, window, device="cpu", dtype=None, tol=None):
+    """Encodes every window of GenomeWindows(index) as pretrain() does (batches of 16 made by the prefetch
+    thread, on `device` in `dtype`) and compares them with the token files' codes, record by record:
+    equal but for near-ties (within tol), of which at most 3 (more would be a halo or padding bug)."""
+    from vqdna.train.prefetch import Prefetcher
+
     fly = GenomeWindows(index, window, halo=model.receptive_radius)
     files = CodeWindows(tokens, window)
     assert np.array_equal(fly.index, files.index)  # same windows under the same numbers
-    encode = OnTheFlyEncoder(model)
+    encode = OnTheFlyEncoder(model, device, dtype)
+    batches = [range(j0, min(j0 + 16, len(fly))) for j0 in range(0, len(fly), 16)]  # padding must not leak in
     got = {}
-    for j0 in range(0, len(fly), 16):  # batched as the collator batches: padding must not leak in
-        js = range(j0, min(j0 + 16, len(fly)))
-        for j, codes in zip(js, encode([fly[j] for j in js])):
-            got[j] = codes
+    for js, codes in zip(batches, Prefetcher((encode([fly[j] for j in js]) for js in batches), device=device)):
+        got.update(zip(js, codes))
+    assert set(encode.threads) == {"vqdna-prefetch"}
     differing = 0
+    cpu_model = copy.deepcopy(model).cpu()  # the near-tie check recomputes the features on the CPU
     for i in range(len(index)):
         js = np.flatnonzero(fly.index[:, 0] == i)
         want = tokens[i][1].astype(np.int64)
@@ -61,8 +67,34 @@ def test_codes_equal_token_files(corpus, window):
         for j in js:  # each window against the token files' window, as the trainer sees them
             assert got[j].shape == files[j].shape
         if not np.array_equal(have, want):
-            differing += _check_near_ties(model, np.asarray(index.sequence(i)), have, want)
+            kw = {"tol": tol} if tol is not None else {}
+            differing += _check_near_ties(cpu_model, np.asarray(index.sequence(i)), have, want, **kw)
     assert differing <= 3  # near-ties, counted; more would be a halo or padding bug hidden by the tolerance
+    return differing
+
+
+@pytest.mark.parametrize("window", [7, 62])
+def test_codes_equal_token_files(corpus, window):
+    model, index, tokens = corpus
+    _assert_codes_equal(model, index, tokens, window)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("window", [7, 62])
+def test_codes_equal_token_files_cuda(tmp_path, window, dtype):
+    """On a GPU: the token files `vqdna tokenize --device cuda --dtype D` writes equal the codes the trainer
+    encodes on the GPU in D (the prefetch thread's side stream), near-ties aside. bf16 ties are wider:
+    both sides round the features to bf16 (8 bits of mantissa), so a near-tie is within 2**-8 of the scale."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    fasta = _fasta(tmp_path / "in.fa")
+    model = _tiny_model()
+    tokenize_files([fasta], str(tmp_path / "tokens"), model, window=100, shard_bases=500, device="cuda", dtype=dtype)
+    index = SequenceIndex.build([fasta], cache=str(tmp_path / "cache"))
+    differing = _assert_codes_equal(model, index, TokenDataset(str(tmp_path / "tokens")), window, "cuda", dtype,
+                                    tol=2.0**-8 if dtype == "bf16" else None)
+    print(f"cuda {dtype} window {window}: {differing} near-tie positions differ")
 
 
 def test_halo_matters(corpus):
@@ -117,15 +149,25 @@ def mlm_corpus(tmp_path_factory):
     return fasta, SequenceIndex.build([fasta], cache=str(tmp / "cache")), TokenDataset(str(tmp / "tokens"))
 
 
+def _encoded_by_prefetch_thread(trainer):
+    """The run's on-the-fly encodes all ran in the prefetch thread (ahead of the step), and it made batches."""
+    assert trainer.data_path["overlap"] == "prefetch thread" and trainer.data_path["encode_dtype"] == "fp32"
+    assert set(trainer.data_collator.encoder.threads) == {"vqdna-prefetch"}
+    assert trainer.prefetchers and all(p.produced > 0 for p in trainer.prefetchers)
+
+
 def test_pretrain_genomes_equals_tokens_and_resumes(mlm_corpus, tmp_path):
-    """pretrain() on raw genomes and on their token files, same seed: the same windows and codes, so the
-    same losses and weights, bit for bit; a run resumed from the step-2 checkpoint ends bit-identical."""
+    """pretrain() on raw genomes (encoded by the prefetch thread, the default) and on their token files
+    (batches made serially when the step asks, prefetch=False), same seed: the same windows and codes, so
+    the same losses and weights, bit for bit; a run resumed from the step-2 checkpoint ends bit-identical."""
     import json
     import shutil
 
     _, index, tokens = mlm_corpus
-    from_tokens = _train(tokens, tmp_path / "tokens-run")
+    from_tokens = _train(tokens, tmp_path / "tokens-run", prefetch=False)
     from_genomes = _train(index, tmp_path / "genomes-run")
+    assert from_tokens.data_path == {"overlap": "none"} and not hasattr(from_tokens, "prefetchers")
+    _encoded_by_prefetch_thread(from_genomes)
     losses = [[h["loss"] for h in t.state.log_history if "loss" in h] for t in (from_tokens, from_genomes)]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
     final = _weights(from_genomes)
@@ -133,10 +175,12 @@ def test_pretrain_genomes_equals_tokens_and_resumes(mlm_corpus, tmp_path):
     data = json.loads((tmp_path / "genomes-run" / "training_data.json").read_text())
     assert data["source"] == "genomes" and data["inputs"][0]["sha256_ends"] and data["window"] == 30
     assert data["tokenizer"]["sha256"] == _mlm_sha()
+    assert data["data_path"] == {"overlap": "prefetch thread", "threads": 1, "encode_device": "cpu", "encode_dtype": "fp32"}
     assert json.loads((tmp_path / "tokens-run" / "training_data.json").read_text())["source"] == "tokens"
     # resume: only the step-2 checkpoint in a fresh folder; the run continues to step 4
     shutil.copytree(tmp_path / "genomes-run" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
     resumed = _train(index, tmp_path / "resumed")
+    _encoded_by_prefetch_thread(resumed)
     assert [h["loss"] for h in resumed.state.log_history if "loss" in h][-2:] == losses[1][-2:]
     assert all(torch.equal(final[k], v) for k, v in _weights(resumed).items())
 

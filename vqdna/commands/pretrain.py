@@ -29,7 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_preset_arguments(parser, "pretrain")
     parser.add_argument("--save-steps", type=int, default=1000)
     parser.add_argument("--logging-steps", type=int, default=50)
-    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (the on-the-fly "
+                        "encode then runs there, on the CPU); 0: a background thread makes the next batch while the "
+                        "step runs (on a GPU the encode runs there, on a side stream)")
+    parser.add_argument("--no-prefetch", action="store_true", help="with --num-workers 0: make each batch when the "
+                        "step asks for it (no overlap; the same batches)")
+    parser.add_argument("--encode-threads", type=int, help="CPU threads of the background batch thread "
+                        "(default: a quarter of torch's, at least 1)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-resume", action="store_true", help="ignore checkpoints already in --out")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (loss lines every --logging-steps)")
@@ -37,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from vqdna.models.hf_tokenizer import VQDNATokenizer
-    from vqdna.train.pretrain import open_token_dataset, pretrain
+    from vqdna.train.pretrain import ResumeError, open_token_dataset, pretrain
 
     if args.genomes:
         from vqdna.data.fasta import FastaFormatError
@@ -64,12 +70,19 @@ def run(args: argparse.Namespace) -> int:
         disable_progress_bar()
     warmup = int(recipe.warmup_steps) if recipe.warmup_steps >= 1 else recipe.warmup_steps
     print(f"pretrain: preset {args.preset}: {recipe}", flush=True)
-    trainer = pretrain(records, tokenizer, args.out, config=recipe.config, steps=recipe.steps,
-                       batch_size=recipe.batch_size, max_length=recipe.max_length, lr=recipe.lr, min_lr=recipe.min_lr,
-                       warmup_steps=warmup, mlm_probability=recipe.mlm_probability, seed=args.seed,
-                       resume=not args.no_resume, logging_steps=args.logging_steps, save_steps=args.save_steps,
-                       num_workers=args.num_workers, model_overrides={"classifier_pooling": recipe.pooling},
-                       extra_args={"disable_tqdm": True} if args.no_progress else None)
+    try:
+        trainer = pretrain(records, tokenizer, args.out, config=recipe.config, steps=recipe.steps,
+                           batch_size=recipe.batch_size, max_length=recipe.max_length, lr=recipe.lr,
+                           min_lr=recipe.min_lr, warmup_steps=warmup, mlm_probability=recipe.mlm_probability,
+                           seed=args.seed, resume=not args.no_resume, logging_steps=args.logging_steps,
+                           save_steps=args.save_steps, num_workers=args.num_workers,
+                           model_overrides={"classifier_pooling": recipe.pooling},
+                           extra_args={"disable_tqdm": True} if args.no_progress else None,
+                           prefetch=not args.no_prefetch, encode_threads=args.encode_threads)
+    except ResumeError as exc:
+        print(f"vqdna pretrain: error: {exc}", file=sys.stderr)
+        return 1
+    print("pretrain: batches: " + ", ".join(f"{k} {v}" for k, v in trainer.data_path.items()), flush=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     if losses:
         print(f"pretrain: {trainer.state.global_step} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}; model in {args.out}")

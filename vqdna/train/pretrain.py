@@ -145,6 +145,8 @@ def pretrain(
     bf16: bool | None = None,
     model_overrides: dict | None = None,
     extra_args: dict | None = None,
+    prefetch: bool = True,
+    encode_threads: int | None = None,
 ):
     """Masked-LM pre-training; saves the model (safetensors) and the tokenizer in out_dir.
 
@@ -152,7 +154,11 @@ def pretrain(
     vqdna.data.SequenceIndex of raw genomes tokenized on the fly (same windows, same codes; see
     vqdna.train.onthefly); tokenizer: the VQDNATokenizer whose stage-1 model produced (or produces) the
     codes. out_dir also gets training_data.json (write_training_data). batch_size is global (split over the
-    torchrun world). Returns the transformers Trainer (trainer.state.log_history holds the losses).
+    torchrun world). prefetch (with num_workers 0): a background thread makes the next batch (the on-the-fly
+    encode included; on a GPU on a side stream) while the step runs, with encode_threads CPU threads
+    (None: vqdna.train.prefetch.default_encode_threads). Same batches, same order, either way.
+    Returns the transformers Trainer (trainer.state.log_history holds the losses; trainer.data_path says
+    how the batches were made).
     """
     from transformers import Trainer, TrainingArguments, set_seed
     from transformers.trainer_utils import get_last_checkpoint
@@ -164,8 +170,9 @@ def pretrain(
     if max_length < 3:
         raise ValueError(f"max_length must be >= 3 (CLS, one code, SEP), got {max_length}")
     model = build_model(config, tokenizer.model, train_max_length=max_length, **(model_overrides or {}))
+    encode_device = _encode_device(num_workers)
     train, collator = training_windows(records, tokenizer.model, max_length - 2, model.config.codebook_sizes,
-                                       mlm_probability, seed=seed, encode_device=_encode_device(num_workers))
+                                       mlm_probability, seed=seed, encode_device=encode_device)
     if len(train) == 0:
         raise ValueError("the token dataset holds no codes" if isinstance(train, CodeWindows) else "the genomes hold no bases")
     if bf16 is None:
@@ -195,16 +202,24 @@ def pretrain(
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for host-to-GPU copies; on a CPU it only warns
         **{**cpu_ddp_args(), **(extra_args or {})},
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
     last = get_last_checkpoint(out_dir) if resume and os.path.isdir(out_dir) else None
     if last:
+        check_resume_tokenizer(last, tokenizer)
         log.warning("resuming from %s", last)
+    data_path = _data_path(collator, num_workers, prefetch, encode_device, encode_threads)
+    if data_path["overlap"] == "prefetch thread":
+        from vqdna.train.prefetch import prefetching_trainer
+
+        Trainer = prefetching_trainer(Trainer, device=encode_device, threads=data_path["threads"])
+    trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=collator)
+    trainer.data_path = data_path
+    log.info("batches: %s", ", ".join(f"{k} {v}" for k, v in data_path.items()))
     trainer.train(resume_from_checkpoint=last)
     trainer.save_model(out_dir)
     if trainer.is_world_process_zero():
         tokenizer.model_max_length = max_length
         tokenizer.save_pretrained(out_dir)
-        write_training_data(out_dir, records, tokenizer, max_length - 2, seed)
+        write_training_data(out_dir, records, tokenizer, max_length - 2, seed, data_path)
     return trainer
 
 
@@ -235,10 +250,58 @@ def training_windows(records, tokenizer_model, window: int, codebook_sizes, mlm_
     return CodeWindows(records, window), MLMCollator(codebook_sizes, mlm_probability, seed=seed)
 
 
-def write_training_data(out_dir: str, records, tokenizer, window: int, seed: int) -> None:
+def _data_path(collator, num_workers: int, prefetch: bool, encode_device: str, encode_threads: int | None) -> dict:
+    """How the batches are made (logged, kept as trainer.data_path, written to training_data.json):
+    overlap "prefetch thread" / "dataloader workers" / "none"; with on-the-fly encode its device and dtype."""
+    from vqdna.train.prefetch import default_encode_threads
+
+    path = {"overlap": "dataloader workers" if num_workers > 0 else "prefetch thread" if prefetch else "none"}
+    if path["overlap"] == "prefetch thread":
+        on_cpu = not encode_device.startswith("cuda")
+        path["threads"] = (encode_threads or default_encode_threads()) if on_cpu else None
+    encoder = getattr(collator, "encoder", None)
+    if encoder is not None:
+        path.update(encode_device=str(encoder.device), encode_dtype=encoder.dtype)
+    return path
+
+
+class ResumeError(ValueError):
+    """A checkpoint in the output folder does not belong to this run's set-up."""
+
+
+def check_resume_tokenizer(checkpoint: str, tokenizer) -> None:
+    """Refuses (ResumeError) to resume from `checkpoint` with a tokenizer other than the one the run started
+    with (the sha256 its config.json records): the codes, and so the windows' meaning, would change."""
+    import json
+
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        want = json.load(f).get("tokenizer_sha256")
+    have = tokenizer.tokenizer_sha256
+    if want and want != have:
+        raise ResumeError(
+            f"cannot resume from {checkpoint}: the run started with tokenizer {_describe_tokenizer(want)}, the given "
+            f"tokenizer is {_describe_tokenizer(have, tokenizer)}; pass the run's tokenizer, or start afresh "
+            f"(--no-resume / resume=False, or another output folder)")
+
+
+def _describe_tokenizer(sha: str | None, tokenizer=None) -> str:
+    """'sha256 X' plus where it comes from: the bundled name with those weights, or the given tokenizer's path."""
+    from vqdna.models.tokenizer_model import VQDNATokenizerModel, bundled_tokenizers
+
+    where = getattr(getattr(tokenizer, "model", None), "name_or_path", None) if tokenizer is not None else None
+    if not where:
+        for name in bundled_tokenizers():
+            if VQDNATokenizerModel.from_pretrained(name).tokenizer_sha256 == sha:
+                where = f"bundled {name!r}"
+                break
+    return f"sha256 {sha}" + (f" ({where})" if where else "")
+
+
+def write_training_data(out_dir: str, records, tokenizer, window: int, seed: int, data_path: dict | None = None) -> None:
     """out_dir/training_data.json: what the model was trained on (the inputs with their fingerprints:
     the genomes' size/mtime/end hashes, or the token files' manifest), the tokenizer's identity
-    (sha256 of its weights, receptive radius) and the window layout and seed that fix the sampling."""
+    (sha256 of its weights, receptive radius), the window layout and seed that fix the sampling, and
+    how the batches were made (data_path: overlap, encode device and dtype)."""
     import json
 
     from vqdna.data.index import SequenceIndex
@@ -253,7 +316,7 @@ def write_training_data(out_dir: str, records, tokenizer, window: int, seed: int
                 "records": len(records)}
     data.update({"tokenizer": {"sha256": model.tokenizer_sha256, "receptive_radius": int(model.receptive_radius),
                                "codebook_sizes": [int(k) for k in model.config.codebook_sizes]},
-                 "window": int(window), "seed": int(seed)})
+                 "window": int(window), "seed": int(seed), "data_path": data_path})
     with open(os.path.join(out_dir, TRAINING_DATA), "w") as f:
         json.dump(data, f, indent=1, default=str)
 
