@@ -91,6 +91,38 @@ def test_reused_when_unchanged_rebuilt_when_changed(tmp_path, monkeypatch):
     assert sorted(os.listdir(cache)) == [os.path.basename(third.directory)]  # no temporaries left
 
 
+def test_stale_index_is_refused_naming_what_changed(tmp_path):
+    """check_current: nothing while the inputs are as decoded; else StaleIndexError naming the index, the
+    input and what changed (size, mtime, content of the ends with size and mtime kept, a missing file)."""
+    from vqdna.data import StaleIndexError
+
+    paths = _inputs(tmp_path)
+    idx = SequenceIndex.build(paths, cache=tmp_path / "cache")
+    idx.check_current()
+    assert idx.changes() == []
+    fq = os.path.realpath(paths[1])
+    st = os.stat(fq)
+    os.utime(fq, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert idx.changes() == [f"{fq}: mtime changed"]
+    paths[1].write_bytes(paths[1].read_bytes().replace(b"ACGTACGTAA", b"TTTTACGTAA"))
+    os.utime(fq, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert idx.changes() == [f"{fq}: first/last MiB changed"]
+    with open(fq, "ab") as f:
+        f.write(b"@new\nAC\n+\nII\n")
+    with pytest.raises(StaleIndexError) as err:
+        idx.check_current()
+    size = os.stat(fq).st_size
+    assert str(err.value).startswith(f"the sequence index {idx.directory} is stale")
+    assert f"{fq}: size {st.st_size} -> {size} bytes, mtime changed, first/last MiB changed" in str(err.value)
+    os.remove(paths[0])
+    assert idx.changes()[0].startswith(f"{os.path.realpath(paths[0])}: cannot be read (")
+    # same inputs, decoded with another byte table (an older vqdna): stale too, though no file changed
+    fresh = SequenceIndex.build(paths[1:], cache=tmp_path / "cache2")
+    fresh.key = "0" * 64
+    with pytest.raises(StaleIndexError, match="another vqdna-sequence-index version or byte table"):
+        fresh.check_current()
+
+
 def test_failed_build_leaves_no_index(tmp_path):
     paths = _inputs(tmp_path)
     bad = tmp_path / "bad.fa"

@@ -126,6 +126,25 @@ def test_same_seed_same_windows(corpus):
         assert torch.equal(a[key], b[key]), key
 
 
+def test_stale_index_refused(tmp_path):
+    """Genome windows (and so pretrain()) refuse an index whose genome file changed after decoding: the
+    windows would be of a sequence that no longer exists. The error names the index and the file."""
+    from tests.train import _mlm
+    from vqdna.data import StaleIndexError
+    from vqdna.train.pretrain import pretrain
+
+    fasta = _fasta(tmp_path / "in.fa")
+    index = SequenceIndex.build([fasta], cache=str(tmp_path / "cache"))
+    GenomeWindows(index, 30, halo=4)
+    with open(fasta, "a") as f:
+        f.write(">extra\nACGT\n")
+    with pytest.raises(StaleIndexError, match=f"{index.directory} is stale.*{tmp_path / 'in.fa'}: size"):
+        GenomeWindows(index, 30, halo=4)
+    with pytest.raises(StaleIndexError):
+        pretrain(index, _mlm.tokenizer(), str(tmp_path / "out"), config="bert-tiny", steps=1, batch_size=2, max_length=32)
+    assert not (tmp_path / "out").exists()
+
+
 def _train(records, out, steps=4, **kw):
     from tests.train import _mlm
     from vqdna.train.pretrain import pretrain
@@ -214,6 +233,17 @@ def test_cli_pretrain_genomes(mlm_corpus, tmp_path, capsys):
     assert main(argv[:2] + [str(bad)] + argv[3:]) == 1
     got = capsys.readouterr().err.split("vqdna pretrain: error: ", 1)[1]
     assert got == want and "broken" in got and str(bad) in got
+    # resuming the run (checkpoint-2 in --out) with another tokenizer is refused, naming both
+    from tests.streaming.test_tokenize_files import _tiny_model
+
+    other = _tiny_model(seed=1)
+    other.save_pretrained(str(tmp_path / "other"))
+    argv[argv.index("--tokenizer") + 1] = str(tmp_path / "other")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"cannot resume from {tmp_path / 'mlm' / 'checkpoint-2'}: the run started with tokenizer sha256 {_mlm_sha()}" in err
+    assert f"the given tokenizer is sha256 {other.tokenizer_sha256} ({tmp_path / 'other'})" in err
+    assert main(argv + ["--no-resume"]) == 0  # starting afresh with it is fine
 
 
 @pytest.mark.slow

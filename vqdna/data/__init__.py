@@ -2,7 +2,7 @@
 
 from vqdna.data.alphabet import BASES, BYTE_TO_ID, PAD
 from vqdna.data.fasta import FastaFormatError, FastaRecord, bundled_fasta, read_fasta
-from vqdna.data.index import IndexRecord, SequenceIndex, Windows
+from vqdna.data.index import IndexRecord, SequenceIndex, StaleIndexError, Windows
 
 __all__ = [
     "BASES",
@@ -12,6 +12,7 @@ __all__ = [
     "FastaRecord",
     "IndexRecord",
     "SequenceIndex",
+    "StaleIndexError",
     "TokenDataset",
     "TokenFileError",
     "Windows",

@@ -26,6 +26,10 @@ _SEQUENCE = "sequence.u8"
 _TABLE = "index.json"
 
 
+class StaleIndexError(ValueError):
+    """An input of a SequenceIndex changed after it was decoded (SequenceIndex.check_current)."""
+
+
 @dataclass(frozen=True)
 class IndexRecord:
     file: str  # absolute path of the input it came from
@@ -182,6 +186,36 @@ class SequenceIndex:
             return _key([_fingerprint(inp["path"]) for inp in self.inputs]) == self.key
         except OSError:
             return False
+
+    def changes(self) -> list[str]:
+        """What changed in the inputs since they were indexed, one line per input ("PATH: size A -> B
+        bytes", "...: mtime changed", "...: first/last MiB changed", "...: cannot be read (...)"); [] if nothing."""
+        out = []
+        for old in self.inputs:
+            path = old["path"]
+            try:
+                new = _fingerprint(path)
+            except OSError as exc:
+                out.append(f"{path}: cannot be read ({exc.strerror or exc})")
+                continue
+            what = [f"size {old['size']} -> {new['size']} bytes"] if new["size"] != old["size"] else []
+            what += ["mtime changed"] if new["mtime_ns"] != old["mtime_ns"] else []
+            what += ["first/last MiB changed"] if new["sha256_ends"] != old["sha256_ends"] else []
+            if what:
+                out.append(f"{path}: " + ", ".join(what))
+        return out
+
+    def check_current(self) -> None:
+        """Raises StaleIndexError (naming the index and what changed in which input) when an input no
+        longer matches what was decoded into this index; SequenceIndex.build(paths, cache) rebuilds it."""
+        changes = self.changes()
+        if not changes and _key(self.inputs) != self.key:  # same inputs, decoded by another format or byte table
+            changes = [f"decoded by another {FORMAT} version or byte table"]
+        if changes:
+            raise StaleIndexError(
+                f"the sequence index {self.directory} is stale: its input changed since it was decoded "
+                f"({'; '.join(changes)}); rebuild it with SequenceIndex.build(paths, cache) (`vqdna pretrain "
+                f"--genomes` does so by itself)")
 
     # -- access -------------------------------------------------------------------------------
     def __len__(self) -> int:
