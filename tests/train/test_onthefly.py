@@ -269,6 +269,8 @@ def test_two_gloo_ranks_draw_disjoint_reproducible_windows(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs.append([json.loads((out / f"windows-{r}.json").read_text()) for r in (0, 1)])
     a, b = runs
-    assert a == b  # reproducible from the seed, per rank
     assert len(a[0]) >= 8 and len(a[1]) >= 8  # 2 steps x 4 windows per rank (the loader may collate ahead)
+    # reproducible from the seed, per rank: the 8 windows trained on (how many more the prefetch thread
+    # encoded before the run ended depends on timing)
+    assert [seen[:8] for seen in a] == [seen[:8] for seen in b]
     assert not set(a[0]) & set(a[1])  # disjoint

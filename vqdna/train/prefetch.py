@@ -49,6 +49,8 @@ class Prefetcher(Iterator):
             raise ValueError(f"prefetch depth must be >= 1, got {depth}")
         self.source = source
         self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if self.device.type == "cuda" and self.device.index is None:  # the thread sets it as its current device
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.threads = default_encode_threads() if threads is None else int(threads)
         self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.produced = 0
