@@ -204,6 +204,21 @@ def test_pretrain_genomes_equals_tokens_and_resumes(mlm_corpus, tmp_path):
     assert all(torch.equal(final[k], v) for k, v in _weights(resumed).items())
 
 
+@pytest.mark.cuda
+def test_pretrain_genomes_cuda_encodes_on_the_side_stream(mlm_corpus, tmp_path):
+    """On a GPU pretrain() encodes on it, in bf16 (`vqdna tokenize`'s default there), in the prefetch
+    thread (whose batches reach the step through a side stream and an event), and trains."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    trainer = _train(mlm_corpus[1], tmp_path / "run", steps=2)
+    assert trainer.data_path == {"overlap": "prefetch thread", "threads": None, "encode_device": "cuda:0",
+                                 "encode_dtype": "bf16"}
+    assert set(trainer.data_collator.encoder.threads) == {"vqdna-prefetch"}
+    assert all(p.stream is not None and p.produced > 0 for p in trainer.prefetchers)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+
+
 def _mlm_sha():
     from tests.train import _mlm
 
