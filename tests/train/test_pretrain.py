@@ -168,3 +168,25 @@ def test_pretrain_ddp_two_ranks_gloo(tmp_path):
     assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in proc.stdout + proc.stderr, \
         (proc.stdout + proc.stderr)[-3000:]
     assert (tmp_path / "mlm" / "model.safetensors").exists() and (tmp_path / "mlm" / "vqdna_tokenizer.json").exists()
+
+
+def test_resume_refuses_another_tokenizer(tmp_path):
+    """check_resume_tokenizer: a checkpoint of a run started with the bundled vqdna-small refuses the test
+    tokenizer, naming both (the bundled one also by name; test_onthefly's CLI test: a folder by its path);
+    its own passes."""
+    import json
+
+    from vqdna.models.tokenizer_model import VQDNATokenizerModel
+    from vqdna.train.pretrain import ResumeError, check_resume_tokenizer
+
+    small = VQDNATokenizerModel.from_pretrained("vqdna-small").tokenizer_sha256
+    tok = _mlm.tokenizer()
+    for name, sha in (("a", small), ("b", tok.tokenizer_sha256), ("c", None)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"tokenizer_sha256": sha}))
+    with pytest.raises(ResumeError) as err:
+        check_resume_tokenizer(str(tmp_path / "a"), tok)
+    assert f"the run started with tokenizer sha256 {small} (bundled 'vqdna-small')" in str(err.value)
+    assert f"the given tokenizer is sha256 {tok.tokenizer_sha256}; pass the run's tokenizer" in str(err.value)
+    check_resume_tokenizer(str(tmp_path / "b"), tok)
+    check_resume_tokenizer(str(tmp_path / "c"), tok)  # a run of an unsaved tokenizer recorded none to check

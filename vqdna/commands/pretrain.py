@@ -96,12 +96,12 @@ def _manifest_sha(records) -> str | None:
 
 def _manifest_tokenizer(records, tokens_dir) -> str:
     """The bundled tokenizer whose weights' sha256 the manifest records (token files name no path)."""
-    from vqdna.models.tokenizer_model import VQDNATokenizerModel, bundled_tokenizers
+    from vqdna.train.pretrain import bundled_tokenizer_with
 
     want = _manifest_sha(records)
-    for name in bundled_tokenizers():
-        if want and VQDNATokenizerModel.from_pretrained(name).tokenizer_sha256 == want:
-            return name
+    name = bundled_tokenizer_with(want)
+    if name:
+        return name
     raise SystemExit(f"vqdna pretrain: the tokens in {tokens_dir} were not written by a bundled tokenizer "
                      f"(sha256 {want}); pass --tokenizer DIR")
 

@@ -284,16 +284,24 @@ def check_resume_tokenizer(checkpoint: str, tokenizer) -> None:
             f"(--no-resume / resume=False, or another output folder)")
 
 
-def _describe_tokenizer(sha: str | None, tokenizer=None) -> str:
-    """'sha256 X' plus where it comes from: the bundled name with those weights, or the given tokenizer's path."""
+def bundled_tokenizer_with(sha256: str | None) -> str | None:
+    """The name of the bundled tokenizer whose weights have this sha256, or None."""
     from vqdna.models.tokenizer_model import VQDNATokenizerModel, bundled_tokenizers
 
+    for name in bundled_tokenizers() if sha256 else ():
+        if VQDNATokenizerModel.from_pretrained(name).tokenizer_sha256 == sha256:
+            return name
+    return None
+
+
+def _describe_tokenizer(sha: str | None, tokenizer=None) -> str:
+    """'sha256 X' plus where it comes from: the given tokenizer's path, or the bundled name with those weights."""
+    if sha is None:
+        return "an unsaved tokenizer (no sha256)"
     where = getattr(getattr(tokenizer, "model", None), "name_or_path", None) if tokenizer is not None else None
     if not where:
-        for name in bundled_tokenizers():
-            if VQDNATokenizerModel.from_pretrained(name).tokenizer_sha256 == sha:
-                where = f"bundled {name!r}"
-                break
+        name = bundled_tokenizer_with(sha)
+        where = name and f"bundled {name!r}"
     return f"sha256 {sha}" + (f" ({where})" if where else "")
 
 
