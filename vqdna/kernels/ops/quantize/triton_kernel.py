@@ -76,11 +76,15 @@ def _quantize_kernel(
     tl.store(dist_ptr + rows, dist, mask=row_ok)
 
     # quantized rows = codebook[code]: copied in the input dtype, so bit-exact. 64-bit row bases
-    # (code * D and N * D can exceed 2^31).
+    # (code * D and N * D can exceed 2^31), in chunks of 32 dims: a [BLOCK_N, 64] chunk of 64-bit
+    # pointers spilled the 128 x 64 x 64 16-bit tile on sm_90 (24 B). BLOCK_D is 32 or 64, so
+    # EVEN_D holds for the copy chunks too.
+    COPY_D: tl.constexpr = 32
+    tl.static_assert(BLOCK_D % COPY_D == 0)
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * D
     e_rows = e_ptr + best_code.to(tl.int64)[:, None] * D
-    for d0 in range(0, D, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, COPY_D):
+        dims = d0 + tl.arange(0, COPY_D)
         ok = row_ok[:, None] if EVEN_D else row_ok[:, None] & (dims < D)[None, :]
         tl.store(q_rows + dims[None, :], tl.load(e_rows + dims[None, :], mask=ok), mask=ok)
 
