@@ -55,14 +55,17 @@ def shared_bytes(tile: Tile, dtype_bytes: int) -> int:
 
 @triton.jit
 def nearest_codes(
-    z_ptr, e_ptr, e_sqnorm_ptr, pid, row_ok, K, D,
+    z_ptr, e_ptr, e_sqnorm_ptr, N, K, D,
     IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """The search of one BLOCK_N-row tile (rows pid * BLOCK_N + [0, BLOCK_N) of z [N, D], row_ok:
-    which exist) against the codebook e [K, D] with e_sqnorm [K] float32: (code int32 [BLOCK_N],
-    dist float32 [BLOCK_N]) = (argmin_k, min_k) of ||z - e_k||^2, ties to the smallest k, dist clamped
-    at 0 and non-finite for a non-finite row. Shared by the lookup and quantize kernels."""
+    """The search of this program's BLOCK_N-row tile of z [N, D] against the codebook e [K, D] with
+    e_sqnorm [K] float32. Returns rows int32 [BLOCK_N] (the tile's row indices), row_ok (which exist),
+    code int32 and dist float32 [BLOCK_N] = (argmin_k, min_k) of ||z - e_k||^2, ties to the smallest
+    k, dist clamped at 0 and non-finite for a non-finite row. Shared by the lookup and quantize kernels."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
     # 64-bit tile bases (N * D can exceed 2^31), 32-bit offsets inside a tile: half the registers
     # of a 64-bit pointer per element.
     z_tile = z_ptr + pid.to(tl.int64) * BLOCK_N * D
@@ -100,7 +103,7 @@ def nearest_codes(
 
     dist = best + z_sqnorm
     dist = tl.where(dist < 0.0, 0.0, dist)  # clamp, but keep NaN (a non-finite row must show)
-    return best_code, dist
+    return rows, row_ok, best_code, dist
 
 
 @triton.autotune(
@@ -127,10 +130,9 @@ def _lookup_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    best_code, dist = nearest_codes(z_ptr, e_ptr, e_sqnorm_ptr, pid, row_ok, K, D, IEEE_FP32, UPCAST, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D)
+    rows, row_ok, best_code, dist = nearest_codes(
+        z_ptr, e_ptr, e_sqnorm_ptr, N, K, D, IEEE_FP32, UPCAST, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D
+    )
     tl.store(codes_ptr + rows, best_code, mask=row_ok)
     tl.store(dist_ptr + rows, dist, mask=row_ok)
 
@@ -151,21 +153,19 @@ def lookup_triton(z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: torc
 
     with device_guard(z.device):
         wrap_triton(_lookup_kernel)[grid](
-            z,
-            codebook,
-            codebook_sqnorm,
-            codes,
-            dist,
-            n,
-            k,
-            d,
-            size_class(n),
-            IEEE_FP32=z.dtype == torch.float32,
-            # The Triton interpreter's tl.dot reads bfloat16 as raw bits; products of bf16 values are
-            # exact in float32, so upcasting there computes what the tensor cores compute on a GPU.
-            UPCAST=z.dtype == torch.bfloat16 and triton_interpreter(),
+            z, codebook, codebook_sqnorm, codes, dist, n, k, d, size_class(n), **search_constants(z)
         )
     return codes, dist
+
+
+def search_constants(z: torch.Tensor) -> dict:
+    """The dtype constants of a kernel built on `nearest_codes`, for inputs of z's dtype."""
+    return {
+        "IEEE_FP32": z.dtype == torch.float32,
+        # The Triton interpreter's tl.dot reads bfloat16 as raw bits; products of bf16 values are
+        # exact in float32, so upcasting there computes what the tensor cores compute on a GPU.
+        "UPCAST": z.dtype == torch.bfloat16 and triton_interpreter(),
+    }
 
 
 def aot_variants():

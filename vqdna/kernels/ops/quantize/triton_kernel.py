@@ -14,12 +14,12 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from vqdna.kernels.dispatch import triton_interpreter
 from vqdna.kernels.ops.lookup.triton_kernel import (
     INTERPRETER_TILE,
     TILES,
     nearest_codes,
     search_aot_variants,
+    search_constants,
     shared_bytes,
 )
 from vqdna.kernels.triton.common import (
@@ -68,10 +68,9 @@ def _quantize_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    best_code, dist = nearest_codes(z_ptr, e_ptr, e_sqnorm_ptr, pid, row_ok, K, D, IEEE_FP32, UPCAST, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D)
+    rows, row_ok, best_code, dist = nearest_codes(
+        z_ptr, e_ptr, e_sqnorm_ptr, N, K, D, IEEE_FP32, UPCAST, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D
+    )
     tl.store(codes_ptr + rows, best_code, mask=row_ok)
     tl.store(dist_ptr + rows, dist, mask=row_ok)
 
@@ -130,21 +129,8 @@ def quantize_triton(
     with device_guard(z.device):
         if n > 0:
             wrap_triton(_quantize_kernel)[grid](
-                z,
-                codebook,
-                codebook_sqnorm,
-                codes,
-                quantized,
-                dist,
-                sum64,
-                bad,
-                n,
-                k,
-                d,
-                size_class(n),
-                IEEE_FP32=z.dtype == torch.float32,
-                # as lookup: the interpreter's tl.dot reads bfloat16 as raw bits
-                UPCAST=z.dtype == torch.bfloat16 and triton_interpreter(),
+                z, codebook, codebook_sqnorm, codes, quantized, dist, sum64, bad, n, k, d, size_class(n),
+                **search_constants(z),
             )
         wrap_triton(_quantize_finish_kernel)[(1,)](sum64, bad, sqdist_sum, nonfinite, n)
     return codes, quantized, dist, sqdist_sum, nonfinite
