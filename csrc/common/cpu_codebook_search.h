@@ -1,6 +1,7 @@
-// Shared pieces of the native CPU kernels that search codebooks (lookup, hrq_quantize): float32
-// packing of rows and codes into register-tile panels, the 6 x 16 AVX2 tile with its fused argmin
-// epilogue, and a block search over a packed codebook. See csrc/ops/lookup/cpu.cpp for the design.
+// Shared pieces of the native CPU kernels that search codebooks (lookup, quantize, hrq_quantize):
+// float32 packing of rows and codes into register-tile panels, the 6 x 16 AVX2 tile with its fused
+// argmin epilogue, a block search over a packed codebook, and the parallel loop over blocks of rows.
+// See csrc/ops/lookup/cpu.cpp for the design.
 #pragma once
 
 #include <limits>
@@ -172,6 +173,40 @@ inline int64_t block_rows(int64_t N, int64_t D) {
   int64_t mb = std::clamp<int64_t>(kBlockBytes / (D * int64_t(sizeof(float))), kMR, kMaxBlockRows);
   mb = std::min(mb, (N + nthreads - 1) / nthreads);
   return std::max<int64_t>(kMR, (mb + kMR - 1) / kMR * kMR);
+}
+
+// The search of every row of z [N, D] (lookup, quantize): blocks of mb = block_rows(N, D) rows (the
+// caller's, so it can size per-block results), in parallel over blocks; each block is packed (float32, ||z||^2 per row), searched against `cb` while
+// the next block of z is prefetched, and handed to
+//   epilogue(blk, r0, rows, best, best_idx, znorm)
+// (block index, first row, row count; per row of the block: min of ||e||^2 - 2 z.e, its code,
+// ||z||^2) while it is still in cache.
+template <typename T, typename Epilogue>
+void search_rows_blocked(const T* zp, int64_t N, int64_t D, const PackedCodebook& cb, int64_t mb,
+                         Epilogue&& epilogue) {
+  const int64_t n_blocks = (N + mb - 1) / mb;
+  at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
+    AlignedBuf apack = aligned_floats(mb * D);
+    AlignedBuf tmp = aligned_floats(D);
+    std::unique_ptr<float[]> best(new float[mb]), znorm(new float[mb]);
+    std::unique_ptr<int32_t[]> best_idx(new int32_t[mb]);
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t r0 = blk * mb;
+      const int64_t rows = std::min(mb, N - r0);
+      const int64_t row_panels = (rows + kMR - 1) / kMR;
+      for (int64_t p = 0; p < row_panels; ++p) {
+        const int64_t pr = std::min(kMR, rows - p * kMR);
+        pack_panel<T, kMR>(zp + (r0 + p * kMR) * D, pr, D, apack.get() + p * kMR * D, tmp.get(),
+                           znorm.get() + p * kMR);
+      }
+      // Pull the next block of z (streamed from DRAM) in while this block computes.
+      const char* next = reinterpret_cast<const char*>(zp + (r0 + mb) * D);
+      const int64_t next_lines = blk + 1 < blk1 ? (std::min(mb, N - r0 - mb) * D * int64_t(sizeof(T)) + 63) / 64 : 0;
+      search_block(apack.get(), row_panels, cb, best.get(), best_idx.get(), next, next_lines);
+      epilogue(blk, r0, rows, static_cast<const float*>(best.get()), static_cast<const int32_t*>(best_idx.get()),
+               static_cast<const float*>(znorm.get()));
+    }
+  });
 }
 
 // The input contract of the single-codebook searches (lookup_native, quantize_native): CPU tensors,

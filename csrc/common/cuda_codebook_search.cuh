@@ -1,4 +1,4 @@
-// Device code shared by the CUDA codebook searches (csrc/ops/lookup/cuda.cu, csrc/ops/hrq_quantize/cuda.cu; ema_stats/cuda.cu uses its element helpers): the 128-row x
+// Device code shared by the CUDA codebook searches (csrc/ops/{lookup,quantize,hrq_quantize}/cuda.cu; ema_stats/cuda.cu uses its element helpers): the 128-row x
 // whole-codebook tile search of docs/design.md §2.1 with a running (min, index) per row, for bf16/fp16
 // (tensor-core mma.sync, fp32 accumulation) and float32 (exact FMA, no TF32).
 //
@@ -228,6 +228,34 @@ __device__ __forceinline__ void lex_min(float& v, int& i, float ov, int oi) {
 }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// The end of a row's search in every single-codebook kernel (lookup, quantize): code and distance
+// ||z||^2 + min_k (||e_k||^2 - 2 z.e_k), clamped with `x < 0 ? 0 : x` (NaN stays NaN). Returns the
+// distance written.
+__device__ __forceinline__ float write_code_dist(int32_t* codes, float* dist, int64_t row, float best,
+                                                 int idx, float zsq) {
+  const float x = best + zsq;
+  const float v = x < 0.f ? 0.f : x;
+  dist[row] = v;
+  codes[row] = idx;
+  return v;
+}
+
+// Host: launches `kernel` on `grid` blocks of kThreads with `smem_bytes` of dynamic shared memory.
+// > 48 KiB needs the opt-in (per kernel, cheap to repeat). Returns the attribute call's error (and
+// clears it), else cudaSuccess; launch errors are left for the caller's cudaGetLastError.
+template <typename Kernel, typename... Args>
+cudaError_t launch_with_smem(Kernel kernel, size_t smem_bytes, unsigned grid, cudaStream_t stream,
+                             Args... args) {
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(smem_bytes));
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // do not leave it for an unrelated later check
+    return err;
+  }
+  kernel<<<grid, kThreads, smem_bytes, stream>>>(args...);
+  return cudaSuccess;
+}
 
 // ================================================================================================
 // bf16 / fp16: tensor-core search
@@ -864,6 +892,28 @@ __device__ __forceinline__ void f32_tile_search(ASource& asrc, const float* __re
     out_best = s_best[tid];
     out_idx = s_idx[tid];
     out_zsq = zsq;
+  }
+}
+
+// ================================================================================================
+// The rows of z as they are (lookup, quantize)
+// ================================================================================================
+
+// The search of rows [row0, row0 + 128) of z [n, d] (the A source of lookup and quantize) against cb
+// [k, d]: the float32 FMA search for T = float, else the tensor-core search (kVec: 16-byte loads).
+// Same contract as the searches above, with ||z||^2 (out_zsq) computed.
+template <typename T, bool kVec>
+__device__ __forceinline__ void search_rows(const typename Elem<T>::Storage* __restrict__ z,
+                                            const typename Elem<T>::Storage* __restrict__ cb,
+                                            const float* __restrict__ sqnorm, int64_t n, int64_t row0,
+                                            int k, int64_t d, unsigned char* smem, float& out_best,
+                                            int& out_idx, float& out_zsq) {
+  if constexpr (std::is_same_v<T, float>) {
+    PlainTileF32 src{z, n, row0, d};
+    f32_tile_search</*kZsq=*/true>(src, cb, sqnorm, k, d, smem, out_best, out_idx, out_zsq);
+  } else {
+    PlainTileB16<kVec> src{z, n, row0, d};
+    mma_tile_search<T, kVec, /*kZsq=*/true>(src, cb, sqnorm, k, d, smem, out_best, out_idx, out_zsq);
   }
 }
 

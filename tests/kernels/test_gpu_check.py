@@ -108,7 +108,7 @@ def _check_report(proc, report, backends):
     triton_rows = [r for r in report["kernels"] if r["backend"] == "triton"]
     if "triton" in backends:
         # Every op's kernels were compiled (not only pruned) for both architectures.
-        for op in ("lookup", "hrq_quantize", "ema_stats", "stem"):
+        for op in ("lookup", "quantize", "hrq_quantize", "ema_stats", "stem"):
             for arch in ("sm_80", "sm_90"):
                 assert any(r["op"] == op and r["arch"] == arch and not r.get("pruned") for r in triton_rows), (op, arch)
         # 16-bit Triton variants really are spill-free, and registers were read.

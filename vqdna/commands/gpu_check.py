@@ -13,7 +13,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--arch", default="sm_80,sm_90", help="architectures, comma-separated (default: sm_80,sm_90)")
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON")
     parser.add_argument("--backend", nargs="+", choices=["triton", "cuda"], default=["triton", "cuda"])
-    parser.add_argument("--op", nargs="+", help="only these ops (lookup, hrq_quantize, ema_stats, stem)")
+    parser.add_argument("--op", nargs="+", help="only these ops (lookup, quantize, hrq_quantize, ema_stats, stem)")
     parser.add_argument(
         "--subset", action="store_true",
         help="the representative subset (the first and last variant of each kernel and dtype) instead of every variant",

@@ -32,33 +32,13 @@ void lookup_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::Te
   float* dist_p = dist.mutable_data_ptr<float>();
   // Packed once per call (K*D work), shared read-only by all threads.
   const PackedCodebook cb = pack_codebook(codebook.const_data_ptr<T>(), sqnorm.const_data_ptr<float>(), K, D);
-  const int64_t mb = block_rows(N, D);
-  const int64_t n_blocks = (N + mb - 1) / mb;
-
-  at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
-    AlignedBuf apack = aligned_floats(mb * D);
-    AlignedBuf tmp = aligned_floats(D);
-    std::unique_ptr<float[]> best(new float[mb]), znorm(new float[mb]);
-    std::unique_ptr<int32_t[]> best_idx(new int32_t[mb]);
-    for (int64_t blk = blk0; blk < blk1; ++blk) {
-      const int64_t r0 = blk * mb;
-      const int64_t rows = std::min(mb, N - r0);
-      const int64_t row_panels = (rows + kMR - 1) / kMR;
-      for (int64_t p = 0; p < row_panels; ++p) {
-        const int64_t pr = std::min(kMR, rows - p * kMR);
-        pack_panel<T, kMR>(zp + (r0 + p * kMR) * D, pr, D, apack.get() + p * kMR * D, tmp.get(),
-                           znorm.get() + p * kMR);
-      }
-      // Pull the next block of z (streamed from DRAM) in while this block computes.
-      const char* next = reinterpret_cast<const char*>(zp + (r0 + mb) * D);
-      const int64_t next_lines = blk + 1 < blk1 ? (std::min(mb, N - r0 - mb) * D * int64_t(sizeof(T)) + 63) / 64 : 0;
-      search_block(apack.get(), row_panels, cb, best.get(), best_idx.get(), next, next_lines);
-      for (int64_t r = 0; r < rows; ++r) {
-        // NaN/Inf rows: znorm is non-finite, so is the sum; `x < 0` leaves NaN untouched.
-        const float x = best[r] + znorm[r];
-        dist_p[r0 + r] = x < 0.f ? 0.f : x;
-        codes_p[r0 + r] = best_idx[r];
-      }
+  search_rows_blocked(zp, N, D, cb, block_rows(N, D),
+                      [&](int64_t, int64_t r0, int64_t rows, const float* best, const int32_t* best_idx, const float* znorm) {
+    for (int64_t r = 0; r < rows; ++r) {
+      // NaN/Inf rows: znorm is non-finite, so is the sum; `x < 0` leaves NaN untouched.
+      const float x = best[r] + znorm[r];
+      dist_p[r0 + r] = x < 0.f ? 0.f : x;
+      codes_p[r0 + r] = best_idx[r];
     }
   });
 }

@@ -20,15 +20,9 @@ namespace {
 
 using tile::kBM;
 using tile::kThreads;
+using tile::launch_with_smem;
 
 static_assert(kBM == kLookupBlockRows, "cuda.cuh advertises the tile height");
-
-__device__ __forceinline__ void write_row(int32_t* codes, float* dist, int64_t row, float best,
-                                          int idx, float zsq) {
-  const float x = best + zsq;
-  dist[row] = x < 0.f ? 0.f : x;  // NaN stays NaN
-  codes[row] = idx;
-}
 
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads, 2)
@@ -38,13 +32,12 @@ __global__ void __launch_bounds__(kThreads, 2)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  tile::PlainTileB16<kVec> src{z, n, row0, d};
   float best = 0.f, zsq = 0.f;
   int idx = 0;
-  tile::mma_tile_search<T, kVec, /*kZsq=*/true>(src, cb, sqnorm, k, d, smem_raw, best, idx, zsq);
+  tile::search_rows<T, kVec>(z, cb, sqnorm, n, row0, k, d, smem_raw, best, idx, zsq);
   if (tid < kBM) {
     const int64_t row = row0 + tid;
-    if (row < n) write_row(codes, dist, row, best, idx, zsq);
+    if (row < n) tile::write_code_dist(codes, dist, row, best, idx, zsq);
   }
 }
 
@@ -55,33 +48,18 @@ __global__ void __launch_bounds__(kThreads, 2)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const int tid = static_cast<int>(threadIdx.x);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  tile::PlainTileF32 src{z, n, row0, d};
   float best = 0.f, zsq = 0.f;
   int idx = 0;
-  tile::f32_tile_search</*kZsq=*/true>(src, cb, sqnorm, k, d, smem_raw, best, idx, zsq);
+  tile::search_rows<float, false>(z, cb, sqnorm, n, row0, k, d, smem_raw, best, idx, zsq);
   if (tid < kBM) {
     const int64_t row = row0 + tid;
-    if (row < n) write_row(codes, dist, row, best, idx, zsq);
+    if (row < n) tile::write_code_dist(codes, dist, row, best, idx, zsq);
   }
 }
 
 // ------------------------------------------------------------------------------------------------
 // Host side
 // ------------------------------------------------------------------------------------------------
-
-template <typename Kernel, typename... Args>
-cudaError_t launch_with_smem(Kernel kernel, size_t smem_bytes, unsigned grid, cudaStream_t stream,
-                             Args... args) {
-  // > 48 KiB of dynamic shared memory needs the opt-in (per kernel, cheap to repeat).
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(smem_bytes));
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // do not leave it for an unrelated later check
-    return err;
-  }
-  kernel<<<grid, kThreads, smem_bytes, stream>>>(args...);
-  return cudaSuccess;
-}
 
 template <typename T>
 cudaError_t launch_mma(const void* z, const void* cb, const float* sqnorm, int32_t* codes,

@@ -1,7 +1,8 @@
 // Native CPU quantize: the lookup search of csrc/ops/lookup/cpu.cpp (packed codebook, 6 x 16 AVX2 tiles with
-// the fused argmin, common/cpu_codebook_search.h) with the block's epilogue extended: while the block's rows
-// of z are still in cache, each row's chosen codebook row is copied to `quantized`, its distance is added
-// to the block's float64 loss sum and a non-finite distance is counted. Per-block sums and counts are
+// the fused argmin, the block loop search_rows_blocked of common/cpu_codebook_search.h) with the block's
+// epilogue extended: while the block's rows of z are still in cache, each row's chosen codebook row is
+// copied to `quantized`, its distance is added to the block's float64 loss sum and a non-finite
+// distance is counted. Per-block sums and counts are
 // combined in block order after the parallel loop, so the result does not depend on the thread count.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
@@ -58,44 +59,28 @@ void quantize_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::
   const bool stream = q_bytes >= kStreamBytes;
   advise_huge_pages(q_p, static_cast<size_t>(q_bytes));
 
-  at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
-    AlignedBuf apack = aligned_floats(mb * D);
-    AlignedBuf tmp = aligned_floats(D);
-    std::unique_ptr<float[]> best(new float[mb]), znorm(new float[mb]);
-    std::unique_ptr<int32_t[]> best_idx(new int32_t[mb]);
-    for (int64_t blk = blk0; blk < blk1; ++blk) {
-      const int64_t r0 = blk * mb;
-      const int64_t rows = std::min(mb, N - r0);
-      const int64_t row_panels = (rows + kMR - 1) / kMR;
-      for (int64_t p = 0; p < row_panels; ++p) {
-        const int64_t pr = std::min(kMR, rows - p * kMR);
-        pack_panel<T, kMR>(zp + (r0 + p * kMR) * D, pr, D, apack.get() + p * kMR * D, tmp.get(),
-                           znorm.get() + p * kMR);
+  search_rows_blocked(zp, N, D, cb, mb, [&](int64_t blk, int64_t r0, int64_t rows, const float* best,
+                                        const int32_t* best_idx, const float* znorm) {
+    double sum = 0.0;
+    int64_t bad = 0, first = -1;
+    for (int64_t r = 0; r < rows; ++r) {
+      // NaN/Inf rows: znorm is non-finite, so is the sum; `x < 0` leaves NaN untouched.
+      const float x = best[r] + znorm[r];
+      const float d = x < 0.f ? 0.f : x;
+      const int32_t code = best_idx[r];
+      dist_p[r0 + r] = d;
+      codes_p[r0 + r] = code;
+      copy_row(q_p + (r0 + r) * D, cbp + int64_t(code) * D, D * int64_t(sizeof(T)), stream);
+      sum += d;
+      if (!std::isfinite(d)) {
+        if (bad++ == 0) first = r0 + r;
       }
-      const char* next = reinterpret_cast<const char*>(zp + (r0 + mb) * D);
-      const int64_t next_lines = blk + 1 < blk1 ? (std::min(mb, N - r0 - mb) * D * int64_t(sizeof(T)) + 63) / 64 : 0;
-      search_block(apack.get(), row_panels, cb, best.get(), best_idx.get(), next, next_lines);
-      double sum = 0.0;
-      int64_t bad = 0, first = -1;
-      for (int64_t r = 0; r < rows; ++r) {
-        // NaN/Inf rows: znorm is non-finite, so is the sum; `x < 0` leaves NaN untouched.
-        const float x = best[r] + znorm[r];
-        const float d = x < 0.f ? 0.f : x;
-        const int32_t code = best_idx[r];
-        dist_p[r0 + r] = d;
-        codes_p[r0 + r] = code;
-        copy_row(q_p + (r0 + r) * D, cbp + int64_t(code) * D, D * int64_t(sizeof(T)), stream);
-        sum += d;
-        if (!std::isfinite(d)) {
-          if (bad++ == 0) first = r0 + r;
-        }
-      }
-      blk_sum[blk] = sum;
-      blk_bad[blk] = bad;
-      blk_first[blk] = first;
     }
+    blk_sum[blk] = sum;
+    blk_bad[blk] = bad;
+    blk_first[blk] = first;
 #ifdef VQDNA_AVX2
-    if (stream) _mm_sfence();  // this thread's streamed stores are visible before the outputs are read
+    if (stream) _mm_sfence();  // this block's streamed stores are visible before the outputs are read
 #endif
   });
   double total = 0.0;

@@ -1,5 +1,6 @@
-// Schema of the quantize op: `vqdna::quantize_native` on the CPU dispatch key (cpu.cpp beside this
-// file); the Python declaration is vqdna/kernels/ops/quantize/.
+// Schemas of the quantize op: `vqdna::quantize_native` on the CPU dispatch key (cpu.cpp beside this
+// file), `vqdna::quantize_cuda` on the CUDA key (cuda_binding.cpp); the Python declaration is
+// vqdna/kernels/ops/quantize/.
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(vqdna, m) {
@@ -10,4 +11,6 @@ TORCH_LIBRARY_FRAGMENT(vqdna, m) {
   // sqdist_sum float32 [] = sum of dist (float64 accumulation), nonfinite int64 [2] = (count of rows with
   // a non-finite dist, the first such row or -1).
   m.def("quantize_native(Tensor z, Tensor codebook, Tensor codebook_sqnorm) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Same contract on CUDA tensors (cuda.cu; float64 accumulation by atomics); registered only when built with CUDA.
+  m.def("quantize_cuda(Tensor z, Tensor codebook, Tensor codebook_sqnorm) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -7,16 +7,19 @@ import math
 import pytest
 import torch
 
-from vqdna.kernels import dispatch, quantize, reference
+from vqdna.kernels import dispatch, lookup, quantize, reference
 from vqdna.kernels.ops.registry import backend_op
-from tests.conftest import backend_params, require_backend
+from tests.conftest import backend_case_params, backend_params, require_backend
 from tests.kernels.ops.test_lookup import assert_lookup_matches, exact_distances, make_inputs
 from tests.tolerances import TOL
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 _ids = lambda t: str(t).split(".")[-1]  # noqa: E731
-# (N, K, D): one row, one code, D not a multiple of 16 (nor of the 6-row / 16-code tiles), large K.
-SHAPES = [(1, 1, 1), (1, 5, 17), (7, 1, 3), (200, 33, 17), (131, 4096, 40)]
+# (N, K, D): one row, one code, D not a multiple of 16 (nor of the 6-row / 16-code tiles), rows over
+# several Triton programs / CUDA blocks, D over several Triton chunks, large K.
+SHAPES = [(1, 1, 1), (1, 5, 17), (7, 1, 3), (200, 33, 17), (40, 300, 130), (131, 4096, 40)]
+# The Triton interpreter runs on the CPU at ~1 ms per tile step: larger cases go behind `slow`.
+_INTERPRETER_BUDGET = 3_000_000  # N * K * D
 
 
 def assert_quantize_matches(z, codebook, out, dtype):
@@ -38,14 +41,19 @@ def assert_quantize_matches(z, codebook, out, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
-@pytest.mark.parametrize("n,k,d", SHAPES, ids=lambda v: str(v))
-@pytest.mark.parametrize("backend,device", backend_params("quantize"))
+@pytest.mark.parametrize(
+    "backend,device,n,k,d", backend_case_params(SHAPES, lambda n, k, d: n * k * d > _INTERPRETER_BUDGET, op="quantize")
+)
 def test_quantize_matches_reference(backend, device, n, k, d, dtype, rng, poison):
     require_backend(backend, device, "quantize")
     z, codebook = make_inputs(n, k, d, dtype, device, rng)
     out = quantize(z, codebook, backend=backend)
     assert dispatch.last_backend("quantize") == backend
     assert_quantize_matches(z, codebook, out, dtype)
+    # One search: the codes and distances of this backend's lookup, bit for bit (same tiles, same
+    # tie rule, same distance formula).
+    codes, dist = lookup(z, codebook, backend=backend)
+    assert torch.equal(out[0], codes) and torch.equal(out[2], dist)
 
 
 @pytest.mark.parametrize("backend,device", backend_params("quantize"))
@@ -146,5 +154,73 @@ def test_opcheck(backend, device, rng):
     torch.library.opcheck(op, (z.clone().requires_grad_(True), codebook, sq),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     # opcheck's backward harness cannot sum the int32 codes with the float outputs: the compiled-dispatch
-    # check runs without grad; the gradient has its own test above.
-    torch.library.opcheck(op, (z, codebook, sq), test_utils=("test_aot_dispatch_dynamic",))
+    # check runs without grad; the gradient has its own test above. (Not for Triton on the CPU: the
+    # interpreter reads the data pointers of the traced fake tensors, as for lookup.)
+    if not (backend == "triton" and device == "cpu"):
+        torch.library.opcheck(op, (z, codebook, sq), test_utils=("test_aot_dispatch_dynamic",))
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
+@pytest.mark.parametrize(
+    "z_shape,cb_shape,z_dtype,cb_dtype,exc,match",
+    [
+        ((4, 8), (3, 9), torch.float32, torch.float32, ValueError, "quantize: dimension mismatch"),
+        ((4, 8), (0, 8), torch.float32, torch.float32, ValueError, "quantize: the codebook is empty"),
+        ((4, 8), (3, 8), torch.float32, torch.float16, TypeError, "quantize: dtype mismatch"),
+        ((4, 8), (8,), torch.float32, torch.float32, ValueError, r"quantize: codebook must have shape \[K, D\]"),
+        ((4, 8), (3, 8), torch.int32, torch.int32, TypeError, "quantize: z has dtype"),
+        ((), (3, 8), torch.float32, torch.float32, ValueError, r"quantize: z must have shape \[\.\.\., D\]"),
+    ],
+)
+def test_clear_errors_name_quantize(backend, z_shape, z_dtype, cb_shape, cb_dtype, exc, match):
+    """The checks are lookup's, but a quantize call's error names quantize (before any backend runs)."""
+    with pytest.raises(exc, match=match):
+        quantize(torch.ones(z_shape).to(z_dtype), torch.ones(cb_shape).to(cb_dtype), backend=backend)
+    with pytest.raises(ValueError, match="quantize: codebook_sqnorm must have shape"):
+        quantize(torch.ones(4, 8), torch.ones(3, 8), codebook_sqnorm=torch.ones(4), backend=backend)
+
+
+def test_auto_picks_the_gpu_backends_on_cuda_first():
+    """select_backend's order on CUDA tensors reaches the new backends (no GPU needed: the declaration)."""
+    from vqdna.kernels.ops.registry import declaration
+
+    assert declaration("quantize").backends == ("cuda", "triton", "native", "reference")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_steady_state_calls_do_not_sync_cuda(backend, rng):
+    """The loss sum and the non-finite report stay on the GPU: after the first call (Triton autotunes
+    then), a call launches without a host sync."""
+    require_backend(backend, "cuda", "quantize")
+    z, codebook = make_inputs(4096, 512, 384, torch.bfloat16, "cuda", rng)
+    want = quantize(z, codebook, backend=backend)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = quantize(z, codebook, backend=backend)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # The autotuner's trial runs of the first call did not leave their sums in the scratch.
+    assert torch.equal(got[0], want[0]) and torch.equal(got[4], want[4])
+    assert abs(float(got[3]) - float(want[3])) <= 2**-23 * abs(float(want[3]))
+    assert_quantize_matches(z, codebook, got, torch.bfloat16)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("which", ["z", "codebook", "both"])
+def test_cuda_misaligned_inputs(dtype, which, rng, poison):
+    """D % 8 == 0 but a pointer off a 16-byte boundary: element-wise tile loads and row copies, and
+    the same outputs as the aligned call."""
+    require_backend("cuda", "cuda", "quantize")
+    from tests.conftest import misaligned
+
+    z, cb = make_inputs(1000, 513, 64, dtype, "cuda", rng)
+    zm = misaligned(z) if which in ("z", "both") else z
+    cbm = misaligned(cb) if which in ("codebook", "both") else cb
+    got = quantize(zm, cbm, backend="cuda")
+    want = quantize(z, cb, backend="cuda")
+    for g, w in zip(got, want):
+        assert torch.equal(g, w) if g.dim() else abs(float(g) - float(w)) <= 2**-23 * abs(float(w))
+    assert_quantize_matches(z, cb, got, dtype)

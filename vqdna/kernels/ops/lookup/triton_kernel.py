@@ -53,30 +53,16 @@ def shared_bytes(tile: Tile, dtype_bytes: int) -> int:
     return pipelined_shared_bytes(tile, dtype_bytes)
 
 
-@triton.autotune(
-    configs=autotune_configs(TILES, INTERPRETER_TILE),
-    key=["N_CLASS", "K", "D", "IEEE_FP32", "UPCAST"],
-    prune_configs_by={"early_config_prune": prune_for_device("z_ptr", shared_bytes, TILES)},
-)
-@triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 @triton.jit
-def _lookup_kernel(
-    z_ptr,
-    e_ptr,
-    e_sqnorm_ptr,
-    codes_ptr,
-    dist_ptr,
-    N,
-    K,
-    D,
-    N_CLASS,  # size_class(N): only an autotuning key
-    IEEE_FP32: tl.constexpr,
-    UPCAST: tl.constexpr,
-    EVEN_D: tl.constexpr,  # D % BLOCK_D == 0: no dimension mask (the masked loads cost registers)
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+def nearest_codes(
+    z_ptr, e_ptr, e_sqnorm_ptr, N, K, D,
+    IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """The search of this program's BLOCK_N-row tile of z [N, D] against the codebook e [K, D] with
+    e_sqnorm [K] float32. Returns rows int32 [BLOCK_N] (the tile's row indices), row_ok (which exist),
+    code int32 and dist float32 [BLOCK_N] = (argmin_k, min_k) of ||z - e_k||^2, ties to the smallest
+    k, dist clamped at 0 and non-finite for a non-finite row. Shared by the lookup and quantize kernels."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -117,6 +103,36 @@ def _lookup_kernel(
 
     dist = best + z_sqnorm
     dist = tl.where(dist < 0.0, 0.0, dist)  # clamp, but keep NaN (a non-finite row must show)
+    return rows, row_ok, best_code, dist
+
+
+@triton.autotune(
+    configs=autotune_configs(TILES, INTERPRETER_TILE),
+    key=["N_CLASS", "K", "D", "IEEE_FP32", "UPCAST"],
+    prune_configs_by={"early_config_prune": prune_for_device("z_ptr", shared_bytes, TILES)},
+)
+@triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
+@triton.jit
+def _lookup_kernel(
+    z_ptr,
+    e_ptr,
+    e_sqnorm_ptr,
+    codes_ptr,
+    dist_ptr,
+    N,
+    K,
+    D,
+    N_CLASS,  # size_class(N): only an autotuning key
+    IEEE_FP32: tl.constexpr,
+    UPCAST: tl.constexpr,
+    EVEN_D: tl.constexpr,  # D % BLOCK_D == 0: no dimension mask (the masked loads cost registers)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    rows, row_ok, best_code, dist = nearest_codes(
+        z_ptr, e_ptr, e_sqnorm_ptr, N, K, D, IEEE_FP32, UPCAST, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D
+    )
     tl.store(codes_ptr + rows, best_code, mask=row_ok)
     tl.store(dist_ptr + rows, dist, mask=row_ok)
 
@@ -137,41 +153,44 @@ def lookup_triton(z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: torc
 
     with device_guard(z.device):
         wrap_triton(_lookup_kernel)[grid](
-            z,
-            codebook,
-            codebook_sqnorm,
-            codes,
-            dist,
-            n,
-            k,
-            d,
-            size_class(n),
-            IEEE_FP32=z.dtype == torch.float32,
-            # The Triton interpreter's tl.dot reads bfloat16 as raw bits; products of bf16 values are
-            # exact in float32, so upcasting there computes what the tensor cores compute on a GPU.
-            UPCAST=z.dtype == torch.bfloat16 and triton_interpreter(),
+            z, codebook, codebook_sqnorm, codes, dist, n, k, d, size_class(n), **search_constants(z)
         )
     return codes, dist
 
 
+def search_constants(z: torch.Tensor) -> dict:
+    """The dtype constants of a kernel built on `nearest_codes`, for inputs of z's dtype."""
+    return {
+        "IEEE_FP32": z.dtype == torch.float32,
+        # The Triton interpreter's tl.dot reads bfloat16 as raw bits; products of bf16 values are
+        # exact in float32, so upcasting there computes what the tensor cores compute on a GPU.
+        "UPCAST": z.dtype == torch.bfloat16 and triton_interpreter(),
+    }
+
+
 def aot_variants():
-    """What `vqdna gpu-check` compiles: every declared tile for each dtype it is declared for, with and
-    without the dimension mask where the tile allows both (on a GPU the other constants follow from
-    the dtype), and the shared-memory estimate the pruner applies per arch."""
+    """What `vqdna gpu-check` compiles of lookup (search_aot_variants)."""
+    return search_aot_variants("lookup", _lookup_kernel, TILES, {"codes_ptr": "*i32", "dist_ptr": "*fp32"})
+
+
+def search_aot_variants(op: str, kernel, tiles, out_pointers: dict):
+    """The gpu-check variants of a kernel built on `nearest_codes` (lookup, quantize): every declared
+    tile for each dtype it is declared for, with and without the dimension mask where the tile allows
+    both (on a GPU the other constants follow from the dtype), and the shared-memory estimate the
+    pruner applies per arch. out_pointers: the Triton types of the kernel's other pointer arguments
+    ("*dtype" stands for the input dtype)."""
+    fn = jit_function(kernel)
     for dtype, torch_dtype in TORCH_DTYPES.items():
-        for tile in TILES:
+        for tile in tiles:
             if dtype not in tile.dtypes:
                 continue
-            archs = tile.archs
             for even_d in (True, False) if not tile.even_d_only else (True,):
                 consts = {"IEEE_FP32": torch_dtype == torch.float32, "UPCAST": False, "EVEN_D": even_d,
                           "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "BLOCK_D": tile.block_d}  # fmt: skip
                 ptr = f"*{dtype}"
-                sig = signature(
-                    jit_function(_lookup_kernel),
-                    {"z_ptr": ptr, "e_ptr": ptr, "e_sqnorm_ptr": "*fp32", "codes_ptr": "*i32", "dist_ptr": "*fp32"},
-                    consts,
-                )
+                pointers = {"z_ptr": ptr, "e_ptr": ptr, "e_sqnorm_ptr": "*fp32"}
+                pointers.update({name: ptr if t == "*dtype" else t for name, t in out_pointers.items()})
+                sig = signature(fn, pointers, consts)
                 label = tile.label + ("" if even_d else " masked-D")
-                yield AotVariant("lookup", "_lookup_kernel", jit_function(_lookup_kernel), dtype, label, sig, consts,
-                                 tile.num_warps, tile.num_stages, shared_bytes(tile, torch_dtype.itemsize), archs)  # fmt: skip
+                yield AotVariant(op, fn.__name__, fn, dtype, label, sig, consts,
+                                 tile.num_warps, tile.num_stages, shared_bytes(tile, torch_dtype.itemsize), tile.archs)  # fmt: skip

@@ -15,30 +15,34 @@ __all__ = ["lookup", "raise_on_nonfinite", "check_lookup_inputs"]
 _MAX_ROWS_PER_LAUNCH = 1 << 24
 
 
-def check_lookup_inputs(z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: Optional[torch.Tensor]) -> None:
+def check_lookup_inputs(
+    z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: Optional[torch.Tensor], op: str = "lookup"
+) -> None:
+    """The input contract of the single-codebook searches (lookup, quantize); `op` names the public
+    function that was called in the errors."""
     if not isinstance(z, torch.Tensor) or not isinstance(codebook, torch.Tensor):
-        raise TypeError("lookup: z and codebook must be tensors")
+        raise TypeError(f"{op}: z and codebook must be tensors")
     if z.dim() < 1:
-        raise ValueError(f"lookup: z must have shape [..., D], got a {z.dim()}-d tensor")
+        raise ValueError(f"{op}: z must have shape [..., D], got a {z.dim()}-d tensor")
     if codebook.dim() != 2:
-        raise ValueError(f"lookup: codebook must have shape [K, D], got {tuple(codebook.shape)}")
+        raise ValueError(f"{op}: codebook must have shape [K, D], got {tuple(codebook.shape)}")
     if codebook.shape[0] == 0:
-        raise ValueError("lookup: the codebook is empty (K = 0)")
+        raise ValueError(f"{op}: the codebook is empty (K = 0)")
     if codebook.shape[1] != z.shape[-1]:
-        raise ValueError(f"lookup: dimension mismatch: z has D={z.shape[-1]}, codebook has D={codebook.shape[1]}")
+        raise ValueError(f"{op}: dimension mismatch: z has D={z.shape[-1]}, codebook has D={codebook.shape[1]}")
     if z.shape[-1] == 0:
-        raise ValueError("lookup: D must be >= 1")
+        raise ValueError(f"{op}: D must be >= 1")
     if z.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"lookup: z has dtype {z.dtype}; expected float32, bfloat16, float16 (or float64 on the reference)")
+        raise TypeError(f"{op}: z has dtype {z.dtype}; expected float32, bfloat16, float16 (or float64 on the reference)")
     if codebook.dtype != z.dtype:
-        raise TypeError(f"lookup: dtype mismatch: z is {z.dtype}, codebook is {codebook.dtype}")
+        raise TypeError(f"{op}: dtype mismatch: z is {z.dtype}, codebook is {codebook.dtype}")
     if codebook.device != z.device:
-        raise ValueError(f"lookup: device mismatch: z is on {z.device}, codebook on {codebook.device}")
+        raise ValueError(f"{op}: device mismatch: z is on {z.device}, codebook on {codebook.device}")
     if codebook_sqnorm is not None:
         if codebook_sqnorm.shape != (codebook.shape[0],):
-            raise ValueError(f"lookup: codebook_sqnorm must have shape [{codebook.shape[0]}], got {tuple(codebook_sqnorm.shape)}")
+            raise ValueError(f"{op}: codebook_sqnorm must have shape [{codebook.shape[0]}], got {tuple(codebook_sqnorm.shape)}")
         if codebook_sqnorm.device != z.device:
-            raise ValueError(f"lookup: device mismatch: codebook_sqnorm is on {codebook_sqnorm.device}, z on {z.device}")
+            raise ValueError(f"{op}: device mismatch: codebook_sqnorm is on {codebook_sqnorm.device}, z on {z.device}")
 
 
 def lookup(

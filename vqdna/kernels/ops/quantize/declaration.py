@@ -54,7 +54,8 @@ DECLARATION = OpDeclaration(
     name="quantize",
     reference=quantize_reference,
     fake=quantize_fake,
-    compiled=("native",),
+    compiled=("native", "cuda"),
+    triton="vqdna.kernels.ops.quantize.triton_kernel",
     autograd=(_quantize_backward, _quantize_setup_context),
     bench=("quantize", "vqdna.kernels.ops.quantize.bench:cases"),
 )

@@ -30,9 +30,10 @@ def quantize(
     sqdist_sum [] float32 = sum of dist (float64 accumulation; the commitment loss is
     sqdist_sum / z.numel()), whose gradient to z is 2 (z - quantized); nonfinite int64 [2] =
     (count of non-finite rows, the first one's flat row index or -1), left on the device (no host
-    sync). The codebook gets no gradient. backend: "auto" | "native" | "reference".
+    sync). The codebook gets no gradient.
+    backend: "auto" | "cuda" | "triton" | "native" | "reference" (env VQDNA_BACKEND replaces "auto").
     """
-    check_lookup_inputs(z, codebook, codebook_sqnorm)
+    check_lookup_inputs(z, codebook, codebook_sqnorm, op="quantize")
     if codes_dtype not in (torch.int32, torch.int64):
         raise TypeError(f"quantize: codes_dtype must be torch.int32 or torch.int64, got {codes_dtype}")
     lead, d = z.shape[:-1], z.shape[-1]
