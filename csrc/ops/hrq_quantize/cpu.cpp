@@ -38,13 +38,23 @@ inline void double_residual(const float* z, const float* e, float* h, int64_t D)
 // other counts divide, as the spec does. Rows are written with streaming stores where aligned:
 // the [L, N, D] output is written once and not read back here, so it should not evict the
 // codebooks and packed rows from cache, nor be read for ownership.
+// acc / count as the spec divides (one correctly rounded division): by a power of two it is the
+// multiplication by its exact reciprocal.
+struct LevelMean {
+  explicit LevelMean(int64_t count)
+      : c(static_cast<float>(count)), inv(1.f / static_cast<float>(count)), pow2((count & (count - 1)) == 0) {}
+  float operator()(float acc) const { return pow2 ? acc * inv : acc / c; }
+  float c, inv;
+  bool pow2;
+};
+
 template <typename T>
 inline void store_mean(const float* acc, int64_t count, T* out, int64_t D) {
-  const float c = static_cast<float>(count);
-  const bool pow2 = (count & (count - 1)) == 0;
+  const LevelMean mean(count);
+  const bool pow2 = mean.pow2;
   int64_t d = 0;
 #ifdef VQDNA_AVX2
-  const __m256 vc = _mm256_set1_ps(pow2 ? 1.f / c : c);
+  const __m256 vc = _mm256_set1_ps(pow2 ? mean.inv : mean.c);
   auto mean8 = [&](int64_t i) {
     const __m256 a = _mm256_loadu_ps(acc + i);
     return pow2 ? _mm256_mul_ps(a, vc) : _mm256_div_ps(a, vc);
@@ -75,7 +85,7 @@ inline void store_mean(const float* acc, int64_t count, T* out, int64_t D) {
     }
   }
 #endif
-  for (; d < D; ++d) out[d] = static_cast<T>(pow2 ? acc[d] * (1.f / c) : acc[d] / c);
+  for (; d < D; ++d) out[d] = static_cast<T>(mean(acc[d]));
 }
 
 // ||z - T(acc / count)||^2 in float32: the commitment loss's squared distance of one row to the
@@ -83,21 +93,17 @@ inline void store_mean(const float* acc, int64_t count, T* out, int64_t D) {
 // differs from the reference's only by float32 summation order).
 template <typename T>
 inline float row_sqdist(const float* acc, int64_t count, const T* z, int64_t D) {
-  const float c = static_cast<float>(count);
-  const bool pow2 = (count & (count - 1)) == 0;
-  const float inv = 1.f / c;
+  const LevelMean mean(count);
   float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   int64_t d = 0;
   for (; d + 8 <= D; d += 8) {
     for (int j = 0; j < 8; ++j) {
-      const float m = static_cast<float>(static_cast<T>(pow2 ? acc[d + j] * inv : acc[d + j] / c));
-      const float diff = static_cast<float>(z[d + j]) - m;
+      const float diff = static_cast<float>(z[d + j]) - static_cast<float>(static_cast<T>(mean(acc[d + j])));
       part[j] += diff * diff;
     }
   }
   for (; d < D; ++d) {
-    const float m = static_cast<float>(static_cast<T>(pow2 ? acc[d] * inv : acc[d] / c));
-    const float diff = static_cast<float>(z[d]) - m;
+    const float diff = static_cast<float>(z[d]) - static_cast<float>(static_cast<T>(mean(acc[d])));
     part[d & 7] += diff * diff;
   }
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
