@@ -227,6 +227,15 @@ class Checks:
             err = (levels[level].cpu().double() - want.double()).abs()
             ulp = want.double().abs() * torch.finfo(dtype).eps + torch.finfo(dtype).tiny
             assert bool((err <= 2 * ulp).all()), f"zhat_levels[{level}] off its codes' mean by {float(err.max()):.3g}"
+        # The fused per-level loss rows/sums and report (issue 17), and the codes-only mode: the same codes.
+        codes2, levels2, sqdist, sqdist_sum, nonfinite = hrq_quantize(zs, cbs, backend=backend, losses=True)
+        assert torch.equal(codes2, codes) and torch.equal(levels2, levels)
+        want_sq, _, _ = reference.hrq_level_losses([z.cpu() for z in zs], levels.cpu())
+        size = torch.stack([z.cpu().double().pow(2).sum(-1) + lv.cpu().double().pow(2).sum(-1) for z, lv in zip(zs, levels)])
+        assert bool(((sqdist.cpu().double() - want_sq.double()).abs() <= 1e-4 * size + 1e-12).all()), "sqdist off"
+        assert bool(((sqdist_sum.cpu().double() - want_sq.double().sum(-1)).abs() <= 1e-4 * size.sum(-1) + 1e-12).all())
+        assert nonfinite.tolist() == [[0, -1]] * len(sizes), nonfinite
+        assert torch.equal(hrq_quantize(zs, cbs, backend=backend, codes_only=True), codes), "codes-only codes differ"
         ref_codes, _ = reference.hrq_quantize([z.cpu() for z in zs], [c.cpu() for c in cbs])
         return {"agree_with_reference": _agreement(codes, ref_codes)}
 

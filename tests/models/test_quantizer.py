@@ -284,6 +284,48 @@ class _NoHostReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+@pytest.mark.parametrize("masked", [False, True], ids=["all-rows", "masked"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_hrq_module_fused_losses_equal_the_reference_path(masked, training, rng):
+    """HRQuantizer's loss and check come from hrq_quantize's fused outputs: codes, zhat, the loss and
+    the gradients of zhat and loss together equal the reference computed the long way (the formula
+    the module used before: sum_l masked mean((Z_l - sg(zhat_l))^2))."""
+    h = HRQuantizer(dim=6, codebook_sizes=(4, 9), commitment_weight=0.9, decay=0.8).train(training)
+    zs = [torch.randn(3, 7, 6, generator=rng, requires_grad=True) for _ in range(2)]
+    mask = torch.rand(3, 7, generator=rng) < 0.6 if masked else None
+    books = [c.clone() for c in h.codebooks]  # before the EMA step of a training forward
+    zhat, codes, loss = h(zs, mask=mask)
+    w = torch.randn(zhat.shape, generator=rng)
+    grads = torch.autograd.grad((zhat * w).sum() + 3.0 * loss, zs)
+    ref_zs = [z.detach().clone().requires_grad_() for z in zs]
+    ref_codes, ref_levels = reference.hrq_quantize([z.reshape(-1, 6) for z in ref_zs], books)
+    want = 0.0
+    for z, lv in zip(ref_zs, ref_levels):
+        diff = (z - lv.detach().view(3, 7, 6)).pow(2)
+        m = torch.ones(3, 7) if mask is None else mask.float()
+        want = want + (diff * m[..., None]).sum() / (m.sum() * 6).clamp_min(1)
+    want = 0.9 * want
+    ref_zhat = ref_levels[-1].view(3, 7, 6)
+    ref_grads = torch.autograd.grad((ref_zhat * w).sum() + 3.0 * want, ref_zs)
+    assert torch.equal(codes, ref_codes.long().view(2, 3, 7)) and torch.allclose(zhat, ref_zhat)
+    torch.testing.assert_close(loss, want, atol=1e-6, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+
+
+def test_hrq_module_needs_no_isfinite_pass(rng, monkeypatch):
+    """The finite check reads the op's per-level report: no torch.isfinite pass over the inputs (native op)."""
+    h = HRQuantizer(dim=6, codebook_sizes=(4, 9), check_finite=True).eval()
+    zs = [torch.randn(40, 6, generator=rng) for _ in range(2)]
+
+    def no_isfinite(*args, **kwargs):
+        raise AssertionError("torch.isfinite called")
+
+    monkeypatch.setattr(torch, "isfinite", no_isfinite)
+    h(zs)
+    assert dispatch.last_backend("hrq_quantize") == "native"
+
+
 # (kmeans_init, threshold_ema_dead_code, mask, check_finite): every option on and off. check_finite
 # True reads the device on the CPU by design (the named-row ValueError); off the CPU it is the
 # assertion, which "assert" exercises here.

@@ -60,6 +60,23 @@ def test_encode_matches_forward_and_updates_nothing(quantizer, rng):
         assert torch.equal(a, b)
 
 
+def test_hrq_encode_runs_the_codes_only_op(rng, monkeypatch):
+    """encode asks hrq_quantize for the codes alone (no zhat_levels written), with the forward's codes."""
+    model = _tiny("hrq").eval()
+    ids = torch.randint(0, 5, (2, 50), generator=rng)
+    calls = []
+    real = vqdna.kernels.hrq_quantize
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vqdna.kernels, "hrq_quantize", spy)
+    codes = model.encode(ids)
+    assert [c.get("codes_only") for c in calls] == [True]
+    assert torch.equal(codes.long(), model(ids).codes)
+
+
 def test_all_pad_batch_is_finite():
     model = _tiny()
     model(torch.randint(0, 5, (1, 20)))  # initialise the codebooks

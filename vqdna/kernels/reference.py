@@ -19,7 +19,7 @@ from vqdna.kernels.compile_marks import assume_constant_result
 
 __all__ = [
     "lookup", "hrq_quantize", "ema_stats", "ema_update", "laplace_smoothed", "kmeans", "kmeans_init", "stem",
-    "convnext_block",
+    "convnext_block", "hrq_level_losses", "nonfinite_report",
     "BASE_PAD_ID", "NUM_BASES", "EMA_EPS",
 ]
 
@@ -95,12 +95,19 @@ def quantize(
     codes, dist = lookup(z, codebook, codebook_sqnorm)
     quantized = codebook[codes.long()].to(z.dtype)
     sqdist_sum = dist.double().sum().to(dist.dtype)
+    return codes, quantized, dist, sqdist_sum, nonfinite_report(dist)
+
+
+def nonfinite_report(dist: torch.Tensor) -> torch.Tensor:
+    """dist [..., N] -> int64 [..., 2]: (number of non-finite entries along the last dimension, the
+    first one's index or -1), computed on the device (no host sync)."""
+    n = dist.shape[-1]
     bad = ~torch.isfinite(dist)
-    count = bad.sum()
-    first = torch.where(bad, torch.arange(dist.shape[0], device=dist.device), dist.shape[0]).min() if dist.shape[0] else count
+    count = bad.sum(-1)
+    index = torch.arange(n, device=dist.device).expand(dist.shape)
+    first = torch.where(bad, index, n).amin(-1) if n else count
     first = torch.where(count > 0, first, torch.full_like(first, -1))
-    nonfinite = torch.stack([count, first]).to(torch.int64)
-    return codes, quantized, dist, sqdist_sum, nonfinite
+    return torch.stack([count, first], -1).to(torch.int64)
 
 
 def hrq_quantize(
@@ -137,6 +144,25 @@ def hrq_quantize(
         codes.append(m)
         prev_embedding = hhat
     return torch.stack(codes), torch.stack(levels)
+
+
+def hrq_level_losses(
+    zs: Sequence[torch.Tensor], zhat_levels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What HRQ's commitment loss and finite check need per level (docs/design.md §2.2), from
+    zs (L tensors [N, D]) and hrq_quantize's zhat_levels [L, N, D] (dtype of zs).
+
+    Returns sqdist [L, N] float32 (float64 for float64 inputs) = ||Z_l - zhat_levels[l]||^2 per row
+    (differences of the float32 values); sqdist_sum [L] (same dtype) = sum over rows, accumulated in
+    float64 and rounded once (the loss is sum_l sqdist_sum[l] / (N D)); nonfinite int64 [L, 2] =
+    `nonfinite_report(sqdist)`: every row of Z_l holding NaN/Inf is one (so is a finite row whose
+    float32 squared distance overflows). Gradient (the target detached): d sqdist[l, i] / d Z_l[i]
+    = 2 (Z_l[i] - zhat_levels[l, i]).
+    """
+    acc = _accum_dtype(zhat_levels.dtype)
+    sqdist = torch.stack([(z.to(acc) - zl.detach().to(acc)).pow(2).sum(-1) for z, zl in zip(zs, zhat_levels)])
+    sqdist_sum = sqdist.double().sum(-1).to(acc)
+    return sqdist, sqdist_sum, nonfinite_report(sqdist.detach())
 
 
 def ema_stats(

@@ -724,17 +724,23 @@ class HRQuantizer(nn.Module):
         for level, z in enumerate(zs):
             if z.shape[-1] != self.dim:
                 raise ValueError(f"HRQuantizer: zs[{level}] has last dimension {z.shape[-1]}, expected dim={self.dim}")
-            if self.check_finite is not False:
-                bad_rows = torch.where(torch.isfinite(z.detach()).all(-1), 0.0, math.nan)
-                _check_finite(self.check_finite, bad_rows, f"HRQuantizer input zs[{level}]")
         sync = _sync_enabled(self.sync_codebook)
         dtype = zs[0].dtype
         if self.training and self.kmeans_init and self.levels[0].kmeans_pending():
+            if self.check_finite is not False:  # once: k-means must not learn from a bad batch
+                for level, z in enumerate(zs):
+                    bad_rows = torch.where(torch.isfinite(z.detach()).all(-1), 0.0, math.nan)
+                    _check_finite(self.check_finite, bad_rows, f"HRQuantizer input zs[{level}]")
             self._init_levels(zs, mask, sync)
         # A copy: the EMA below rewrites the codebooks in place, and level l's H_l must be formed
         # with the level l-1 codebook that this forward used.
         used = [c.to(dtype, copy=True) for c in self.codebooks]
-        codes, zhat_levels = kernels.hrq_quantize(zs, used)
+        # One pass: codes, zhat_levels and, per level, the loss's ||Z_l - zhat_levels[l]||^2 rows and
+        # their sum and the non-finite rows (a row of Z_l holding NaN/Inf has a non-finite sqdist).
+        codes, zhat_levels, sqdist, sqdist_sum, nonfinite = kernels.hrq_quantize(zs, used, losses=True)
+        if self.check_finite is not False:
+            for level in range(len(zs)):
+                _check_finite(self.check_finite, sqdist[level], f"HRQuantizer input zs[{level}]", nonfinite[level])
         codes = codes.long()
         if self.training:
             with torch.no_grad():
@@ -751,14 +757,13 @@ class HRQuantizer(nn.Module):
                     hs = self._residuals([z.detach() for z in zs], codes, used)
                     for state, h, level_codes in zip(self.levels, hs, codes):
                         state.restart_dead(h, level_codes, mask, sync)
-        loss = zs[0].new_zeros((), dtype=torch.float32)
-        for level, z in enumerate(zs):
-            diff = (z.float() - zhat_levels[level].detach().float()).pow(2)
-            if mask is not None:
-                m = mask[..., None].float()
-                loss = loss + (diff * m).sum() / (m.sum() * self.dim).clamp_min(1)
-            else:
-                loss = loss + diff.mean()
+        # sum_l mean((Z_l - sg(zhat_levels[l]))^2) over the unmasked rows, from the op's sums; its
+        # autograd gives d/dZ_l = 2 (Z_l - zhat_levels[l]) / (rows D).
+        if mask is not None:
+            m = mask.to(sqdist.dtype)
+            loss = (sqdist * m).sum() / (m.sum() * self.dim).clamp_min(1)
+        else:
+            loss = sqdist_sum.sum() / zs[0].numel()
         return zhat_levels[-1], codes, self.commitment_weight * loss
 
     @torch.no_grad()

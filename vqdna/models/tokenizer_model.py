@@ -240,8 +240,7 @@ class VQDNATokenizerModel(PreTrainedModel):
             codes, dist = kernels.lookup(zs[-1], books[0])
             codes = codes[..., None]
         else:
-            codes, _ = kernels.hrq_quantize(zs, books)
-            codes = codes.movedim(0, -1)
+            codes = kernels.hrq_quantize(zs, books, codes_only=True).movedim(0, -1)  # no zhat_levels written
         return codes.to(torch.int32).masked_fill(~keep[..., None], -1)
 
     # -- checkpoints ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@
 #include <ATen/MemoryOverlap.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <tuple>
 #include <vector>
 
@@ -37,13 +38,23 @@ inline void double_residual(const float* z, const float* e, float* h, int64_t D)
 // other counts divide, as the spec does. Rows are written with streaming stores where aligned:
 // the [L, N, D] output is written once and not read back here, so it should not evict the
 // codebooks and packed rows from cache, nor be read for ownership.
+// acc / count as the spec divides (one correctly rounded division): by a power of two it is the
+// multiplication by its exact reciprocal.
+struct LevelMean {
+  explicit LevelMean(int64_t count)
+      : c(static_cast<float>(count)), inv(1.f / static_cast<float>(count)), pow2((count & (count - 1)) == 0) {}
+  float operator()(float acc) const { return pow2 ? acc * inv : acc / c; }
+  float c, inv;
+  bool pow2;
+};
+
 template <typename T>
 inline void store_mean(const float* acc, int64_t count, T* out, int64_t D) {
-  const float c = static_cast<float>(count);
-  const bool pow2 = (count & (count - 1)) == 0;
+  const LevelMean mean(count);
+  const bool pow2 = mean.pow2;
   int64_t d = 0;
 #ifdef VQDNA_AVX2
-  const __m256 vc = _mm256_set1_ps(pow2 ? 1.f / c : c);
+  const __m256 vc = _mm256_set1_ps(pow2 ? mean.inv : mean.c);
   auto mean8 = [&](int64_t i) {
     const __m256 a = _mm256_loadu_ps(acc + i);
     return pow2 ? _mm256_mul_ps(a, vc) : _mm256_div_ps(a, vc);
@@ -74,8 +85,37 @@ inline void store_mean(const float* acc, int64_t count, T* out, int64_t D) {
     }
   }
 #endif
-  for (; d < D; ++d) out[d] = static_cast<T>(pow2 ? acc[d] * (1.f / c) : acc[d] / c);
+  for (; d < D; ++d) out[d] = static_cast<T>(mean(acc[d]));
 }
+
+// ||z - T(acc / count)||^2 in float32: the commitment loss's squared distance of one row to the
+// zhat value store_mean writes (the same rounding), eight partial sums (vectorisable; the order
+// differs from the reference's only by float32 summation order).
+template <typename T>
+inline float row_sqdist(const float* acc, int64_t count, const T* z, int64_t D) {
+  const LevelMean mean(count);
+  float part[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    for (int j = 0; j < 8; ++j) {
+      const float diff = static_cast<float>(z[d + j]) - static_cast<float>(static_cast<T>(mean(acc[d + j])));
+      part[j] += diff * diff;
+    }
+  }
+  for (; d < D; ++d) {
+    const float diff = static_cast<float>(z[d]) - static_cast<float>(static_cast<T>(mean(acc[d])));
+    part[d & 7] += diff * diff;
+  }
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+// Per block of rows and level: the double sum of the rows' squared distances and the non-finite
+// rows (count, first row); combined in block order after the parallel loop (deterministic).
+struct BlockReport {
+  double sum = 0.0;
+  int64_t bad = 0;
+  int64_t first = -1;
+};
 
 inline void store_fence() {
 #ifdef VQDNA_AVX2
@@ -83,16 +123,21 @@ inline void store_fence() {
 #endif
 }
 
+// levels: [L, N, D] zhat_levels, or undefined (codes only: no means formed or stored). sqdist: [L, N]
+// float32 per-row ||Z_l - zhat_levels[l]||^2, or undefined; with it, reports gets one BlockReport
+// per (block, level), block-major.
 template <typename T>
 void hrq_kernel(const std::vector<at::Tensor>& zs, const at::Tensor& codebooks, const at::Tensor& sqnorms,
-                const std::vector<int64_t>& sizes, at::Tensor& codes, at::Tensor& levels) {
+                const std::vector<int64_t>& sizes, at::Tensor& codes, at::Tensor& levels, at::Tensor& sqdist,
+                std::vector<BlockReport>& reports) {
   const int64_t L = static_cast<int64_t>(zs.size()), N = zs[0].size(0), D = zs[0].size(1);
   std::vector<const T*> zp;
   for (const auto& z : zs) zp.push_back(z.const_data_ptr<T>());
   const T* cbp = codebooks.const_data_ptr<T>();
   const float* sqp = sqnorms.const_data_ptr<float>();
   int32_t* codes_p = codes.mutable_data_ptr<int32_t>();
-  T* levels_p = levels.mutable_data_ptr<T>();
+  T* levels_p = levels.defined() ? levels.mutable_data_ptr<T>() : nullptr;
+  float* sqdist_p = sqdist.defined() ? sqdist.mutable_data_ptr<float>() : nullptr;
 
   std::vector<PackedCodebook> packed;
   std::vector<AlignedBuf> embeddings;  // float32 copies (exact values of T) for the gathers
@@ -108,6 +153,7 @@ void hrq_kernel(const std::vector<at::Tensor>& zs, const at::Tensor& codebooks, 
 
   const int64_t mb = block_rows(N, D);
   const int64_t n_blocks = (N + mb - 1) / mb;
+  if (sqdist_p != nullptr) reports.assign(static_cast<size_t>(n_blocks * L), BlockReport{});
   at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
     AlignedBuf apack = aligned_floats(mb * D);
     AlignedBuf running = aligned_floats(mb * D);
@@ -151,6 +197,10 @@ void hrq_kernel(const std::vector<at::Tensor>& zs, const at::Tensor& codebooks, 
         const char* next = reinterpret_cast<const char*>(zp[last ? 0 : l + 1] + next_r0 * D);
         search_block(apack.get(), row_panels, packed[l], best.get(), idx.get(), next,
                      (next_rows * D * int64_t(sizeof(T)) + 63) / 64);
+        if (levels_p == nullptr) {  // codes only
+          for (int64_t r = 0; r < rows; ++r) codes_p[l * N + r0 + r] = prev[r] = idx[r];
+          continue;
+        }
         T* out = levels_p + (l * N + r0) * D;
         for (int64_t r = 0; r < rows; ++r) {
           codes_p[l * N + r0 + r] = idx[r];
@@ -163,6 +213,13 @@ void hrq_kernel(const std::vector<at::Tensor>& zs, const at::Tensor& codebooks, 
           }
           store_mean<T>(acc, l + 1, out + r * D, D);
           prev[r] = idx[r];
+          if (sqdist_p != nullptr) {  // Z_l's row was packed above: still in cache
+            const float sq = row_sqdist<T>(acc, l + 1, z + r * D, D);
+            sqdist_p[l * N + r0 + r] = sq;
+            BlockReport& rep = reports[static_cast<size_t>(blk * L + l)];
+            rep.sum += static_cast<double>(sq);
+            if (!std::isfinite(sq) && rep.bad++ == 0) rep.first = r0 + r;
+          }
         }
       }
     }
@@ -218,23 +275,53 @@ HrqInputs check_inputs(at::TensorList zs, const at::Tensor& codebooks, const at:
           std::vector<int64_t>(codebook_sizes.begin(), codebook_sizes.end()), L, N, D, dt};
 }
 
-void run(const HrqInputs& in, at::Tensor& codes, at::Tensor& levels) {
+void run(const HrqInputs& in, at::Tensor& codes, at::Tensor& levels, at::Tensor& sqdist,
+         std::vector<BlockReport>& reports) {
   if (in.N == 0) return;
   AT_DISPATCH_SWITCH(in.dtype, "vqdna_hrq_quantize_native",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { hrq_kernel<float>(in.zs, in.codebooks, in.sqnorms, in.sizes, codes, levels); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { hrq_kernel<c10::BFloat16>(in.zs, in.codebooks, in.sqnorms, in.sizes, codes, levels); })
-                     AT_DISPATCH_CASE(at::kHalf, [&] { hrq_kernel<c10::Half>(in.zs, in.codebooks, in.sqnorms, in.sizes, codes, levels); }));
+                     AT_DISPATCH_CASE(at::kFloat, [&] { hrq_kernel<float>(in.zs, in.codebooks, in.sqnorms, in.sizes, codes, levels, sqdist, reports); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { hrq_kernel<c10::BFloat16>(in.zs, in.codebooks, in.sqnorms, in.sizes, codes, levels, sqdist, reports); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { hrq_kernel<c10::Half>(in.zs, in.codebooks, in.sqnorms, in.sizes, codes, levels, sqdist, reports); }));
 }
 
-std::tuple<at::Tensor, at::Tensor> hrq_quantize_native_cpu(at::TensorList zs, const at::Tensor& codebooks,
-                                                           const at::Tensor& codebook_sqnorms,
-                                                           at::IntArrayRef codebook_sizes) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hrq_quantize_native_cpu(
+    at::TensorList zs, const at::Tensor& codebooks, const at::Tensor& codebook_sqnorms, at::IntArrayRef codebook_sizes,
+    bool codes_only) {
   const HrqInputs in = check_inputs(zs, codebooks, codebook_sqnorms, codebook_sizes);
-  at::Tensor codes = at::empty({in.L, in.N}, in.zs[0].options().dtype(at::kInt));
-  at::Tensor levels = at::empty({in.L, in.N, in.D}, in.zs[0].options());
+  const auto opts = in.zs[0].options();
+  at::Tensor codes = at::empty({in.L, in.N}, opts.dtype(at::kInt));
+  std::vector<BlockReport> reports;
+  if (codes_only) {
+    at::Tensor none;
+    run(in, codes, none, none, reports);
+    return {codes, at::empty({0}, opts), at::empty({0}, opts.dtype(at::kFloat)), at::empty({0}, opts.dtype(at::kFloat)),
+            at::empty({0}, opts.dtype(at::kLong))};
+  }
+  at::Tensor levels = at::empty({in.L, in.N, in.D}, opts);
   advise_huge_pages(levels.data_ptr(), levels.nbytes());
-  run(in, codes, levels);
-  return {codes, levels};
+  at::Tensor sqdist = at::empty({in.L, in.N}, opts.dtype(at::kFloat));
+  run(in, codes, levels, sqdist, reports);
+  // Combine the blocks' reports in block order: sqdist_sum [L] (float64 sums, rounded once) and
+  // nonfinite [L, 2] (count, first row or -1).
+  at::Tensor sums = at::empty({in.L}, opts.dtype(at::kFloat));
+  at::Tensor nonfinite = at::empty({in.L, 2}, opts.dtype(at::kLong));
+  float* sums_p = sums.data_ptr<float>();
+  int64_t* bad_p = nonfinite.data_ptr<int64_t>();
+  const int64_t n_blocks = in.L > 0 ? static_cast<int64_t>(reports.size()) / in.L : 0;
+  for (int64_t l = 0; l < in.L; ++l) {
+    double sum = 0.0;
+    int64_t bad = 0, first = -1;
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const BlockReport& rep = reports[static_cast<size_t>(b * in.L + l)];
+      sum += rep.sum;
+      if (rep.bad > 0 && bad == 0) first = rep.first;
+      bad += rep.bad;
+    }
+    sums_p[l] = static_cast<float>(sum);
+    bad_p[2 * l] = bad;
+    bad_p[2 * l + 1] = first;
+  }
+  return {codes, levels, sqdist, sums, nonfinite};
 }
 
 void hrq_quantize_native_out_cpu(at::TensorList zs, const at::Tensor& codebooks, const at::Tensor& codebook_sqnorms,
@@ -253,7 +340,9 @@ void hrq_quantize_native_out_cpu(at::TensorList zs, const at::Tensor& codebooks,
     at::assert_no_overlap(levels, z);
   }
   at::assert_no_overlap(codes, levels);
-  run(in, codes, levels);
+  at::Tensor no_sqdist;
+  std::vector<BlockReport> no_reports;
+  run(in, codes, levels, no_sqdist, no_reports);
 }
 
 }  // namespace

@@ -46,11 +46,12 @@ struct HrqParams {
   const void* cb;                      // [offset[L], d]
   const float* sqnorm;                 // [offset[L]]
   int32_t* codes;                      // [L, n]
-  void* levels;                        // [L, n, d]
+  void* levels;                        // [L, n, d], or null: codes only (no zhat, no sqdist)
+  float* sqdist;                       // [L, n]: ||Z_l - zhat_levels[l]||^2 per row (with levels)
   int64_t n;
   int64_t d;
   int num_levels;
-  int vec_out;  // zhat epilogue may use 16-byte vectors (d % V == 0, cb and levels 16-byte aligned)
+  int vec_out;  // zhat epilogue may use 16-byte vectors (d % V == 0, cb, levels and every z_l 16-byte aligned)
 };
 static_assert(sizeof(HrqParams) <= 4000, "kernel parameters are limited to 4 KiB");
 
@@ -61,7 +62,9 @@ __device__ __forceinline__ int64_t chosen_row(const HrqParams& p, int m, int l, 
   return m == l ? s_prev[r] : p.offset[m] + static_cast<int64_t>(p.codes[m * p.n + row]);
 }
 
-// zhat_levels[l] for the block's rows (see the file comment).
+// zhat_levels[l] for the block's rows (see the file comment), and sqdist[l] of those rows: each lane
+// sums (Z_l - zhat)^2 of its elements (the rounded zhat it stores) in float32, the warp adds the
+// lanes' sums (butterfly), lane 0 writes the row's value.
 template <typename T>
 __device__ __forceinline__ void write_levels(const HrqParams& p, int l, const int64_t* s_prev,
                                              int64_t row0, int tid) {
@@ -71,6 +74,7 @@ __device__ __forceinline__ void write_levels(const HrqParams& p, int l, const in
   constexpr int V = VT::V;
   const S* const cb = static_cast<const S*>(p.cb);
   S* const out = static_cast<S*>(p.levels);
+  const S* const z = static_cast<const S*>(p.z[l]);
   const int64_t n = p.n;
   const int64_t d = p.d;
   const float div = static_cast<float>(l + 1);
@@ -80,6 +84,8 @@ __device__ __forceinline__ void write_levels(const HrqParams& p, int l, const in
     const int64_t row = row0 + r;
     if (row >= n) break;  // rows increase with r
     S* const o = out + (static_cast<int64_t>(l) * n + row) * d;
+    const S* const zr = z + row * d;
+    float sq = 0.f;
     if (p.vec_out) {
       for (int64_t c = static_cast<int64_t>(lane) * V; c < d; c += 32 * V) {
         float acc[V];
@@ -92,7 +98,16 @@ __device__ __forceinline__ void write_levels(const HrqParams& p, int l, const in
         }
 #pragma unroll
         for (int j = 0; j < V; ++j) acc[j] = __fdiv_rn(acc[j], div);
-        *reinterpret_cast<uint4*>(o + c) = VT::pack(acc);
+        const uint4 packed = VT::pack(acc);
+        *reinterpret_cast<uint4*>(o + c) = packed;
+        float mean[V], zv[V];
+        VT::unpack(packed, mean);
+        VT::unpack(__ldg(reinterpret_cast<const uint4*>(zr + c)), zv);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const float diff = __fsub_rn(zv[j], mean[j]);
+          sq = __fmaf_rn(diff, diff, sq);
+        }
       }
     } else {
       for (int64_t c = lane; c < d; c += 32) {
@@ -101,9 +116,15 @@ __device__ __forceinline__ void write_levels(const HrqParams& p, int l, const in
           const float v = E::to_float(cb[chosen_row(p, m, l, r, row, s_prev) * d + c]);
           acc = m == 0 ? v : __fadd_rn(acc, v);
         }
-        o[c] = E::from_float(__fdiv_rn(acc, div));
+        const S mean = E::from_float(__fdiv_rn(acc, div));
+        o[c] = mean;
+        const float diff = __fsub_rn(E::to_float(zr[c]), E::to_float(mean));
+        sq = __fmaf_rn(diff, diff, sq);
       }
     }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+    if (lane == 0) p.sqdist[static_cast<int64_t>(l) * n + row] = sq;
   }
 }
 
@@ -168,7 +189,7 @@ __global__ void __launch_bounds__(kThreads, 1) hrq_kernel(const __grid_constant_
       if (row < n) p.codes[static_cast<int64_t>(l) * n + row] = idx;
     }
     __syncthreads();  // s_prev and codes[l] visible to the block
-    write_levels<T>(p, l, s_prev, row0, tid);
+    if (p.levels != nullptr) write_levels<T>(p, l, s_prev, row0, tid);
     // The next search reads s_prev (written before the barrier above) and overwrites only its
     // rings before its own barriers; s_prev is rewritten only after that search's final barrier,
     // when every thread is done with write_levels. No barrier needed here.
@@ -200,8 +221,8 @@ bool all_aligned16(const void* const* ptrs, int64_t count) {
 
 cudaError_t launch_hrq_quantize(const void* const* zs, int64_t num_levels, const void* codebooks,
                                 const float* codebook_sqnorms, const int64_t* codebook_sizes,
-                                int32_t* codes, void* zhat_levels, int64_t n, int64_t d,
-                                DType dtype, cudaStream_t stream) {
+                                int32_t* codes, void* zhat_levels, float* sqdist, int64_t n,
+                                int64_t d, DType dtype, cudaStream_t stream) {
   if (num_levels < 1 || num_levels > kHrqMaxLevels || n < 0 || d < 0) return cudaErrorInvalidValue;
   HrqParams p{};
   p.offset[0] = 0;
@@ -218,12 +239,13 @@ cudaError_t launch_hrq_quantize(const void* const* zs, int64_t num_levels, const
   p.sqnorm = codebook_sqnorms;
   p.codes = codes;
   p.levels = zhat_levels;
+  p.sqdist = sqdist;
   p.n = n;
   p.d = d;
   p.num_levels = static_cast<int>(num_levels);
   const int64_t elem = dtype == DType::kFloat32 ? 4 : 2;
   p.vec_out = (d > 0 && (d * elem) % 16 == 0 && tile::aligned16(codebooks) &&
-               tile::aligned16(zhat_levels))
+               tile::aligned16(zhat_levels) && all_aligned16(zs, num_levels))
                   ? 1
                   : 0;
   switch (dtype) {

@@ -21,13 +21,15 @@ constexpr int64_t kHrqMaxLevels = 64;
 //               distance never wins; a row whose distances are all NaN gets code 0)
 //   zhat_levels[l] = T((C_0[M_0] + ... + C_l[M_l]) / (l + 1))  (sum in float32 in level order,
 //               IEEE division, one rounding to T)
+//   sqdist[l, i] = sum_d (Z_l[i, d] - zhat_levels[l, i, d])^2  (float32, the commitment loss's term)
 // H_l is formed on chip and never written to global memory; all levels of a 128-row tile run in
 // one thread block of one launch.
 //
 // zs: HOST array of num_levels DEVICE pointers, each a dense row-major [n, d] array of `dtype`;
 // codebooks: dense [sum_l K_l, d] of `dtype`, level l's rows at offset sum_{m<l} K_m;
 // codebook_sqnorms: [sum_l K_l] float32; codebook_sizes: HOST array of num_levels K_l in [1, 2^30];
-// codes: int32 [num_levels, n] (level-local indices); zhat_levels: [num_levels, n, d] of `dtype`.
+// codes: int32 [num_levels, n] (level-local indices); zhat_levels: [num_levels, n, d] of `dtype`,
+// or null: codes only (neither zhat_levels nor sqdist is written); sqdist: float32 [num_levels, n].
 // Device pointers are on the current device; the kernel is enqueued on `stream`.
 //
 // Returns cudaErrorInvalidValue for out-of-range sizes (num_levels not in [1, kHrqMaxLevels], a K_l
@@ -36,7 +38,7 @@ constexpr int64_t kHrqMaxLevels = 64;
 // (C10_CUDA_KERNEL_LAUNCH_CHECK). n == 0 launches nothing.
 cudaError_t launch_hrq_quantize(const void* const* zs, int64_t num_levels, const void* codebooks,
                                 const float* codebook_sqnorms, const int64_t* codebook_sizes,
-                                int32_t* codes, void* zhat_levels, int64_t n, int64_t d,
-                                DType dtype, cudaStream_t stream);
+                                int32_t* codes, void* zhat_levels, float* sqdist, int64_t n,
+                                int64_t d, DType dtype, cudaStream_t stream);
 
 }  // namespace vqdna::cuda

@@ -17,9 +17,26 @@ namespace vqdna {
 
 using ::vqdna::cuda::aligned_to;
 
-std::tuple<at::Tensor, at::Tensor> hrq_quantize_cuda(at::TensorList zs, const at::Tensor& codebooks,
-                                                     const at::Tensor& codebook_sqnorms,
-                                                     at::IntArrayRef codebook_sizes) {
+namespace {
+
+// sqdist [L, n] float32 -> sqdist_sum [L] float32 (float64 sums) and nonfinite int64 [L, 2] (count of
+// non-finite rows, the first one's row or -1): reductions over L n floats (1/d of zhat_levels).
+std::tuple<at::Tensor, at::Tensor> level_reports(const at::Tensor& sqdist) {
+  const int64_t n = sqdist.size(1);
+  const at::Tensor sums = sqdist.to(at::kDouble).sum(1).to(at::kFloat);
+  const at::Tensor bad = sqdist.isfinite().logical_not();
+  const at::Tensor count = bad.sum(1);  // int64
+  if (n == 0) return {sums, at::stack({count, at::full_like(count, -1)}, 1)};
+  const at::Tensor index = at::arange(n, count.options()).expand({sqdist.size(0), n});
+  const at::Tensor first = at::where(bad, index, at::full_like(index, n)).amin(1);
+  return {sums, at::stack({count, at::where(count > 0, first, at::full_like(first, -1))}, 1)};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hrq_quantize_cuda(
+    at::TensorList zs, const at::Tensor& codebooks, const at::Tensor& codebook_sqnorms, at::IntArrayRef codebook_sizes,
+    bool codes_only) {
   const int64_t L = static_cast<int64_t>(zs.size());
   TORCH_CHECK(L >= 1, "vqdna.hrq_quantize_cuda: need at least one level (L >= 1), got none");
   TORCH_CHECK(L <= ::vqdna::cuda::kHrqMaxLevels, "vqdna.hrq_quantize_cuda: at most ",
@@ -81,8 +98,16 @@ std::tuple<at::Tensor, at::Tensor> hrq_quantize_cuda(at::TensorList zs, const at
 
   const c10::cuda::CUDAGuard device_guard(z0.device());
   auto codes = at::empty({L, n}, z0.options().dtype(at::kInt));
-  auto levels = at::empty({L, n, d}, z0.options());
-  if (n == 0) return {codes, levels};
+  auto levels = codes_only ? at::empty({0}, z0.options()) : at::empty({L, n, d}, z0.options());
+  auto sqdist = codes_only ? at::empty({0}, z0.options().dtype(at::kFloat)) : at::empty({L, n}, z0.options().dtype(at::kFloat));
+  auto finish = [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> {
+    if (codes_only) {
+      return {codes, levels, sqdist, at::empty({0}, sqdist.options()), at::empty({0}, codes.options().dtype(at::kLong))};
+    }
+    auto [sums, nonfinite] = level_reports(sqdist);
+    return {codes, levels, sqdist, sums, nonfinite};
+  };
+  if (n == 0) return finish();
 
   std::vector<const void*> ptrs(static_cast<size_t>(L));
   std::vector<int64_t> sizes(static_cast<size_t>(L));
@@ -93,10 +118,11 @@ std::tuple<at::Tensor, at::Tensor> hrq_quantize_cuda(at::TensorList zs, const at
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const cudaError_t err = ::vqdna::cuda::launch_hrq_quantize(
       ptrs.data(), L, codebooks.data_ptr(), codebook_sqnorms.data_ptr<float>(), sizes.data(),
-      codes.data_ptr<int32_t>(), levels.data_ptr(), n, d, dtype, stream);
+      codes.data_ptr<int32_t>(), codes_only ? nullptr : levels.data_ptr(),
+      codes_only ? nullptr : sqdist.data_ptr<float>(), n, d, dtype, stream);
   C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {codes, levels};
+  return finish();
 }
 
 }  // namespace vqdna

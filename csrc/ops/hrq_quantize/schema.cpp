@@ -11,9 +11,15 @@ TORCH_LIBRARY_FRAGMENT(vqdna, m) {
   // the lookup, exactly as the reference does); M_l = lookup(H_l, C_l).
   // Returns codes int32 [L, N] (level-local indices) and zhat_levels [L, N, D] in the dtype of zs:
   // zhat_levels[l] = mean_{m<=l} C_m[M_m] (accumulated in float32). H_l is never written.
-  // Forward only: the straight-through gradient is registered from Python.
-  m.def("hrq_quantize_native(Tensor[] zs, Tensor codebooks, Tensor codebook_sqnorms, int[] codebook_sizes) -> (Tensor, Tensor)");
-  m.def("hrq_quantize_cuda(Tensor[] zs, Tensor codebooks, Tensor codebook_sqnorms, int[] codebook_sizes) -> (Tensor, Tensor)");
+  // In the same pass, per level (reference.hrq_level_losses): sqdist [L, N] float32 = ||Z_l - zhat_levels[l]||^2
+  // per row, sqdist_sum [L] float32 (float64 accumulation), nonfinite int64 [L, 2] = (count of non-finite
+  // sqdist rows, the first one's row or -1). codes_only: codes alone, no zhat_levels written; the other four
+  // outputs are empty [0] tensors.
+  // Forward only: the straight-through and commitment gradients are registered from Python.
+  m.def("hrq_quantize_native(Tensor[] zs, Tensor codebooks, Tensor codebook_sqnorms, int[] codebook_sizes, "
+        "bool codes_only=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("hrq_quantize_cuda(Tensor[] zs, Tensor codebooks, Tensor codebook_sqnorms, int[] codebook_sizes, "
+        "bool codes_only=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // The same into caller-owned outputs: codes int32 [L, N], zhat_levels [L, N, D] (dtype of zs), both
   // contiguous. Reusing them across calls spares the page faults (and the kernel's zero-filling) of a
   // fresh large output on every call.

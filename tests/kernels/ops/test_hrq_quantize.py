@@ -1,5 +1,7 @@
 """hrq_quantize: every backend against the reference (docs/design.md §2.2), forward and gradients."""
 
+import math
+
 import pytest
 import torch
 
@@ -321,3 +323,141 @@ def test_cuda_misaligned_levels_take_the_scalar_path(dtype, which, rng, poison):
     assert torch.equal(codes, want_codes) and torch.equal(levels, want_levels)
     ref_codes, _ = reference.hrq_quantize([z.cpu() for z in zs], [c.cpu() for c in codebooks])
     assert (ref_codes == codes.cpu()).float().mean().item() > 0.98
+
+
+# --- the fused per-level loss sums, the non-finite report and the codes-only mode (issue 17) ------------------
+
+LOSS_SHAPES = [(1, 1, (1, 2)), (1, 17, (1, 1)), (7, 3, (2, 5, 3)), (100, 17, (64, 130))]
+LOSS_CASES = backend_case_params(
+    [(t, *s) for t in DTYPES for s in LOSS_SHAPES], lambda t, n, d, sizes: n * d * sum(sizes) > 300_000,
+    op="hrq_quantize",
+)
+
+
+def _sqdist_tolerance(zs, levels):
+    """Per row: float32 summation-order error of ||Z_l - zhat_l||^2, relative to its terms' size."""
+    size = torch.stack([z.double().cpu().pow(2).sum(-1) + lv.double().cpu().pow(2).sum(-1) for z, lv in zip(zs, levels)])
+    return TOL[torch.float32] * 4 * size + 1e-12
+
+
+@pytest.mark.parametrize("backend,device,dtype,n,d,sizes", LOSS_CASES)
+def test_hrq_losses_match_reference(backend, device, dtype, n, d, sizes, rng, poison):
+    """losses=True: the same codes and zhat_levels as without, and per level the rows' ||Z_l - zhat_l||^2,
+    their sum and the non-finite report of reference.hrq_level_losses on the backend's own zhat_levels."""
+    require_backend(backend, device, "hrq_quantize")
+    zs, codebooks = make_levels(n, d, sizes, dtype, device, rng)
+    codes, levels, sqdist, sqdist_sum, nonfinite = hrq_quantize(zs, codebooks, backend=backend, losses=True)
+    assert dispatch.last_backend("hrq_quantize") == backend
+    plain_codes, plain_levels = hrq_quantize(zs, codebooks, backend=backend)
+    assert torch.equal(codes, plain_codes) and torch.equal(levels, plain_levels)
+    assert sqdist.shape == (len(sizes), n) and sqdist.dtype == torch.float32
+    assert sqdist_sum.shape == (len(sizes),) and sqdist_sum.dtype == torch.float32
+    assert nonfinite.dtype == torch.int64 and nonfinite.device.type == torch.device(device).type
+    assert nonfinite.tolist() == [[0, -1]] * len(sizes)
+    want, want_sum, _ = reference.hrq_level_losses([z.cpu() for z in zs], levels.cpu())
+    tol = _sqdist_tolerance(zs, levels)
+    assert bool(((sqdist.cpu().double() - want.double()).abs() <= tol).all()), float((sqdist.cpu() - want).abs().max())
+    assert bool(((sqdist_sum.cpu().double() - want_sum.double()).abs() <= tol.sum(-1)).all())
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered")
+@pytest.mark.parametrize("backend,device", backend_params("hrq_quantize"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
+def test_hrq_nonfinite_rows_are_reported_per_level(backend, device, dtype, rng, poison):
+    """NaN/Inf rows of Z_l: sqdist[l] is non-finite exactly there, the report says (count, first row)
+    per level on the device, and every other row is quantized as without them."""
+    require_backend(backend, device, "hrq_quantize")
+    zs, codebooks = make_levels(40, 19, (3, 8), dtype, "cpu", rng)
+    zs[0][4, 2] = float("inf")
+    zs[1][5, 0] = float("nan")
+    zs[1][3, 18] = float("-inf")
+    codes, levels, sqdist, sqdist_sum, nonfinite = hrq_quantize(
+        [z.to(device) for z in zs], [c.to(device) for c in codebooks], backend=backend, losses=True)
+    assert nonfinite.device.type == torch.device(device).type
+    # Row 4 of Z_0 is inf: the reference's straight-through sum (inf - inf) makes that row's zhat NaN at
+    # every level, the kernels' zhat (the mean of the chosen codes) stays finite, so level 1 may count it.
+    bad = (~torch.isfinite(sqdist.cpu())).nonzero().tolist()
+    assert [0, 4] in bad and [1, 3] in bad and [1, 5] in bad and set(map(tuple, bad)) <= {(0, 4), (1, 3), (1, 4), (1, 5)}
+    assert nonfinite.tolist() == [[1, 4], [len(bad) - 1, 3]]
+    assert not math.isfinite(float(sqdist_sum[0])) and not math.isfinite(float(sqdist_sum[1]))
+    ref_codes, ref_levels = reference.hrq_quantize(zs, codebooks)
+    good = torch.ones(40, dtype=torch.bool)
+    good[[3, 4, 5]] = False
+    assert torch.equal(codes.cpu()[:, good], ref_codes[:, good])
+    assert torch.equal(levels.cpu()[:, good], ref_levels[:, good])
+
+
+@pytest.mark.parametrize("backend,device", backend_params("hrq_quantize"))
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t)[6:])
+@pytest.mark.parametrize("n,d,sizes", [(0, 8, (4, 6)), (1, 1, (1, 2)), (7, 3, (2, 5, 3)), (100, 17, (64, 130))],
+                         ids=lambda v: str(v))
+def test_hrq_codes_only_equals_the_full_call(backend, device, dtype, n, d, sizes, rng, poison):
+    """codes_only=True: the codes of the full call, every one written (poisoned outputs), and no
+    zhat_levels (the op's other outputs are empty); leading dimensions kept."""
+    require_backend(backend, device, "hrq_quantize")
+    from vqdna.kernels.ops.registry import backend_op
+
+    zs, codebooks = make_levels(n, d, sizes, dtype, device, rng)
+    want, _ = hrq_quantize(zs, codebooks, backend=backend)
+    got = hrq_quantize(zs, codebooks, backend=backend, codes_only=True)
+    assert dispatch.last_backend("hrq_quantize") == backend
+    assert got.dtype == torch.int32 and torch.equal(got, want)
+    if n:
+        lead = hrq_quantize([z.view(1, n, d) for z in zs], codebooks, backend=backend, codes_only=True)
+        assert lead.shape == (len(sizes), 1, n) and torch.equal(lead[:, 0], want)
+    packed = torch.cat(codebooks)
+    outs = backend_op("hrq_quantize", backend)(zs, packed, packed.float().pow(2).sum(-1), list(sizes), True)
+    assert torch.equal(outs[0], want) and all(t.numel() == 0 for t in outs[1:])
+
+
+def test_hrq_codes_only_and_losses_errors(rng):
+    zs, codebooks = make_levels(6, 4, (3, 4), torch.float32, "cpu", rng)
+    out = (torch.empty(2, 6, dtype=torch.int32), torch.empty(2, 6, 4))
+    with pytest.raises(ValueError, match="codes_only=True takes neither"):
+        hrq_quantize(zs, codebooks, codes_only=True, out=out)
+    with pytest.raises(ValueError, match="codes_only=True takes neither"):
+        hrq_quantize(zs, codebooks, codes_only=True, losses=True)
+    with pytest.raises(ValueError, match="out= does not return losses"):
+        hrq_quantize(zs, codebooks, out=out, losses=True)
+    # codes-only never records autograd: the codes need none
+    assert not hrq_quantize([z.requires_grad_() for z in zs], codebooks, codes_only=True).requires_grad
+
+
+@pytest.mark.parametrize("backend,device", backend_params("hrq_quantize"))
+def test_hrq_loss_gradients_equal_reference(backend, device, rng):
+    """Gradients through zhat_levels, sqdist and sqdist_sum together (the op's autograd formula)
+    equal the reference's autograd of hrq_quantize + hrq_level_losses."""
+    require_backend(backend, device, "hrq_quantize")
+    zs, codebooks = make_levels(30, 10, (4, 16, 8), torch.float32, device, rng)
+    zs = [z.requires_grad_() for z in zs]
+    w_levels = torch.randn(3, 30, 10, generator=rng)
+    w_rows = torch.randn(3, 30, generator=rng)
+    w_sum = torch.randn(3, generator=rng)
+
+    def objective(levels, sqdist, sqdist_sum):
+        return (levels * w_levels.to(levels.device)).sum() + (sqdist * w_rows.to(sqdist.device)).sum() \
+            + (sqdist_sum * w_sum.to(sqdist.device)).sum()
+
+    _, levels, sqdist, sqdist_sum, _ = hrq_quantize(zs, codebooks, backend=backend, losses=True)
+    grads = torch.autograd.grad(objective(levels, sqdist, sqdist_sum), zs)
+    ref_zs = [z.detach().cpu().requires_grad_() for z in zs]
+    _, ref_levels = reference.hrq_quantize(ref_zs, [c.cpu() for c in codebooks])
+    ref_sqdist, ref_sum, _ = reference.hrq_level_losses(ref_zs, ref_levels)
+    ref_grads = torch.autograd.grad(objective(ref_levels, ref_sqdist, ref_sum), ref_zs)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.cpu(), r, atol=1e-5, rtol=1e-5)
+    # The loss alone: 2 (Z_l - zhat_l) per unit of sqdist_sum[l], zhat detached.
+    only = torch.autograd.grad(hrq_quantize(zs, codebooks, backend=backend, losses=True)[3][1], zs)
+    torch.testing.assert_close(only[1].cpu(), 2 * (zs[1].detach() - levels[1].detach()).cpu(), atol=1e-6, rtol=1e-6)
+    assert float(only[0].abs().max()) == 0.0 and float(only[2].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("backend,device", backend_params("hrq_quantize"))
+def test_hrq_codes_only_opcheck(backend, device, rng):
+    require_backend(backend, device, "hrq_quantize")
+    from vqdna.kernels.ops.registry import backend_op
+
+    zs, codebooks = make_levels(20, 9, (4, 7), torch.float32, device, rng)
+    packed = torch.cat(codebooks)
+    torch.library.opcheck(backend_op("hrq_quantize", backend), (zs, packed, packed.pow(2).sum(-1), [4, 7], True),
+                          test_utils=("test_schema", "test_faketensor"))

@@ -36,8 +36,9 @@ def cases(device: str, size: str, dtypes) -> Iterator[Case]:
             torch_ok = dtype == torch.float32 or cpu_budget(device, flops, CPU_TORCH_BF16_FLOPS)
             fast = next((b for b in backends if b != "reference"), None)
             reuse = "native" in backends  # out= buffers reused across calls: no fresh-page cost per call
-            case.impl_names = [*backends, *(["native (out=)"] if reuse else []), *([f"2x lookup ({fast})"] if fast else []),
-                               *(["torch"] if torch_ok else [])]
+            variants = [f"{fast} (losses)", f"{fast} (codes only)"] if fast else []
+            case.impl_names = [*backends, *(["native (out=)"] if reuse else []), *variants,
+                               *([f"2x lookup ({fast})"] if fast else []), *(["torch"] if torch_ok else [])]
 
             def setup(n=n, dtype=dtype, backends=backends, torch_ok=torch_ok, fast=fast, reuse=reuse):
                 gen = generator(device, n)
@@ -51,6 +52,11 @@ def cases(device: str, size: str, dtypes) -> Iterator[Case]:
                     out = (torch.empty(len(HRQ_SIZES), n, dtype=torch.int32), torch.empty(len(HRQ_SIZES), n, d, dtype=dtype))
                     impls.append(Impl("native (out=)", lambda: hrq_quantize(zs, cbs, backend="native", out=out), kind="variant"))
                 if fast is not None:
+                    # HRQuantizer's call (the per-level loss sums and finite report too) and encode's.
+                    impls.append(Impl(f"{fast} (losses)", lambda: hrq_quantize(zs, cbs, backend=fast, losses=True),
+                                      kind="variant"))
+                    impls.append(Impl(f"{fast} (codes only)", lambda: hrq_quantize(zs, cbs, backend=fast, codes_only=True),
+                                      kind="variant"))
                     # The cost floor of fused HRQ: the two plain lookups it contains, H_2 given free.
                     h2 = 2 * zs[1] - cbs[0][torch.randint(HRQ_SIZES[0], (n,), generator=gen, device=device)]
                     impls.append(Impl(f"2x lookup ({fast})", lambda: (lookup(zs[0], cbs[0], backend=fast), lookup(h2, cbs[1], backend=fast)), kind="peer"))

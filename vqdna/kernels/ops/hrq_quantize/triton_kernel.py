@@ -16,6 +16,7 @@ GFLOP (~0.47 ms at the dense bf16 peak) but the kernel must read Z (1.6 GB) and 
 
 from __future__ import annotations
 
+import itertools
 
 import torch
 import triton
@@ -23,6 +24,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from vqdna.kernels.dispatch import triton_interpreter
+from vqdna.kernels.reference import nonfinite_report
 from vqdna.kernels.triton.common import (
     TORCH_DTYPES,
     AotVariant,
@@ -93,7 +95,7 @@ def _round(x, dtype: tl.constexpr, EMULATE_BF16_RTNE: tl.constexpr):
 
 @triton.autotune(
     configs=autotune_configs(TILES, INTERPRETER_TILE),
-    key=["N_CLASS", "D", "K_MAX", "NUM_LEVELS", "HAS_EARLIER", "IEEE_FP32", "UPCAST"],
+    key=["N_CLASS", "D", "K_MAX", "NUM_LEVELS", "HAS_EARLIER", "CODES_ONLY", "IEEE_FP32", "UPCAST"],
     prune_configs_by={"early_config_prune": prune_for_device("z0_ptr", shared_bytes, TILES)},
 )
 @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
@@ -105,7 +107,8 @@ def _hrq_kernel(
     e_sqnorm_ptr,  # [sum K_l] float32
     offsets_ptr,  # [L + 1] int32: level l's codes are the rows offsets[l] .. offsets[l + 1] - 1
     codes_ptr,  # [L, N] int32 out (level-local codes)
-    levels_ptr,  # [L, N, D] out, dtype of Z
+    levels_ptr,  # [L, N, D] out, dtype of Z (unused with CODES_ONLY: any tensor)
+    sqdist_ptr,  # [L, N] float32 out: ||Z_l - zhat_levels[l]||^2 per row (unused with CODES_ONLY)
     N,
     D,
     K_MAX,  # largest K_l of this launch: only an autotuning key
@@ -113,6 +116,7 @@ def _hrq_kernel(
     FIRST,  # first level of this launch
     NUM_LEVELS: tl.constexpr,  # levels in this launch, 1 .. _LEVELS_PER_LAUNCH
     HAS_EARLIER: tl.constexpr,  # FIRST > 0: earlier levels' codes are read from codes_ptr
+    CODES_ONLY: tl.constexpr,  # write the codes only: no zhat_levels, no sqdist (tokenization)
     IEEE_FP32: tl.constexpr,
     UPCAST: tl.constexpr,  # bfloat16 under the interpreter (see the launcher)
     EVEN_D: tl.constexpr,  # D % BLOCK_D == 0: no dimension mask (the masked loads cost registers)
@@ -176,39 +180,79 @@ def _hrq_kernel(
         else:
             row1 = prev_row
 
-    # Cumulative means: sum the chosen code rows in level order in float32, divide (correctly
-    # rounded, as torch divides), round once to the output dtype.
-    for d0 in range(0, D, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        ok = row_ok[:, None] & (dims < D)[None, :]
-        acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        if HAS_EARLIER:
-            for m in range(0, FIRST):
-                r = tl.load(codes_ptr + m * N + rows64, mask=row_ok, other=0).to(tl.int64) + tl.load(offsets_ptr + m)
+    if not CODES_ONLY:
+        # Cumulative means: sum the chosen code rows in level order in float32, divide (correctly
+        # rounded, as torch divides), round once to the output dtype. While Z_l's chunk is in cache,
+        # the commitment loss's ||Z_l - zhat_levels[l]||^2 of the rounded output (float32).
+        sq0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        sq1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dims = d0 + tl.arange(0, BLOCK_D)
+            ok = row_ok[:, None] & (dims < D)[None, :]
+            acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            if HAS_EARLIER:
+                for m in range(0, FIRST):
+                    r = tl.load(codes_ptr + m * N + rows64, mask=row_ok, other=0).to(tl.int64) + tl.load(offsets_ptr + m)
+                    acc += tl.load(e_ptr + r[:, None] * D + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+            for j in tl.static_range(NUM_LEVELS):
+                r = _pick(j, row0, row1)
                 acc += tl.load(e_ptr + r[:, None] * D + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+                count = tl.full([BLOCK_N, BLOCK_D], 1.0, tl.float32) * (FIRST + j + 1)
+                mean = _round(tl.div_rn(acc, count), levels_ptr.dtype.element_ty, UPCAST)
+                out = levels_ptr + ((FIRST + j) * N + rows64)[:, None] * D + dims[None, :]
+                tl.store(out, mean, mask=ok)
+                z = tl.load(_pick(j, z0_ptr, z1_ptr) + tile_base + z_offs + dims[None, :], mask=ok, other=0.0)
+                diff = z.to(tl.float32) - mean.to(tl.float32)
+                part = tl.sum(tl.where(ok, diff * diff, 0.0), axis=1)
+                if j == 0:
+                    sq0 += part
+                else:
+                    sq1 += part
         for j in tl.static_range(NUM_LEVELS):
-            r = _pick(j, row0, row1)
-            acc += tl.load(e_ptr + r[:, None] * D + dims[None, :], mask=ok, other=0.0).to(tl.float32)
-            count = tl.full([BLOCK_N, BLOCK_D], 1.0, tl.float32) * (FIRST + j + 1)
-            out = levels_ptr + ((FIRST + j) * N + rows64)[:, None] * D + dims[None, :]
-            tl.store(out, _round(tl.div_rn(acc, count), levels_ptr.dtype.element_ty, UPCAST), mask=ok)
+            tl.store(sqdist_ptr + (FIRST + j) * N + rows64, _pick(j, sq0, sq1), mask=row_ok)
 
 
 @triton_op("vqdna::hrq_quantize_triton", mutates_args=())
 def hrq_quantize_triton(
-    zs: list[torch.Tensor], codebooks: torch.Tensor, codebook_sqnorms: torch.Tensor, codebook_sizes: list[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
+    zs: list[torch.Tensor],
+    codebooks: torch.Tensor,
+    codebook_sqnorms: torch.Tensor,
+    codebook_sizes: list[int],
+    codes_only: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """zs: L tensors [N, D] contiguous (float32/bfloat16/float16); codebooks [sum K_l, D] contiguous,
     same dtype, level l's rows at offset sum_{m<l} K_m; codebook_sqnorms [sum K_l] float32;
-    codebook_sizes [L] = K_l. Returns codes int32 [L, N] (level-local) and zhat_levels [L, N, D] in
-    the dtype of zs (docs/design.md §2.2). The per-level tensors are read in place, never stacked."""
+    codebook_sizes [L] = K_l. Returns codes int32 [L, N] (level-local), zhat_levels [L, N, D] in
+    the dtype of zs, sqdist [L, N] and sqdist_sum [L] float32, nonfinite int64 [L, 2]
+    (docs/design.md §2.2, reference.hrq_level_losses); with codes_only, codes and four empty
+    tensors. The per-level tensors are read in place, never stacked. The kernel writes the per-row
+    sqdist; its sum and the non-finite report are reductions over those L N floats (1/D of zhat)."""
     n_levels = len(zs)
     n, d = zs[0].shape
     device, dtype = zs[0].device, zs[0].dtype
     codes = torch.empty(n_levels, n, dtype=torch.int32, device=device)
-    levels = torch.empty(n_levels, n, d, dtype=dtype, device=device)
-    if n == 0:
-        return codes, levels
+    if codes_only:
+        levels = torch.empty(0, dtype=dtype, device=device)
+        sqdist = torch.empty(0, dtype=torch.float32, device=device)
+    else:
+        levels = torch.empty(n_levels, n, d, dtype=dtype, device=device)
+        sqdist = torch.empty(n_levels, n, dtype=torch.float32, device=device)
+    if n > 0 and codes_only:  # one-element stand-ins for the pointers the kernel then never reads or writes
+        _launch(zs, codebooks, codebook_sqnorms, codebook_sizes, codes, torch.empty(1, dtype=dtype, device=device),
+                torch.empty(1, dtype=torch.float32, device=device), True)
+    elif n > 0:
+        _launch(zs, codebooks, codebook_sqnorms, codebook_sizes, codes, levels, sqdist, False)
+    if codes_only:
+        return codes, levels, sqdist, torch.empty(0, dtype=torch.float32, device=device), \
+            torch.empty(0, dtype=torch.int64, device=device)
+    return codes, levels, sqdist, sqdist.double().sum(-1).float(), nonfinite_report(sqdist)
+
+
+def _launch(zs, codebooks, codebook_sqnorms, codebook_sizes, codes, levels, sqdist, codes_only):
+    """The kernel launches of hrq_quantize_triton (n > 0), _LEVELS_PER_LAUNCH levels each."""
+    n_levels = len(zs)
+    n, d = zs[0].shape
+    device, dtype = zs[0].device, zs[0].dtype
     bounds = [0]
     for k in codebook_sizes:
         bounds.append(bounds[-1] + int(k))
@@ -230,6 +274,7 @@ def hrq_quantize_triton(
                 offsets,
                 codes,
                 levels,
+                sqdist,
                 n,
                 d,
                 max(int(k) for k in codebook_sizes[first : first + num]),
@@ -237,18 +282,19 @@ def hrq_quantize_triton(
                 first,
                 NUM_LEVELS=num,
                 HAS_EARLIER=first > 0,
+                CODES_ONLY=codes_only,
                 IEEE_FP32=dtype == torch.float32,
                 # The Triton interpreter's tl.dot reads bfloat16 as raw bits; products of bf16 values are
                 # exact in float32, so upcasting there computes what the tensor cores compute on a GPU.
                 # It also truncates float32 -> bfloat16, so the kernel rounds to nearest even by hand.
                 UPCAST=dtype == torch.bfloat16 and triton_interpreter(),
             )
-    return codes, levels
 
 
 def aot_variants():
     """What `vqdna gpu-check` compiles: every declared tile for each dtype it is declared for, with and
-    without the dimension mask where allowed, for every NUM_LEVELS of a launch, first launch or later."""
+    without the dimension mask where allowed, for every NUM_LEVELS of a launch, first launch or later,
+    with the zhat/loss epilogue and codes-only."""
     fn = jit_function(_hrq_kernel)
     level_variants = [(n, has_earlier) for has_earlier in (False, True) for n in range(1, _LEVELS_PER_LAUNCH + 1)]
     for dtype, torch_dtype in TORCH_DTYPES.items():
@@ -256,14 +302,16 @@ def aot_variants():
             if dtype not in tile.dtypes:
                 continue
             for even_d in (True, False) if not tile.even_d_only else (True,):
-                for num_levels, has_earlier in level_variants:
-                    consts = {"NUM_LEVELS": num_levels, "HAS_EARLIER": has_earlier,
+                for (num_levels, has_earlier), codes_only in itertools.product(level_variants, (False, True)):
+                    consts = {"NUM_LEVELS": num_levels, "HAS_EARLIER": has_earlier, "CODES_ONLY": codes_only,
                               "IEEE_FP32": torch_dtype == torch.float32, "UPCAST": False, "EVEN_D": even_d,
                               "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "BLOCK_D": tile.block_d}  # fmt: skip
                     ptr = f"*{dtype}"
                     pointers = {f"z{i}_ptr": ptr for i in range(_LEVELS_PER_LAUNCH)}
-                    pointers.update(e_ptr=ptr, e_sqnorm_ptr="*fp32", offsets_ptr="*i32", codes_ptr="*i32", levels_ptr=ptr)
-                    label = f"{tile.label} L{num_levels}{' earlier' if has_earlier else ''}{'' if even_d else ' masked-D'}"
+                    pointers.update(e_ptr=ptr, e_sqnorm_ptr="*fp32", offsets_ptr="*i32", codes_ptr="*i32", levels_ptr=ptr,
+                                    sqdist_ptr="*fp32")
+                    label = (f"{tile.label} L{num_levels}{' earlier' if has_earlier else ''}{' codes-only' if codes_only else ''}"
+                             f"{'' if even_d else ' masked-D'}")
                     yield AotVariant("hrq_quantize", "_hrq_kernel", fn, dtype, label, signature(fn, pointers, consts),
                                      consts, tile.num_warps, tile.num_stages,
                                      shared_bytes(tile, torch_dtype.itemsize), tile.archs)  # fmt: skip

@@ -18,7 +18,9 @@ def hrq_quantize(
     codebook_sqnorms=None,
     backend: str = "auto",
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    losses: bool = False,
+    codes_only: bool = False,
+):
     """Hierarchical residual quantization with residual doubling, all levels fused (docs/design.md §2.2).
 
     zs: L tensors [..., D] (or one tensor [L, ..., D]), one dtype (float32/bfloat16/float16) and device.
@@ -33,6 +35,15 @@ def hrq_quantize(
     cost of a fresh output (page faults and the OS zero-filling every new page, about as much as the
     writes themselves for outputs above glibc's 32 MB mmap threshold). Other backends compute as usual
     and copy the result in.
+
+    losses=True: also return, from the same pass, sqdist [L, ...] float32 = ||Z_l - zhat_levels[l]||^2
+    per row, sqdist_sum [L] float32 (float64 accumulation; HRQ's commitment loss is
+    sum_l sqdist_sum[l] / zs[l].numel()) and nonfinite int64 [L, 2] = per level (count of non-finite
+    rows, the first one's flat row index or -1), left on the device (no host sync); sqdist and
+    sqdist_sum differentiate to 2 (Z_l - zhat_levels[l]) (zhat detached). Returns the 5-tuple
+    (codes, zhat_levels, sqdist, sqdist_sum, nonfinite).
+    codes_only=True: returns codes alone; no zhat_levels is allocated or written (tokenization).
+    Not differentiable (runs without autograd).
     """
     if isinstance(zs, torch.Tensor):
         zs = list(zs.unbind(0))
@@ -57,10 +68,20 @@ def hrq_quantize(
         sq = packed.to(acc).pow(2).sum(-1)
     else:
         sq = torch.cat([s.detach().to(acc) for s in codebook_sqnorms]).contiguous()
+    if codes_only:
+        if out is not None or losses:
+            raise ValueError("hrq_quantize: codes_only=True takes neither out= nor losses=True")
+        with torch.no_grad():
+            return backend_op("hrq_quantize", name)(flat, packed, sq, sizes, True)[0].reshape(len(zs), *lead)
     if out is not None:
+        if losses:
+            raise ValueError("hrq_quantize: out= does not return losses (call it with losses=False)")
         return _hrq_quantize_out(name, zs, flat, packed, sq, sizes, out)
-    codes, levels = backend_op("hrq_quantize", name)(flat, packed, sq, sizes)
-    return codes.reshape(len(zs), *lead), levels.reshape(len(zs), *lead, d)
+    codes, levels, sqdist, sqdist_sum, nonfinite = backend_op("hrq_quantize", name)(flat, packed, sq, sizes)
+    codes, levels = codes.reshape(len(zs), *lead), levels.reshape(len(zs), *lead, d)
+    if not losses:
+        return codes, levels
+    return codes, levels, sqdist.reshape(len(zs), *lead), sqdist_sum, nonfinite
 
 
 def _hrq_quantize_out(name, zs, flat, packed, sq, sizes, out):
@@ -81,7 +102,7 @@ def _hrq_quantize_out(name, zs, flat, packed, sq, sizes, out):
         torch.ops.vqdna.hrq_quantize_native_out(flat, packed, sq, sizes, codes_out.view(len(zs), n),
                                                 levels_out.view(len(zs), n, d))
     else:
-        codes, levels = backend_op("hrq_quantize", name)(flat, packed, sq, sizes)
+        codes, levels = backend_op("hrq_quantize", name)(flat, packed, sq, sizes)[:2]
         codes_out.view(len(zs), n).copy_(codes)
         levels_out.view(len(zs), n, d).copy_(levels)
     return codes_out, levels_out
