@@ -54,7 +54,7 @@ def hrq_quantize(
     for level, (z, cb) in enumerate(zip(zs, codebooks)):
         if z.shape != zs[0].shape:
             raise ValueError(f"hrq_quantize: zs[{level}] has shape {tuple(z.shape)}, zs[0] has {tuple(zs[0].shape)}")
-        check_lookup_inputs(z, cb, None if codebook_sqnorms is None else codebook_sqnorms[level])
+        check_lookup_inputs(z, cb, None if codebook_sqnorms is None else codebook_sqnorms[level], op=f"hrq_quantize (level {level})")
         if z.dtype != zs[0].dtype or z.device != zs[0].device:
             raise TypeError(f"hrq_quantize: zs[{level}] is {z.dtype} on {z.device}, zs[0] is {zs[0].dtype} on {zs[0].device}")
     name = select_backend(
