@@ -166,13 +166,13 @@ def test_random_fasta_matches_reference(tmp_path, compression, crlf, seed):
         _check(list(read_fasta(path, block_size=block_size)), expected)
 
 
-def _scanned(path, block_size):
-    scan = fasta_record_lengths(path, block_size=block_size)
-    if scan is None:
-        return None
-    batches = list(scan)
-    assert all(o.dtype == l.dtype == np.int64 for o, l in batches)
-    return [(int(o), int(n)) for offsets, lengths in batches for o, n in zip(offsets, lengths)]
+def _check_scan(path):
+    """fasta_record_lengths(path) gives read_fasta's (offset, len(ids)) per record, at every block size."""
+    want = [(r.offset, len(r.ids)) for r in read_fasta(path)]
+    for block_size in BLOCK_SIZES:
+        batches = list(fasta_record_lengths(path, block_size=block_size))
+        assert all(o.dtype == n.dtype == np.int64 for o, n in batches)
+        assert [(int(o), int(n)) for offsets, lengths in batches for o, n in zip(offsets, lengths)] == want, block_size
 
 
 @pytest.mark.parametrize("compression", ["plain", "multigzip", "bz2"])
@@ -187,18 +187,14 @@ def test_record_lengths_without_decoding_match_read_fasta(tmp_path, monkeypatch,
     text = write_fasta(random_records(rng, 40), rng, crlf)
     path = tmp_path / f"x.fa.{compression}"
     path.write_bytes(COMPRESSIONS[compression](text, rng))
-    want = [(r.offset, len(r.ids)) for r in read_fasta(path)]
-    for block_size in BLOCK_SIZES:
-        assert _scanned(path, block_size) == want, block_size
+    _check_scan(path)
 
 
 @pytest.mark.parametrize("text", [b">a", b">a\n>b\n\n>c d\nAC", b"\n\n>\nAC\n", b">a>b c\nA\n>\n", b"\n\n \n>x\nA C\n"])
 def test_record_lengths_edge_cases(tmp_path, text):
     path = tmp_path / "x.fa"
     path.write_bytes(text)
-    want = [(r.offset, len(r.ids)) for r in read_fasta(path)]
-    for block_size in BLOCK_SIZES:
-        assert _scanned(path, block_size) == want, block_size
+    _check_scan(path)
 
 
 @pytest.mark.parametrize("text", [b"", b"\n \n", b"@r\nAC\n+\nII\n", b"AC\n>a\nA\n", b"\n >a\nA\n"])
