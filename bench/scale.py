@@ -5,8 +5,10 @@ fly into one FASTA file, tokenized on the CPU, then read back with TokenDataset.
     python -m bench.scale --records 20000000 --length 8 --model null    # everything but the encoder
 
 Reports wall time, bases/s, records/s and peak RSS of the tokenization (one process: ru_maxrss, the
-input is generated in bounded chunks first), TokenDataset's open time, first find() time and
-random-access time, and the peak RSS once those reads are done too. `--model null` replaces the encoder by a stand-in whose codes are a cheap function
+input is generated in bounded chunks first), the encoder's share of the wall time (the compute
+stage's busy time over the wall), the time rank 0 takes to plan the run under torchrun (plan_units),
+TokenDataset's open time, first find() time and random-access time, and the peak RSS once those
+reads are done too. `--model null` replaces the encoder by a stand-in whose codes are a cheap function
 of the ids (same shapes, dtypes and code range): it measures the pipeline's own cost per record
 (reading, work units, packing, writing, indexes), which the encoder's cost hides on a CPU.
 Peak RSS is valid on a loaded machine; rates are not (run on an idle one).
@@ -77,6 +79,8 @@ def run(records: int, length: int, model: str = "vqdna-small", workdir: str | No
     """Generate, tokenize, read back; returns the measurements (see the module docstring)."""
     from vqdna.data import TokenDataset
     from vqdna.streaming import tokenize_files
+    from vqdna.streaming.settings import DEFAULT_SHARD_BASES, DEFAULT_SHARD_RECORDS
+    from vqdna.streaming.units import plan_units
 
     work = tempfile.mkdtemp(prefix="vqdna-scale-", dir=workdir)
     try:
@@ -91,6 +95,9 @@ def run(records: int, length: int, model: str = "vqdna-small", workdir: str | No
         stats = tokenize_files([fasta], out, encoder, device="cpu")
         wall = time.perf_counter() - t0
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        t0 = time.perf_counter()
+        plan_units([fasta], DEFAULT_SHARD_BASES, DEFAULT_SHARD_RECORDS)
+        plan_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         ds = TokenDataset(out)
         open_s = time.perf_counter() - t0
@@ -114,6 +121,8 @@ def run(records: int, length: int, model: str = "vqdna-small", workdir: str | No
             "wall_s": round(wall, 3),
             "bases_per_s": round(stats.bases / wall, 1),
             "records_per_s": round(stats.records / wall, 1),
+            "encoder_share": round(stats.compute_s / wall, 3),
+            "plan_s": round(plan_s, 3),
             "peak_rss_gb": round(peak * 1024 / 1e9, 3),
             "rss_before_tokenize_gb": round(rss_before * 1024 / 1e9, 3),
             "peak_rss_with_reading_gb": round(peak_all * 1024 / 1e9, 3),

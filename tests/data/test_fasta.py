@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from vqdna.data import FastaFormatError, bundled_fasta, read_fasta
-from vqdna.data.fasta import DEFAULT_BLOCK_SIZE
+from vqdna.data import fasta as fasta_mod
+from vqdna.data.fasta import DEFAULT_BLOCK_SIZE, fasta_record_lengths
 
 BLOCK_SIZES = [1, 2, 3, 7, 64, DEFAULT_BLOCK_SIZE]
 
@@ -163,6 +164,45 @@ def test_random_fasta_matches_reference(tmp_path, compression, crlf, seed):
     path.write_bytes(COMPRESSIONS[compression](text, rng))
     for block_size in BLOCK_SIZES:
         _check(list(read_fasta(path, block_size=block_size)), expected)
+
+
+def _check_scan(path):
+    """fasta_record_lengths(path) gives read_fasta's (offset, len(ids)) per record, at every block size."""
+    want = [(r.offset, len(r.ids)) for r in read_fasta(path)]
+    for block_size in BLOCK_SIZES:
+        batches = list(fasta_record_lengths(path, block_size=block_size))
+        assert all(o.dtype == n.dtype == np.int64 for o, n in batches)
+        assert [(int(o), int(n)) for offsets, lengths in batches for o, n in zip(offsets, lengths)] == want, block_size
+
+
+@pytest.mark.parametrize("compression", ["plain", "multigzip", "bz2"])
+@pytest.mark.parametrize("crlf", [False, True], ids=["lf", "crlf"])
+@pytest.mark.parametrize("sparse", [0, 1 << 30], ids=["cumsum", "translate"])
+def test_record_lengths_without_decoding_match_read_fasta(tmp_path, monkeypatch, compression, crlf, sparse):
+    """fasta_record_lengths (planning's scan) gives each record's '>' offset and base count exactly as
+    read_fasta does, whatever the block boundaries cut (headers, CRLF, blank lines), on both of its
+    counting paths (per-block whitespace cumsum for many headers, bytes.translate for few)."""
+    monkeypatch.setattr(fasta_mod, "_SPARSE", sparse)
+    rng = np.random.default_rng(_seed(compression, crlf, sparse))
+    text = write_fasta(random_records(rng, 40), rng, crlf)
+    path = tmp_path / f"x.fa.{compression}"
+    path.write_bytes(COMPRESSIONS[compression](text, rng))
+    _check_scan(path)
+
+
+@pytest.mark.parametrize("text", [b">a", b">a\n>b\n\n>c d\nAC", b"\n\n>\nAC\n", b">a>b c\nA\n>\n", b"\n\n \n>x\nA C\n"])
+def test_record_lengths_edge_cases(tmp_path, text):
+    path = tmp_path / "x.fa"
+    path.write_bytes(text)
+    _check_scan(path)
+
+
+@pytest.mark.parametrize("text", [b"", b"\n \n", b"@r\nAC\n+\nII\n", b"AC\n>a\nA\n", b"\n >a\nA\n"])
+def test_record_lengths_leave_fastq_and_errors_to_read_fasta(tmp_path, text):
+    """Not FASTA from its first non-blank byte on: None (the caller reads the file with read_fasta)."""
+    path = tmp_path / "x.fa"
+    path.write_bytes(text)
+    assert fasta_record_lengths(path) is None
 
 
 @pytest.mark.parametrize("compression", list(COMPRESSIONS))

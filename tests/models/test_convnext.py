@@ -66,6 +66,33 @@ def test_padded_in_batch_equals_alone(rng):
         assert (zt[0, 37:] == 0).all() and (zm[0, :11] == 0).all()
 
 
+@pytest.mark.parametrize("stem_kernel,kernel_size", [(5, 7), (7, 3), (1, 5)])
+def test_isolation_gap_is_enough_and_tight(stem_kernel, kernel_size, rng):
+    """Records `isolation_gap` pad positions apart in one row (how packing lays out short records)
+    encode as each alone, although the gap is far below the receptive radius; one position less and
+    the records see each other (so a packing test with the gap would catch a gap that is too small)."""
+    enc = _encoder(taps=(1, 4), stem_kernel=stem_kernel, kernel_size=kernel_size)
+    gap = enc.isolation_gap
+    assert gap == max(stem_kernel, kernel_size) // 2 < enc.receptive_radius
+    lengths = [1, 6, 2, 30, 9]
+    records = [torch.randint(0, 5, (1, n), generator=rng) for n in lengths]
+    with torch.no_grad():
+        alone = [enc(r) for r in records]
+    for g, isolated in ((gap, True), (gap - 1, False)):
+        row = torch.full((1, sum(lengths) + g * len(lengths)), 5)
+        cols = [sum(lengths[:i]) + g * i for i in range(len(lengths))]
+        for c, r in zip(cols, records):
+            row[0, c : c + r.shape[1]] = r[0]
+        with torch.no_grad():
+            packed = enc(row)
+        same = all(
+            torch.allclose(zp[0, c : c + r.shape[1]], za[0], rtol=1e-12, atol=1e-12)
+            for c, r, zs in zip(cols, records, alone)
+            for zp, za in zip(packed, zs)
+        )
+        assert same == isolated, f"gap {g}: packed {'differs from' if isolated else 'equals'} alone"
+
+
 def test_mask_argument_equals_pad_ids(rng):
     enc = _encoder()
     ids = torch.randint(0, 5, (2, 50), generator=rng)

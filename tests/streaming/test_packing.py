@@ -10,8 +10,10 @@ from vqdna.streaming.token_files import Piece, Pieces
 from vqdna.streaming.units import Unit
 
 
-def _loop_batches(records, pieces, window, halo, rows):
-    """The definition: one segment at a time, to the current row if it fits, else the next row."""
+def _loop_batches(records, pieces, window, halo, rows, gap=None):
+    """The definition: one segment at a time, to the current row if it fits, else the next row; `gap`
+    (default halo) pad positions after each segment."""
+    gap = halo if gap is None else gap
     width = window + 2 * halo
     ids = np.full((rows, width), PAD, dtype=np.uint8)
     row, col, used, starts, lengths, out = 0, 0, 0, [], [], []
@@ -39,7 +41,7 @@ def _loop_batches(records, pieces, window, halo, rows):
             starts.append(row * width + col + out_start - in_start)
             lengths.append(out_end - out_start)
             used = max(used, col + in_end - in_start)
-            col += in_end - in_start + halo
+            col += in_end - in_start + gap
     if lengths:
         out.append(emit(row + 1))
     return out
@@ -64,14 +66,15 @@ def _unit(rng, n_records, max_len, split):
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64, 1 << 16])
-@pytest.mark.parametrize("window,halo,rows,max_len", [(7, 8, 3, 40), (50, 4, 4, 300), (16, 0, 2, 20), (30, 3, 5, 8)])
-def test_packing_equals_the_per_segment_loop(monkeypatch, chunk, window, halo, rows, max_len):
+@pytest.mark.parametrize("window,halo,gap,rows,max_len", [(7, 8, 8, 3, 40), (50, 4, 4, 4, 300), (16, 0, 0, 2, 20),
+                                                         (30, 3, 3, 5, 8), (30, 14, 3, 5, 8), (7, 8, 0, 3, 40)])
+def test_packing_equals_the_per_segment_loop(monkeypatch, chunk, window, halo, gap, rows, max_len):
     monkeypatch.setattr(packing, "_CHUNK_SEGMENTS", chunk)
     rng = np.random.default_rng(window * 1000 + max_len)
     for split in (False, True):
         records, pieces, unit = _unit(rng, 60, max_len, split)
-        want = _loop_batches(records, pieces, window, halo, rows)
-        got = list(packing.batches(unit, window, halo, rows))
+        want = _loop_batches(records, pieces, window, halo, rows, gap)
+        got = list(packing.batches(unit, window, halo, rows, gap))
         assert len(got) == len(want)
         for g, (ids, gather) in zip(got, want):
             np.testing.assert_array_equal(g.ids, ids)
@@ -84,3 +87,10 @@ def test_units_of_empty_records_give_no_batch():
     assert list(packing.batches(unit, 8, 2, 4)) == []
     records, pieces, unit = _unit(rng, 5, 0, False)
     assert list(packing.batches(unit, 8, 2, 4)) == [] == _loop_batches(records, pieces, 8, 2, 4)
+
+
+def test_gap_outside_0_to_halo_is_refused():
+    _, _, unit = _unit(np.random.default_rng(0), 3, 5, False)
+    for gap in (-1, 5):
+        with pytest.raises(ValueError, match="gap must be in 0..halo=4"):
+            next(packing.batches(unit, 8, 4, 2, gap))

@@ -134,6 +134,34 @@ def test_streaming_equals_whole_record(tmp_path, model, window):
     assert sum(int(u.sum()) for u in stats.usage) == 2 * sum(LENGTHS)
 
 
+def _mismatches(model, fasta, out):
+    """Positions whose codes in token directory `out` differ from encoding their record alone (int)."""
+    from vqdna.data import read_fasta
+
+    ds, bad = TokenDataset(out), 0
+    for i, rec in enumerate(read_fasta(fasta)):
+        want = model.encode(torch.from_numpy(rec.ids)[None].long())[0].numpy()
+        bad += int((ds[i][1].astype(np.int64) != want).any(-1).sum())
+    return bad
+
+
+def test_short_records_are_packed_isolation_gap_apart(tmp_path, model, monkeypatch):
+    """Short records share rows isolation_gap (3) pad positions apart, not halo (8) apart, and are still
+    coded as each alone; with one pad position less they are not (so this test catches a gap too small)."""
+    from vqdna.streaming import pipeline
+
+    gaps = []
+    real_batches = pipeline.batches
+    monkeypatch.setattr(pipeline, "batches", lambda *a: gaps.append(a[4]) or real_batches(*a))
+    fasta = _random_fasta(tmp_path / "in.fa", [1, 2, 3, 5, 8, 13, 4, 7, 2, 30] * 12, seed=5)
+    tokenize_files([fasta], str(tmp_path / "out"), model, window=64, batch_size=2)
+    assert set(gaps) == {model.isolation_gap} == {3} and model.receptive_radius == 8
+    assert _mismatches(model, fasta, tmp_path / "out") <= 3  # near-ties at most (test above)
+    monkeypatch.setattr(type(model), "isolation_gap", property(lambda self: 2))
+    tokenize_files([fasta], str(tmp_path / "small"), model, window=64, batch_size=2)
+    assert _mismatches(model, fasta, tmp_path / "small") > 50
+
+
 def test_work_units_are_deterministic(tmp_path):
     fasta = _random_fasta(tmp_path / "in.fa")
     units = list(work_units([fasta], 100, 4))

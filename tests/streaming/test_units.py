@@ -73,3 +73,22 @@ def test_a_rank_reads_only_its_units_records(tmp_path, monkeypatch):
     got = list(planned_units(paths, plan, [5, 11], 30, 1000))
     assert [u.index for u in got] == [5, 11]
     assert read == [f"f1r{i}" for i in (15, 16, 17, 33, 34, 35)]
+
+
+def test_planning_a_fasta_input_decodes_no_record(tmp_path, monkeypatch):
+    """plan_units scans FASTA inputs for offsets and base counts (fasta_record_lengths) and never decodes
+    a record (read_fasta, per-record Python: the O(bases) cost rank 0 paid before every run); FASTQ
+    inputs, which have no offsets to seek to, are still read."""
+    fasta, fastq = _write(tmp_path / "a.fa", LENGTHS * 5, 1), _write(tmp_path / "b.fq", LENGTHS, 2, fastq=True)
+    want = plan_units([fasta, fastq], 100, 4)
+    read = []
+    real = units_mod.read_fasta
+
+    def watched(path, **kw):
+        read.append(path)
+        return real(path, **kw)
+
+    monkeypatch.setattr(units_mod, "read_fasta", watched)
+    assert plan_units([fasta, fastq], 100, 4) == want and read == [fastq]
+    full = list(work_units([fasta, fastq], 100, 4))
+    assert [(s.ordinal, s.start) for s in want] == [(int(u.pieces.ordinals[0]), int(u.pieces.starts[0])) for u in full]

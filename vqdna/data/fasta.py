@@ -362,3 +362,85 @@ def _chain(head: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
 def bundled_fasta(name: str = "lambda.fa.gz") -> str:
     """Path of a FASTA file shipped with the package (see vqdna/data/fixtures/SOURCES.md)."""
     return os.path.join(os.path.dirname(__file__), "fixtures", name)
+
+
+_IS_WHITESPACE = (BYTE_TO_ID == SKIP).astype(np.int32)  # per byte value: 1 for whitespace
+_SPARSE = 64  # headers in a block below which sequence stretches are counted with bytes.translate
+
+
+def fasta_record_lengths(path: str | os.PathLike, *, block_size: int = DEFAULT_BLOCK_SIZE) -> Iterator[tuple[np.ndarray, np.ndarray]] | None:
+    """The records of a FASTA file without decoding them: batches (one per block) of (offsets, lengths),
+    int64 [records], each record's '>' offset in the (decompressed) text (FastaRecord.offset) and its
+    base count (the non-whitespace bytes of its sequence lines: len(FastaRecord.ids) for a well-formed
+    file). None when the file's first non-blank byte is not '>' (FASTQ, or an error read_fasta reports).
+    Bytes are not checked: a bad byte counts as a base until read_fasta refuses it. Vectorised per
+    block (numpy, bytes.translate), no Python per record: what planning a run needs, at I/O speed."""
+    path = os.fspath(path)
+    handle, compressed = _open(path)
+    with handle:
+        blank = b""  # the last blank chunk: whether the first '>' starts a line
+        while True:
+            chunk = handle.read(1 << 16)
+            if not chunk:
+                return None
+            first = chunk.lstrip(_WHITESPACE)
+            if first:
+                blank = chunk[: len(chunk) - len(first)] or blank
+                break
+            blank = chunk
+    if first[0] != 62 or not (blank == b"" or blank.endswith(b"\n")):  # not a '>' at a line start
+        return None
+    return _record_lengths(path, block_size)
+
+
+def _record_lengths(path: str, block_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    cursor = _Cursor(path)
+    handle, compressed = _open(path)
+    with handle:
+        offset, at_line_start, in_header = 0, True, False
+        current = -1  # offset of the record being counted (-1: none yet; only blanks before the first '>')
+        count = 0  # its bases so far
+        for buf in _blocks(handle, compressed, block_size, cursor):
+            n = len(buf)
+            arr = np.frombuffer(buf, dtype=np.uint8)
+            seq_from = 0  # where the current record's sequence goes on in this block
+            if in_header:
+                nl = buf.find(b"\n")
+                if nl < 0:
+                    offset += n
+                    continue
+                in_header, seq_from = False, nl + 1
+            gt = np.flatnonzero(arr == 62)
+            if gt.size:
+                before = arr[np.maximum(gt - 1, 0)] == 10
+                if gt[0] == 0:
+                    before[0] = at_line_start and seq_from == 0
+                heads = gt[before & (gt >= seq_from)]
+            else:
+                heads = gt
+            if heads.size == 0:  # the common block of a long record: one stretch of sequence
+                count += len(buf[seq_from:].translate(None, _WHITESPACE)) if seq_from else len(buf.translate(None, _WHITESPACE))
+            else:
+                newlines = np.flatnonzero(arr == 10)
+                k = np.searchsorted(newlines, heads)
+                in_header = bool(k[-1] == newlines.size)  # the last header line goes on in the next block
+                ends = np.append(newlines, n - 1)[k] + 1  # sequence starts after the header line (n: not here)
+                # Stretches of sequence: [seq_from, heads[0]) ends the current record, [ends[i], heads[i + 1])
+                # is record i's, [ends[-1], n) the last one's so far.
+                lo = np.concatenate([[seq_from], ends])
+                hi = np.append(heads, n)
+                if heads.size < _SPARSE:
+                    bases = np.fromiter((len(buf[a:b].translate(None, _WHITESPACE)) for a, b in zip(lo.tolist(), hi.tolist())), np.int64, count=lo.size)
+                else:
+                    ws = np.zeros(n + 1, dtype=np.int32)  # whitespace bytes before each position
+                    np.cumsum(_IS_WHITESPACE[arr], out=ws[1:])
+                    bases = (hi - lo) - (ws[hi] - ws[lo]).astype(np.int64)
+                offsets, lengths = offset + heads[:-1], bases[1:-1]
+                if current >= 0:  # bases[0] ends the record begun in an earlier block (else: blanks)
+                    offsets, lengths = np.append(current, offsets), np.append(count + bases[0], lengths)
+                yield offsets.astype(np.int64), lengths.astype(np.int64)
+                current, count = offset + int(heads[-1]), int(bases[-1])
+            at_line_start = buf[-1:] == b"\n"  # a '>' mid-line is malformed: read_fasta refuses it
+            offset += n
+        if current >= 0:
+            yield np.array([current], np.int64), np.array([count], np.int64)

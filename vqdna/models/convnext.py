@@ -118,6 +118,8 @@ class ConvNeXt1dEncoder(nn.Module):
     -> list of len(taps) tensors [B, L, dim]: the outputs after the tapped blocks (1-based; the last
     tap is `depth`), zero at masked-out positions. `receptive_radius` = stem_kernel // 2 +
     (kernel_size // 2) * taps[-1]: tap outputs at position t depend on bases t - R .. t + R only.
+    `isolation_gap` = max(stem_kernel, kernel_size) // 2: two runs of bases that many masked
+    positions apart in one row encode as each would alone (see the property).
     """
 
     def __init__(
@@ -144,6 +146,15 @@ class ConvNeXt1dEncoder(nn.Module):
     @property
     def receptive_radius(self) -> int:
         return self.stem_kernel // 2 + (self.kernel_size // 2) * self.taps[-1]
+
+    @property
+    def isolation_gap(self) -> int:
+        """Masked positions needed between two runs of bases in a row so that neither's outputs change:
+        the largest single convolution's radius, not R. Every layer's input is zero at masked positions
+        (pad ids add nothing to the stem; features are zeroed after the stem and after every block), so
+        a convolution at a base sees, across a gap at least its radius wide, only those zeros, exactly
+        what it sees past a record's end; and the zeros are restored before the next layer."""
+        return max(self.stem_kernel, self.kernel_size) // 2
 
     def forward(self, ids: torch.Tensor, mask: Optional[torch.Tensor] = None) -> list[torch.Tensor]:
         _check_ids(ids)

@@ -150,7 +150,8 @@ class VQDNATokenizerModel(PreTrainedModel):
     -> VQDNATokenizerOutput (.loss = CE over real bases + weighted commitment loss, .logits, .codes,
     .recon_loss, .commit_loss). In training mode the codebooks are EMA-updated by the quantizer.
     encode(ids, mask=None) -> codes [B, L, n_levels] int32 (no grad, no codebook update; -1 where
-    masked). Codes at position t depend on bases t - R .. t + R only, R = `receptive_radius`.
+    masked). Codes at position t depend on bases t - R .. t + R only, R = `receptive_radius`; runs of
+    bases `isolation_gap` masked positions apart in one row are coded as each alone.
     """
 
     config_class = VQDNATokenizerConfig
@@ -182,6 +183,12 @@ class VQDNATokenizerModel(PreTrainedModel):
     @property
     def receptive_radius(self) -> int:
         return self.encoder.receptive_radius
+
+    @property
+    def isolation_gap(self) -> int:
+        """Masked positions that keep two runs of bases in one row from seeing each other
+        (ConvNeXt1dEncoder.isolation_gap; quantization is per position)."""
+        return self.encoder.isolation_gap
 
     @property
     def n_levels(self) -> int:

@@ -1,7 +1,10 @@
 """Packing (docs/design.md §2.5): inside a unit, each piece is cut into windows of `window` bases read with a halo
 of R = model.receptive_radius bases on each side (clipped at the record ends), so a base's codes do
 not depend on where its record was cut. Segments (windows, or whole short records) are packed greedily
-into rows of window + 2R positions, R pad positions (PAD, masked) apart, and rows into batches.
+into rows of window + 2R positions, `gap` pad positions (PAD, masked) apart, and rows into batches.
+The gap only has to cover one convolution's reach, not R: the encoder zeroes masked positions after
+every layer (model.isolation_gap, 3 for vqdna-small against R = 14), so an 8-bp record costs 11
+positions instead of 22.
 
 Vectorised: the segments of a unit are numpy columns; Python loops once per row (a row holds one
 long window or hundreds of short records), never per record."""
@@ -66,13 +69,13 @@ def _piece_chunks(unit: Unit, window: int) -> Iterator[tuple[int, int]]:
         p0 = p1
 
 
-def _rows(span: np.ndarray, halo: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def _rows(span: np.ndarray, gap: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Greedy rows for segments of `span` input positions laid out from an empty row: each goes to the
-    current row if it fits (after a gap of `halo`), else starts the next. Returns (row of each
+    current row if it fits (after a gap of `gap`), else starts the next. Returns (row of each
     segment, its column), int64 [segments]. Python loops per row, not per segment."""
     n = len(span)
-    ends = np.cumsum(span + halo)  # column after segment i's trailing gap, if all were in one row
-    fit = ends - halo  # segment i fits in a row starting at segment f iff fit[i] - ends[f - 1] <= width
+    ends = np.cumsum(span + gap)  # column after segment i's trailing gap, if all were in one row
+    fit = ends - gap  # segment i fits in a row starting at segment f iff fit[i] - ends[f - 1] <= width
     firsts, first, base = [], 0, 0
     while first < n:
         firsts.append(first)
@@ -81,15 +84,19 @@ def _rows(span: np.ndarray, halo: int, width: int) -> tuple[np.ndarray, np.ndarr
     row_first = np.asarray(firsts, dtype=np.int64)
     row = np.repeat(np.arange(len(row_first), dtype=np.int64), np.diff(np.append(row_first, n)))
     row_base = np.concatenate([[0], ends[row_first[1:] - 1]])
-    return row, ends - (span + halo) - row_base[row]
+    return row, ends - (span + gap) - row_base[row]
 
 
-def batches(unit: Unit, window: int, halo: int, rows: int) -> Iterator[Batch]:
+def batches(unit: Unit, window: int, halo: int, rows: int, gap: Optional[int] = None) -> Iterator[Batch]:
     """Pack the unit's windows into batches of at most `rows` rows of window + 2 * halo positions
-    (trimmed to the longest row used); segments in a row are `halo` pad positions apart. Each segment
+    (trimmed to the longest row used); segments in a row are `gap` pad positions apart (None: halo,
+    right for any encoder; the model's isolation_gap is enough for vqdna's). Each segment
     goes to the current row if it fits, else it starts the next row (greedy, in piece order).
     Segments are laid out a chunk at a time; the segments of a batch not yet complete at the end of a
     chunk are laid out again with the next chunk (a batch starts on an empty row either way)."""
+    gap = halo if gap is None else gap
+    if not 0 <= gap <= halo:
+        raise ValueError(f"gap must be in 0..halo={halo}, got {gap}")
     width = window + 2 * halo
     pending = tuple(np.zeros(0, np.int64) for _ in range(5))
     chunks = list(_piece_chunks(unit, window)) or [(0, 0)]
@@ -98,7 +105,7 @@ def batches(unit: Unit, window: int, halo: int, rows: int) -> Iterator[Batch]:
         if len(seg[0]) == 0:
             continue
         last = c == len(chunks) - 1
-        row, col = _rows(seg[4] - seg[3], halo, width)
+        row, col = _rows(seg[4] - seg[3], gap, width)
         n_rows = int(row[-1]) + 1
         # Batch b is complete once a segment starts row (b + 1) * rows; at the end every batch is.
         complete = -(-n_rows // rows) if last else (n_rows - 1) // rows

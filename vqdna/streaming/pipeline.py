@@ -90,6 +90,9 @@ class Pipeline:
         self.model, self.inputs, self.out_dir, self.settings, self.stats = model, inputs, out_dir, settings, stats
         self.dev, self.dtype, self.rank, self.world, self.resume = settings.torch_device, settings.dtype, rank, world, resume
         self.halo, self.levels, self.codes_dtype = run["halo"], run["levels"], run["dtype"]
+        # Pad positions between packed segments: the model's isolation_gap when it has one (the codes
+        # are the same as with the halo, docs/design.md §2.5), else the halo (any encoder of radius R).
+        self.gap = min(int(getattr(model, "isolation_gap", self.halo)), self.halo)
         self.verify = verify
         self.progress = progress and rank == 0
         self.codebook_sizes = run["codebook_sizes"]
@@ -144,7 +147,7 @@ class Pipeline:
                 continue
             if not self._put(self.in_q, ("unit", unit.index, unit.pieces), main):
                 return
-            unit_batches = batches(unit, s.window, self.halo, s.batch_size)
+            unit_batches = batches(unit, s.window, self.halo, s.batch_size, self.gap)
             while True:
                 t0 = time.perf_counter()
                 batch = next(unit_batches, None)

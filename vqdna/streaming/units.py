@@ -13,7 +13,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from vqdna.data.fasta import FastaRecord, read_fasta
+from vqdna.data.fasta import FastaRecord, fasta_record_lengths, read_fasta
 from vqdna.streaming.token_files import Piece, Pieces
 
 __all__ = ["Unit", "UnitStart", "plan_units", "planned_units", "work_units"]
@@ -107,34 +107,28 @@ def _records(paths: Sequence[str], file: int = 0, offset: int = 0, skip: int = 0
 
 
 def _cut(records, shard_bases: int, shard_records: int, margin: int, index: int = 0, ordinal: int = 0,
-         first_start: int = 0, starts: Optional[list] = None) -> Iterator[Unit]:
+         first_start: int = 0) -> Iterator[Unit]:
     """The greedy cut (module docstring) of `records`, numbering units from `index` and records from
-    `ordinal`; the first record is taken from base `first_start` on. With `starts`, no unit is built:
-    each unit's UnitStart is appended to it instead (the plan)."""
+    `ordinal`; the first record is taken from base `first_start` on."""
     unit = _UnitBuilder(margin)
-    count = bases = 0  # of the unit being cut (planning builds nothing)
+    count = bases = 0  # of the unit being cut
     for file, number, rec in records:
         n, start = len(rec.ids), first_start
         first_start = 0
-        name = None if starts is not None else rec.name.encode("utf-8")
+        name = rec.name.encode("utf-8")
         while True:
             take = min(n - start, shard_bases - bases)
-            if starts is not None:
-                if count == 0:
-                    starts.append(UnitStart(file, rec.offset, number, ordinal, start))
-            else:
-                unit.add(ordinal, name, start, take, rec.ids)
+            unit.add(ordinal, name, start, take, rec.ids)
             start += take
             bases, count = bases + take, count + 1
             if bases >= shard_bases or count >= shard_records:
-                if starts is None:
-                    yield unit.build(index)
-                    unit = _UnitBuilder(margin)
+                yield unit.build(index)
+                unit = _UnitBuilder(margin)
                 index, bases, count = index + 1, 0, 0
             if start >= n:
                 break
         ordinal += 1
-    if count and starts is None:
+    if count:
         yield unit.build(index)
 
 
@@ -160,12 +154,64 @@ class UnitStart:
 
 def plan_units(paths: Sequence[str], shard_bases: int, shard_records: int) -> list[UnitStart]:
     """The start of every work unit (the plan one rank makes and broadcasts under torch.distributed):
-    one pass over the inputs that keeps no bases and a few dozen bytes per unit."""
+    the same cut as work_units, from the records' offsets and base counts only. A FASTA file is scanned
+    without decoding (fasta_record_lengths: vectorised per block, no Python per record); a FASTQ file
+    is read. Memory: a few dozen bytes per unit and one block's arrays."""
     _check_limits(shard_bases, shard_records)
-    starts: list[UnitStart] = []
-    for _ in _cut(_records(paths), shard_bases, shard_records, 0, starts=starts):
-        pass
-    return starts
+    plan = _Planner(shard_bases, shard_records)
+    for f, path in enumerate(paths):
+        number = 0
+        for offsets, lengths in fasta_record_lengths(path) or _read_lengths(path):
+            plan.add(f, number, offsets, lengths)
+            number += len(lengths)
+    return plan.starts
+
+
+def _read_lengths(path: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """fasta_record_lengths's batches from reading the records (FASTQ: offsets -1; a malformed file
+    raises read_fasta's FastaFormatError)."""
+    offsets, lengths = [], []
+    for rec in read_fasta(path):
+        offsets.append(rec.offset)
+        lengths.append(len(rec.ids))
+        if len(offsets) >= _FLUSH:
+            yield np.array(offsets, np.int64), np.array(lengths, np.int64)
+            offsets, lengths = [], []
+    if offsets:
+        yield np.array(offsets, np.int64), np.array(lengths, np.int64)
+
+
+class _Planner:
+    """The greedy cut of `_cut` over batches of record lengths: Python loops once per unit (a
+    searchsorted over the batch's cumulative bases finds where the unit ends), not per record."""
+
+    def __init__(self, shard_bases: int, shard_records: int):
+        self.shard_bases, self.shard_records = shard_bases, shard_records
+        self.starts: list[UnitStart] = []
+        self.bases = self.count = self.ordinal = 0  # the unit being cut; records before this batch
+
+    def add(self, file: int, number: int, offsets: np.ndarray, lengths: np.ndarray) -> None:
+        """Records number, number + 1, ... of input `file` (offsets, base counts: int64 [records])."""
+        n = len(lengths)
+        cum = np.cumsum(lengths)
+        before = cum - lengths
+        i, start = 0, 0  # the next piece: record i of the batch from base `start`
+        while i < n:
+            if self.count == 0:
+                self.starts.append(UnitStart(file, int(offsets[i]), number + i, self.ordinal + i, start))
+            end = int(before[i]) + start + self.shard_bases - self.bases  # cumulative bases that fill the unit
+            full = int(np.searchsorted(cum, end, side="left"))  # the record that fills it
+            last = i + self.shard_records - self.count - 1  # the record that reaches the piece limit
+            if min(full, last) >= n:  # the batch ends inside the unit
+                self.bases += int(cum[-1]) - int(before[i]) - start
+                self.count += n - i
+                break
+            self.bases = self.count = 0
+            if full <= last and cum[full] > end:  # the unit ends inside record `full`: it goes on in the next
+                i, start = full, int(lengths[full] - (cum[full] - end))
+            else:
+                i, start = min(full, last) + 1, 0
+        self.ordinal += n
 
 
 def planned_units(paths: Sequence[str], plan: Sequence[UnitStart], wanted: Sequence[int], shard_bases: int,

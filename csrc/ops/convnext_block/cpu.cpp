@@ -11,6 +11,10 @@
 // cache (T = 512 by default, see kTileRows), and the layer scale, residual and mask are fused into the
 // one write of the output rows. So the
 // only large memory streams are the input (read once, plus the kernel's halo) and the output.
+// Masked rows (keep false) are left out of the convolution, LayerNorm, GEMMs and GELU: the kept rows of
+// a tile are packed into the buffers, and a masked row's output is x * 0 (0 for finite x; the spec's
+// keep * block(x), except where block(x) itself would overflow). Packed short records leave a few pad
+// positions between records (vqdna.streaming.packing), a quarter of the rows for 8-bp records.
 // Rounding: the GEMMs and GELU are torch's; the convolution sums taps in order and the LayerNorm uses
 // two-pass float32 moments (eight partial sums), so results differ from the module's within float32 rounding.
 #include <ATen/ATen.h>
@@ -97,13 +101,17 @@ at::Tensor convnext_block_native(const at::Tensor& x, const c10::optional<at::Te
   at::parallel_for(0, B * tiles_per_record, 1, [&](int64_t begin, int64_t end) {
     at::AutoDispatchBelowAutograd below_autograd;
     std::vector<float> a_buf(T * D), h_buf(T * H), y_buf(T * D);
+    std::vector<int64_t> kept(T);  // the tile's kept rows, in order: row kept[m] is packed at buffer row m
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / tiles_per_record, t0 = (task % tiles_per_record) * T, rows = std::min(T, L - t0);
       const float* xb = xp + b * L * D;
-      // Depthwise convolution + LayerNorm, one row at a time into a_buf.
+      // Depthwise convolution + LayerNorm of the kept rows, one row at a time into a_buf.
+      int64_t m = 0;
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t t = t0 + i;
-        float* a = a_buf.data() + i * D;
+        if (kp != nullptr && !kp[b * L + t]) continue;
+        kept[m] = i;
+        float* a = a_buf.data() + (m++) * D;
         for (int64_t c = 0; c < D; ++c) a[c] = dwbp[c];
         for (int64_t j = std::max<int64_t>(0, R - t); j < K && t + j - R < L; ++j) {
           const float* xr = xb + (t + j - R) * D;
@@ -114,23 +122,29 @@ at::Tensor convnext_block_native(const at::Tensor& x, const c10::optional<at::Te
         const float rstd = 1.f / std::sqrt(lane_sum<true>(a, D, mean) / static_cast<float>(D) + eps);
         for (int64_t c = 0; c < D; ++c) a[c] = (a[c] - mean) * rstd * lnwp[c] + lnbp[c];
       }
-      at::Tensor a_t = at::from_blob(a_buf.data(), {rows, D}, opts);
-      at::Tensor h_t = at::from_blob(h_buf.data(), {rows, H}, opts);
-      at::Tensor y_t = at::from_blob(y_buf.data(), {rows, D}, opts);
-      at::addmm_out(h_t, b1d, a_t, w1t);
-      at::gelu_(h_t);
-      at::addmm_out(y_t, b2d, h_t, w2t);
-      // out = keep * (x + gamma * y): the layer scale, residual and mask in the one output write.
-      for (int64_t i = 0; i < rows; ++i) {
+      if (m > 0) {
+        at::Tensor a_t = at::from_blob(a_buf.data(), {m, D}, opts);
+        at::Tensor h_t = at::from_blob(h_buf.data(), {m, H}, opts);
+        at::Tensor y_t = at::from_blob(y_buf.data(), {m, D}, opts);
+        at::addmm_out(h_t, b1d, a_t, w1t);
+        at::gelu_(h_t);
+        at::addmm_out(y_t, b2d, h_t, w2t);
+      }
+      // out = x + gamma * y at kept rows, x * 0 at masked ones: the layer scale, residual and mask in
+      // the one output write.
+      for (int64_t i = 0, j = 0; i < rows; ++i) {
         const int64_t t = t0 + i;
         const float* xr = xb + t * D;
-        float* y = y_buf.data() + i * D;
         float* o = op + (b * L + t) * D;
-        const float k = (kp == nullptr || kp[b * L + t]) ? 1.f : 0.f;
+        if (j == m || kept[j] != i) {
+          for (int64_t c = 0; c < D; ++c) o[c] = xr[c] * 0.f;
+          continue;
+        }
+        float* y = y_buf.data() + (j++) * D;
         // Two loops, so gamma * y is rounded before the add (as the module's x + gamma * y is),
         // not contracted into one fused multiply-add.
         for (int64_t c = 0; c < D; ++c) y[c] *= gp[c];
-        for (int64_t c = 0; c < D; ++c) o[c] = (xr[c] + y[c]) * k;
+        for (int64_t c = 0; c < D; ++c) o[c] = xr[c] + y[c];
       }
     }
   });

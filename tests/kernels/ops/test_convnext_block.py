@@ -58,6 +58,28 @@ def test_matches_reference(backend, device, batch, length, dim, kernel_size, mlp
         assert (got[~keep] == 0).all()
 
 
+def test_native_skips_masked_rows(rng):
+    """The native kernel convolves and multiplies only the kept rows (packed short records leave about a
+    quarter of the rows masked, vqdna.streaming.packing): its GEMMs see keep.sum() rows in all, none for
+    an all-masked record, and the result is still the spec's."""
+    require_backend("native", "cpu", "convnext_block")
+    block = _block(16, 7, 4, seed=3)
+    x = torch.randn(3, 300, 16, generator=rng)
+    keep = torch.rand(3, 300, generator=rng) > 0.4
+    keep[1] = False
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiles' GEMMs run in this thread, where the profiler records them
+    try:
+        with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+            got = _op("native", block, x, keep, 100)
+    finally:
+        torch.set_num_threads(threads)
+    rows = [e.input_shapes[1][0] for e in prof.events() if e.name == "aten::addmm"]
+    assert sum(rows) == 2 * int(keep.sum()) and len(rows) == 2 * 6  # two GEMMs per tile of records 0 and 2
+    with torch.no_grad():
+        torch.testing.assert_close(got, block(x) * keep[..., None], rtol=1e-5, atol=1e-5)
+
+
 def test_spec_is_the_module():
     """reference.convnext_block is the nn.Module's own ops (what training differentiates), bit for bit,
     gradients included, and computes float64 in float64."""
