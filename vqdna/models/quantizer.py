@@ -32,7 +32,9 @@ from vqdna import kernels
 __all__ = ["VectorQuantizer", "HRQuantizer"]
 
 _USAGE_DECAY = 0.9  # the recent-usage window of usage(): about the last 10 training batches
-_SAMPLE_CHUNK = 4096  # rows per block of VectorQuantizer's Gumbel sampling ([4096, K] logits)
+# Rows per block of VectorQuantizer's Gumbel sampling: large blocks, because a small matmul repacks
+# the whole codebook per call and each elementwise op pays its thread start-up per call.
+_SAMPLE_CHUNK = 4096
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -504,26 +506,35 @@ class VectorQuantizer(_EMACodebook):
         """Gumbel-max codes [..., C] (or [...] with C = 1) of z [..., C, d] ([..., d]) over logits
         -distance / temp (cosine: z.e / temp) per codebook of codebooks [C, K, d], from the global
         torch RNG in the peer's order (the uniforms of [C, rows, K], row-major: chunking the rows
-        draws the same numbers on the CPU). Torch ops, 4096 rows at a time (the [rows, K] logits
-        stay in cache; a sampling epilogue in the lookup kernel is listed as kernel work)."""
+        draws the same numbers on the CPU). Torch ops on blocks of _SAMPLE_CHUNK rows, in place in
+        two [rows, K] buffers reused across blocks (no allocation and first-touch per block), the
+        distance in one matmul pass (addmm: |e|^2 - 2 r.e)."""
         c, d = codebooks.shape[0], z.shape[-1]
         rows = z.reshape(-1, c, d).transpose(0, 1).float()  # [C, rows, d]
+        n, k = rows.shape[1], codebooks.shape[1]
         e = codebooks.float()
         e_sq = e.pow(2).sum(-1)
-        codes = torch.empty(c, rows.shape[1], dtype=torch.int64, device=z.device)
+        codes = torch.empty(c, n, dtype=torch.int64, device=z.device)
+        step = max(1, min(_SAMPLE_CHUNK, n))
+        logits_buf = torch.empty(step, k, device=z.device)
+        noise_buf = torch.empty(step, k, device=z.device)
         for i in range(c):
-            for start in range(0, rows.shape[1], _SAMPLE_CHUNK):
-                r = rows[i, start:start + _SAMPLE_CHUNK]
-                dots = r @ e[i].T
-                if self.use_cosine_sim:
-                    logits = dots
+            et = e[i].T
+            for start in range(0, n, step):
+                r = rows[i, start:start + step]
+                m = r.shape[0]
+                logits, noise = logits_buf[:m], noise_buf[:m]
+                # log(-log(u)) = -gumbel, with the peer's log(t) = log(t.clamp(min=1e-20))
+                noise.uniform_(0, 1).clamp_min_(1e-20).log_().neg_().clamp_min_(1e-20).log_()
+                if self.use_cosine_sim:  # the peer's argmax of z.e / temp + gumbel
+                    torch.mm(r, et, out=logits).div_(temp).sub_(noise)
+                    torch.argmax(logits, -1, out=codes[i, start:start + m])
                 else:
-                    sq = (r.pow(2).sum(-1, keepdim=True) + e_sq[i]).sub_(dots, alpha=2.0)
-                    logits = sq.clamp_min_(1e-8).sqrt_().neg_()  # the peer's -cdist
-                noise = torch.empty_like(logits).uniform_(0, 1)
-                # -log(-log(u)) with the peer's log(t) = log(t.clamp(min=1e-20))
-                gumbel = noise.clamp_min_(1e-20).log_().neg_().clamp_min_(1e-20).log_().neg_()
-                codes[i, start:start + _SAMPLE_CHUNK] = logits.div_(temp).add_(gumbel).argmax(-1)
+                    # The peer's argmax of -dist / temp + gumbel, dist = sqrt(max(|r|^2 + |e|^2 - 2 r.e,
+                    # 1e-8)), taken as the argmin of its exact negation dist / temp - gumbel.
+                    torch.addmm(e_sq[i], r, et, alpha=-2.0, out=logits).add_(r.pow(2).sum(-1, keepdim=True))
+                    logits.clamp_min_(1e-8).sqrt_().div_(temp).add_(noise)
+                    torch.argmin(logits, -1, out=codes[i, start:start + m])
         return codes.transpose(0, 1).reshape(z.shape[:-1])
 
     def _codebook_sqnorm(self, codebook: torch.Tensor) -> Optional[torch.Tensor]:
