@@ -644,9 +644,14 @@ class VectorQuantizer(_EMACodebook):
             out = out.flatten(-2)
         out = self.project_out(out)
         if mask is not None and self.return_zeros_for_masked_padding is not None:
-            keep = mask[..., None]
-            out = torch.where(keep, out, torch.zeros_like(x) if self.return_zeros_for_masked_padding else x)
-            codes = codes.masked_fill(~(rows_mask if rows_mask is not None else mask), -1)
+            drop = ~mask[..., None]
+            if not self.return_zeros_for_masked_padding:
+                out = torch.where(drop, x, out)
+            elif out.requires_grad:
+                out = out.masked_fill(drop, 0.0)
+            else:  # out is this call's own tensor: zero the padding rows in place (no [..., dim] zeros)
+                out.masked_fill_(drop, 0.0)
+            codes.masked_fill_(~rows_mask if h > 1 else drop[..., 0], -1)  # codes: this call's own tensor
         if move_back:
             out = out.movedim(-1, 1)
         return out, codes, loss
