@@ -580,7 +580,10 @@ class VectorQuantizer(_EMACodebook):
         sample = self.stochastic_sample_codes and self.training and self.sample_codebook_temp > 0
         # One codebook, nearest codes, no codebook gradient: the fused op finds the codes and writes the
         # chosen rows (with the straight-through gradient) and the distances in one pass over z.
-        fused = c == 1 and not sample and not learn
+        # Channel-first z on the CPU (x [B, dim, ...] viewed as [B, ..., dim]) goes to the lookup, whose
+        # native kernel reads it in place: the fused op would first copy z into rows.
+        channel_first = move_back and z.device.type == "cpu" and z.stride(-1) != 1 and z.stride(-2) == 1
+        fused = c == 1 and not sample and not learn and not channel_first
         if sample:
             with torch.no_grad():
                 # Shared-codebook heads of a [B, N, H, d] input: rows in the peer's (B, H, N) order,
@@ -651,7 +654,7 @@ class VectorQuantizer(_EMACodebook):
                 out = out.masked_fill(drop, 0.0)
             else:  # out is this call's own tensor: zero the padding rows in place (no [..., dim] zeros)
                 out.masked_fill_(drop, 0.0)
-            codes.masked_fill_(~rows_mask if h > 1 else drop[..., 0], -1)  # codes: this call's own tensor
+            codes = codes.masked_fill(~rows_mask if h > 1 else drop[..., 0], -1)  # not in place: embedding saved it
         if move_back:
             out = out.movedim(-1, 1)
         return out, codes, loss
