@@ -508,7 +508,7 @@ class VectorQuantizer(_EMACodebook):
         torch RNG in the peer's order (the uniforms of [C, rows, K], row-major: chunking the rows
         draws the same numbers on the CPU). Torch ops on blocks of _SAMPLE_CHUNK rows, in place in
         two [rows, K] buffers reused across blocks (no allocation and first-touch per block), the
-        distance in one matmul pass (addmm: |e|^2 - 2 r.e)."""
+        distance accumulated by the matmul into |r|^2 + |e|^2 (addmm_)."""
         c, d = codebooks.shape[0], z.shape[-1]
         rows = z.reshape(-1, c, d).transpose(0, 1).float()  # [C, rows, d]
         n, k = rows.shape[1], codebooks.shape[1]
@@ -524,15 +524,17 @@ class VectorQuantizer(_EMACodebook):
                 r = rows[i, start:start + step]
                 m = r.shape[0]
                 logits, noise = logits_buf[:m], noise_buf[:m]
-                # log(-log(u)) = -gumbel, with the peer's log(t) = log(t.clamp(min=1e-20))
-                noise.uniform_(0, 1).clamp_min_(1e-20).log_().neg_().clamp_min_(1e-20).log_()
+                # log(-log(u)) = -gumbel, with the peer's log(t) = log(t.clamp(min=1e-20)). Its second
+                # clamp is left out: u < 1 (torch's uniform_ on [0, 1)), so -log(u) >= 5.9e-8 already.
+                noise.uniform_(0, 1).clamp_min_(1e-20).log_().neg_().log_()
                 if self.use_cosine_sim:  # the peer's argmax of z.e / temp + gumbel
                     torch.mm(r, et, out=logits).div_(temp).sub_(noise)
                     torch.argmax(logits, -1, out=codes[i, start:start + m])
                 else:
                     # The peer's argmax of -dist / temp + gumbel, dist = sqrt(max(|r|^2 + |e|^2 - 2 r.e,
                     # 1e-8)), taken as the argmin of its exact negation dist / temp - gumbel.
-                    torch.addmm(e_sq[i], r, et, alpha=-2.0, out=logits).add_(r.pow(2).sum(-1, keepdim=True))
+                    # |r|^2 + |e|^2 first, then -2 r.e accumulated into it by the matmul (as the peer sums)
+                    torch.add(r.pow(2).sum(-1, keepdim=True), e_sq[i], out=logits).addmm_(r, et, alpha=-2.0)
                     logits.clamp_min_(1e-8).sqrt_().div_(temp).add_(noise)
                     torch.argmin(logits, -1, out=codes[i, start:start + m])
         return codes.transpose(0, 1).reshape(z.shape[:-1])
