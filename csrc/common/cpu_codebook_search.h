@@ -175,15 +175,36 @@ inline int64_t block_rows(int64_t N, int64_t D) {
   return std::max<int64_t>(kMR, (mb + kMR - 1) / kMR * kMR);
 }
 
+// Packs `rows` rows of a column-major z (row r, column d at src[r + d * ld]: a transposed view such
+// as channel-first activations) into a [D][kMR] panel as pack_panel does, reading kMR consecutive
+// values per column. ||z_r||^2 is summed by sum_squares over the same floats in the same order as
+// pack_panel: the same bits as for a contiguous copy of z.
+template <typename T>
+void pack_panel_transposed(const T* src, int64_t rows, int64_t D, int64_t ld, float* panel, float* tmp,
+                           float* sqnorm_out) {
+  for (int64_t d = 0; d < D; ++d) {
+    const T* col = src + d * ld;
+    float* out = panel + d * kMR;
+    int64_t r = 0;
+    for (; r < rows; ++r) out[r] = static_cast<float>(col[r]);
+    for (; r < kMR; ++r) out[r] = 0.f;
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t d = 0; d < D; ++d) tmp[d] = panel[d * kMR + r];
+    sqnorm_out[r] = sum_squares(tmp, D);
+  }
+}
+
 // The search of every row of z [N, D] (lookup, quantize): blocks of mb = block_rows(N, D) rows (the
 // caller's, so it can size per-block results), in parallel over blocks; each block is packed (float32, ||z||^2 per row), searched against `cb` while
 // the next block of z is prefetched, and handed to
 //   epilogue(blk, r0, rows, best, best_idx, znorm)
 // (block index, first row, row count; per row of the block: min of ||e||^2 - 2 z.e, its code,
-// ||z||^2) while it is still in cache.
+// ||z||^2) while it is still in cache. col_stride = 0: z is row-major contiguous; else z is a
+// column-major view (row r, column d at zp[r + d * col_stride]), read in place.
 template <typename T, typename Epilogue>
 void search_rows_blocked(const T* zp, int64_t N, int64_t D, const PackedCodebook& cb, int64_t mb,
-                         Epilogue&& epilogue) {
+                         Epilogue&& epilogue, int64_t col_stride = 0) {
   const int64_t n_blocks = (N + mb - 1) / mb;
   at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
     AlignedBuf apack = aligned_floats(mb * D);
@@ -196,12 +217,19 @@ void search_rows_blocked(const T* zp, int64_t N, int64_t D, const PackedCodebook
       const int64_t row_panels = (rows + kMR - 1) / kMR;
       for (int64_t p = 0; p < row_panels; ++p) {
         const int64_t pr = std::min(kMR, rows - p * kMR);
-        pack_panel<T, kMR>(zp + (r0 + p * kMR) * D, pr, D, apack.get() + p * kMR * D, tmp.get(),
-                           znorm.get() + p * kMR);
+        if (col_stride) {
+          pack_panel_transposed<T>(zp + r0 + p * kMR, pr, D, col_stride, apack.get() + p * kMR * D, tmp.get(),
+                                   znorm.get() + p * kMR);
+        } else {
+          pack_panel<T, kMR>(zp + (r0 + p * kMR) * D, pr, D, apack.get() + p * kMR * D, tmp.get(),
+                             znorm.get() + p * kMR);
+        }
       }
-      // Pull the next block of z (streamed from DRAM) in while this block computes.
+      // Pull the next block of z (streamed from DRAM) in while this block computes (a contiguous z: the
+      // block is one range; the hardware prefetcher follows a transposed z's columns).
       const char* next = reinterpret_cast<const char*>(zp + (r0 + mb) * D);
-      const int64_t next_lines = blk + 1 < blk1 ? (std::min(mb, N - r0 - mb) * D * int64_t(sizeof(T)) + 63) / 64 : 0;
+      const int64_t next_lines =
+          blk + 1 < blk1 && !col_stride ? (std::min(mb, N - r0 - mb) * D * int64_t(sizeof(T)) + 63) / 64 : 0;
       search_block(apack.get(), row_panels, cb, best.get(), best_idx.get(), next, next_lines);
       epilogue(blk, r0, rows, static_cast<const float*>(best.get()), static_cast<const int32_t*>(best_idx.get()),
                static_cast<const float*>(znorm.get()));

@@ -598,3 +598,29 @@ def test_vq_runs_the_fused_quantize_op_and_follows_codebook_changes(rng):
     x[4, 2] = float("nan")
     with pytest.raises(ValueError, match="row 4 holds NaN or Inf"):
         vq(x)
+
+
+@pytest.mark.parametrize("shape", [(1, 24, 300), (2, 24, 5, 30)], ids=["channel_last=False", "accept_image_fmap"])
+def test_vq_channel_first_eval_reads_x_in_place(shape, rng):
+    """Channel-first x [B, dim, ...] on the CPU: the eval forward finds the codes without a
+    transposing copy of x (the lookup's native kernel reads its columns) and returns what the
+    channel-last module returns for the moved input."""
+    from torch.profiler import ProfilerActivity, profile
+
+    image = len(shape) == 4
+    vq = VectorQuantizer(24, 37, channel_last=image, accept_image_fmap=image).eval()
+    last = VectorQuantizer(24, 37).eval()
+    last.load_state_dict(vq.state_dict())
+    x = torch.randn(shape, generator=rng)
+    with torch.no_grad():
+        out, codes, loss = vq(x)
+        want_out, want_codes, want_loss = last(x.movedim(1, -1).contiguous())
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            vq(x)
+    assert torch.equal(codes, want_codes) and torch.equal(out, want_out.movedim(-1, 1))
+    torch.testing.assert_close(loss, want_loss)
+    n = x.numel() // 24
+    sizes = {(n, 24), tuple(x.shape), tuple(x.movedim(1, -1).shape), (n // shape[0], 24)}
+    copies = [(e.name, e.input_shapes) for e in prof.events()
+              if e.name in ("aten::copy_", "aten::clone") and any(tuple(s) in sizes for s in e.input_shapes)]
+    assert not copies, f"x was copied: {copies}"

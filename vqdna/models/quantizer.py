@@ -32,7 +32,9 @@ from vqdna import kernels
 __all__ = ["VectorQuantizer", "HRQuantizer"]
 
 _USAGE_DECAY = 0.9  # the recent-usage window of usage(): about the last 10 training batches
-_SAMPLE_CHUNK = 4096  # rows per block of VectorQuantizer's Gumbel sampling ([4096, K] logits)
+# Rows per block of VectorQuantizer's Gumbel sampling: large blocks, because a small matmul repacks
+# the whole codebook per call and each elementwise op pays its thread start-up per call.
+_SAMPLE_CHUNK = 4096
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -504,26 +506,37 @@ class VectorQuantizer(_EMACodebook):
         """Gumbel-max codes [..., C] (or [...] with C = 1) of z [..., C, d] ([..., d]) over logits
         -distance / temp (cosine: z.e / temp) per codebook of codebooks [C, K, d], from the global
         torch RNG in the peer's order (the uniforms of [C, rows, K], row-major: chunking the rows
-        draws the same numbers on the CPU). Torch ops, 4096 rows at a time (the [rows, K] logits
-        stay in cache; a sampling epilogue in the lookup kernel is listed as kernel work)."""
+        draws the same numbers on the CPU). Torch ops on blocks of _SAMPLE_CHUNK rows, in place in
+        two [rows, K] buffers reused across blocks (no allocation and first-touch per block), the
+        distance accumulated by the matmul into |r|^2 + |e|^2 (addmm_)."""
         c, d = codebooks.shape[0], z.shape[-1]
         rows = z.reshape(-1, c, d).transpose(0, 1).float()  # [C, rows, d]
+        n, k = rows.shape[1], codebooks.shape[1]
         e = codebooks.float()
         e_sq = e.pow(2).sum(-1)
-        codes = torch.empty(c, rows.shape[1], dtype=torch.int64, device=z.device)
+        codes = torch.empty(c, n, dtype=torch.int64, device=z.device)
+        step = max(1, min(_SAMPLE_CHUNK, n))
+        logits_buf = torch.empty(step, k, device=z.device)
+        noise_buf = torch.empty(step, k, device=z.device)
         for i in range(c):
-            for start in range(0, rows.shape[1], _SAMPLE_CHUNK):
-                r = rows[i, start:start + _SAMPLE_CHUNK]
-                dots = r @ e[i].T
-                if self.use_cosine_sim:
-                    logits = dots
+            et = e[i].T
+            for start in range(0, n, step):
+                r = rows[i, start:start + step]
+                m = r.shape[0]
+                logits, noise = logits_buf[:m], noise_buf[:m]
+                # log(-log(u)) = -gumbel, with the peer's log(t) = log(t.clamp(min=1e-20)). Its second
+                # clamp is left out: u < 1 (torch's uniform_ on [0, 1)), so -log(u) >= 5.9e-8 already.
+                noise.uniform_(0, 1).clamp_min_(1e-20).log_().neg_().log_()
+                if self.use_cosine_sim:  # the peer's argmax of z.e / temp + gumbel
+                    torch.mm(r, et, out=logits).div_(temp).sub_(noise)
+                    torch.argmax(logits, -1, out=codes[i, start:start + m])
                 else:
-                    sq = (r.pow(2).sum(-1, keepdim=True) + e_sq[i]).sub_(dots, alpha=2.0)
-                    logits = sq.clamp_min_(1e-8).sqrt_().neg_()  # the peer's -cdist
-                noise = torch.empty_like(logits).uniform_(0, 1)
-                # -log(-log(u)) with the peer's log(t) = log(t.clamp(min=1e-20))
-                gumbel = noise.clamp_min_(1e-20).log_().neg_().clamp_min_(1e-20).log_().neg_()
-                codes[i, start:start + _SAMPLE_CHUNK] = logits.div_(temp).add_(gumbel).argmax(-1)
+                    # The peer's argmax of -dist / temp + gumbel, dist = sqrt(max(|r|^2 + |e|^2 - 2 r.e,
+                    # 1e-8)), taken as the argmin of its exact negation dist / temp - gumbel.
+                    # |r|^2 + |e|^2 first, then -2 r.e accumulated into it by the matmul (as the peer sums)
+                    torch.add(r.pow(2).sum(-1, keepdim=True), e_sq[i], out=logits).addmm_(r, et, alpha=-2.0)
+                    logits.clamp_min_(1e-8).sqrt_().div_(temp).add_(noise)
+                    torch.argmin(logits, -1, out=codes[i, start:start + m])
         return codes.transpose(0, 1).reshape(z.shape[:-1])
 
     def _codebook_sqnorm(self, codebook: torch.Tensor) -> Optional[torch.Tensor]:
@@ -569,7 +582,10 @@ class VectorQuantizer(_EMACodebook):
         sample = self.stochastic_sample_codes and self.training and self.sample_codebook_temp > 0
         # One codebook, nearest codes, no codebook gradient: the fused op finds the codes and writes the
         # chosen rows (with the straight-through gradient) and the distances in one pass over z.
-        fused = c == 1 and not sample and not learn
+        # Channel-first z on the CPU (x [B, dim, ...] viewed as [B, ..., dim]) goes to the lookup, whose
+        # native kernel reads it in place: the fused op would first copy z into rows.
+        channel_first = move_back and z.device.type == "cpu" and z.stride(-1) != 1 and z.stride(-2) == 1
+        fused = c == 1 and not sample and not learn and not channel_first
         if sample:
             with torch.no_grad():
                 # Shared-codebook heads of a [B, N, H, d] input: rows in the peer's (B, H, N) order,
@@ -633,9 +649,14 @@ class VectorQuantizer(_EMACodebook):
             out = out.flatten(-2)
         out = self.project_out(out)
         if mask is not None and self.return_zeros_for_masked_padding is not None:
-            keep = mask[..., None]
-            out = torch.where(keep, out, torch.zeros_like(x) if self.return_zeros_for_masked_padding else x)
-            codes = codes.masked_fill(~(rows_mask if rows_mask is not None else mask), -1)
+            drop = ~mask[..., None]
+            if not self.return_zeros_for_masked_padding:
+                out = torch.where(drop, x, out)
+            elif out.requires_grad:
+                out = out.masked_fill(drop, 0.0)
+            else:  # out is this call's own tensor: zero the padding rows in place (no [..., dim] zeros)
+                out.masked_fill_(drop, 0.0)
+            codes = codes.masked_fill(~rows_mask if h > 1 else drop[..., 0], -1)  # not in place: embedding saved it
         if move_back:
             out = out.movedim(-1, 1)
         return out, codes, loss

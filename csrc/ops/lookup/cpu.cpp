@@ -23,9 +23,10 @@ namespace {
 
 using namespace vqdna::cpu;
 
+// z [N, D] row-major contiguous, or (transposed) column-major: z.stride(0) == 1, column stride z.stride(1).
 template <typename T>
 void lookup_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& sqnorm, at::Tensor& codes,
-                   at::Tensor& dist) {
+                   at::Tensor& dist, bool transposed) {
   const int64_t N = z.size(0), D = z.size(1), K = codebook.size(0);
   const T* zp = z.const_data_ptr<T>();
   int32_t* codes_p = codes.mutable_data_ptr<int32_t>();
@@ -40,7 +41,7 @@ void lookup_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::Te
       dist_p[r0 + r] = x < 0.f ? 0.f : x;
       codes_p[r0 + r] = best_idx[r];
     }
-  });
+  }, transposed ? z.stride(1) : 0);
 }
 
 std::tuple<at::Tensor, at::Tensor> lookup_native_cpu(const at::Tensor& z, const at::Tensor& codebook,
@@ -48,17 +49,19 @@ std::tuple<at::Tensor, at::Tensor> lookup_native_cpu(const at::Tensor& z, const 
   check_search_inputs("vqdna.lookup_native", z, codebook, codebook_sqnorm);
   const auto dt = z.scalar_type();
 
-  // The contract asks for contiguous inputs; .contiguous() is a no-op then and keeps us safe otherwise.
-  const at::Tensor zc = z.contiguous(), cbc = codebook.contiguous(), sqc = codebook_sqnorm.contiguous();
+  // The contract asks for a contiguous z or a transposed view of one (z.stride(0) == 1: read in place,
+  // no copy); .contiguous() is a no-op for a contiguous tensor and keeps us safe otherwise.
+  const bool transposed = !z.is_contiguous() && z.size(1) > 1 && z.stride(0) == 1 && z.stride(1) >= 1;
+  const at::Tensor zc = transposed ? z : z.contiguous(), cbc = codebook.contiguous(), sqc = codebook_sqnorm.contiguous();
   const int64_t N = zc.size(0);
   at::Tensor codes = at::empty({N}, zc.options().dtype(at::kInt));
   at::Tensor dist = at::empty({N}, zc.options().dtype(at::kFloat));
   if (N == 0) return {codes, dist};
 
   AT_DISPATCH_SWITCH(dt, "vqdna_lookup_native",
-                     AT_DISPATCH_CASE(at::kFloat, [&] { lookup_kernel<float>(zc, cbc, sqc, codes, dist); })
-                     AT_DISPATCH_CASE(at::kBFloat16, [&] { lookup_kernel<c10::BFloat16>(zc, cbc, sqc, codes, dist); })
-                     AT_DISPATCH_CASE(at::kHalf, [&] { lookup_kernel<c10::Half>(zc, cbc, sqc, codes, dist); }));
+                     AT_DISPATCH_CASE(at::kFloat, [&] { lookup_kernel<float>(zc, cbc, sqc, codes, dist, transposed); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { lookup_kernel<c10::BFloat16>(zc, cbc, sqc, codes, dist, transposed); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { lookup_kernel<c10::Half>(zc, cbc, sqc, codes, dist, transposed); }));
   return {codes, dist};
 }
 

@@ -4,8 +4,9 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(vqdna, m) {
-  // Nearest-code lookup (docs/design.md §2.1). z [N, D] contiguous, codebook [K, D] contiguous, same dtype
-  // (float32 / bfloat16 / float16); codebook_sqnorm [K] float32 = ||e_k||^2.
+  // Nearest-code lookup (docs/design.md §2.1). z [N, D] contiguous (lookup_native also reads a transposed
+  // z, stride(0) == 1, in place), codebook [K, D] contiguous, same dtype (float32 / bfloat16 / float16);
+  // codebook_sqnorm [K] float32 = ||e_k||^2.
   // Returns codes int32 [N] (ties -> smallest k; a NaN distance never wins) and dist float32 [N]
   // = ||z_i - e_code||^2 clamped at 0 (non-finite when the row of z is non-finite).
   // CPU dispatch key: the native blocked kernel (cpu.cpp).

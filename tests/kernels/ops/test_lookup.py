@@ -185,6 +185,36 @@ def test_leading_shape_layout_and_int64(backend, device, rng, poison):
     assert torch.equal(c2.reshape(-1), flat_codes)
 
 
+def _copies_of(shape, fn):
+    """The aten copy/clone events on a tensor of `shape` while fn() runs (the C++ ones too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone") and list(shape) in e.input_shapes]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("shape", [(1, 24, 300), (3, 24, 5, 41)], ids=["B1", "B3-image"])
+def test_native_reads_channel_first_z_in_place(dtype, shape, rng, poison):
+    """Channel-first z ([B, D, ...] moved to [B, ..., D], as VectorQuantizer(channel_last=False)
+    sees it): the native kernel packs it from its columns, with no transposing copy of z, and gives
+    the bits of the contiguous copy (codes and dist)."""
+    require_backend("native", "cpu")
+    x = torch.randn(shape, generator=rng).to(dtype)
+    z = x.movedim(1, -1)
+    codebook = torch.randn(37, shape[1], generator=rng).to(dtype)
+    codes, dist = lookup(z, codebook, backend="native")
+    want_codes, want_dist = lookup(z.contiguous(), codebook, backend="native")
+    assert torch.equal(codes, want_codes) and torch.equal(dist, want_dist)
+    ref_codes, _ = lookup(z.contiguous(), codebook, backend="reference")
+    assert torch.equal(codes, ref_codes)
+    rows = math.prod(z.shape[:-1]) if shape[0] == 1 else math.prod(z.shape[1:-1])
+    copied = _copies_of((rows, shape[1]), lambda: lookup(z, codebook, backend="native"))
+    copied += _copies_of(tuple(z.shape), lambda: lookup(z, codebook, backend="native"))
+    assert not copied, f"z was copied: {copied}"
+
+
 @pytest.mark.parametrize("backend,device", backend_params("lookup"))
 def test_empty_batch(backend, device, poison):
     require_backend(backend, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -56,8 +57,9 @@ def lookup(
     """Nearest code of every vector (docs/design.md §2.1); not differentiable.
 
     z [..., D] and codebook [K, D]: same dtype (float32, bfloat16, float16; float64 on the reference
-    backend only) and device; any layout. codebook_sqnorm [K] (optional, float32): ||e_k||^2, reused
-    across calls when the codebook is unchanged.
+    backend only) and device; any layout (the native backend reads a channel-first z, e.g.
+    [B, D, N].movedim(1, -1), in place: no transposing copy). codebook_sqnorm [K] (optional,
+    float32): ||e_k||^2, reused across calls when the codebook is unchanged.
     Returns codes [...] (int32, or int64 with codes_dtype=torch.int64): argmin_k ||z - e_k||^2, ties to
     the smallest k; dist [...] float32 (float64 for float64 inputs): the squared distance to the chosen code, clamped at 0,
     non-finite where the row of z is non-finite (its code is then unspecified).
@@ -67,9 +69,13 @@ def lookup(
     if codes_dtype not in (torch.int32, torch.int64):
         raise TypeError(f"lookup: codes_dtype must be torch.int32 or torch.int64, got {codes_dtype}")
     lead, d = z.shape[:-1], z.shape[-1]
-    flat = z.detach().reshape(-1, d).contiguous()
-    n = flat.shape[0]
+    n = math.prod(lead)
     name = select_backend("lookup", backend, z.device, z.dtype, size=(n, codebook.shape[0]))
+    # The native kernel reads a transposed z in place: channel-first input ([B, D, ...] moved to
+    # [B, ..., D]) as one [N, D] view, or one per batch row when the rows do not flatten to a view.
+    pieces = _transposed_views(z.detach(), d) if name == "native" and n > 0 else None
+    if pieces is None:
+        pieces = [z.detach().reshape(-1, d).contiguous()]
     cb = codebook.detach().contiguous()
     if codebook_sqnorm is None:
         acc = torch.float64 if cb.dtype == torch.float64 else torch.float32
@@ -77,13 +83,29 @@ def lookup(
     else:
         sq = codebook_sqnorm.detach().to(torch.float64 if cb.dtype == torch.float64 else torch.float32).contiguous()
     op = backend_op("lookup", name)
-    if n <= _MAX_ROWS_PER_LAUNCH:
-        codes, dist = op(flat, cb, sq)
+    if len(pieces) == 1 and n <= _MAX_ROWS_PER_LAUNCH:
+        codes, dist = op(pieces[0], cb, sq)
     else:
-        parts = [op(flat[s : s + _MAX_ROWS_PER_LAUNCH], cb, sq) for s in range(0, n, _MAX_ROWS_PER_LAUNCH)]
+        parts = [op(p[s : s + _MAX_ROWS_PER_LAUNCH], cb, sq) for p in pieces for s in range(0, p.shape[0], _MAX_ROWS_PER_LAUNCH)]
         codes = torch.cat([p[0] for p in parts])
         dist = torch.cat([p[1] for p in parts])
     return codes.to(codes_dtype).reshape(lead), dist.reshape(lead)
+
+
+def _transposed_views(z: torch.Tensor, d: int) -> Optional[list]:
+    """z [..., D] as column-major [n, D] views (stride(0) == 1), without a copy: one for the whole of
+    z, else one per index of its first dim; None when z is not laid out so (D = 1, rows contiguous)."""
+    if d == 1 or z.dim() < 2 or z.stride(-2) != 1 or z.is_contiguous():
+        return None
+    for shape in ((-1, d), (z.shape[0], -1, d)):
+        try:
+            view = z.view(shape)
+        except RuntimeError:  # the leading dims do not merge into one stride
+            continue
+        views = [view] if view.dim() == 2 else list(view.unbind(0))
+        if all(v.stride(0) == 1 for v in views):
+            return views
+    return None
 
 
 def raise_on_nonfinite(dist: torch.Tensor, tensor_name: str = "input") -> None:
