@@ -81,6 +81,7 @@ struct ScreenedCodebook {
   AlignedBuf sq;      // [n_panels * kNB]: the given ||e_k||^2, +inf on padding codes
   int64_t K = 0, D = 0, D2 = 0, n_panels = 0;
   double max_norm = 0.0, max_abs_sq = 0.0;  // M and S of the bound
+  bool adaptive = true;                     // "auto": stop screening where it does not pay
   const uint32_t* panel(int64_t j) const { return reinterpret_cast<const uint32_t*>(panels.get()) + j * D2 * kNB; }
 };
 
@@ -191,10 +192,21 @@ ScreenedCodebookPtr make_screen(const char* op, const PackedCodebook& cb, int64_
       }
     }
   });
+  sc->adaptive = mode == "auto";
   st.screened = 1;
   st.rows_exact = 0;  // the blocks count their rows
   return sc;
 }
+
+bool screen_pays(const ScreenedCodebook& sc, const ScreenScratch& s) {
+  // Break-even (measured at K = 512, D = 384): the screen costs ~0.55 of the exact search and a re-checked
+  // candidate ~1/16 of a row's exact search, so above ~7 candidates a row the exact search is faster;
+  // an overflowed row costs the screen and the exact search. Conservative: 4 a row, 1 row in 8.
+  const int64_t rows = s.rows_screened + s.rows_exact;
+  return !sc.adaptive || (s.candidates <= 4 * rows && 8 * s.rows_exact <= rows);
+}
+
+void count_exact_rows(ScreenScratch& s, int64_t rows) { s.rows_exact += rows; }
 
 ScreenScratchPtr make_screen_scratch(const ScreenedCodebook& sc, int64_t mb) {
   ScreenScratchPtr s(new ScreenScratch);

@@ -56,4 +56,11 @@ void screened_search_block(const float* apack, int64_t rows, const float* znorm,
                            const ScreenedCodebook& sc, ScreenScratch& scratch, float* best, int32_t* best_idx,
                            const char* prefetch, int64_t prefetch_lines);
 
+// After a screened block: false when, in "auto" mode, this thread's blocks so far kept too many
+// candidates (or overflowed too often) for the screen to beat the exact search (a codebook of
+// near-equidistant codes, e.g. EMA-trained means): the caller then searches its remaining blocks exactly.
+bool screen_pays(const ScreenedCodebook& sc, const ScreenScratch& scratch);
+// Counts rows a thread searched exactly after the screen stopped paying (search_stats()).
+void count_exact_rows(ScreenScratch& scratch, int64_t rows);
+
 }  // namespace vqdna::cpu

@@ -212,6 +212,7 @@ void search_rows_blocked(const T* zp, int64_t N, int64_t D, const PackedCodebook
     AlignedBuf apack = aligned_floats(mb * D);
     AlignedBuf tmp = aligned_floats(D);
     ScreenScratchPtr scratch = screen ? make_screen_scratch(*screen, mb) : nullptr;
+    bool screening = screen != nullptr;
     std::unique_ptr<float[]> best(new float[mb]), znorm(new float[mb]);
     std::unique_ptr<int32_t[]> best_idx(new int32_t[mb]);
     for (int64_t blk = blk0; blk < blk1; ++blk) {
@@ -233,11 +234,13 @@ void search_rows_blocked(const T* zp, int64_t N, int64_t D, const PackedCodebook
       const char* next = reinterpret_cast<const char*>(zp + (r0 + mb) * D);
       const int64_t next_lines =
           blk + 1 < blk1 && !col_stride ? (std::min(mb, N - r0 - mb) * D * int64_t(sizeof(T)) + 63) / 64 : 0;
-      if (screen) {
+      if (screening) {
         screened_search_block(apack.get(), rows, znorm.get(), cb, *screen, *scratch, best.get(), best_idx.get(), next,
                               next_lines);
+        screening = screen_pays(*screen, *scratch);
       } else {
         search_block(apack.get(), row_panels, cb, best.get(), best_idx.get(), next, next_lines);
+        if (scratch) count_exact_rows(*scratch, rows);
       }
       epilogue(blk, r0, rows, static_cast<const float*>(best.get()), static_cast<const int32_t*>(best_idx.get()),
                static_cast<const float*>(znorm.get()));

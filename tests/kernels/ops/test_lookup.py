@@ -492,6 +492,22 @@ def test_native_auto_runs_the_screen(rng, monkeypatch):
     assert _ext.native_search_stats()["search"] == "exact"
 
 
+@requires_screen
+def test_native_auto_stops_screening_where_it_does_not_pay(rng, monkeypatch):
+    """Near-equidistant codes (as EMA-trained cluster means become) leave many candidates per row: "auto"
+    searches the remaining blocks exactly (no slower than the exact search), with the same bits."""
+    base = torch.randn(384, generator=rng)
+    codebook = base + 0.02 * torch.randn(512, 384, generator=rng)
+    z = base + torch.randn(1200, 384, generator=rng)
+    monkeypatch.setenv("VQDNA_NATIVE_SEARCH", "exact")
+    want = lookup(z, codebook, backend="native")
+    monkeypatch.setenv("VQDNA_NATIVE_SEARCH", "auto")
+    got = lookup(z, codebook, backend="native")
+    stats = _ext.native_search_stats()
+    assert stats["search"] == "bf16" and stats["rows_exact"] > z.shape[0] // 2, stats
+    assert_bit_identical(want, got)
+
+
 def test_native_search_env_is_checked(rng, monkeypatch):
     require_backend("native", "cpu")
     monkeypatch.setenv("VQDNA_NATIVE_SEARCH", "fast")
