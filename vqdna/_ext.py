@@ -33,3 +33,16 @@ def cuda_ops_available() -> bool:
 def extension_error():
     """The ImportError that kept vqdna._C from loading, or None."""
     return _error
+
+
+def native_search_stats():
+    """What the last native (CPU) lookup / quantize call did: {"search": "bf16" | "exact",
+    "rows_screened", "rows_exact", "candidates"} (rows of z settled by the bf16 screen and its exact
+    re-check of `candidates` codes in all, or by the exact float32 search); None without vqdna._C.
+    Env VQDNA_NATIVE_SEARCH = auto | exact | bf16 chooses (csrc/common/cpu_bf16_screen.h)."""
+    return None if _C is None else dict(_C.native_search_stats())
+
+
+def bf16_screen_supported() -> bool:
+    """True when the native lookup / quantize can run the bf16-screened search here (AVX512_BF16)."""
+    return _C is not None and bool(_C.bf16_screen_supported())

@@ -6,6 +6,7 @@
 
 #include <limits>
 
+#include "common/cpu_bf16_screen.h"
 #include "common/cpu_buffers.h"
 
 namespace vqdna::cpu {
@@ -201,14 +202,17 @@ void pack_panel_transposed(const T* src, int64_t rows, int64_t D, int64_t ld, fl
 //   epilogue(blk, r0, rows, best, best_idx, znorm)
 // (block index, first row, row count; per row of the block: min of ||e||^2 - 2 z.e, its code,
 // ||z||^2) while it is still in cache. col_stride = 0: z is row-major contiguous; else z is a
-// column-major view (row r, column d at zp[r + d * col_stride]), read in place.
+// column-major view (row r, column d at zp[r + d * col_stride]), read in place. screen: the
+// bf16-screened search of cpu_bf16_screen.h (make_screen; the same results), nullptr: search_block.
 template <typename T, typename Epilogue>
 void search_rows_blocked(const T* zp, int64_t N, int64_t D, const PackedCodebook& cb, int64_t mb,
-                         Epilogue&& epilogue, int64_t col_stride = 0) {
+                         Epilogue&& epilogue, int64_t col_stride = 0, const ScreenedCodebook* screen = nullptr) {
   const int64_t n_blocks = (N + mb - 1) / mb;
   at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
     AlignedBuf apack = aligned_floats(mb * D);
     AlignedBuf tmp = aligned_floats(D);
+    ScreenScratchPtr scratch = screen ? make_screen_scratch(*screen, mb) : nullptr;
+    bool screening = screen != nullptr;
     std::unique_ptr<float[]> best(new float[mb]), znorm(new float[mb]);
     std::unique_ptr<int32_t[]> best_idx(new int32_t[mb]);
     for (int64_t blk = blk0; blk < blk1; ++blk) {
@@ -230,7 +234,14 @@ void search_rows_blocked(const T* zp, int64_t N, int64_t D, const PackedCodebook
       const char* next = reinterpret_cast<const char*>(zp + (r0 + mb) * D);
       const int64_t next_lines =
           blk + 1 < blk1 && !col_stride ? (std::min(mb, N - r0 - mb) * D * int64_t(sizeof(T)) + 63) / 64 : 0;
-      search_block(apack.get(), row_panels, cb, best.get(), best_idx.get(), next, next_lines);
+      if (screening) {
+        screened_search_block(apack.get(), rows, znorm.get(), cb, *screen, *scratch, best.get(), best_idx.get(), next,
+                              next_lines);
+        screening = screen_pays(*screen, *scratch);
+      } else {
+        search_block(apack.get(), row_panels, cb, best.get(), best_idx.get(), next, next_lines);
+        if (scratch) count_exact_rows(*scratch, rows);
+      }
       epilogue(blk, r0, rows, static_cast<const float*>(best.get()), static_cast<const int32_t*>(best_idx.get()),
                static_cast<const float*>(znorm.get()));
     }

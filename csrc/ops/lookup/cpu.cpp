@@ -12,6 +12,8 @@
 //    distances are compared against each row's running minimum and only when some lane beats it
 //    (rare after the first few panels) is the tile scanned in increasing code order. Strict `<`
 //    everywhere keeps the lowest index on ties, and an ordered compare means NaN never wins.
+//  * Where the CPU has AVX512_BF16, a bf16 screen with an exact float32 re-check of the few codes it
+//    cannot rule out replaces the float32 tiles (common/cpu_bf16_screen.h): the same codes and bits.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -33,6 +35,7 @@ void lookup_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::Te
   float* dist_p = dist.mutable_data_ptr<float>();
   // Packed once per call (K*D work), shared read-only by all threads.
   const PackedCodebook cb = pack_codebook(codebook.const_data_ptr<T>(), sqnorm.const_data_ptr<float>(), K, D);
+  const ScreenedCodebookPtr screen = make_screen("vqdna.lookup_native", cb, N);
   search_rows_blocked(zp, N, D, cb, block_rows(N, D),
                       [&](int64_t, int64_t r0, int64_t rows, const float* best, const int32_t* best_idx, const float* znorm) {
     for (int64_t r = 0; r < rows; ++r) {
@@ -41,7 +44,7 @@ void lookup_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::Te
       dist_p[r0 + r] = x < 0.f ? 0.f : x;
       codes_p[r0 + r] = best_idx[r];
     }
-  }, transposed ? z.stride(1) : 0);
+  }, transposed ? z.stride(1) : 0, screen.get());
 }
 
 std::tuple<at::Tensor, at::Tensor> lookup_native_cpu(const at::Tensor& z, const at::Tensor& codebook,

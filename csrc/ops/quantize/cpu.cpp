@@ -1,5 +1,6 @@
 // Native CPU quantize: the lookup search of csrc/ops/lookup/cpu.cpp (packed codebook, 6 x 16 AVX2 tiles with
-// the fused argmin, the block loop search_rows_blocked of common/cpu_codebook_search.h) with the block's
+// the fused argmin, or its bf16 screen where the CPU has AVX512_BF16: common/cpu_bf16_screen.h; the block
+// loop search_rows_blocked of common/cpu_codebook_search.h) with the block's
 // epilogue extended: while the block's rows of z are still in cache, each row's chosen codebook row is
 // copied to `quantized`, its distance is added to the block's float64 loss sum and a non-finite
 // distance is counted. Per-block sums and counts are
@@ -51,6 +52,7 @@ void quantize_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::
   T* q_p = quantized.mutable_data_ptr<T>();
   float* dist_p = dist.mutable_data_ptr<float>();
   const PackedCodebook cb = pack_codebook(cbp, sqnorm.const_data_ptr<float>(), K, D);
+  const ScreenedCodebookPtr screen = make_screen("vqdna.quantize_native", cb, N);
   const int64_t mb = block_rows(N, D);
   const int64_t n_blocks = (N + mb - 1) / mb;
   std::vector<double> blk_sum(n_blocks, 0.0);
@@ -82,7 +84,7 @@ void quantize_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::
 #ifdef VQDNA_AVX2
     if (stream) _mm_sfence();  // this block's streamed stores are visible before the outputs are read
 #endif
-  });
+  }, 0, screen.get());
   double total = 0.0;
   int64_t bad = 0, first = -1;
   for (int64_t b = 0; b < n_blocks; ++b) {

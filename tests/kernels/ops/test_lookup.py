@@ -338,3 +338,182 @@ def test_cuda_misaligned_inputs_take_the_scalar_path(dtype, which, rng, poison):
     want_codes, want_dist = lookup(z, cb, backend="cuda")
     assert torch.equal(codes, want_codes) and torch.equal(dist, want_dist)
     assert_lookup_matches(z, cb, codes, dist, dtype)
+
+
+# ---- the native backend's bf16-screened search (csrc/common/cpu_bf16_screen.h) -----------------------
+# A bfloat16 pass and an exact float32 re-check of the codes it cannot rule out: the codes and dist must
+# be bit-identical to the exact float32 search. VQDNA_NATIVE_SEARCH forces either.
+
+from vqdna import _ext  # noqa: E402
+
+requires_screen = pytest.mark.skipif(
+    not _ext.bf16_screen_supported(),
+    reason="the bf16-screened native search needs a CPU with AVX512_BF16 (and vqdna._C built for x86-64)",
+)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float tensor (NaN payloads included), for bit-identity checks."""
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()]) if t.is_floating_point() else t
+
+
+def exact_and_screened(fn, monkeypatch):
+    """fn() under VQDNA_NATIVE_SEARCH=exact, then =bf16; returns (exact, screened, stats of the latter)."""
+    monkeypatch.setenv("VQDNA_NATIVE_SEARCH", "exact")
+    want = fn()
+    assert _ext.native_search_stats()["search"] == "exact"
+    monkeypatch.setenv("VQDNA_NATIVE_SEARCH", "bf16")
+    got = fn()
+    return want, got, _ext.native_search_stats()
+
+
+def assert_bit_identical(want, got):
+    for i, (w, g) in enumerate(zip(want, got)):
+        assert w.dtype == g.dtype and w.shape == g.shape, f"output {i}: {g.dtype} {g.shape} != {w.dtype} {w.shape}"
+        diff = bits(w) != bits(g)
+        assert not bool(diff.any()), (
+            f"output {i}: {int(diff.sum())} elements differ from the exact search; first at "
+            f"{diff.nonzero()[0].tolist()}: {g[diff][0].item()} != {w[diff][0].item()}"
+        )
+
+
+def near_tie_inputs(kind: str, n: int, d: int, dtype, gen, scale: float = 1.0):
+    """Inputs on which the bf16 screen ranks codes wrongly or cannot separate them. `kind`:
+    "rounding": families of codes around a bf16-exact vector v in [1, 2)^d, each coordinate just below
+      (rounds down to v) or just above (rounds up) a bf16 rounding midpoint, with rows z = v: every
+      rounding error of a code has the same sign, the screen prefers the codes that round up, the exact
+      search those below (distances 2^-10 steps apart, all float16-exact);
+    "ulp": 20 copies of one code, each with one coordinate moved by one float32 ulp (identical in bf16),
+      among random codes, rows near them;
+    "duplicates": each code three times (exact ties, lowest index wins) and one code 40 times (more than
+      the screen keeps per row: the exact search takes those rows).
+    `scale` multiplies everything (a power of two: exact)."""
+    if kind == "rounding":
+        fams = 6
+        v = (torch.randint(128, 255, (fams, d), generator=gen).double() / 128)  # bf16-exact, in [1, 2)
+        mid = v + 2.0**-8
+        below = mid[:, None] - 2.0**-10 * torch.randint(1, 4, (fams, 4, d), generator=gen).double()
+        above = mid[:, None] + 2.0**-10 * torch.randint(1, 4, (fams, 4, d), generator=gen).double()
+        codebook = torch.cat([below, above], 1).reshape(-1, d)
+        codebook = codebook[torch.randperm(codebook.shape[0], generator=gen)]
+        z = v[torch.randint(fams, (n,), generator=gen)]
+    elif kind == "ulp":
+        e = torch.randn(d, generator=gen)
+        variants = e.repeat(20, 1)
+        for j in range(20):
+            variants[j, j % d] = torch.nextafter(variants[j, j % d], torch.tensor(math.inf))
+        codebook = torch.cat([torch.randn(60, d, generator=gen), variants, torch.randn(50, d, generator=gen)]).double()
+        z = (e + 0.01 * torch.randn(n, d, generator=gen)).double()
+    elif kind == "duplicates":
+        base = torch.randn(50, d, generator=gen)
+        codebook = torch.cat([base, base, base, base[7:8].repeat(40, 1)]).double()
+        z = (base[torch.randint(50, (n,), generator=gen)] + 0.05 * torch.randn(n, d, generator=gen)).double()
+        z[: n // 4] = base[7].double()  # rows on the 40-fold code
+    else:
+        raise ValueError(kind)
+    return (z * scale).to(dtype), (codebook * scale).to(dtype)
+
+
+@requires_screen
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("n,k,d", [(1, 1, 1), (1, 300, 64), (7, 1, 17), (130, 513, 33), (64, 4096, 130), (200, 64, 384)])
+def test_native_screened_search_is_bit_identical(n, k, d, dtype, rng, monkeypatch, poison):
+    """Random inputs (make_inputs: rows near codes and noise at random scales): one row, one code, D odd
+    and not a multiple of 16, large K."""
+    z, codebook = make_inputs(n, k, d, dtype, "cpu", rng)
+    want, got, stats = exact_and_screened(lambda: lookup(z, codebook, backend="native"), monkeypatch)
+    assert stats["search"] == "bf16" and stats["rows_screened"] + stats["rows_exact"] == n
+    assert stats["rows_screened"] > 0, stats
+    assert_bit_identical(want, got)
+
+
+@requires_screen
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+@pytest.mark.parametrize("kind,d,scale", [("rounding", 64, 1.0), ("rounding", 33, 2.0**40), ("rounding", 130, 2.0**-40),
+                                          ("rounding", 48, 2.0**-64), ("ulp", 40, 1.0), ("duplicates", 70, 1.0)])
+def test_native_screened_search_near_ties(kind, d, scale, dtype, rng, monkeypatch, poison):
+    """Near-ties built against the screen (near_tie_inputs), at scales where the bound's absolute
+    (denormal) terms matter too: the exact re-check and its fallbacks give the exact search's bits."""
+    if dtype == torch.float16 and scale != 1.0:
+        pytest.skip("float16 cannot hold this scale (it overflows or flushes to zero)")
+    z, codebook = near_tie_inputs(kind, 90, d, dtype, rng, scale)
+    want, got, stats = exact_and_screened(lambda: lookup(z, codebook, backend="native"), monkeypatch)
+    assert stats["search"] == "bf16"
+    assert_bit_identical(want, got)
+    if kind == "rounding" and dtype != torch.bfloat16:
+        # The screen ranks the codes that round up first; the answer is a code below the midpoints.
+        offsets = codebook[got[0].long()].double() - z.double()
+        assert bool((offsets < 2.0**-8 * scale).all())
+        # At 2^-64 the products are float32 denormals, which the instruction flushes: the bound's absolute
+        # term keeps every code, the candidate lists overflow and the exact search takes the rows.
+        assert stats["rows_screened"] > 0 if scale > 2.0**-64 else stats["rows_exact"] == z.shape[0]
+    if kind == "duplicates":
+        assert stats["rows_exact"] >= z.shape[0] // 4  # the 40-fold code overflows the candidate list
+        assert torch.equal(got[0][: z.shape[0] // 4], torch.full((z.shape[0] // 4,), 7, dtype=torch.int32))
+
+
+@requires_screen
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda t: str(t).split(".")[-1])
+def test_native_screened_search_nonfinite(dtype, rng, monkeypatch, poison):
+    """Non-finite rows, a finite row too large to bound, and a non-finite codebook: as the exact search."""
+    n, k, d = 40, 200, 70
+    z, codebook = make_inputs(n, k, d, dtype, "cpu", rng)
+    z[3, 5] = math.nan
+    z[10, 0] = math.inf
+    z[11] = -math.inf
+    z[20, :] = 6e4 if dtype == torch.float16 else 1e30  # ||z||^2 overflows float32 (float16: its max)
+    want, got, stats = exact_and_screened(lambda: lookup(z, codebook, backend="native"), monkeypatch)
+    assert_bit_identical(want, got)
+    assert stats["search"] == "bf16" and stats["rows_exact"] >= 4 and stats["rows_screened"] > 0
+    codebook[7, 2] = math.nan
+    want, got, stats = exact_and_screened(lambda: lookup(z, codebook, backend="native"), monkeypatch)
+    assert_bit_identical(want, got)
+    assert stats["search"] == "exact"  # a non-finite codebook is never screened
+
+
+@requires_screen
+def test_native_screened_search_channel_first(rng, monkeypatch, poison):
+    z = torch.randn(2, 96, 150, generator=rng).movedim(1, -1)  # read in place, column-major
+    codebook = torch.randn(300, 96, generator=rng)
+    want, got, _ = exact_and_screened(lambda: lookup(z, codebook, backend="native"), monkeypatch)
+    assert_bit_identical(want, got)
+
+
+@requires_screen
+def test_native_auto_runs_the_screen(rng, monkeypatch):
+    """On this CPU (AVX512_BF16) the default search of a large enough problem is the screened one."""
+    monkeypatch.delenv("VQDNA_NATIVE_SEARCH", raising=False)
+    z, codebook = torch.randn(256, 384, generator=rng), torch.randn(512, 384, generator=rng)
+    lookup(z, codebook, backend="native")
+    stats = _ext.native_search_stats()
+    assert stats["search"] == "bf16" and stats["rows_screened"] == 256, stats
+    assert stats["candidates"] < 8 * 256, stats  # the screen rules out nearly every code
+    lookup(z[:, :32], codebook[:, :32], backend="native")  # small D: the exact search pays
+    assert _ext.native_search_stats()["search"] == "exact"
+
+
+@requires_screen
+def test_native_auto_stops_screening_where_it_does_not_pay(rng, monkeypatch):
+    """Near-equidistant codes (as EMA-trained cluster means become) leave many candidates per row: "auto"
+    searches the remaining blocks exactly (no slower than the exact search), with the same bits."""
+    base = torch.randn(384, generator=rng)
+    codebook = base + 0.02 * torch.randn(512, 384, generator=rng)
+    z = base + torch.randn(1200, 384, generator=rng)
+    monkeypatch.setenv("VQDNA_NATIVE_SEARCH", "exact")
+    want = lookup(z, codebook, backend="native")
+    monkeypatch.setenv("VQDNA_NATIVE_SEARCH", "auto")
+    got = lookup(z, codebook, backend="native")
+    stats = _ext.native_search_stats()
+    assert stats["search"] == "bf16" and stats["rows_exact"] > z.shape[0] // 2, stats
+    assert_bit_identical(want, got)
+
+
+def test_native_search_env_is_checked(rng, monkeypatch):
+    require_backend("native", "cpu")
+    monkeypatch.setenv("VQDNA_NATIVE_SEARCH", "fast")
+    with pytest.raises(RuntimeError, match="VQDNA_NATIVE_SEARCH=fast is not one of auto, exact, bf16"):
+        lookup(torch.randn(4, 8, generator=rng), torch.randn(3, 8, generator=rng), backend="native")
+    if not _ext.bf16_screen_supported():
+        monkeypatch.setenv("VQDNA_NATIVE_SEARCH", "bf16")
+        with pytest.raises(RuntimeError, match="no AVX512_BF16"):
+            lookup(torch.randn(4, 8, generator=rng), torch.randn(3, 8, generator=rng), backend="native")

@@ -10,7 +10,15 @@ import torch
 from vqdna.kernels import dispatch, lookup, quantize, reference
 from vqdna.kernels.ops.registry import backend_op
 from tests.conftest import backend_case_params, backend_params, require_backend
-from tests.kernels.ops.test_lookup import assert_lookup_matches, exact_distances, make_inputs
+from tests.kernels.ops.test_lookup import (
+    assert_bit_identical,
+    assert_lookup_matches,
+    exact_and_screened,
+    exact_distances,
+    make_inputs,
+    near_tie_inputs,
+    requires_screen,
+)
 from tests.tolerances import TOL
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -224,3 +232,25 @@ def test_cuda_misaligned_inputs(dtype, which, rng, poison):
     for g, w in zip(got, want):
         assert torch.equal(g, w) if g.dim() else abs(float(g) - float(w)) <= 2**-23 * abs(float(w))
     assert_quantize_matches(z, cb, got, dtype)
+
+
+# ---- the native backend's bf16-screened search (csrc/common/cpu_bf16_screen.h): every output
+# bit-identical to the exact float32 search.
+
+
+@requires_screen
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize("case", ["random-1-5-17", "random-200-33-17", "random-131-4096-40", "random-100-512-384",
+                                  "rounding", "ulp", "duplicates", "nonfinite"])
+def test_native_screened_quantize_is_bit_identical(case, dtype, rng, monkeypatch, poison):
+    if case.startswith("random"):
+        n, k, d = map(int, case.split("-")[1:])
+        z, codebook = make_inputs(n, k, d, dtype, "cpu", rng)
+    elif case == "nonfinite":
+        z, codebook = make_inputs(60, 300, 70, dtype, "cpu", rng)
+        z[5, 3], z[40] = math.nan, math.inf
+    else:
+        z, codebook = near_tie_inputs(case, 90, 64, dtype, rng)
+    want, got, stats = exact_and_screened(lambda: quantize(z, codebook, backend="native"), monkeypatch)
+    assert stats["search"] == "bf16" and stats["rows_screened"] > 0, stats
+    assert_bit_identical(want, got)
