@@ -10,17 +10,23 @@ import torch
 from vqdna.kernels.dispatch import select_backend
 from vqdna.kernels.ops.registry import FLOAT_DTYPES, backend_op
 
-__all__ = ["lookup", "raise_on_nonfinite", "check_lookup_inputs"]
+__all__ = ["lookup", "raise_on_nonfinite", "check_lookup_inputs", "codebook_operands"]
 
 # Rows per kernel launch: bounds the temporary memory of a launch and keeps 32-bit row indices safe.
 _MAX_ROWS_PER_LAUNCH = 1 << 24
 
 
 def check_lookup_inputs(
-    z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: Optional[torch.Tensor], op: str = "lookup"
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    codebook_sqnorm: Optional[torch.Tensor],
+    op: str = "lookup",
+    codes_dtype: torch.dtype = torch.int32,
 ) -> None:
     """The input contract of the single-codebook searches (lookup, quantize); `op` names the public
     function that was called in the errors."""
+    if codes_dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: codes_dtype must be torch.int32 or torch.int64, got {codes_dtype}")
     if not isinstance(z, torch.Tensor) or not isinstance(codebook, torch.Tensor):
         raise TypeError(f"{op}: z and codebook must be tensors")
     if z.dim() < 1:
@@ -65,9 +71,7 @@ def lookup(
     non-finite where the row of z is non-finite (its code is then unspecified).
     backend: "auto" | "cuda" | "triton" | "native" | "reference" (env VQDNA_BACKEND replaces "auto").
     """
-    check_lookup_inputs(z, codebook, codebook_sqnorm)
-    if codes_dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"lookup: codes_dtype must be torch.int32 or torch.int64, got {codes_dtype}")
+    check_lookup_inputs(z, codebook, codebook_sqnorm, codes_dtype=codes_dtype)
     lead, d = z.shape[:-1], z.shape[-1]
     n = math.prod(lead)
     name = select_backend("lookup", backend, z.device, z.dtype, size=(n, codebook.shape[0]))
@@ -76,12 +80,7 @@ def lookup(
     pieces = _transposed_views(z.detach(), d) if name == "native" and n > 0 else None
     if pieces is None:
         pieces = [z.detach().reshape(-1, d).contiguous()]
-    cb = codebook.detach().contiguous()
-    if codebook_sqnorm is None:
-        acc = torch.float64 if cb.dtype == torch.float64 else torch.float32
-        sq = cb.to(acc).pow(2).sum(-1).to(torch.float32 if acc == torch.float32 else acc)
-    else:
-        sq = codebook_sqnorm.detach().to(torch.float64 if cb.dtype == torch.float64 else torch.float32).contiguous()
+    cb, sq = codebook_operands(codebook, codebook_sqnorm)
     op = backend_op("lookup", name)
     if len(pieces) == 1 and n <= _MAX_ROWS_PER_LAUNCH:
         codes, dist = op(pieces[0], cb, sq)
@@ -90,6 +89,16 @@ def lookup(
         codes = torch.cat([p[0] for p in parts])
         dist = torch.cat([p[1] for p in parts])
     return codes.to(codes_dtype).reshape(lead), dist.reshape(lead)
+
+
+def codebook_operands(codebook: torch.Tensor, codebook_sqnorm: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The search kernels' codebook operands: the codebook detached and contiguous [K, D], and
+    ||e_k||^2 [K] (the given one, else computed) in float32 (float64 for a float64 codebook)."""
+    cb = codebook.detach().contiguous()
+    acc = torch.float64 if cb.dtype == torch.float64 else torch.float32
+    if codebook_sqnorm is None:
+        return cb, cb.to(acc).pow(2).sum(-1)
+    return cb, codebook_sqnorm.detach().to(acc).contiguous()
 
 
 def _transposed_views(z: torch.Tensor, d: int) -> Optional[list]:

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 
 from vqdna.kernels.dispatch import select_backend
-from vqdna.kernels.ops.lookup.wrapper import _MAX_ROWS_PER_LAUNCH, check_lookup_inputs
+from vqdna.kernels.ops.lookup.wrapper import _MAX_ROWS_PER_LAUNCH, check_lookup_inputs, codebook_operands
 from vqdna.kernels.ops.registry import backend_op
 
 __all__ = ["quantize"]
@@ -33,19 +33,12 @@ def quantize(
     sync). The codebook gets no gradient.
     backend: "auto" | "cuda" | "triton" | "native" | "reference" (env VQDNA_BACKEND replaces "auto").
     """
-    check_lookup_inputs(z, codebook, codebook_sqnorm, op="quantize")
-    if codes_dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"quantize: codes_dtype must be torch.int32 or torch.int64, got {codes_dtype}")
+    check_lookup_inputs(z, codebook, codebook_sqnorm, op="quantize", codes_dtype=codes_dtype)
     lead, d = z.shape[:-1], z.shape[-1]
     flat = z.reshape(-1, d).contiguous()  # not detached: the op's autograd formula gives z its gradient
     n = flat.shape[0]
     name = select_backend("quantize", backend, z.device, z.dtype, size=(n, codebook.shape[0]))
-    cb = codebook.detach().contiguous()
-    acc = torch.float64 if cb.dtype == torch.float64 else torch.float32
-    if codebook_sqnorm is None:
-        sq = cb.to(acc).pow(2).sum(-1)
-    else:
-        sq = codebook_sqnorm.detach().to(acc).contiguous()
+    cb, sq = codebook_operands(codebook, codebook_sqnorm)
     op = backend_op("quantize", name)
     if n <= _MAX_ROWS_PER_LAUNCH:
         codes, quantized, dist, sqdist_sum, nonfinite = op(flat, cb, sq)
