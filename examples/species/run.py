@@ -72,6 +72,43 @@ def sample_windows(arrays, count: int, length: int, rng) -> list[str]:
     return out
 
 
+def draw_task(parts, names, args, rng, task: str) -> dict:
+    """Writes task/{train,dev,test}.csv (GUE format); returns split -> (sequences, labels)."""
+    data = {}
+    os.makedirs(task, exist_ok=True)
+    for split, n in (("train", args.train_windows), ("dev", args.eval_windows), ("test", args.eval_windows)):
+        seqs, labels = [], []
+        for y, s in enumerate(names):
+            w = sample_windows(parts[s][split], n, args.window, rng)
+            seqs += w
+            labels += [y] * len(w)
+        data[split] = (seqs, np.array(labels))
+        with open(os.path.join(task, f"{split}.csv"), "w") as f:
+            f.write("sequence,label\n" + "".join(f"{q},{v}\n" for q, v in zip(seqs, labels)))
+    return data
+
+
+def pretrain_chunks(parts, names, args, rng) -> list[str]:
+    """1 kb chunks of the training regions (no labels), args.pretrain_bases per species."""
+    return list(itertools.chain.from_iterable(
+        sample_windows(parts[s]["train"], args.pretrain_bases // 1000, 1000, rng) for s in names))
+
+
+def prepare(args) -> int:
+    """--prepare-only: the draws of a full run, written for the CLI."""
+    os.makedirs(args.out, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    parts = regions(args.genomes)
+    names = list(SPECIES)
+    chunks = pretrain_chunks(parts, names, args, rng)
+    with open(os.path.join(args.out, "pretrain.fa"), "w") as f:
+        f.write("".join(f">chunk{i}\n{c}\n" for i, c in enumerate(chunks)))
+    data = draw_task(parts, names, args, rng, os.path.join(args.out, "task"))
+    print(f"{len(chunks) * 1000:,} pre-training bases in {args.out}/pretrain.fa; task windows "
+          f"{ {k: len(v[0]) for k, v in data.items()} } in {args.out}/task")
+    return 0
+
+
 def main() -> int:
     from vqdna.models.bert import POOLINGS
     from vqdna.train.presets import FINETUNE_PRESETS, PRETRAIN_PRESETS
@@ -99,7 +136,12 @@ def main() -> int:
     p.add_argument("--lora-dropout", type=float, default=FT.lora_dropout)
     p.add_argument("--epochs", type=int, default=FT.epochs)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prepare-only", action="store_true",
+                   help="only draw the data: OUT/pretrain.fa (the pre-training chunks) and OUT/task/{train,dev,test}.csv, "
+                        "for the CLI (examples/small_preset.sh); the same draws as a full run with this --seed")
     args = p.parse_args()
+    if args.prepare_only:
+        return prepare(args)
 
     import torch
 
@@ -125,8 +167,7 @@ def main() -> int:
     print(f"[{time.time() - t0:6.0f} s] tokenizer {tok_dir} (levels {tok.codebook_sizes})", flush=True)
 
     # 2. masked-LM pre-training on the training regions only (1 kb chunks, no labels)
-    chunks = list(itertools.chain.from_iterable(
-        sample_windows(parts[s]["train"], args.pretrain_bases // 1000, 1000, rng) for s in names))
+    chunks = pretrain_chunks(parts, names, args, rng)
     records = [(f"chunk{i}", c.numpy().astype(np.uint16)) for i, c in enumerate(tok.encode_codes(chunks))]
     mlm_dir = os.path.join(args.out, "mlm")
     trainer = pretrain(records, tok, mlm_dir, config=args.config, steps=args.pretrain_steps, batch_size=PRE.batch_size,
@@ -140,18 +181,8 @@ def main() -> int:
           f"{len(chunks) * 1000:,} bases: {loss}", flush=True)
 
     # 3. the classification task, GUE format
-    data = {}
     task = os.path.join(args.out, "task")
-    os.makedirs(task, exist_ok=True)
-    for split, n in (("train", args.train_windows), ("dev", args.eval_windows), ("test", args.eval_windows)):
-        seqs, labels = [], []
-        for y, s in enumerate(names):
-            w = sample_windows(parts[s][split], n, args.window, rng)
-            seqs += w
-            labels += [y] * len(w)
-        data[split] = (seqs, np.array(labels))
-        with open(os.path.join(task, f"{split}.csv"), "w") as f:
-            f.write("sequence,label\n" + "".join(f"{q},{v}\n" for q, v in zip(seqs, labels)))
+    data = draw_task(parts, names, args, rng, task)
 
     # 4. LoRA fine-tuning
     torch.manual_seed(args.seed)

@@ -87,3 +87,28 @@ def test_gue_example_needs_the_data_root(tmp_path):
                           env=_env())
     assert proc.returncode == 2 and "DATA_ROOT" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+SMALL = REPO / "examples" / "small_preset.sh"
+
+
+def test_small_preset_script_runs_the_cli_recipe(tmp_path):
+    """examples/small_preset.sh: tokenize (task train sequences + the FASTA given) -> pretrain --preset small ->
+    finetune --preset small over seeds 0,1,2, each parsed by the real CLI parser."""
+    root = _data_root(tmp_path)
+    shim = tmp_path / "py"
+    shim.write_text(SHIM.format(python=sys.executable))
+    shim.chmod(0o755)
+    log, out, task = tmp_path / "commands.jsonl", tmp_path / "out", root / "gue" / "prom" / "prom_core_tata"
+    genome = root / "genomes" / "human_chr17_hg19_part.fa"
+    proc = subprocess.run(["bash", str(SMALL), str(task), str(out), str(genome)], cwd=REPO, capture_output=True,
+                          text=True, env=_env(PY=str(shim), SHIM_LOG=str(log)), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tokenize, pretrain, finetune = [json.loads(line) for line in log.read_text().splitlines()]
+    assert tokenize[0] == "tokenize" and tokenize[1:3] == [str(out / "train_seqs.fa"), str(genome)]
+    assert pretrain[0] == "pretrain" and pretrain[pretrain.index("--preset") + 1] == "small"
+    assert finetune[0] == "finetune" and finetune[finetune.index("--preset") + 1] == "small"
+    assert finetune[finetune.index("--seeds") + 1] == "0,1,2" and finetune[finetune.index("--data") + 1] == str(task)
+    assert [line.split()[0] for line in (out / "times.txt").read_text().splitlines()] == ["tokenize", "pretrain", "finetune"]
+    bad = subprocess.run(["bash", str(SMALL), str(task)], capture_output=True, text=True, env=_env())
+    assert bad.returncode == 2 and "usage" in bad.stderr

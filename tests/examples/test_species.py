@@ -47,6 +47,16 @@ def test_species_example_runs_on_tiny_genomes(tmp_path, monkeypatch, capsys):
     for block in (result["baseline_6mer_lr"], result["vqdna"], result["probe_head"]):
         assert -1.0 <= block["mcc"] <= 1.0
     assert "test MCC: VQDNA" in capsys.readouterr().out
+    # --prepare-only (for the CLI recipe, examples/small_preset.sh) draws the same task and pre-training data
+    argv = sys.argv[:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "prepared")
+    monkeypatch.setattr(sys, "argv", argv + ["--prepare-only"])
+    assert run.main() == 0
+    for split in ("train", "dev", "test"):
+        assert (tmp_path / "prepared" / "task" / f"{split}.csv").read_bytes() == (out / "task" / f"{split}.csv").read_bytes()
+    fasta = (tmp_path / "prepared" / "pretrain.fa").read_text().split()
+    assert len(fasta) == 2 * 5 * 2 and all(len(x) == 1000 for x in fasta[1::2])  # 2 kb per species, 1 kb chunks
+    assert not (tmp_path / "prepared" / "mlm").exists()
 
 
 def test_species_example_needs_the_genome_folder(monkeypatch, tmp_path):

@@ -316,13 +316,16 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
              batch_size: int = 32, seeds=(0,), task: str = "auto", max_length: int | None = None,
              lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.05, weight_decay: float = 0.01,
              tokenizer=None, head_init: str = "probe", dropout: float | None = 0.0, pooling: str | None = None,
-             baseline_k: int | None = None, progress: bool = False) -> dict:
+             baseline_k: int | None = None, min_dev_gain: float = 0.01, progress: bool = False) -> dict:
     """Grid over learning rates (epochs chosen on dev) per seed; writes out_dir/results.json and returns
     it. model_dir: a pre-trained VQDNA model directory (with its tokenizer unless `tokenizer` is given).
     head_init: "probe" starts every run from the linear-probe head of `probe_head` (LP-FT), "random" from
     the usual random head. With the probe head, the probe itself is candidate "epoch 0" of the dev-based
     choice: a seed's chosen model is never worse on dev than the probe it started from (results.json:
-    "chosen"[i]["source"] is "probe" or "finetuned"). max_length (tokens incl. CLS/SEP; default: the
+    "chosen"[i]["source"] is "probe" or "finetuned"). The best fine-tuned (lr, epoch) replaces the probe only
+    when its dev metric is higher by more than min_dev_gain: a smaller gain is dev noise (about 600 dev
+    sequences, MCC), and on GUE prom_core_tata a run chosen for +0.0006 dev MCC was 0.0065 below its probe
+    on test. Within the fine-tuned candidates the best dev metric wins. max_length (tokens incl. CLS/SEP; default: the
     longest sequence) truncates longer sequences.
     dropout: the model's hidden, attention and classifier dropout while fine-tuning (None keeps the pre-trained
     config's). It defaults to 0: the probe head is fitted on dropout-free features, and on the species example
@@ -339,6 +342,8 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if pooling is not None and pooling not in POOLINGS:
         raise ValueError(f"pooling must be {'|'.join(POOLINGS)} or None, got {pooling!r}")
+    if not min_dev_gain >= 0.0:
+        raise ValueError(f"min_dev_gain must be >= 0, got {min_dev_gain!r}")
     tok = tokenizer or VQDNATokenizer.from_pretrained(model_dir)
     splits, task = load_task(data_dir, task)
     metric = task_metrics(task)[0]
@@ -381,10 +386,12 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
             log.warning("seed %d lr %g: dev %s %.4f (epoch %d), test %.4f", seed, lr, metric, res["dev"][metric],
                         res["best_epoch"], res["test"][metric])
             per_seed.append({"source": "finetuned", **res})
-        # The probe is every run's epoch 0: first among the candidates, so a tie keeps the simpler model.
-        start = [{"source": "probe", "lr": None, "seed": seed, "best_epoch": 0, "dev": probe["dev"],
-                  "test": probe["test"]}] if probe else []
-        chosen.append(max(start + per_seed, key=lambda r: r["dev"][metric]))
+        # The probe is every run's epoch 0; fine-tuning must beat it on dev by more than the margin.
+        best = max(per_seed, key=lambda r: r["dev"][metric])
+        if probe and not best["dev"][metric] > probe["dev"][metric] + min_dev_gain:
+            best = {"source": "probe", "lr": None, "seed": seed, "best_epoch": 0, "dev": probe["dev"],
+                    "test": probe["test"]}
+        chosen.append(best)
         runs += per_seed
     summary = {}
     for key in chosen[0]["test"]:
@@ -394,6 +401,7 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
               "tokenizer_sha256": tok.tokenizer_sha256, "num_labels": num_labels,
               "sizes": {s: len(d) for s, d in data.items()}, "lora": lora, "lrs": list(lrs), "epochs": epochs,
               "batch_size": batch_size, "seeds": list(seeds), "head_init": head_init, "dropout": dropout,
+              "min_dev_gain": min_dev_gain,
               "pooling": pooling, "probe": {k: v for k, v in probe.items() if k != "state"} if probe else None,
               "baseline": baseline, "test": summary, "chosen": chosen, "runs": runs,
               "runtime": {"torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}}

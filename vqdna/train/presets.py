@@ -46,6 +46,7 @@ class FinetuneRecipe:
     dropout: float  # model dropout (hidden, attention, classifier) while fine-tuning
     head_init: str  # probe | random
     pooling: str | None  # classifier pooling; None keeps the pre-trained model's
+    min_dev_gain: float  # a fine-tuned model replaces its probe head only when it beats it on dev by more
 
 
 PRETRAIN_PRESETS = {
@@ -59,10 +60,10 @@ PRETRAIN_PRESETS = {
 
 FINETUNE_PRESETS = {
     "paper": FinetuneRecipe(lrs=(1e-5, 3e-5, 5e-5), epochs=3, batch_size=32, lora_r=8, lora_alpha=16, lora_dropout=0.05,
-                            dropout=0.0, head_init="probe", pooling=None),
+                            dropout=0.0, head_init="probe", pooling=None, min_dev_gain=0.01),
     # examples/species/run.py, measured in examples/RESULTS.md: 11.4 min for 5,000 training windows of 200 bp
     "small": FinetuneRecipe(lrs=(5e-4,), epochs=5, batch_size=32, lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                            dropout=0.0, head_init="probe", pooling="mean_layers"),
+                            dropout=0.0, head_init="probe", pooling="mean_layers", min_dev_gain=0.01),
 }
 
 # What --help says about each preset: measured numbers only (examples/RESULTS.md).
@@ -112,6 +113,8 @@ _FIELD_ARGS = {
     "dropout": (float, "model dropout (hidden, attention, classifier) while fine-tuning; the probe head is fitted on "
                        "dropout-free features"),
     "head_init": (str, "probe: start from a linear-probe head fitted on the frozen features (LP-FT); random: a random head"),
+    "min_dev_gain": (float, "with the probe head: a fine-tuned model is reported instead of its probe head only when "
+                            "its dev metric is higher by more than this (dev noise; 0: any gain)"),
 }
 _CHOICES = {"head_init": ("probe", "random")}
 
