@@ -285,9 +285,10 @@ def _builders() -> dict[str, Callable[..., Iterator[Case]]]:
             module, function = where.split(":")
             builders[name] = getattr(importlib.import_module(module), function)
     from vqdna.bench.encode_rate import encode_rate_cases
+    from vqdna.bench.tokenize_rate import tokenize_rate_cases
 
     return {**builders, "VectorQuantizer": module_cases, "VectorQuantizer-options": option_cases, "tokenizer-encode": encode_cases,
-            "encode-rate": encode_rate_cases}
+            "encode-rate": encode_rate_cases, "tokenize-rate": tokenize_rate_cases}
 
 
 def __getattr__(name: str):

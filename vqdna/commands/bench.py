@@ -7,7 +7,7 @@ import sys
 
 HELP = "benchmark the ops against the reference, the peers and the measured device limits"
 
-_OPS = ("lookup", "hrq_quantize", "ema_update", "kmeans", "stem", "convnext_block", "quantize", "VectorQuantizer", "VectorQuantizer-options", "tokenizer-encode", "encode-rate")  # = vqdna.bench.OPS (kept light here; tests check they agree)
+_OPS = ("lookup", "hrq_quantize", "ema_update", "kmeans", "stem", "convnext_block", "quantize", "VectorQuantizer", "VectorQuantizer-options", "tokenizer-encode", "encode-rate", "tokenize-rate")  # = vqdna.bench.OPS (kept light here; tests check they agree)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
