@@ -94,7 +94,7 @@ def test_finetune_grid_writes_results(tmp_path):
     assert len(saved["runs"]) == 4 and len(saved["chosen"]) == 2
     for c in saved["chosen"]:  # per seed: the best fine-tuned run when it beats the probe head (epoch 0) by the margin
         best = max(r["dev"]["mcc"] for r in saved["runs"] if r["seed"] == c["seed"])
-        beats = best > saved["probe"]["dev"]["mcc"] + saved["min_dev_gain"]
+        beats = best > saved["probe"]["dev"]["mcc"] and c["dev_win_probability"] >= saved["min_dev_confidence"]
         assert c["source"] == ("finetuned" if beats else "probe") and (c["best_epoch"] == 0) == (c["source"] == "probe")
         assert c["dev"]["mcc"] == (best if beats else saved["probe"]["dev"]["mcc"])
     assert saved["tokenizer_sha256"] == _mlm.tokenizer().tokenizer_sha256
@@ -242,11 +242,13 @@ def test_probe_pooler_stays_frozen_and_is_saved(tmp_path):
 
 
 def _fake_train_lora(dev_mcc):
-    """train_lora stand-in: a run whose best dev MCC is dev_mcc (test MCC 0.123: recognisable)."""
+    """train_lora stand-in: a run whose best dev MCC is dev_mcc (test MCC 0.123: recognisable); its dev
+    predictions are the labels (dev_mcc >= 0) or their opposite."""
     def fake(*args, **kwargs):
         m = {"mcc": dev_mcc, "f1": 0.5, "accuracy": 0.5, "loss": 1.0}
+        labels = args[2]["dev"].labels.numpy()
         return None, {"lr": args[5], "seed": args[8], "best_epoch": 2, "dev": m, "test": {**m, "mcc": 0.123},
-                      "dev_by_epoch": [dev_mcc - 0.1, dev_mcc]}
+                      "dev_by_epoch": [dev_mcc - 0.1, dev_mcc], "dev_pred": labels if dev_mcc >= 0 else 1 - labels}
     return fake
 
 
@@ -275,10 +277,11 @@ def test_selection_includes_the_probe_head_as_epoch_0(tmp_path, monkeypatch):
     assert res["chosen"][0]["source"] == "finetuned" and res["test"]["mcc"]["mean"] == 0.123
 
 
-@pytest.mark.parametrize("gain,margin,source", [(0.005, 0.01, "probe"), (0.015, 0.01, "finetuned"),
-                                                (0.005, 0.0, "finetuned"), (0.0, 0.0, "probe")])
-def test_finetuning_must_beat_the_probe_on_dev_by_the_margin(tmp_path, monkeypatch, gain, margin, source):
-    """A dev gain over the probe head of at most min_dev_gain is noise: the probe head is reported."""
+@pytest.mark.parametrize("gain,win,confidence,source", [(0.03, 0.90, 0.95, "probe"), (0.03, 0.96, 0.95, "finetuned"),
+                                                         (0.03, 0.90, 0.0, "finetuned"), (-0.01, 0.99, 0.95, "probe")])
+def test_finetuning_must_beat_the_probe_beyond_dev_noise(tmp_path, monkeypatch, gain, win, confidence, source):
+    """The best fine-tuned run replaces the probe head only when it is better on dev and wins at least
+    min_dev_confidence of the paired bootstrap resamples (dev_win_probability, reported per seed)."""
     import vqdna.train.finetune as ft
 
     folder, _ = _mlm.pretrained()
@@ -286,11 +289,42 @@ def test_finetuning_must_beat_the_probe_on_dev_by_the_margin(tmp_path, monkeypat
     monkeypatch.setattr(ft, "train_lora", _fake_train_lora(-1.0))
     probe_dev = finetune(data, folder, str(tmp_path / "p"), lrs=(1e-3,), epochs=1)["probe"]["dev"]["mcc"]
     monkeypatch.setattr(ft, "train_lora", _fake_train_lora(probe_dev + gain))
-    res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, min_dev_gain=margin)
-    assert res["chosen"][0]["source"] == source and res["min_dev_gain"] == margin
+    seen = []
+    monkeypatch.setattr(ft, "dev_win_probability", lambda *a, **k: seen.append(a) or win)
+    res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, min_dev_confidence=confidence)
+    assert res["chosen"][0]["source"] == source and res["chosen"][0]["dev_win_probability"] == win
+    assert res["min_dev_confidence"] == confidence and len(seen) == 1 and seen[0][0] == "classification"
     assert res["test"]["mcc"]["mean"] == (0.123 if source == "finetuned" else pytest.approx(res["probe"]["test"]["mcc"]))
-    with pytest.raises(ValueError, match="min_dev_gain"):
-        finetune(data, folder, str(tmp_path / "bad"), lrs=(1e-3,), epochs=1, min_dev_gain=-0.1)
+    assert "dev_pred" not in res["chosen"][0] and all("dev_pred" not in r for r in res["runs"])
+    with pytest.raises(ValueError, match="min_dev_confidence"):
+        finetune(data, folder, str(tmp_path / "bad"), lrs=(1e-3,), epochs=1, min_dev_confidence=1.5)
+
+
+def test_dev_win_probability_is_a_paired_bootstrap():
+    from scipy.stats import spearmanr
+    from sklearn.metrics import matthews_corrcoef
+
+    from vqdna.train.finetune import _mcc_rows, _spearman_rows, dev_win_probability
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, (5, 40))
+    pred = np.where(rng.random((5, 40)) < 0.6, labels, rng.integers(0, 3, (5, 40)))
+    pred[0] = 1  # a constant prediction: MCC undefined -> 0, as sklearn
+    assert np.allclose(_mcc_rows(labels, pred, 3), [matthews_corrcoef(a, b) for a, b in zip(labels, pred)])
+    values, noisy = rng.normal(size=(4, 30)), rng.normal(size=(4, 30))
+    noisy[1] = np.round(noisy[1])  # ties
+    assert np.allclose(_spearman_rows(values, values + noisy), [spearmanr(a, a + b).statistic for a, b in zip(values, noisy)])
+    y = rng.integers(0, 2, 600)
+    worse = np.where(rng.random(600) < 0.3, 1 - y, y)
+    assert dev_win_probability("classification", y, y, worse) == 1.0
+    assert dev_win_probability("classification", y, worse, y) == 0.0
+    assert dev_win_probability("classification", y, worse, worse) == 0.5  # every resample a tie
+    one_better = worse.copy()
+    one_better[np.flatnonzero(worse != y)[0]] = y[np.flatnonzero(worse != y)[0]]  # one of 600 rows fixed
+    assert 0.5 < dev_win_probability("classification", y, one_better, worse) < 0.95  # not beyond the noise
+    x = rng.normal(size=500)
+    assert dev_win_probability("regression", x, x + 0.1 * rng.normal(size=500), x + rng.normal(size=500)) == 1.0
+    assert dev_win_probability("classification", y, worse, y, seed=1) == dev_win_probability("classification", y, worse, y, seed=1)
 
 
 def test_probe_loss_is_the_models_loss(tmp_path):

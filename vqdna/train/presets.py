@@ -46,7 +46,8 @@ class FinetuneRecipe:
     dropout: float  # model dropout (hidden, attention, classifier) while fine-tuning
     head_init: str  # probe | random
     pooling: str | None  # classifier pooling; None keeps the pre-trained model's
-    min_dev_gain: float  # a fine-tuned model replaces its probe head only when it beats it on dev by more
+    min_dev_confidence: float  # a fine-tuned model replaces its probe head only when it beats it in this
+    # fraction of paired bootstrap resamples of dev (vqdna.train.finetune.dev_win_probability)
 
 
 PRETRAIN_PRESETS = {
@@ -60,10 +61,10 @@ PRETRAIN_PRESETS = {
 
 FINETUNE_PRESETS = {
     "paper": FinetuneRecipe(lrs=(1e-5, 3e-5, 5e-5), epochs=3, batch_size=32, lora_r=8, lora_alpha=16, lora_dropout=0.05,
-                            dropout=0.0, head_init="probe", pooling=None, min_dev_gain=0.01),
+                            dropout=0.0, head_init="probe", pooling=None, min_dev_confidence=0.95),
     # examples/species/run.py, measured in examples/RESULTS.md: 11.4 min for 5,000 training windows of 200 bp
     "small": FinetuneRecipe(lrs=(5e-4,), epochs=5, batch_size=32, lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                            dropout=0.0, head_init="probe", pooling="mean_layers", min_dev_gain=0.01),
+                            dropout=0.0, head_init="probe", pooling="mean_layers", min_dev_confidence=0.95),
 }
 
 # What --help says about each preset: measured numbers only (examples/RESULTS.md).
@@ -113,8 +114,9 @@ _FIELD_ARGS = {
     "dropout": (float, "model dropout (hidden, attention, classifier) while fine-tuning; the probe head is fitted on "
                        "dropout-free features"),
     "head_init": (str, "probe: start from a linear-probe head fitted on the frozen features (LP-FT); random: a random head"),
-    "min_dev_gain": (float, "with the probe head: a fine-tuned model is reported instead of its probe head only when "
-                            "its dev metric is higher by more than this (dev noise; 0: any gain)"),
+    "min_dev_confidence": (float, "with the probe head: a fine-tuned model is reported instead of its probe head only "
+                                  "when it beats it in at least this fraction of paired bootstrap resamples of dev "
+                                  "(0: any dev gain)"),
 }
 _CHOICES = {"head_init": ("probe", "random")}
 
