@@ -24,6 +24,7 @@ from vqdna import cli
 from vqdna.data import TokenDataset
 from vqdna.kernels import reference
 from vqdna.streaming import TokenizeError, tokenize_files, work_units
+from tests.streaming.test_units import linked
 
 # Record lengths around every boundary that matters: empty, shorter than the halo, one window,
 # window +- 1, several windows, longer than a shard.
@@ -167,13 +168,14 @@ def test_work_units_are_deterministic(tmp_path):
     units = list(work_units([fasta], 100, 4))
     again = list(work_units([fasta], 100, 4))
     assert [u.pieces for u in units] == [u.pieces for u in again]
-    assert all(u.bases <= 100 and len(u.pieces) <= 4 for u in units)
-    # Pieces tile every record exactly once, in input order.
+    # A byte range of shard_bases bytes holds at most one base more (a record's first base stays with
+    # its header); pieces tile every record exactly once, in input order.
+    assert all(u.bases <= 101 for u in units)
     covered = {}
-    for u in units:
-        for p in u.pieces:
-            assert covered.get(p.ordinal, 0) == p.start
-            covered[p.ordinal] = p.start + p.length
+    for pieces in linked(units)[0]:
+        for ordinal, _, start, length, _ in pieces:
+            assert covered.get(ordinal, 0) == start
+            covered[ordinal] = start + length
     assert [covered[i] for i in range(len(LENGTHS))] == LENGTHS
 
 
@@ -234,20 +236,19 @@ def _rank_main(rank, world, init_file, fasta, out, model_dir):
     from vqdna.models import VQDNATokenizerModel
     from vqdna.streaming import run as run_mod, units as units_mod
 
-    # Count what this rank plans and which records it decodes (the ranks are forked: patch here).
-    seen = {"plans": 0, "records": []}
-    real_plan, real_read = units_mod.plan_units, units_mod.read_fasta
+    # Count what this rank plans and which units it reads (the ranks are forked: patch here).
+    seen = {"plans": 0, "units": []}
+    real_plan, real_unit = units_mod.plan_units, units_mod._byte_unit
 
     def plan(*args, **kw):
         seen["plans"] += 1
         return real_plan(*args, **kw)
 
-    def read(path, **kw):
-        for rec in real_read(path, **kw):
-            seen["records"].append(rec.name)
-            yield rec
+    def unit(*args):
+        seen["units"].append(args[-1])
+        return real_unit(*args)
 
-    run_mod.plan_units, units_mod.read_fasta = plan, read
+    run_mod.plan_units, units_mod._byte_unit = plan, unit
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -260,8 +261,8 @@ def _rank_main(rank, world, init_file, fasta, out, model_dir):
 
 
 def test_two_ranks_equal_one(tmp_path, model_dir):
-    """Two gloo ranks write the same bytes as one process; only rank 0 plans (one pass over the
-    input), rank 1 decodes only the records of its own units (issue 22: planning is not O(bases) per rank)."""
+    """Two gloo ranks write the same bytes as one process; only rank 0 plans (from the file's size and
+    first MiB), rank 1 reads only its own units' byte ranges (issue 22: planning is not O(bases) per rank)."""
     from vqdna.models import VQDNATokenizerModel
 
     fasta = _random_fasta(tmp_path / "in.fa")
@@ -277,15 +278,8 @@ def test_two_ranks_equal_one(tmp_path, model_dir):
     assert _dir_bytes(one) == _dir_bytes(two)
     seen = [json.loads((tmp_path / f"init.rank{r}.json").read_text()) for r in range(2)]
     assert [s["plans"] for s in seen] == [1, 0]
-    ds = TokenDataset(two)
-    odd = {f"r{int(o)}" for k, shard in enumerate(ds.manifest["shards"]) if k % 2 for o in _shard_ordinals(two, k)}
-    assert sorted(set(seen[1]["records"])) == sorted(odd) and len(odd) < len(LENGTHS)
-
-
-def _shard_ordinals(out, k):
-    from vqdna.streaming.token_files import read_shard_index, shard_name
-
-    return read_shard_index(os.path.join(out, shard_name(k) + ".idx")).ordinals.tolist()
+    n = len(TokenDataset(two).manifest["shards"])
+    assert seen[0]["units"] == list(range(0, n, 2)) and seen[1]["units"] == list(range(1, n, 2))
 
 
 # --- the CLI ---------------------------------------------------------------------------------------
@@ -470,7 +464,7 @@ def test_fastq_input_equals_fasta(tmp_path, model):
 
 # --- trustworthy token files: one writer, only our files, integrity, identity, clean errors ----------
 
-KW = dict(window=50, batch_size=4, shard_bases=300)  # LENGTHS: 6 shards, several batches each
+KW = dict(window=50, batch_size=4, shard_bases=300)  # LENGTHS: 7 shards (300-byte ranges), several batches each
 
 
 @pytest.fixture(scope="module")
@@ -723,7 +717,7 @@ def test_cli_verify(tmp_path, clean, capsys):
     out = tmp_path / "out"
     shutil.copytree(want, out)
     assert cli.main(["verify", str(out)]) == 0
-    assert "6 shards, every size and checksum matches" in capsys.readouterr().out
+    assert "7 shards, every size and checksum matches" in capsys.readouterr().out
     _damage(out, "bin-bit")
     os.remove(out / "shard-00003.idx")
     assert cli.main(["verify", str(out)]) == 1

@@ -197,9 +197,10 @@ def _cut(f, size: int, a: int, need: int) -> tuple[int, bool, bytes]:
     in_header, tail = _back(f, a, max(need, 1))
     f.seek(a - 1)
     prev_nl = f.read(1) == b"\n"
-    pos = a
+    pos, block = a, 1 << 12  # the cut is usually a few bytes on: small reads, growing if not
     while pos < size:
-        chunk = f.read(1 << 16)
+        chunk = f.read(block)
+        block = min(block << 2, 1 << 20)
         if not chunk:
             break
         i = 0
