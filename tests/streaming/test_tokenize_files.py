@@ -21,9 +21,10 @@ import torch
 from tests.models.test_tokenizer_model import CHECKPOINT_DAMAGES, damage_checkpoint
 from tests.tolerances import TOL
 from vqdna import cli
-from vqdna.data import TokenDataset
+from vqdna.data import TokenDataset, TokenFileError
 from vqdna.kernels import reference
 from vqdna.streaming import TokenizeError, tokenize_files, work_units
+from vqdna.streaming.settings import DEFAULT_SHARD_RECORDS
 from tests.streaming.test_units import linked
 
 # Record lengths around every boundary that matters: empty, shorter than the halo, one window,
@@ -230,7 +231,7 @@ def test_changed_input_or_tokenizer_is_refused(tmp_path, model):
         tokenize_files([fasta], str(tmp_path / "junk"), model)
 
 
-def _rank_main(rank, world, init_file, fasta, out, model_dir):
+def _rank_main(rank, world, init_file, inputs, out, model_dir):
     import torch.distributed as dist
 
     from vqdna.models import VQDNATokenizerModel
@@ -253,33 +254,36 @@ def _rank_main(rank, world, init_file, fasta, out, model_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = VQDNATokenizerModel.from_pretrained(model_dir)
-        tokenize_files([fasta], out, model, window=40, batch_size=4, shard_bases=250)
+        tokenize_files(inputs, out, model, window=40, batch_size=4, shard_bases=250)
     finally:
         dist.destroy_process_group()
     with open(f"{init_file}.rank{rank}.json", "w") as f:
         json.dump(seen, f)
 
 
-def test_two_ranks_equal_one(tmp_path, model_dir):
-    """Two gloo ranks write the same bytes as one process; only rank 0 plans (from the file's size and
-    first MiB), rank 1 reads only its own units' byte ranges (issue 22: planning is not O(bases) per rank)."""
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_equal_one(tmp_path, model_dir, world):
+    """2 or 3 gloo ranks write the same bytes as one process (a plain and a gzip input); only rank 0
+    plans (the plain file from its size and first MiB), and each rank reads only its own units of
+    the plain file (issue 22: planning is not O(bases) per rank)."""
     from vqdna.models import VQDNATokenizerModel
+    from vqdna.streaming.units import plan_units
 
-    fasta = _random_fasta(tmp_path / "in.fa")
+    inputs = [_random_fasta(tmp_path / "in.fa"), _random_fasta(tmp_path / "in2.fa.gz", LENGTHS[::-1], seed=1, gz=True)]
     one = str(tmp_path / "one")
-    tokenize_files([fasta], one, VQDNATokenizerModel.from_pretrained(model_dir), window=40, batch_size=4, shard_bases=250)
-    two = str(tmp_path / "two")
+    tokenize_files(inputs, one, VQDNATokenizerModel.from_pretrained(model_dir), window=40, batch_size=4, shard_bases=250)
+    many = str(tmp_path / "many")
     # fork: the ranks inherit the imported modules (spawn would re-import torch and transformers in
     # each); they run single-threaded, so no OpenMP pool is used across the fork.
     torch.multiprocessing.start_processes(
-        _rank_main, args=(2, str(tmp_path / "init"), fasta, two, model_dir), nprocs=2, join=True, start_method="fork"
+        _rank_main, args=(world, str(tmp_path / "init"), inputs, many, model_dir), nprocs=world, join=True, start_method="fork"
     )
-    assert len(TokenDataset(one).manifest["shards"]) >= 4
-    assert _dir_bytes(one) == _dir_bytes(two)
-    seen = [json.loads((tmp_path / f"init.rank{r}.json").read_text()) for r in range(2)]
-    assert [s["plans"] for s in seen] == [1, 0]
-    n = len(TokenDataset(two).manifest["shards"])
-    assert seen[0]["units"] == list(range(0, n, 2)) and seen[1]["units"] == list(range(1, n, 2))
+    assert len(TokenDataset(one).manifest["shards"]) >= 8
+    assert _dir_bytes(one) == _dir_bytes(many)
+    seen = [json.loads((tmp_path / f"init.rank{r}.json").read_text()) for r in range(world)]
+    assert [s["plans"] for s in seen] == [1] + [0] * (world - 1)
+    plain = plan_units(inputs, 250, DEFAULT_SHARD_RECORDS).files[0].units
+    assert [s["units"] for s in seen] == [list(range(r, plain, world)) for r in range(world)]
 
 
 # --- the CLI ---------------------------------------------------------------------------------------
@@ -745,3 +749,41 @@ def test_format_1_directory_is_not_continued(tmp_path, model):
     fasta = _random_fasta(tmp_path / "in.fa", lengths=[0, 5, 63, 200, 3])
     with pytest.raises(TokenizeError, match="cannot resume: it was written in format version 1 by an older vqdna"):
         tokenize_files([fasta], str(out), model, resume=True, window=50, batch_size=4, shard_bases=150)
+
+
+def test_format_4_reads_like_format_3(tmp_path, model):
+    """The same input, tokenizer and settings in format 4 (byte-range units, shard-local numbers the
+    manifest completes) read back exactly like the format 3 directory main's code wrote
+    (tests/data/fixtures/tokens-v3): every record's name, length, codes and `find`; each record's
+    pieces tile it (starts and record lengths completed), though the cut differs."""
+    from vqdna.streaming.token_files import open_shards
+
+    fixtures = os.path.join(os.path.dirname(__file__), "..", "data", "fixtures")
+    v3 = TokenDataset(os.path.join(fixtures, "tokens-v3"), verify=True)
+    assert v3.manifest["format_version"] == 3
+    inputs = [_random_fasta(tmp_path / "in.fa"), _random_fasta(tmp_path / "in2.fa.gz", LENGTHS[::-1], seed=1, gz=True)]
+    out = str(tmp_path / "v4")
+    tokenize_files(inputs, out, model, window=50, batch_size=4, shard_bases=300)
+    v4 = TokenDataset(out, verify=True)
+    assert v4.manifest["format_version"] == 4 and v4.manifest["shards"] != v3.manifest["shards"]
+    assert len(v4) == len(v3) == 2 * len(LENGTHS) and v4.lengths.tolist() == v3.lengths.tolist()
+    for i in range(len(v3)):
+        assert v4.name(i) == v3.name(i) and v4.find(v3.name(i)) == v3.find(v3.name(i)) == i % len(LENGTHS)
+        np.testing.assert_array_equal(v4[i][1], v3[i][1])
+    covered = {}
+    for idx in open_shards(out, v4.manifest):
+        for j in range(len(idx)):
+            o = int(idx.ordinals[j])
+            assert (idx.name(j), int(idx.record_lengths[j]), int(idx.starts[j])) == (v3.name(o), v3.lengths[o], covered.get(o, 0))
+            covered[o] = covered.get(o, 0) + idx.length(j)
+    assert [covered[i] for i in range(len(v3))] == v3.lengths.tolist()
+    assert sum(1 for e in v4.manifest["shards"] if "continued" in e) > 3  # records split across shards
+    # The manifest is what completes the shards: one that lost a split record's entry is refused.
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    k = next(k for k, e in enumerate(manifest["shards"]) if "continued" in e)
+    del manifest["shards"][k]["continued"]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TokenFileError, match=f"shard-{k:05d}.idx: its first piece continues a record of an earlier shard, the manifest says it does not"):
+        TokenDataset(str(broken))
