@@ -106,6 +106,18 @@ def test_byte_range_units_cover_every_record_with_its_halo(tmp_path, text, limit
     _check_cover([str(path)], list(work_units([str(path)], *limits, margin=MARGIN)))
 
 
+def test_a_unit_parsed_in_small_blocks_is_the_same(tmp_path, monkeypatch):
+    """A unit's bytes are parsed in read_fasta's blocks: headers and lines spanning blocks change nothing."""
+    path = tmp_path / "in.fa"
+    texts = _texts(np.random.default_rng(5))
+    path.write_bytes(texts["crlf-blank"] + texts["single-line"])
+    want = list(work_units([str(path)], 64, 3, margin=MARGIN))
+    monkeypatch.setattr(units_mod, "DEFAULT_BLOCK_SIZE", 3)
+    got = list(work_units([str(path)], 64, 3, margin=MARGIN))
+    _check_cover([str(path)], got)
+    assert [u.pieces for u in got] == [u.pieces for u in want]
+
+
 def test_a_line_longer_than_any_header_is_read_as_sequence(tmp_path, monkeypatch):
     """Inside a line whose start is more than MAX_HEADER_BYTES back, a unit does not look for the line's
     start (a single-line genome costs a bounded read per unit); a longer header crossing a unit's end is

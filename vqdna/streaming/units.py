@@ -29,6 +29,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from vqdna.data.fasta import (
+    DEFAULT_BLOCK_SIZE,
     _TABLE,
     _WHITESPACE,
     FastaFormatError,
@@ -178,7 +179,7 @@ def _back(f, p: int, need: int) -> tuple[bool, bytes]:
                 break  # the line starts before the block: read further back
             start = nl + 1  # 0 when the line starts at the file's start or is longer than any header
             if (nl >= 0 or lo == 0) and chunk.startswith(b">", start):
-                return first, b"".join(reversed(tail))[-need:] if not first else b""
+                return first, b"".join(reversed(tail))[-need:]  # nothing yet when p is in this header
             bases = chunk[start:end].translate(None, _WHITESPACE)
             tail.append(bases)
             count += len(bases)
@@ -268,7 +269,8 @@ def _byte_unit(path: str, size: int, unit_bytes: int, j: int, margin: int, index
     last_head = data.rfind(b"\n>") + 1 or (0 if data.startswith(b">") else -1)
     if last_head >= 0 and c1 < size:  # a header line crossing the next unit's start must be short (_back)
         line_end = data.find(b"\n", last_head)
-        if c0 + (line_end if line_end >= 0 else len(data)) >= a1 and (line_end if line_end >= 0 else len(data)) - last_head > MAX_HEADER_BYTES:
+        line_end = len(data) if line_end < 0 else line_end
+        if c0 + line_end >= a1 and line_end - last_head > MAX_HEADER_BYTES:
             raise cursor.error(f"a header line longer than {MAX_HEADER_BYTES} bytes (not supported in plain FASTA)",
                                cursor.position(c0 + last_head)[0], record=None)
     unit = _UnitBuilder(margin)
@@ -283,7 +285,8 @@ def _byte_unit(path: str, size: int, unit_bytes: int, j: int, margin: int, index
     parser = _FastaParser(cursor)
     parser.offset = c0 + h
     local, held = 0, None
-    for rec in parser.parse([data[h:]] if h < len(data) else []):
+    blocks = (data[k : k + DEFAULT_BLOCK_SIZE] for k in range(h, len(data), DEFAULT_BLOCK_SIZE))  # read_fasta's steps
+    for rec in parser.parse(blocks):
         if held is not None:
             unit.add(local, held.name.encode("utf-8"), 0, len(held.ids), held.ids)
             local += 1
