@@ -787,3 +787,8 @@ def test_format_4_reads_like_format_3(tmp_path, model):
     (broken / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TokenFileError, match=f"shard-{k:05d}.idx: its first piece continues a record of an earlier shard, the manifest says it does not"):
         TokenDataset(str(broken))
+    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    manifest["shards"][k]["continued"]["start"] += 1
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TokenFileError, match=f"shard-{k:05d}.idx: its first piece does not go on where its record's previous piece ended"):
+        TokenDataset(str(broken))

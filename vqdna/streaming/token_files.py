@@ -750,9 +750,12 @@ def record_continuations(directory: str, manifest: dict, shards: Sequence[ShardI
     record r has pieces [r + c, r + c + 1 + m) of all shards' pieces, c = pieces of ordinal < r in the
     result, m = those of ordinal r. Checked one shard at a time (memory: a shard's temporaries, not
     the record count): ordinals go 0, 1, ... records - 1 in steps of 0 (a split record: that piece
-    starts after base 0) or 1 (a new record, starting at base 0). TokenFileError naming what is wrong."""
+    starts after base 0) or 1 (a new record, starting at base 0), and a split record's piece goes on
+    where its previous piece ended, with the same record length (format 4: as the manifest completes
+    them). TokenFileError naming what is wrong."""
     n_records = int(manifest["records"])
     last, pieces, continued = -1, 0, []
+    end = total = 0  # where the last piece so far ends in its record, and that record's length
     for s in shards:
         ordinals = np.asarray(s.ordinals)
         if not ordinals.size:
@@ -762,11 +765,17 @@ def record_continuations(directory: str, manifest: dict, shards: Sequence[ShardI
             raise TokenFileError(f"{directory}: shard indexes disagree with the manifest's record count")
         if (steps > 1).any():
             raise TokenFileError(f"{directory}: a record has no piece in the shard indexes")
-        if not np.array_equal(steps == 0, np.asarray(s.starts) > 0):
+        starts, totals = np.asarray(s.starts), np.asarray(s.record_lengths)
+        if not np.array_equal(steps == 0, starts > 0):
             raise TokenFileError(f"{s.path}: a record's pieces do not start at base 0 and continue it")
+        if (steps[0] == 0) != (end < total) or (steps[0] == 0 and (int(starts[0]), int(totals[0])) != (end, total)):
+            raise TokenFileError(f"{s.path}: its first piece does not go on where its record's previous piece ended")
+        end, total = int(starts[-1]) + s.length(len(s) - 1), int(totals[-1])
         continued.append(ordinals[steps == 0])
         last, pieces = int(ordinals[-1]), pieces + ordinals.size
-        s.release_pages()  # this pass read two columns of every index: keep one shard's resident
+        s.release_pages()  # this pass read a few columns of every index: keep one shard's resident
+    if end < total:
+        raise TokenFileError(f"{directory}: the last record ends before its length (a piece is missing)")
     if pieces and last != n_records - 1:
         raise TokenFileError(f"{directory}: shard indexes disagree with the manifest's record count")
     if n_records and not pieces:
