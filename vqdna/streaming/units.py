@@ -23,6 +23,7 @@ bytes per piece plus its bases, bounded by the unit's size whatever the corpus h
 from __future__ import annotations
 
 import os
+from bisect import bisect_right
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -386,16 +387,19 @@ class Plan:
 
     files: tuple
 
+    def __post_init__(self) -> None:
+        firsts = np.cumsum([0] + [f.units for f in self.files]).tolist()  # each input's first unit
+        object.__setattr__(self, "_firsts", firsts)
+
     def __len__(self) -> int:
-        return sum(f.units for f in self.files)
+        return self._firsts[-1]
 
     def locate(self, k: int) -> tuple[int, int]:
-        """(input, unit number within it) of unit k."""
-        for f, fp in enumerate(self.files):
-            if k < fp.units:
-                return f, k
-            k -= fp.units
-        raise IndexError("unit index out of range")
+        """(input, unit number within it) of unit k (0 <= k < len)."""
+        if not 0 <= k < len(self):
+            raise IndexError(f"unit {k} out of range ({len(self)} units)")
+        f = bisect_right(self._firsts, k) - 1
+        return f, k - self._firsts[f]
 
 
 def plan_units(paths: Sequence[str], shard_bases: int, shard_records: int) -> Plan:
