@@ -131,6 +131,16 @@ def test_a_line_longer_than_any_header_is_read_as_sequence(tmp_path, monkeypatch
         list(work_units([str(path)], 30, 1000))
 
 
+@pytest.mark.parametrize("shard_bases", [30, 100, 1000])
+def test_a_bad_byte_is_named_alike_whatever_the_cut(tmp_path, shard_bases):
+    """A bad byte in a record continuing from an earlier unit (whose header the unit never reads), in
+    its halo, or in a unit's own records gives read_fasta's message: file, record, line, column."""
+    path = tmp_path / "bad.fa"
+    path.write_bytes(b">a x\nACGT\n>long y\n" + b"ACGTACGTAC\n" * 20 + b"ACGXACGTAC\n" + b"ACGTACGTAC\n" * 5)
+    with pytest.raises(ValueError, match=r"bad\.fa: record 'long', line 24, column 4: byte b'X' is not an IUPAC base letter"):
+        list(work_units([str(path)], shard_bases, 1000, margin=MARGIN))
+
+
 @pytest.mark.parametrize("kind", ["plain", "gzip", "fastq", "mixed", "crlf"])
 @pytest.mark.parametrize("limits", [(100, 4), (250, 1000), (7, 2)])
 def test_planned_units_equal_the_full_pass(tmp_path, kind, limits):
