@@ -12,6 +12,12 @@ reads are done too. `--model null` replaces the encoder by a stand-in whose code
 of the ids (same shapes, dtypes and code range): it measures the pipeline's own cost per record
 (reading, work units, packing, writing, indexes), which the encoder's cost hides on a CPU.
 Peak RSS is valid on a loaded machine; rates are not (run on an idle one).
+
+    python -m bench.scale --records 20000000 --length 8 --plan-only [--world 8]
+
+only generates the input and measures the torchrun planning: rank 0's plan_units (seconds, bytes read)
+and what one rank then reads to build its units (rank 1 of --world: seconds, bytes read), the bytes
+counted by the kernel (/proc/self/io rchar: every read system call, page cache or not).
 """
 
 from __future__ import annotations
@@ -73,6 +79,40 @@ def _model(name: str):
     from vqdna.models import VQDNATokenizerModel
 
     return VQDNATokenizerModel.from_pretrained(name)
+
+
+def _read_bytes() -> int:
+    """Bytes this process has read by read() system calls so far (/proc/self/io rchar; -1 without /proc)."""
+    try:
+        with open("/proc/self/io") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+    except (OSError, StopIteration):
+        return -1
+
+
+def plan(fasta: str, world: int = 8) -> dict:
+    """Rank 0's plan of a torchrun run over `fasta` at the default limits, and rank 1's reading of its
+    units (every world-th from 1, halo 14): seconds and bytes read (rchar) of each."""
+    from vqdna.streaming.settings import DEFAULT_SHARD_BASES, DEFAULT_SHARD_RECORDS
+    from vqdna.streaming.units import plan_units, planned_units
+
+    limits = (DEFAULT_SHARD_BASES, DEFAULT_SHARD_RECORDS)
+    before, t0 = _read_bytes(), time.perf_counter()
+    units = plan_units([fasta], *limits)
+    plan_s, plan_bytes = time.perf_counter() - t0, _read_bytes() - before
+    before, t0 = _read_bytes(), time.perf_counter()
+    records = sum(len(u.pieces) for u in planned_units([fasta], units, range(1, len(units), world), *limits, margin=14))
+    return {
+        "input_bytes": os.path.getsize(fasta),
+        "units": len(units),
+        "plan_s": round(plan_s, 4),
+        "plan_read_bytes": plan_bytes,
+        "world": world,
+        "rank1_units_s": round(time.perf_counter() - t0, 3),
+        "rank1_read_bytes": _read_bytes() - before,
+        "rank1_pieces": records,
+        "load_average": os.getloadavg()[0],
+    }
 
 
 def run(records: int, length: int, model: str = "vqdna-small", workdir: str | None = None, keep: bool = False) -> dict:
@@ -145,10 +185,21 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--workdir", default=None, help="where the input and token files go (default: the temp dir)")
     parser.add_argument("--json", default=None, help="also write the result to this file")
+    parser.add_argument("--plan-only", action="store_true", help="measure the torchrun planning only (see above)")
+    parser.add_argument("--world", type=int, default=8, help="ranks assumed by --plan-only (default 8)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.records, args.length, args.model, args.workdir)
+    if args.plan_only:
+        work = tempfile.mkdtemp(prefix="vqdna-scale-", dir=args.workdir)
+        try:
+            fasta = os.path.join(work, "in.fa")
+            write_records(fasta, args.records, args.length)
+            result = plan(fasta, args.world)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    else:
+        result = run(args.records, args.length, args.model, args.workdir)
     text = json.dumps(result, indent=1)
     print(text)
     if args.json:

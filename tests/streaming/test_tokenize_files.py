@@ -21,9 +21,11 @@ import torch
 from tests.models.test_tokenizer_model import CHECKPOINT_DAMAGES, damage_checkpoint
 from tests.tolerances import TOL
 from vqdna import cli
-from vqdna.data import TokenDataset
+from vqdna.data import TokenDataset, TokenFileError
 from vqdna.kernels import reference
 from vqdna.streaming import TokenizeError, tokenize_files, work_units
+from vqdna.streaming.settings import DEFAULT_SHARD_RECORDS
+from tests.streaming.test_units import linked
 
 # Record lengths around every boundary that matters: empty, shorter than the halo, one window,
 # window +- 1, several windows, longer than a shard.
@@ -167,13 +169,14 @@ def test_work_units_are_deterministic(tmp_path):
     units = list(work_units([fasta], 100, 4))
     again = list(work_units([fasta], 100, 4))
     assert [u.pieces for u in units] == [u.pieces for u in again]
-    assert all(u.bases <= 100 and len(u.pieces) <= 4 for u in units)
-    # Pieces tile every record exactly once, in input order.
+    # A byte range of shard_bases bytes holds at most one base more (a record's first base stays with
+    # its header); pieces tile every record exactly once, in input order.
+    assert all(u.bases <= 101 for u in units)
     covered = {}
-    for u in units:
-        for p in u.pieces:
-            assert covered.get(p.ordinal, 0) == p.start
-            covered[p.ordinal] = p.start + p.length
+    for pieces in linked(units)[0]:
+        for ordinal, _, start, length, _ in pieces:
+            assert covered.get(ordinal, 0) == start
+            covered[ordinal] = start + length
     assert [covered[i] for i in range(len(LENGTHS))] == LENGTHS
 
 
@@ -228,64 +231,59 @@ def test_changed_input_or_tokenizer_is_refused(tmp_path, model):
         tokenize_files([fasta], str(tmp_path / "junk"), model)
 
 
-def _rank_main(rank, world, init_file, fasta, out, model_dir):
+def _rank_main(rank, world, init_file, inputs, out, model_dir):
     import torch.distributed as dist
 
     from vqdna.models import VQDNATokenizerModel
     from vqdna.streaming import run as run_mod, units as units_mod
 
-    # Count what this rank plans and which records it decodes (the ranks are forked: patch here).
-    seen = {"plans": 0, "records": []}
-    real_plan, real_read = units_mod.plan_units, units_mod.read_fasta
+    # Count what this rank plans and which units it reads (the ranks are forked: patch here).
+    seen = {"plans": 0, "units": []}
+    real_plan, real_unit = units_mod.plan_units, units_mod._byte_unit
 
     def plan(*args, **kw):
         seen["plans"] += 1
         return real_plan(*args, **kw)
 
-    def read(path, **kw):
-        for rec in real_read(path, **kw):
-            seen["records"].append(rec.name)
-            yield rec
+    def unit(*args):
+        seen["units"].append(args[-1])
+        return real_unit(*args)
 
-    run_mod.plan_units, units_mod.read_fasta = plan, read
+    run_mod.plan_units, units_mod._byte_unit = plan, unit
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = VQDNATokenizerModel.from_pretrained(model_dir)
-        tokenize_files([fasta], out, model, window=40, batch_size=4, shard_bases=250)
+        tokenize_files(inputs, out, model, window=40, batch_size=4, shard_bases=250)
     finally:
         dist.destroy_process_group()
     with open(f"{init_file}.rank{rank}.json", "w") as f:
         json.dump(seen, f)
 
 
-def test_two_ranks_equal_one(tmp_path, model_dir):
-    """Two gloo ranks write the same bytes as one process; only rank 0 plans (one pass over the
-    input), rank 1 decodes only the records of its own units (issue 22: planning is not O(bases) per rank)."""
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_equal_one(tmp_path, model_dir, world):
+    """2 or 3 gloo ranks write the same bytes as one process (a plain and a gzip input); only rank 0
+    plans (the plain file from its size and first MiB), and each rank reads only its own units of
+    the plain file (issue 22: planning is not O(bases) per rank)."""
     from vqdna.models import VQDNATokenizerModel
+    from vqdna.streaming.units import plan_units
 
-    fasta = _random_fasta(tmp_path / "in.fa")
+    inputs = [_random_fasta(tmp_path / "in.fa"), _random_fasta(tmp_path / "in2.fa.gz", LENGTHS[::-1], seed=1, gz=True)]
     one = str(tmp_path / "one")
-    tokenize_files([fasta], one, VQDNATokenizerModel.from_pretrained(model_dir), window=40, batch_size=4, shard_bases=250)
-    two = str(tmp_path / "two")
+    tokenize_files(inputs, one, VQDNATokenizerModel.from_pretrained(model_dir), window=40, batch_size=4, shard_bases=250)
+    many = str(tmp_path / "many")
     # fork: the ranks inherit the imported modules (spawn would re-import torch and transformers in
     # each); they run single-threaded, so no OpenMP pool is used across the fork.
     torch.multiprocessing.start_processes(
-        _rank_main, args=(2, str(tmp_path / "init"), fasta, two, model_dir), nprocs=2, join=True, start_method="fork"
+        _rank_main, args=(world, str(tmp_path / "init"), inputs, many, model_dir), nprocs=world, join=True, start_method="fork"
     )
-    assert len(TokenDataset(one).manifest["shards"]) >= 4
-    assert _dir_bytes(one) == _dir_bytes(two)
-    seen = [json.loads((tmp_path / f"init.rank{r}.json").read_text()) for r in range(2)]
-    assert [s["plans"] for s in seen] == [1, 0]
-    ds = TokenDataset(two)
-    odd = {f"r{int(o)}" for k, shard in enumerate(ds.manifest["shards"]) if k % 2 for o in _shard_ordinals(two, k)}
-    assert sorted(set(seen[1]["records"])) == sorted(odd) and len(odd) < len(LENGTHS)
-
-
-def _shard_ordinals(out, k):
-    from vqdna.streaming.token_files import read_shard_index, shard_name
-
-    return read_shard_index(os.path.join(out, shard_name(k) + ".idx")).ordinals.tolist()
+    assert len(TokenDataset(one).manifest["shards"]) >= 8
+    assert _dir_bytes(one) == _dir_bytes(many)
+    seen = [json.loads((tmp_path / f"init.rank{r}.json").read_text()) for r in range(world)]
+    assert [s["plans"] for s in seen] == [1] + [0] * (world - 1)
+    plain = plan_units(inputs, 250, DEFAULT_SHARD_RECORDS).files[0].units
+    assert [s["units"] for s in seen] == [list(range(r, plain, world)) for r in range(world)]
 
 
 # --- the CLI ---------------------------------------------------------------------------------------
@@ -470,7 +468,7 @@ def test_fastq_input_equals_fasta(tmp_path, model):
 
 # --- trustworthy token files: one writer, only our files, integrity, identity, clean errors ----------
 
-KW = dict(window=50, batch_size=4, shard_bases=300)  # LENGTHS: 6 shards, several batches each
+KW = dict(window=50, batch_size=4, shard_bases=300)  # LENGTHS: 7 shards (300-byte ranges), several batches each
 
 
 @pytest.fixture(scope="module")
@@ -723,7 +721,7 @@ def test_cli_verify(tmp_path, clean, capsys):
     out = tmp_path / "out"
     shutil.copytree(want, out)
     assert cli.main(["verify", str(out)]) == 0
-    assert "6 shards, every size and checksum matches" in capsys.readouterr().out
+    assert "7 shards, every size and checksum matches" in capsys.readouterr().out
     _damage(out, "bin-bit")
     os.remove(out / "shard-00003.idx")
     assert cli.main(["verify", str(out)]) == 1
@@ -751,3 +749,46 @@ def test_format_1_directory_is_not_continued(tmp_path, model):
     fasta = _random_fasta(tmp_path / "in.fa", lengths=[0, 5, 63, 200, 3])
     with pytest.raises(TokenizeError, match="cannot resume: it was written in format version 1 by an older vqdna"):
         tokenize_files([fasta], str(out), model, resume=True, window=50, batch_size=4, shard_bases=150)
+
+
+def test_format_4_reads_like_format_3(tmp_path, model):
+    """The same input, tokenizer and settings in format 4 (byte-range units, shard-local numbers the
+    manifest completes) read back exactly like the format 3 directory main's code wrote
+    (tests/data/fixtures/tokens-v3): every record's name, length, codes and `find`; each record's
+    pieces tile it (starts and record lengths completed), though the cut differs."""
+    from vqdna.streaming.token_files import open_shards
+
+    fixtures = os.path.join(os.path.dirname(__file__), "..", "data", "fixtures")
+    v3 = TokenDataset(os.path.join(fixtures, "tokens-v3"), verify=True)
+    assert v3.manifest["format_version"] == 3
+    inputs = [_random_fasta(tmp_path / "in.fa"), _random_fasta(tmp_path / "in2.fa.gz", LENGTHS[::-1], seed=1, gz=True)]
+    out = str(tmp_path / "v4")
+    tokenize_files(inputs, out, model, window=50, batch_size=4, shard_bases=300)
+    v4 = TokenDataset(out, verify=True)
+    assert v4.manifest["format_version"] == 4 and v4.manifest["shards"] != v3.manifest["shards"]
+    assert len(v4) == len(v3) == 2 * len(LENGTHS) and v4.lengths.tolist() == v3.lengths.tolist()
+    for i in range(len(v3)):
+        assert v4.name(i) == v3.name(i) and v4.find(v3.name(i)) == v3.find(v3.name(i)) == i % len(LENGTHS)
+        np.testing.assert_array_equal(v4[i][1], v3[i][1])
+    covered = {}
+    for idx in open_shards(out, v4.manifest):
+        for j in range(len(idx)):
+            o = int(idx.ordinals[j])
+            assert (idx.name(j), int(idx.record_lengths[j]), int(idx.starts[j])) == (v3.name(o), v3.lengths[o], covered.get(o, 0))
+            covered[o] = covered.get(o, 0) + idx.length(j)
+    assert [covered[i] for i in range(len(v3))] == v3.lengths.tolist()
+    assert sum(1 for e in v4.manifest["shards"] if "continued" in e) > 3  # records split across shards
+    # The manifest is what completes the shards: one that lost a split record's entry is refused.
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    k = next(k for k, e in enumerate(manifest["shards"]) if "continued" in e)
+    del manifest["shards"][k]["continued"]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TokenFileError, match=f"shard-{k:05d}.idx: its first piece continues a record of an earlier shard, the manifest says it does not"):
+        TokenDataset(str(broken))
+    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    manifest["shards"][k]["continued"]["start"] += 1
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TokenFileError, match=f"shard-{k:05d}.idx: its first piece does not go on where its record's previous piece ended"):
+        TokenDataset(str(broken))

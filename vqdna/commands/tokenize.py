@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=None, help="windows per batch (default 8 on CPU, 64 on CUDA)")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="inference precision (default bf16 on CUDA, fp32 on CPU)")
-    parser.add_argument("--shard-bases", type=positive_int, default=DEFAULT_SHARD_BASES, help="bases per shard (= per work unit)")
+    parser.add_argument("--shard-bases", type=positive_int, default=DEFAULT_SHARD_BASES, help="bases per shard (= per work unit; a plain FASTA file is cut into ranges of this many bytes, fewer for short records)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run, re-checking the shards it wrote and re-doing damaged ones")
     parser.add_argument("--verify", action="store_true", help="with --resume: also recompute the checksums of the shards written before")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

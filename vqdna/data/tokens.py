@@ -127,7 +127,7 @@ class TokenDataset:
             for idx in self._shards:  # shards in record order: the first hit is the first record
                 j = idx.find(name)
                 if j is not None:
-                    return int(idx.ordinals[j])
+                    return idx.ordinal(j)
             raise KeyError(f"no record named {name!r} in {self.directory}")
         if self._names is None:
             table: dict[str, int] = {}

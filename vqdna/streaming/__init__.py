@@ -1,7 +1,7 @@
 """Streaming tokenization (docs/design.md §2.5): FASTA files -> token files (docs/token-files.md).
 
     settings.py     Settings: the run's options, typed, frozen, validated once; TokenizeError
-    units.py        work units: records of all inputs cut into shards' worth of pieces
+    units.py        work units: each input cut into shards' worth of pieces (plain FASTA: byte ranges)
     packing.py      windows with their halo, packed into rows and batches for the encoder
     token_files.py  the format: manifest, shard .bin/.idx writing, reading and checks
     directory.py    the output directory: run manifest, lock, resume checks, final manifest

@@ -24,6 +24,7 @@ from vqdna.streaming.token_files import (
     FORMAT_VERSION,
     MANIFEST,
     codes_dtype,
+    link_shards,
     read_manifest,
     shard_entry,
     shard_name,
@@ -200,15 +201,16 @@ def prepare_directory(out_dir: str, run: dict, resume: bool, verify: bool) -> tu
 def finish_directory(out_dir: str, run: dict, n_units: int) -> dict:
     """Rank 0, after every rank is done: check every shard, record its sizes and checksums, remove the
     temporary files of interrupted runs (our names only), mark the manifest complete."""
-    shards, records, bases = [], 0, 0
+    shards, summaries, bases = [], [], 0
     for k in range(n_units):
         problem = shard_problem(out_dir, k, run["levels"], run["dtype"])
         if problem is not None:
             raise TokenizeError(f"{out_dir}: {shard_name(k)} is missing or incomplete after the run ({problem})")
-        entry, starts = shard_entry(out_dir, k)
+        entry, summary = shard_entry(out_dir, k)
         shards.append(entry)
-        records += starts
+        summaries.append(summary)
         bases += entry["bases"]
+    records = link_shards(shards, summaries)  # each shard's record numbers and split records, O(shards)
     for name in os.listdir(out_dir):
         parsed = parse_entry(name)
         if parsed is not None and parsed[2]:

@@ -46,14 +46,14 @@ _CHUNK_SEGMENTS = 1 << 16  # segments laid out at a time: bounds the packing's a
 def _segments(unit: Unit, p0: int, p1: int, window: int, halo: int) -> tuple[np.ndarray, ...]:
     """Every window of pieces [p0, p1), in piece order: (piece, out_start, out_end, in_start, in_end),
     int64 [segments] each, in record coordinates (out: the bases coded; in: with the halo)."""
-    p = unit.pieces
-    n_win = -(-p.lengths[p0:p1] // window)  # ceil; 0 for an empty piece (it has no window)
+    lengths, starts = unit.pieces.lengths, unit.starts  # packing coordinates (units.Unit)
+    n_win = -(-lengths[p0:p1] // window)  # ceil; 0 for an empty piece (it has no window)
     piece = np.repeat(np.arange(p0, p1, dtype=np.int64), n_win)
     k = np.arange(len(piece), dtype=np.int64) - np.repeat(np.cumsum(n_win) - n_win, n_win)
-    out_start = p.starts[piece] + k * window
-    out_end = np.minimum(out_start + window, p.starts[piece] + p.lengths[piece])
+    out_start = starts[piece] + k * window
+    out_end = np.minimum(out_start + window, starts[piece] + lengths[piece])
     in_start = np.maximum(out_start - halo, 0)
-    in_end = np.minimum(out_end + halo, p.record_lengths[piece])
+    in_end = np.minimum(out_end + halo, unit.record_lengths[piece])
     return piece, out_start, out_end, in_start, in_end
 
 

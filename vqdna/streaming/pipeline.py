@@ -85,7 +85,7 @@ class Pipeline:
 
     def __init__(self, model, inputs, out_dir, settings: Settings, run: dict, stats: TokenizeStats, *, rank, world, resume, verify, progress, plan=None):
         """run: the run's manifest fields (directory.run_manifest): halo, levels, codes dtype. plan:
-        every unit's UnitStart (units.plan_units), so this rank reads only its own units' records;
+        the units of every input (units.plan_units), so this rank reads only its own units' bytes;
         None: the units are cut while reading all inputs (one rank)."""
         self.model, self.inputs, self.out_dir, self.settings, self.stats = model, inputs, out_dir, settings, stats
         self.dev, self.dtype, self.rank, self.world, self.resume = settings.torch_device, settings.dtype, rank, world, resume
@@ -214,7 +214,7 @@ class Pipeline:
                 elif item[0] == "end":
                     writer.close()
                     stats.shards_written += 1
-                    stats.records += int((writer.pieces.starts == 0).sum())
+                    stats.records += int((writer.pieces.ordinals >= 0).sum())  # -1: continues a record
                     for level, counts in enumerate(writer.usage):
                         stats.usage[level] += counts
                     writer = None

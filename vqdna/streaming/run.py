@@ -77,8 +77,9 @@ def _run(model, inputs, out_dir, settings: Settings, run: dict, damaged, t_start
         stats.seconds = time.perf_counter() - t_start
         return stats
 
-    # Several ranks: rank 0 plans (one pass that keeps a few numbers per unit) and broadcasts the plan,
-    # so each rank reads only its own units' records (docs/design.md §2.5).
+    # Several ranks: rank 0 plans (plain FASTA: from the file's size and first MiB; compressed and
+    # FASTQ inputs: one pass that keeps a few numbers per unit) and broadcasts the plan, so each rank
+    # reads only its own units' bytes (docs/design.md §2.5, docs/token-files.md).
     plan = None
     if world > 1:
         plan = from_rank0(lambda: plan_units(inputs, settings.shard_bases, settings.shard_records), rank, world)

@@ -26,7 +26,8 @@ class Settings:
     window: output bases per window (inputs add the halo); batch_size: rows per batch (None: 8 on CPU,
     64 on CUDA); device: "cpu", "cuda" or "cuda:N" (None: cuda when available; under torchrun a bare
     "cuda" is cuda:LOCAL_RANK); dtype: "fp32" or "bf16" (None: bf16 on CUDA, fp32 on CPU, where only
-    fp32 runs); shard_bases / shard_records: the work-unit limits (bases and pieces per shard).
+    fp32 runs); shard_bases / shard_records: the work-unit sizes (bases and pieces per shard; a plain
+    FASTA file is cut into byte ranges of about that many bytes and records: docs/token-files.md).
     After construction every field is concrete (no None) and `device` is a full device string.
     """
 

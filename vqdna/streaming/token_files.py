@@ -61,6 +61,7 @@ __all__ = [
     "read_shard_index",
     "shard_complete",
     "shard_entry",
+    "link_shards",
     "shard_name",
     "shard_problem",
     "open_shards",
@@ -71,9 +72,11 @@ __all__ = [
 
 # 2: per-shard sizes and checksums in the manifest, .bin size and checksums in the .idx trailer.
 # 3: the .idx trailer adds a name index (hashes sorted, with their pieces): find() without a scan.
+# 4: shards cut per input (plain FASTA: byte ranges), .idx trailers with shard-local record numbers
+#    completed by the manifest (link_shards): a unit needs nothing outside its own bytes.
 # Older directories are still read (v1 without checksums, v1/v2 find() by a scan); not resumed.
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 
 # Megatron-LM / NeMo indexed dataset header (megatron/core/datasets/indexed_dataset.py).
 _MMIDIDX_MAGIC = b"MMIDIDX\x00\x00"
@@ -81,7 +84,7 @@ _MMIDIDX_VERSION = 1
 # Megatron dtype codes. uint32 has none: its codes are < 2**31, so the bytes read as int32 (code 4).
 _MEGATRON_CODE = {"uint16": 8, "uint32": 4}
 _TRAILER_MAGIC = b"VQDNAIDX"
-_TRAILER_VERSION = 3  # 1: no checksums (format 1); 2: no name index (format 2)
+_TRAILER_VERSION = 4  # 1: no checksums (format 1); 2: no name index (format 2); 3: global record numbers (format 3)
 _CHECKS = struct.Struct(f"<Q{DIGEST_SIZE}s{DIGEST_SIZE}s")  # v2 tail: .bin size, .bin digest, .idx digest
 
 
@@ -316,16 +319,20 @@ class ShardIndex:
     """One shard's index, memory-mapped (nothing per piece is copied): per piece the Megatron size
     (codes, int32; `lengths`: bases), byte pointer into the .bin, record ordinal, start within the
     record, record length, and name. Trailer version 2 adds the
-    .bin's size and checksum and the checksum of the index's own bytes (None in version 1)."""
+    .bin's size and checksum and the checksum of the index's own bytes (None in version 1).
+    Trailer version 4 records shard-local values (ordinals from 0, -1 for a first piece continuing a
+    record of an earlier shard, whose name is empty; starts 0; record lengths the pieces' own):
+    `link` completes them with the manifest's entry, and `ordinals`, `starts`, `record_lengths` and
+    `name` give the completed values (computed per access: the file's columns stay mapped)."""
 
     path: str
     dtype: np.dtype
     n_levels: int
     sizes: np.ndarray  # int32 [n]: codes per piece (Megatron's sizes), n_levels per base
     pointers: np.ndarray
-    ordinals: np.ndarray
-    starts: np.ndarray
-    record_lengths: np.ndarray
+    _ordinals: np.ndarray
+    _starts: np.ndarray
+    _record_lengths: np.ndarray
     _name_offsets: np.ndarray
     _names: np.ndarray
     bin_size: Optional[int] = None
@@ -335,6 +342,54 @@ class ShardIndex:
     name_hashes: Optional[np.ndarray] = None  # uint64 [n] sorted (trailer version 3)
     name_order: Optional[np.ndarray] = None  # int64 [n]: the piece of each sorted hash
     _mapped: Optional[mmap.mmap] = None  # the file's mapping (all columns are views of it)
+    trailer_version: int = _TRAILER_VERSION
+    ordinal_base: int = 0  # format 4: records before this shard (the manifest's records_before)
+    first_piece: Optional[tuple] = None  # format 4: (start, record length, name) of a continuing first piece
+    last_record_length: Optional[int] = None  # format 4: of a last piece whose record goes on in the next shard
+
+    def link(self, entry: dict) -> None:
+        """Format 4: take the values this shard could not know from its manifest entry (link_shards)."""
+        continues = len(self) > 0 and int(self._ordinals[0]) == -1
+        first = entry.get("continued")
+        if continues != (first is not None):
+            raise TokenFileError(
+                f"{self.path}: its first piece {'continues' if continues else 'does not continue'} a record "
+                f"of an earlier shard, the manifest says {'it does' if first is not None else 'it does not'}"
+            )
+        self.ordinal_base = int(entry.get("records_before", 0))
+        if first is not None:
+            self.first_piece = (int(first["start"]), int(first["record_length"]), str(first["name"]))
+        if entry.get("last_record_length") is not None:
+            self.last_record_length = int(entry["last_record_length"])
+
+    @property
+    def ordinals(self) -> np.ndarray:
+        """int64 [n]: the record ordinal (0-based over all inputs) of each piece."""
+        return self._ordinals + self.ordinal_base if self.ordinal_base else self._ordinals
+
+    def ordinal(self, i: int) -> int:
+        return int(self._ordinals[i]) + self.ordinal_base
+
+    @property
+    def starts(self) -> np.ndarray:
+        """int64 [n]: where each piece starts in its record (bases)."""
+        if self.first_piece is None:
+            return self._starts
+        out = np.array(self._starts, dtype=np.int64)
+        out[0] = self.first_piece[0]
+        return out
+
+    @property
+    def record_lengths(self) -> np.ndarray:
+        """int64 [n]: the bases of each piece's record."""
+        if self.first_piece is None and self.last_record_length is None:
+            return self._record_lengths
+        out = np.array(self._record_lengths, dtype=np.int64)
+        if self.first_piece is not None:
+            out[0] = self.first_piece[1]
+        if self.last_record_length is not None:
+            out[-1] = self.last_record_length
+        return out
 
     def release_pages(self) -> None:
         """Unmap the pages read so far from this process (the file stays in the page cache, the
@@ -367,6 +422,8 @@ class ShardIndex:
         return len(self.sizes)
 
     def name(self, i: int) -> str:
+        if i == 0 and self.first_piece is not None:
+            return self.first_piece[2]
         return bytes(self._names[self._name_offsets[i] : self._name_offsets[i + 1]]).decode("utf-8")
 
     @property
@@ -408,7 +465,7 @@ def read_shard_index(path: str) -> ShardIndex:
     off += len(_TRAILER_MAGIC)
     trailer_version, n_levels = struct.unpack_from("<QQ", buf, off)
     off += 16
-    if trailer_version not in (1, 2, _TRAILER_VERSION) or n_levels < 1:
+    if trailer_version not in (1, 2, 3, _TRAILER_VERSION) or n_levels < 1:
         fail(f"trailer version {trailer_version}, levels {n_levels}")
     arrays = []
     for _ in range(3):
@@ -435,7 +492,7 @@ def read_shard_index(path: str) -> ShardIndex:
     return ShardIndex(
         path, np.dtype(names[code]).newbyteorder("<"), int(n_levels),
         sizes, pointers, arrays[0], arrays[1], arrays[2], name_offsets, buf[off:names_end],
-        *checks, *table, mapped,
+        *checks, *table, mapped, int(trailer_version),
     )
 
 
@@ -517,10 +574,12 @@ def shard_complete(directory: str, index: int, n_levels: int, dtype: str) -> boo
     return shard_problem(directory, index, n_levels, dtype) is None
 
 
-def shard_entry(directory: str, index: int) -> tuple[dict, int]:
-    """(the manifest entry of a complete shard, the number of records that start in it). The entry:
-    name, pieces, bases, and per file its size and checksum (the .bin's from the index trailer,
-    computed as the codes were written: no second read of the .bin)."""
+def shard_entry(directory: str, index: int) -> tuple[dict, dict]:
+    """(the manifest entry of a complete shard, what link_shards needs of it). The entry: name, pieces,
+    bases, and per file its size and checksum (the .bin's from the index trailer, computed as the
+    codes were written: no second read of the .bin). The summary, from the shard-local values:
+    records starting in it, whether its first piece continues a record, the lengths of its first and
+    last pieces and the last one's name."""
     base = os.path.join(directory, shard_name(index))
     idx = read_shard_index(base + ".idx")
     entry = {
@@ -530,7 +589,52 @@ def shard_entry(directory: str, index: int) -> tuple[dict, int]:
         "bin": {"size": os.path.getsize(base + ".bin"), CHECKSUM: idx.bin_checksum},
         "idx": {"size": os.path.getsize(base + ".idx"), CHECKSUM: file_checksum(base + ".idx")},
     }
-    return entry, int((idx.starts == 0).sum())
+    n = len(idx)
+    summary = {
+        "pieces": n,
+        "records": int((np.asarray(idx._ordinals) >= 0).sum()),
+        "continues": bool(n and int(idx._ordinals[0]) == -1),
+        "first_length": idx.length(0) if n else 0,
+        "last_length": idx.length(n - 1) if n else 0,
+        "last_name": idx.name(n - 1) if n else "",
+    }
+    return entry, summary
+
+
+def link_shards(entries: Sequence[dict], summaries: Sequence[dict]) -> int:
+    """Format 4, at the end of a run (rank 0, O(shards)): add to each manifest entry what its shard
+    could not know: `records_before` (records starting in earlier shards: a piece's ordinal is that
+    plus its local number), and for a record split across shards, `continued` {name, start,
+    record_length} of a first piece that continues it and `last_record_length` of a last piece that
+    goes on in the next shard. Returns the record count."""
+    records = 0
+    split = None  # the record of the last piece so far: name, bases so far, its first shard, shards continuing it
+
+    def close():
+        if split is not None and split["continued"]:
+            total = split["bases"]
+            split["first"]["last_record_length"] = total
+            for k, entry in enumerate(split["continued"]):
+                entry["continued"]["record_length"] = total
+                if k + 1 < len(split["continued"]):
+                    entry["last_record_length"] = total
+
+    for entry, s in zip(entries, summaries):
+        entry["records_before"] = records
+        records += s["records"]
+        if s["pieces"] == 0:
+            continue
+        if s["continues"]:
+            if split is None:
+                raise TokenFileError(f"{entry['name']}: its first piece continues a record no earlier shard holds")
+            entry["continued"] = {"name": split["name"], "start": split["bases"]}
+            split["bases"] += s["first_length"]
+            split["continued"].append(entry)
+        if s["records"]:  # the last piece starts a record here: the split one (if any) has ended
+            close()
+            split = {"name": s["last_name"], "bases": s["last_length"], "first": entry, "continued": []}
+    close()
+    return records
 
 
 def write_manifest(directory: str, manifest: dict) -> None:
@@ -634,6 +738,8 @@ def open_shards(directory: str, manifest: dict) -> list[ShardIndex]:
         problem = _structure_problem(idx, base + ".bin", bin_size) or _entry_problem(idx, base + ".bin", entry, False)
         if problem is not None:
             raise TokenFileError(problem)
+        if idx.trailer_version >= 4:
+            idx.link(entry)
         idx.release_pages()
         shards.append(idx)
     return shards
@@ -644,9 +750,12 @@ def record_continuations(directory: str, manifest: dict, shards: Sequence[ShardI
     record r has pieces [r + c, r + c + 1 + m) of all shards' pieces, c = pieces of ordinal < r in the
     result, m = those of ordinal r. Checked one shard at a time (memory: a shard's temporaries, not
     the record count): ordinals go 0, 1, ... records - 1 in steps of 0 (a split record: that piece
-    starts after base 0) or 1 (a new record, starting at base 0). TokenFileError naming what is wrong."""
+    starts after base 0) or 1 (a new record, starting at base 0), and a split record's piece goes on
+    where its previous piece ended, with the same record length (format 4: as the manifest completes
+    them). TokenFileError naming what is wrong."""
     n_records = int(manifest["records"])
     last, pieces, continued = -1, 0, []
+    end = total = 0  # where the last piece so far ends in its record, and that record's length
     for s in shards:
         ordinals = np.asarray(s.ordinals)
         if not ordinals.size:
@@ -656,11 +765,17 @@ def record_continuations(directory: str, manifest: dict, shards: Sequence[ShardI
             raise TokenFileError(f"{directory}: shard indexes disagree with the manifest's record count")
         if (steps > 1).any():
             raise TokenFileError(f"{directory}: a record has no piece in the shard indexes")
-        if not np.array_equal(steps == 0, np.asarray(s.starts) > 0):
+        starts, totals = np.asarray(s.starts), np.asarray(s.record_lengths)
+        if not np.array_equal(steps == 0, starts > 0):
             raise TokenFileError(f"{s.path}: a record's pieces do not start at base 0 and continue it")
+        if (steps[0] == 0) != (end < total) or (steps[0] == 0 and (int(starts[0]), int(totals[0])) != (end, total)):
+            raise TokenFileError(f"{s.path}: its first piece does not go on where its record's previous piece ended")
+        end, total = int(starts[-1]) + s.length(len(s) - 1), int(totals[-1])
         continued.append(ordinals[steps == 0])
         last, pieces = int(ordinals[-1]), pieces + ordinals.size
-        s.release_pages()  # this pass read two columns of every index: keep one shard's resident
+        s.release_pages()  # this pass read a few columns of every index: keep one shard's resident
+    if end < total:
+        raise TokenFileError(f"{directory}: the last record ends before its length (a piece is missing)")
     if pieces and last != n_records - 1:
         raise TokenFileError(f"{directory}: shard indexes disagree with the manifest's record count")
     if n_records and not pieces:
