@@ -19,7 +19,7 @@ from vqdna.kernels.compile_marks import assume_constant_result
 
 __all__ = [
     "lookup", "hrq_quantize", "ema_stats", "ema_update", "laplace_smoothed", "kmeans", "kmeans_init", "stem",
-    "convnext_block", "hrq_level_losses", "nonfinite_report",
+    "convnext_block", "hrq_level_losses", "nonfinite_report", "l2norm", "l2norm_backward",
     "BASE_PAD_ID", "NUM_BASES", "EMA_EPS",
 ]
 
@@ -75,11 +75,13 @@ def lookup(
 
 
 def quantize(
-    z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: Optional[torch.Tensor] = None
+    z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: Optional[torch.Tensor] = None, normalize: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Nearest code, its row, the commitment-loss sum and the non-finite rows in one pass (docs/design.md §2.1).
 
     z [N, D], codebook [K, D] (same dtype: float32/bfloat16/float16/float64), codebook_sqnorm [K] (optional).
+    normalize: z is first replaced by its unit rows u = l2norm(z) (in the dtype of z; `l2norm`: cosine
+    similarity, vector-quantize-pytorch's use_cosine_sim), and everything below is of u instead of z.
     Returns
       codes int32 [N] and dist [N] float32 (float64 for float64 inputs): exactly `lookup(z, codebook)`;
       quantized [N, D] (dtype of z) = codebook[codes]: the straight-through output's values, bit-exact rows
@@ -91,11 +93,33 @@ def quantize(
         A device tensor: reading it is the caller's choice (no host sync here).
     Gradient (docs/design.md §2.1, straight-through + commitment): dL/dz = g_quantized
     + 2 (g_sqdist_sum + g_dist[:, None]) (z - quantized); the codebook gets none (EMA updates it).
+    With normalize, that is dL/du, and dL/dz = l2norm's Jacobian (I - u u^T) / max(|z|, 1e-6) applied to it.
     """
+    if normalize:
+        z = l2norm(z)
     codes, dist = lookup(z, codebook, codebook_sqnorm)
     quantized = codebook[codes.long()].to(z.dtype)
     sqdist_sum = dist.double().sum().to(dist.dtype)
     return codes, quantized, dist, sqdist_sum, nonfinite_report(dist)
+
+
+def l2norm(z: torch.Tensor) -> torch.Tensor:
+    """Unit rows z / max(|z|, 1e-6) along the last dim, in the dtype of z (torch's normalize, with
+    vector-quantize-pytorch's l2norm eps)."""
+    return torch.nn.functional.normalize(z, dim=-1, eps=1e-6)
+
+
+def l2norm_backward(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient through `l2norm` (float32; float64 for float64 z): grad [..., D] with respect to
+    u = l2norm(z) -> (grad - u (u . grad)) / |z| with respect to z, or grad / 1e-6 where |z| < 1e-6
+    (the clamp holds the norm constant there), as autograd differentiates torch's normalize."""
+    acc = _accum_dtype(z.dtype)
+    z, g = z.to(acc), grad.to(acc)
+    n = z.norm(dim=-1, keepdim=True)
+    d = n.clamp_min(1e-6)
+    u = z / d
+    radial = u * (u * g).sum(-1, keepdim=True)
+    return (g - torch.where(n >= 1e-6, radial, torch.zeros_like(radial))) / d
 
 
 def nonfinite_report(dist: torch.Tensor) -> torch.Tensor:
