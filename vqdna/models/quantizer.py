@@ -32,8 +32,8 @@ from vqdna import kernels
 __all__ = ["VectorQuantizer", "HRQuantizer"]
 
 _USAGE_DECAY = 0.9  # the recent-usage window of usage(): about the last 10 training batches
-# Rows per block of VectorQuantizer's Gumbel sampling: large blocks, because a small matmul repacks
-# the whole codebook per call and each elementwise op pays its thread start-up per call.
+# Rows per block of VectorQuantizer's Gumbel sampling (kernels.sample_codes): large blocks, because a
+# small matmul repacks the whole codebook per call.
 _SAMPLE_CHUNK = 4096
 
 
@@ -508,42 +508,24 @@ class VectorQuantizer(_EMACodebook):
                              f"{'H, W' if self.accept_image_fmap else 'D, H, W'}]")
         return (x.movedim(1, -1) if move else x), move
 
-    def _sample_codes(self, z: torch.Tensor, codebooks: torch.Tensor, temp: float) -> torch.Tensor:
+    def _sample_codes(self, z: torch.Tensor, codebooks: torch.Tensor, temp: float):
         """Gumbel-max codes [..., C] (or [...] with C = 1) of z [..., C, d] ([..., d]) over logits
         -distance / temp (cosine: z.e / temp) per codebook of codebooks [C, K, d], from the global
-        torch RNG in the peer's order (the uniforms of [C, rows, K], row-major: chunking the rows
-        draws the same numbers on the CPU). Torch ops on blocks of _SAMPLE_CHUNK rows, in place in
-        two [rows, K] buffers reused across blocks (no allocation and first-touch per block), the
-        distance accumulated by the matmul into |r|^2 + |e|^2 (addmm_)."""
+        torch RNG in the peer's order (the uniforms of [C, rows, K], row-major): kernels.sample_codes
+        per codebook, in blocks of _SAMPLE_CHUNK rows (which draw the same numbers on the CPU).
+        Also the chosen rows [..., (C,) d] float32 and their squared distances [..., (C)] float32."""
         c, d = codebooks.shape[0], z.shape[-1]
         rows = z.reshape(-1, c, d).transpose(0, 1).float()  # [C, rows, d]
-        n, k = rows.shape[1], codebooks.shape[1]
         e = codebooks.float()
-        e_sq = e.pow(2).sum(-1)
-        codes = torch.empty(c, n, dtype=torch.int64, device=z.device)
-        step = max(1, min(_SAMPLE_CHUNK, n))
-        logits_buf = torch.empty(step, k, device=z.device)
-        noise_buf = torch.empty(step, k, device=z.device)
-        for i in range(c):
-            et = e[i].T
-            for start in range(0, n, step):
-                r = rows[i, start:start + step]
-                m = r.shape[0]
-                logits, noise = logits_buf[:m], noise_buf[:m]
-                # log(-log(u)) = -gumbel, with the peer's log(t) = log(t.clamp(min=1e-20)). Its second
-                # clamp is left out: u < 1 (torch's uniform_ on [0, 1)), so -log(u) >= 5.9e-8 already.
-                noise.uniform_(0, 1).clamp_min_(1e-20).log_().neg_().log_()
-                if self.use_cosine_sim:  # the peer's argmax of z.e / temp + gumbel
-                    torch.mm(r, et, out=logits).div_(temp).sub_(noise)
-                    torch.argmax(logits, -1, out=codes[i, start:start + m])
-                else:
-                    # The peer's argmax of -dist / temp + gumbel, dist = sqrt(max(|r|^2 + |e|^2 - 2 r.e,
-                    # 1e-8)), taken as the argmin of its exact negation dist / temp - gumbel.
-                    # |r|^2 + |e|^2 first, then -2 r.e accumulated into it by the matmul (as the peer sums)
-                    torch.add(r.pow(2).sum(-1, keepdim=True), e_sq[i], out=logits).addmm_(r, et, alpha=-2.0)
-                    logits.clamp_min_(1e-8).sqrt_().div_(temp).add_(noise)
-                    torch.argmin(logits, -1, out=codes[i, start:start + m])
-        return codes.transpose(0, 1).reshape(z.shape[:-1])
+        found = [
+            kernels.sample_codes(rows[i], e[i], temp, cosine=self.use_cosine_sim, block_rows=_SAMPLE_CHUNK)
+            for i in range(c)
+        ]
+        if c == 1:
+            codes, quantized, dist = found[0]
+        else:
+            codes, quantized, dist = (torch.stack([f[j] for f in found], 1) for j in range(3))
+        return codes.reshape(z.shape[:-1]), quantized.reshape(z.shape), dist.reshape(z.shape[:-1])
 
     def _search_codebook(self, dtype: torch.dtype, learn: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The codebook the search uses: the buffer in `dtype`, with use_cosine_sim its unit rows
@@ -603,8 +585,10 @@ class VectorQuantizer(_EMACodebook):
                 # so the same seed draws the same noise per row.
                 peer_order = h > 1 and c == 1 and z.ndim == 4
                 zs = z.detach().transpose(1, 2) if peer_order else z.detach()
-                codes = self._sample_codes(zs, codebook.detach().view(c, k, -1), self.sample_codebook_temp)
-                codes = codes.transpose(1, 2) if peer_order else codes
+                sampled = self._sample_codes(zs, codebook.detach().view(c, k, -1), self.sample_codebook_temp)
+                # codes, the chosen rows (float32) and the sampled codes' squared distances (non-finite
+                # where z is), back in z's order
+                codes, sampled_rows, dist_ = (t.transpose(1, 2) for t in sampled) if peer_order else sampled
         elif fused:
             codes, quantized_st, dist_, sqdist_sum, nonfinite = kernels.quantize(
                 z, codebook, codebook_sqnorm=codebook_sqnorm, codes_dtype=torch.int64,
@@ -619,9 +603,12 @@ class VectorQuantizer(_EMACodebook):
             codes = torch.stack([f[0] for f in found], -1)
             dist_ = torch.stack([f[1] for f in found], -1)
         flat_codes = codes if c == 1 else codes + torch.arange(c, device=codes.device) * k
-        quantized = quantized_st.detach() if fused else torch.nn.functional.embedding(flat_codes, codebook)
-        if sample:  # the sampled code's squared distance (non-finite where z is)
-            dist_ = (z.detach().float() - quantized.detach().float()).pow(2).sum(-1)
+        if fused:
+            quantized = quantized_st.detach()
+        elif sample and not learn:  # codebook rows, exact in z's dtype
+            quantized = sampled_rows.to(z.dtype)
+        else:
+            quantized = torch.nn.functional.embedding(flat_codes, codebook)
         if self.check_finite is not False:
             # A non-finite row of x has a non-finite distance: no extra pass over x.
             _check_finite(self.check_finite, dist_, "VectorQuantizer input x", nonfinite if fused else None)
