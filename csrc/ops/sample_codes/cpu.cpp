@@ -129,8 +129,13 @@ inline float noise_scalar(float u) { return std::log(-std::log(u < 1e-20f ? 1e-2
 // The code of one row: argmin_k of v_k = sqrt(max(l_k, 1e-8)) / temp + g_k, or with kCosine of
 // g_k - l_k / temp (= -(l_k / temp - g_k) exactly: the spec's argmax), g_k the noise of u_k. Ties: the
 // first index; a NaN v wins at its first occurrence (torch's argmin / argmax).
+// Most codes cannot win: v_k is at least its lower bound v_lb_k (the noise bounded below by
+// log(1 - u) >= ln2 floor(log2(1 - u)), since -log u >= 1 - u), and a group of 8 codes whose every
+// v_lb exceeds an exact v already known (the group of the smallest v_lb) is skipped without its two
+// logs. Skipped codes have v > the minimum, so the argmin, its ties and NaN rule are unchanged.
+// qs, lbs: K floats of scratch (the per-code distance term and v_lb).
 template <bool kCosine>
-int64_t row_code(const float* L, const float* U, int64_t K, float temp) {
+int64_t row_code(const float* L, const float* U, int64_t K, float temp, float* qs, float* lbs) {
   auto value = [&](float l, float g) {
     if constexpr (kCosine) {
       return g - l / temp;
@@ -149,16 +154,67 @@ int64_t row_code(const float* L, const float* U, int64_t K, float temp) {
   __m256i bi = _mm256_setzero_si256(), idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   const __m256i eight = _mm256_set1_epi32(8);
   __m256 unordered = _mm256_setzero_ps();
-  for (; k + 8 <= K; k += 8) {
+  const int64_t full = K / 8 * 8;
+  // Pass 1: the distance term q (sqrt(max(l, 1e-8)) / temp, or l / temp) and v_lb of every code, and
+  // the group of the smallest v_lb. noise >= ln2 E - 1e-4, E the binary exponent of 1 - u (exact: u is
+  // a multiple of 2^-24, or 1e-20 where 1 - u rounds to 1 and the noise is 3.8); the margin covers the
+  // SLEEF logs' 1-ulp errors. fl(q + lb) <= fl(q + noise): rounding is monotone.
+  float bound = std::numeric_limits<float>::infinity();
+  if (full > 0) {
+    const __m256 one = _mm256_set1_ps(1.f), ln2 = _mm256_set1_ps(0.693147182f), margin = _mm256_set1_ps(1e-4f);
+    const __m256i bias = _mm256_set1_epi32(127);
+    __m256 mv = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+    __m256i mg = _mm256_setzero_si256();
+    for (int64_t j = 0; j < full; j += 8) {
+      const __m256 u = _mm256_max_ps(tiny, _mm256_loadu_ps(U + j));
+      const __m256 w = _mm256_sub_ps(one, u);
+      const __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(w), 23), bias));
+      const __m256 lb = _mm256_sub_ps(_mm256_mul_ps(e, ln2), margin);
+      const __m256 l = _mm256_loadu_ps(L + j);
+      __m256 q, vlb;
+      if constexpr (kCosine) {
+        q = _mm256_div_ps(l, t);
+        vlb = _mm256_sub_ps(lb, q);
+      } else {
+        q = _mm256_div_ps(_mm256_sqrt_ps(_mm256_max_ps(floor, l)), t);  // max(floor, NaN) = NaN
+        vlb = _mm256_add_ps(q, lb);
+      }
+      _mm256_storeu_ps(qs + j, q);
+      _mm256_storeu_ps(lbs + j, vlb);
+      const __m256 lt = _mm256_cmp_ps(vlb, mv, _CMP_LT_OQ);
+      mv = _mm256_blendv_ps(mv, vlb, lt);
+      mg = _mm256_blendv_epi8(mg, _mm256_set1_epi32(static_cast<int>(j)), _mm256_castps_si256(lt));
+    }
+    alignas(32) float lane_v[8];
+    alignas(32) int32_t lane_g[8];
+    _mm256_store_ps(lane_v, mv);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lane_g), mg);
+    int64_t group = lane_g[0];
+    float m = lane_v[0];
+    for (int j = 1; j < 8; ++j) {
+      if (lane_v[j] < m) {
+        m = lane_v[j];
+        group = lane_g[j];
+      }
+    }
+    const __m256 u = _mm256_max_ps(tiny, _mm256_loadu_ps(U + group));
+    const __m256 g = Sleef_logf8_u10(_mm256_xor_ps(Sleef_logf8_u10(u), sign));
+    const __m256 q = _mm256_loadu_ps(qs + group);
+    alignas(32) float v8[8];
+    _mm256_store_ps(v8, kCosine ? _mm256_sub_ps(g, q) : _mm256_add_ps(q, g));
+    for (int j = 0; j < 8; ++j) bound = v8[j] < bound ? v8[j] : bound;  // NaN never lowers it
+  }
+  const __m256 bnd = _mm256_set1_ps(bound);
+  // Pass 2: the exact v of the groups that can win, in order (the argmin and its tie rule as a full scan).
+  for (; k < full; k += 8) {
+    if (_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(lbs + k), bnd, _CMP_GT_OQ)) == 0xFF) {
+      idx = _mm256_add_epi32(idx, eight);
+      continue;
+    }
     const __m256 u = _mm256_max_ps(tiny, _mm256_loadu_ps(U + k));
     const __m256 g = Sleef_logf8_u10(_mm256_xor_ps(Sleef_logf8_u10(u), sign));
-    const __m256 l = _mm256_loadu_ps(L + k);
-    __m256 v;
-    if constexpr (kCosine) {
-      v = _mm256_sub_ps(g, _mm256_div_ps(l, t));
-    } else {
-      v = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(_mm256_max_ps(floor, l)), t), g);  // max(floor, NaN) = NaN
-    }
+    const __m256 q = _mm256_loadu_ps(qs + k);
+    const __m256 v = kCosine ? _mm256_sub_ps(g, q) : _mm256_add_ps(q, g);
     unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
     const __m256 lt = _mm256_cmp_ps(v, bv, _CMP_LT_OQ);
     bv = _mm256_blendv_ps(bv, v, lt);
@@ -209,7 +265,9 @@ int64_t row_code(const float* L, const float* U, int64_t K, float temp) {
   }
   return best_k;
 #else
-  // Portable build: libm's logf (its last bit may differ from torch's SLEEF log).
+  // Portable build: libm's logf (its last bit may differ from torch's SLEEF log); no pruning.
+  (void)qs;
+  (void)lbs;
   for (; k < K; ++k) {
     const float v = value(L[k], noise_scalar(U[k]));
     if (std::isnan(v)) return k;
@@ -301,12 +359,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_codes_native_cpu(const at:
     float* U_next = ubuf[(b + 1) & 1].get();
     std::atomic<int64_t> taken{0};
     at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
+      AlignedBuf scratch = aligned_floats(2 * K);
+      float* qs = scratch.get();
+      float* lbs = qs + K;
       if (t0 == 0 && next_m > 0) stream.fill(U_next, next_m * K);
       for (int64_t i0; (i0 = taken.fetch_add(kRowsPerTake)) < m;) {
         const int64_t i1 = std::min(m, i0 + kRowsPerTake);
         for (int64_t i = i0; i < i1; ++i) {
-          const int64_t code = cosine ? row_code<true>(L + i * K, U + i * K, K, tempf)
-                                      : row_code<false>(L + i * K, U + i * K, K, tempf);
+          const int64_t code = cosine ? row_code<true>(L + i * K, U + i * K, K, tempf, qs, lbs)
+                                      : row_code<false>(L + i * K, U + i * K, K, tempf, qs, lbs);
           const int64_t row = start + i;
           codes_p[row] = code;
           dist_p[row] = copy_row_and_sqdist(z_p + row * z_rs, cb_p + code * D, q_p + row * D, D);
