@@ -660,3 +660,9 @@ def test_cosine_eval_normalises_inside_the_quantize_op(monkeypatch, mask):
     torch.testing.assert_close(out, q)
     torch.testing.assert_close(loss, loss_want)
     torch.testing.assert_close(x.grad, xx.grad)
+    # The rotation trick (the peer's default) changes only the gradient: without one, no pass either.
+    vq.rotation_trick = True
+    normalised.clear()
+    with torch.no_grad():
+        out_rot, codes_rot, _ = vq(x, mask=m)
+    assert tuple(x.shape) not in normalised and torch.equal(codes_rot, codes) and torch.equal(out_rot, out.detach())

@@ -560,9 +560,10 @@ class VectorQuantizer(_EMACodebook):
         # native kernel reads it in place: the fused op would first copy z into rows.
         channel_first = move_back and z.device.type == "cpu" and z.stride(-1) != 1 and z.stride(-2) == 1
         # Cosine in eval: the fused op normalises z itself (in cache, natively: no pass over z) and its
-        # autograd formula includes l2norm's; training keeps the unit z (k-means, the EMA, restarts).
+        # autograd formula includes l2norm's; training keeps the unit z (k-means, the EMA, restarts), and
+        # so does the rotation trick's gradient (it rotates the unit z).
         normalize_in_op = (self.use_cosine_sim and not self.training and c == 1 and not channel_first
-                           and not self.rotation_trick)
+                           and not (self.rotation_trick and z.requires_grad and torch.is_grad_enabled()))
         if self.use_cosine_sim and not normalize_in_op:
             z = _l2norm(z)
         rows_mask = mask if mask is None or h == 1 else mask[..., None].expand(z.shape[:-1])
