@@ -4,6 +4,7 @@
 // See csrc/ops/lookup/cpu.cpp for the design.
 #pragma once
 
+#include <cmath>
 #include <limits>
 
 #include "common/cpu_bf16_screen.h"
@@ -21,8 +22,12 @@ constexpr int64_t kMaxBlockRows = 192;
 
 // Packs `rows` rows of src (row stride D) into a [D][P] panel (P = kMR or kNR), zero-padding the
 // missing rows, and optionally writes each row's float32 ||x||^2. `tmp` holds one float32 row.
+// normalize: each row x is replaced by l2norm(x) = x / max(|x|, 1e-6) rounded to T, as torch's
+// normalize computes it in the dtype of x (the norm, its clamp and the quotient each rounded to T;
+// the quotient as x times the reciprocal).
 template <typename T, int64_t P>
-void pack_panel(const T* src, int64_t rows, int64_t D, float* panel, float* tmp, float* sqnorm_out) {
+void pack_panel(const T* src, int64_t rows, int64_t D, float* panel, float* tmp, float* sqnorm_out,
+                bool normalize = false) {
   for (int64_t r = 0; r < P; ++r) {
     if (r >= rows) {
       for (int64_t d = 0; d < D; ++d) panel[d * P + r] = 0.f;
@@ -33,6 +38,15 @@ void pack_panel(const T* src, int64_t rows, int64_t D, float* panel, float* tmp,
       x = src + r * D;
     } else {
       row_to_float(src + r * D, tmp, D);
+      x = tmp;
+    }
+    if (normalize) {
+      const float norm = static_cast<float>(
+          static_cast<T>(std::max(static_cast<float>(static_cast<T>(std::sqrt(sum_squares(x, D)))), 1e-6f)));
+      // x * (1 / norm), not x / norm: a division per element would cost ~1/10 of the search; the
+      // quotient differs from torch's by an ulp at most (codes differ only at near-ties).
+      const float inv = 1.0f / norm;
+      for (int64_t d = 0; d < D; ++d) tmp[d] = static_cast<float>(static_cast<T>(x[d] * inv));
       x = tmp;
     }
     for (int64_t d = 0; d < D; ++d) panel[d * P + r] = x[d];
@@ -204,9 +218,13 @@ void pack_panel_transposed(const T* src, int64_t rows, int64_t D, int64_t ld, fl
 // ||z||^2) while it is still in cache. col_stride = 0: z is row-major contiguous; else z is a
 // column-major view (row r, column d at zp[r + d * col_stride]), read in place. screen: the
 // bf16-screened search of cpu_bf16_screen.h (make_screen; the same results), nullptr: search_block.
+// normalize (row-major z only): every row is l2-normalised as it is packed (pack_panel), so the search,
+// ||z||^2 and the epilogue see the unit rows.
 template <typename T, typename Epilogue>
 void search_rows_blocked(const T* zp, int64_t N, int64_t D, const PackedCodebook& cb, int64_t mb,
-                         Epilogue&& epilogue, int64_t col_stride = 0, const ScreenedCodebook* screen = nullptr) {
+                         Epilogue&& epilogue, int64_t col_stride = 0, const ScreenedCodebook* screen = nullptr,
+                         bool normalize = false) {
+  TORCH_CHECK(!(normalize && col_stride), "search_rows_blocked: normalize needs a row-major z");
   const int64_t n_blocks = (N + mb - 1) / mb;
   at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
     AlignedBuf apack = aligned_floats(mb * D);
@@ -226,7 +244,7 @@ void search_rows_blocked(const T* zp, int64_t N, int64_t D, const PackedCodebook
                                    znorm.get() + p * kMR);
         } else {
           pack_panel<T, kMR>(zp + (r0 + p * kMR) * D, pr, D, apack.get() + p * kMR * D, tmp.get(),
-                             znorm.get() + p * kMR);
+                             znorm.get() + p * kMR, normalize);
         }
       }
       // Pull the next block of z (streamed from DRAM) in while this block computes (a contiguous z: the

@@ -119,3 +119,12 @@ def test_time_interleaved_takes_calls_in_turn(monkeypatch):
     best = measure.time_interleaved(fns, "cpu", rounds=[3, 2])
     assert order == ["a", "b", "a", "b", "a", "b", "a"]
     assert 0 <= best[0] < best[1] and best[1] >= 0.002
+
+
+def test_case_filter_runs_only_the_named_cases(tmp_path):
+    path = tmp_path / "r.json"
+    rc = cli.main(["bench", "--op", "VectorQuantizer-options", "--size", "tiny", "--case", "plain-eval", "--rounds", "1",
+                   "--json", str(path)])
+    assert rc == 0
+    ops = {row["op"] for row in json.loads(path.read_text())["results"]}
+    assert ops == {"VectorQuantizer-plain-eval"}

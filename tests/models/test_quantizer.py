@@ -624,3 +624,45 @@ def test_vq_channel_first_eval_reads_x_in_place(shape, rng):
     copies = [(e.name, e.input_shapes) for e in prof.events()
               if e.name in ("aten::copy_", "aten::clone") and any(tuple(s) in sizes for s in e.input_shapes)]
     assert not copies, f"x was copied: {copies}"
+
+
+@pytest.mark.parametrize("mask", [False, True])
+def test_cosine_eval_normalises_inside_the_quantize_op(monkeypatch, mask):
+    """use_cosine_sim in eval: z goes to the fused op unnormalised (quantize(..., normalize=True), no
+    separate pass over z), and the outputs, codes, loss and input gradient are those of normalising
+    first: the nearest unit code of l2norm(z), straight-through, commitment loss of the unit rows."""
+    import vqdna.models.quantizer as quantizer
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 32, use_cosine_sim=True, commitment_weight=0.7).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 50, 16, generator=gen) * torch.rand(3, 50, 1, generator=gen) * 5
+    g = torch.randn(3, 50, 16, generator=gen)
+    m = torch.rand(3, 50, generator=gen) < 0.7 if mask else None
+    xx = x.clone().requires_grad_(True)
+    u = reference.l2norm(xx)
+    codes_want, _ = reference.lookup(u.detach().reshape(-1, 16), vq.codebook)
+    q = vq.codebook[codes_want.long()].reshape(u.shape)
+    per_row = (u - q).pow(2).mean(-1)
+    loss_want = 0.7 * (per_row.mean() if m is None else (per_row * m).sum() / m.sum())
+    ((u + (q - u).detach()) * g).sum().add(loss_want).backward()
+
+    normalised = []
+    real = quantizer._l2norm
+    monkeypatch.setattr(quantizer, "_l2norm", lambda t: normalised.append(tuple(t.shape)) or real(t))
+    x.requires_grad_(True)
+    out, codes, loss = vq(x, mask=m)
+    assert tuple(x.shape) not in normalised, "eval normalised z in a pass of its own"
+    ((out * g).sum() + loss).backward()
+    if "native" in dispatch.available_backends("cpu", "quantize"):
+        assert dispatch.last_backend("quantize") == "native"
+    assert torch.equal(codes.reshape(-1), codes_want.long())
+    torch.testing.assert_close(out, q)
+    torch.testing.assert_close(loss, loss_want)
+    torch.testing.assert_close(x.grad, xx.grad)
+    # The rotation trick (the peer's default) changes only the gradient: without one, no pass either.
+    vq.rotation_trick = True
+    normalised.clear()
+    with torch.no_grad():
+        out_rot, codes_rot, _ = vq(x, mask=m)
+    assert tuple(x.shape) not in normalised and torch.equal(codes_rot, codes) and torch.equal(out_rot, out.detach())

@@ -32,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="use the results of earlier runs (their JSON files) instead of running: print, plot, write the table",
     )
     parser.add_argument("--note", help="a note stored with the results (e.g. the machine's load)")
+    parser.add_argument(
+        "--case", nargs="+", metavar="TEXT",
+        help="run only the cases whose id contains one of these texts (e.g. cosine-eval stochastic-train)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,8 +75,11 @@ def run(args: argparse.Namespace) -> int:
         peak_size = 1024 if args.size == "tiny" else None
         cases_mod.left_out.clear()
         print(f"vqdna bench: device {device} ({dispatch.device_name(device)}), size {args.size}", file=sys.stderr)
+        selected = cases_mod.cases(ops, device, args.size, dtypes)
+        if args.case:
+            selected = (c for c in selected if any(text in c.id for text in args.case))
         rows = run_cases(
-            cases_mod.cases(ops, device, args.size, dtypes), rounds=args.rounds, peak_size=peak_size,
+            selected, rounds=args.rounds, peak_size=peak_size,
             log=lambda line: print(line, file=sys.stderr, flush=True),
         )
         for why in cases_mod.left_out:

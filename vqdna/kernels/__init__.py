@@ -10,6 +10,7 @@ from vqdna.kernels.ops.hrq_quantize.wrapper import hrq_quantize
 from vqdna.kernels.ops.kmeans.wrapper import kmeans
 from vqdna.kernels.ops.lookup.wrapper import lookup, raise_on_nonfinite
 from vqdna.kernels.ops.quantize.wrapper import quantize
+from vqdna.kernels.ops.sample_codes.wrapper import sample_codes
 from vqdna.kernels.ops.stem.wrapper import stem
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "quantize",
     "raise_on_nonfinite",
     "reference",
+    "sample_codes",
     "stem",
 ]

@@ -19,7 +19,7 @@ from vqdna.kernels.compile_marks import assume_constant_result
 
 __all__ = [
     "lookup", "hrq_quantize", "ema_stats", "ema_update", "laplace_smoothed", "kmeans", "kmeans_init", "stem",
-    "convnext_block", "hrq_level_losses", "nonfinite_report",
+    "convnext_block", "hrq_level_losses", "nonfinite_report", "l2norm", "l2norm_backward", "sample_codes",
     "BASE_PAD_ID", "NUM_BASES", "EMA_EPS",
 ]
 
@@ -75,11 +75,13 @@ def lookup(
 
 
 def quantize(
-    z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: Optional[torch.Tensor] = None
+    z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: Optional[torch.Tensor] = None, normalize: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Nearest code, its row, the commitment-loss sum and the non-finite rows in one pass (docs/design.md §2.1).
 
     z [N, D], codebook [K, D] (same dtype: float32/bfloat16/float16/float64), codebook_sqnorm [K] (optional).
+    normalize: z is first replaced by its unit rows u = l2norm(z) (in the dtype of z; `l2norm`: cosine
+    similarity, vector-quantize-pytorch's use_cosine_sim), and everything below is of u instead of z.
     Returns
       codes int32 [N] and dist [N] float32 (float64 for float64 inputs): exactly `lookup(z, codebook)`;
       quantized [N, D] (dtype of z) = codebook[codes]: the straight-through output's values, bit-exact rows
@@ -91,11 +93,75 @@ def quantize(
         A device tensor: reading it is the caller's choice (no host sync here).
     Gradient (docs/design.md §2.1, straight-through + commitment): dL/dz = g_quantized
     + 2 (g_sqdist_sum + g_dist[:, None]) (z - quantized); the codebook gets none (EMA updates it).
+    With normalize, that is dL/du, and dL/dz = l2norm's Jacobian (I - u u^T) / max(|z|, 1e-6) applied to it.
     """
+    if normalize:
+        z = l2norm(z)
     codes, dist = lookup(z, codebook, codebook_sqnorm)
     quantized = codebook[codes.long()].to(z.dtype)
     sqdist_sum = dist.double().sum().to(dist.dtype)
     return codes, quantized, dist, sqdist_sum, nonfinite_report(dist)
+
+
+def l2norm(z: torch.Tensor) -> torch.Tensor:
+    """Unit rows z / max(|z|, 1e-6) along the last dim, in the dtype of z (torch's normalize, with
+    vector-quantize-pytorch's l2norm eps)."""
+    return torch.nn.functional.normalize(z, dim=-1, eps=1e-6)
+
+
+def l2norm_backward(z: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient through `l2norm` (float32; float64 for float64 z): grad [..., D] with respect to
+    u = l2norm(z) -> (grad - u (u . grad)) / |z| with respect to z, or grad / 1e-6 where |z| < 1e-6
+    (the clamp holds the norm constant there), as autograd differentiates torch's normalize."""
+    acc = _accum_dtype(z.dtype)
+    z, g = z.to(acc), grad.to(acc)
+    n = z.norm(dim=-1, keepdim=True)
+    d = n.clamp_min(1e-6)
+    u = z / d
+    radial = u * (u * g).sum(-1, keepdim=True)
+    return (g - torch.where(n >= 1e-6, radial, torch.zeros_like(radial))) / d
+
+
+def sample_codes(
+    z: torch.Tensor, codebook: torch.Tensor, temp: float, cosine: bool = False, block_rows: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gumbel-max sampling of one code per row (vector-quantize-pytorch's stochastic_sample_codes,
+    its draws and its arithmetic), with the chosen rows and their distances (what a VQ layer does next).
+    z [N, D] and codebook [K, D] float32 (any strides), temp > 0.
+
+    Draws u [N, K] from the default generator of z's device as torch's uniform_ does, row-major (in
+    blocks of block_rows rows: on the CPU the same numbers as one [N, K] draw), and takes the noise
+    g = log(-log(max(u, 1e-20))) (minus a Gumbel sample). Returns codes int64 [N]:
+      argmin_k sqrt(max(dist_k, 1e-8)) / temp + g_k (the peer's argmax of -dist / temp + gumbel), dist
+      = (|z|^2 + |e_k|^2) - 2 z.e_k accumulated by addmm; cosine: argmax_k z.e_k / temp - g_k.
+    Ties: the first index; a NaN wins (torch's argmin / argmax). Consumes N K draws of the generator.
+    Also returns quantized [N, D] float32 = codebook[codes] and dist [N] float32 = ||z - quantized||^2
+    (summed over D in float32; non-finite where the row of z is).
+    """
+    n, k = z.shape[0], codebook.shape[0]
+    e = codebook.float()
+    et, e_sq = e.T, e.pow(2).sum(-1)
+    codes = torch.empty(n, dtype=torch.int64, device=z.device)
+    step = max(1, min(block_rows, n))
+    logits_buf = torch.empty(step, k, device=z.device)
+    noise_buf = torch.empty(step, k, device=z.device)
+    with torch.no_grad(), _no_tf32():
+        for start in range(0, n, step):
+            r = z[start : start + step].float()
+            m = r.shape[0]
+            logits, noise = logits_buf[:m], noise_buf[:m]
+            # The peer's second clamp (of -log(u)) is left out: u < 1, so -log(u) >= 5.9e-8 already.
+            noise.uniform_(0, 1).clamp_min_(1e-20).log_().neg_().log_()
+            if cosine:
+                torch.mm(r, et, out=logits).div_(temp).sub_(noise)
+                torch.argmax(logits, -1, out=codes[start : start + m])
+            else:
+                torch.add(r.pow(2).sum(-1, keepdim=True), e_sq, out=logits).addmm_(r, et, alpha=-2.0)
+                logits.clamp_min_(1e-8).sqrt_().div_(temp).add_(noise)
+                torch.argmin(logits, -1, out=codes[start : start + m])
+        quantized = e[codes]
+        dist = (z.float() - quantized).pow(2).sum(-1)
+    return codes, quantized, dist
 
 
 def nonfinite_report(dist: torch.Tensor) -> torch.Tensor:

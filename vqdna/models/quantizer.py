@@ -32,8 +32,8 @@ from vqdna import kernels
 __all__ = ["VectorQuantizer", "HRQuantizer"]
 
 _USAGE_DECAY = 0.9  # the recent-usage window of usage(): about the last 10 training batches
-# Rows per block of VectorQuantizer's Gumbel sampling: large blocks, because a small matmul repacks
-# the whole codebook per call and each elementwise op pays its thread start-up per call.
+# Rows per block of VectorQuantizer's Gumbel sampling (kernels.sample_codes): large blocks, because a
+# small matmul repacks the whole codebook per call.
 _SAMPLE_CHUNK = 4096
 
 
@@ -58,29 +58,34 @@ class _CommitmentLoss(torch.autograd.Function):
     """Weighted mean((x - sg(q))^2) over the unmasked rows, its value taken from the lookup's
     per-row squared distances (no extra pass over x). x, q [..., D]; row_sqdist [...] float32 (or
     their sum [] without row_weight);
-    row_weight [...] float32 or None (all ones). Backward: 2 w (x - q) / (D * sum(w))."""
+    row_weight [...] float32 or None (all ones). Backward: 2 w (x - q) / (D * sum(w)).
+    normalized: the distances are of l2norm(x) (the quantize op's normalize): x in the formula is
+    l2norm(x), recomputed in backward, and the gradient to x goes through l2norm's Jacobian."""
 
     @staticmethod
-    def forward(x, quantized, row_sqdist, row_weight):
+    def forward(x, quantized, row_sqdist, row_weight, normalized=False):
         if row_weight is None:  # row_sqdist may be the sum already (a 0-d tensor: the quantize op's)
             return (row_sqdist if row_sqdist.dim() == 0 else row_sqdist.sum()) / x.numel()
         return (row_sqdist * row_weight).sum() / (row_weight.sum().clamp_min(1) * x.shape[-1])
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, quantized, _, row_weight = inputs
+        x, quantized, _, row_weight = inputs[:4]
         ctx.save_for_backward(x, quantized, row_weight)
+        ctx.normalized = len(inputs) > 4 and bool(inputs[4])
 
     @staticmethod
     def backward(ctx, grad):
         x, quantized, row_weight = ctx.saved_tensors
-        diff = x.float() - quantized.float()
+        diff = (_l2norm(x) if ctx.normalized else x).float() - quantized.float()
         if row_weight is None:
             gx = diff * (grad * 2.0 / x.numel())
         else:
             gx = diff * row_weight[..., None] * (grad * 2.0 / (row_weight.sum().clamp_min(1) * x.shape[-1]))
         gq = -gx.to(quantized.dtype) if ctx.needs_input_grad[1] else None  # a learnable codebook
-        return gx.to(x.dtype), gq, None, None
+        if ctx.normalized:
+            gx = kernels.reference.l2norm_backward(x, gx)
+        return gx.to(x.dtype), gq, None, None, None
 
 
 class _RotationTrick(torch.autograd.Function):
@@ -111,7 +116,7 @@ class _RotationTrick(torch.autograd.Function):
 
 def _l2norm(t: torch.Tensor) -> torch.Tensor:
     """Unit vectors along the last dim (eps 1e-6 as vector-quantize-pytorch's l2norm)."""
-    return torch.nn.functional.normalize(t, dim=-1, eps=1e-6)
+    return kernels.reference.l2norm(t)
 
 
 def _orthogonal_loss(codebook: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -423,7 +428,8 @@ class VectorQuantizer(_EMACodebook):
             # A parameter (same state-dict key): the optimizer or the orthogonality loss moves it.
             codebook = self._buffers.pop("codebook")
             self.codebook = nn.Parameter(codebook)
-        self._sqnorm_cache: tuple = (None, -1, None)  # (codebook tensor, its version, ||e_k||^2 [K])
+        # (codebook buffer, its version, the search's codebook, its ||e_k||^2 [K]): _search_codebook
+        self._sqnorm_cache: tuple = (None, -1, None, None)
         self.has_projections = codebook_dim * heads != dim
         self.project_in = nn.Linear(dim, codebook_dim * heads) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(codebook_dim * heads, dim) if self.has_projections else nn.Identity()
@@ -502,56 +508,43 @@ class VectorQuantizer(_EMACodebook):
                              f"{'H, W' if self.accept_image_fmap else 'D, H, W'}]")
         return (x.movedim(1, -1) if move else x), move
 
-    def _sample_codes(self, z: torch.Tensor, codebooks: torch.Tensor, temp: float) -> torch.Tensor:
+    def _sample_codes(self, z: torch.Tensor, codebooks: torch.Tensor, temp: float):
         """Gumbel-max codes [..., C] (or [...] with C = 1) of z [..., C, d] ([..., d]) over logits
         -distance / temp (cosine: z.e / temp) per codebook of codebooks [C, K, d], from the global
-        torch RNG in the peer's order (the uniforms of [C, rows, K], row-major: chunking the rows
-        draws the same numbers on the CPU). Torch ops on blocks of _SAMPLE_CHUNK rows, in place in
-        two [rows, K] buffers reused across blocks (no allocation and first-touch per block), the
-        distance accumulated by the matmul into |r|^2 + |e|^2 (addmm_)."""
+        torch RNG in the peer's order (the uniforms of [C, rows, K], row-major): kernels.sample_codes
+        per codebook, in blocks of _SAMPLE_CHUNK rows (which draw the same numbers on the CPU).
+        Also the chosen rows [..., (C,) d] float32 and their squared distances [..., (C)] float32."""
         c, d = codebooks.shape[0], z.shape[-1]
         rows = z.reshape(-1, c, d).transpose(0, 1).float()  # [C, rows, d]
-        n, k = rows.shape[1], codebooks.shape[1]
         e = codebooks.float()
-        e_sq = e.pow(2).sum(-1)
-        codes = torch.empty(c, n, dtype=torch.int64, device=z.device)
-        step = max(1, min(_SAMPLE_CHUNK, n))
-        logits_buf = torch.empty(step, k, device=z.device)
-        noise_buf = torch.empty(step, k, device=z.device)
-        for i in range(c):
-            et = e[i].T
-            for start in range(0, n, step):
-                r = rows[i, start:start + step]
-                m = r.shape[0]
-                logits, noise = logits_buf[:m], noise_buf[:m]
-                # log(-log(u)) = -gumbel, with the peer's log(t) = log(t.clamp(min=1e-20)). Its second
-                # clamp is left out: u < 1 (torch's uniform_ on [0, 1)), so -log(u) >= 5.9e-8 already.
-                noise.uniform_(0, 1).clamp_min_(1e-20).log_().neg_().log_()
-                if self.use_cosine_sim:  # the peer's argmax of z.e / temp + gumbel
-                    torch.mm(r, et, out=logits).div_(temp).sub_(noise)
-                    torch.argmax(logits, -1, out=codes[i, start:start + m])
-                else:
-                    # The peer's argmax of -dist / temp + gumbel, dist = sqrt(max(|r|^2 + |e|^2 - 2 r.e,
-                    # 1e-8)), taken as the argmin of its exact negation dist / temp - gumbel.
-                    # |r|^2 + |e|^2 first, then -2 r.e accumulated into it by the matmul (as the peer sums)
-                    torch.add(r.pow(2).sum(-1, keepdim=True), e_sq[i], out=logits).addmm_(r, et, alpha=-2.0)
-                    logits.clamp_min_(1e-8).sqrt_().div_(temp).add_(noise)
-                    torch.argmin(logits, -1, out=codes[i, start:start + m])
-        return codes.transpose(0, 1).reshape(z.shape[:-1])
+        found = [
+            kernels.sample_codes(rows[i], e[i], temp, cosine=self.use_cosine_sim, block_rows=_SAMPLE_CHUNK)
+            for i in range(c)
+        ]
+        if c == 1:
+            codes, quantized, dist = found[0]
+        else:
+            codes, quantized, dist = (torch.stack([f[j] for f in found], 1) for j in range(3))
+        return codes.reshape(z.shape[:-1]), quantized.reshape(z.shape), dist.reshape(z.shape[:-1])
 
-    def _codebook_sqnorm(self, codebook: torch.Tensor) -> Optional[torch.Tensor]:
-        """||e_k||^2 [K] float32 of `codebook` (the float32 buffer itself, detached), computed as the
-        lookup wrapper does and kept while the buffer is the same tensor at the same version (eval
-        calls: one small pass less per call). None where it is not cached (compiled code, cosine
-        codebooks, another dtype): the op computes it then."""
+    def _search_codebook(self, dtype: torch.dtype, learn: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The codebook the search uses: the buffer in `dtype`, with use_cosine_sim its unit rows
+        (detached unless learn), and its ||e_k||^2 [K] float32 as the lookup wrapper computes it. Both
+        are kept while the float32 buffer is the same tensor at the same version (eval calls: no small
+        passes per call); sqnorm is None where nothing is cached (compiled code, another dtype, a
+        learnable codebook): the op computes it then."""
         book = self.codebook
-        if torch.compiler.is_compiling() or self.use_cosine_sim or codebook.dtype != torch.float32 or book.dtype != torch.float32:
-            return None
-        cached, version, sq = self._sqnorm_cache
+        if learn or torch.compiler.is_compiling() or dtype != torch.float32 or book.dtype != torch.float32:
+            codebook = book.to(dtype)
+            if self.use_cosine_sim:
+                codebook = _l2norm(codebook)
+            return (codebook if learn else codebook.detach()), None
+        cached, version, unit, sq = self._sqnorm_cache
         if cached is not book or version != book._version:
-            sq = book.detach().pow(2).sum(-1)
-            self._sqnorm_cache = (book, book._version, sq)
-        return sq
+            unit = _l2norm(book.detach()) if self.use_cosine_sim else book.detach()
+            sq = unit.pow(2).sum(-1)
+            self._sqnorm_cache = (book, book._version, unit, sq)
+        return unit, sq
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, freeze_codebook: Optional[bool] = None):
         x, move_back = self._channels_last(x)
@@ -563,7 +556,15 @@ class VectorQuantizer(_EMACodebook):
         z = self.project_in(x)
         if h > 1:
             z = z.unflatten(-1, (h, self.codebook_dim))  # heads fold into rows: one lookup
-        if self.use_cosine_sim:
+        # Channel-first z on the CPU (x [B, dim, ...] viewed as [B, ..., dim]) goes to the lookup, whose
+        # native kernel reads it in place: the fused op would first copy z into rows.
+        channel_first = move_back and z.device.type == "cpu" and z.stride(-1) != 1 and z.stride(-2) == 1
+        # Cosine in eval: the fused op normalises z itself (in cache, natively: no pass over z) and its
+        # autograd formula includes l2norm's; training keeps the unit z (k-means, the EMA, restarts), and
+        # so does the rotation trick's gradient (it rotates the unit z).
+        normalize_in_op = (self.use_cosine_sim and not self.training and c == 1 and not channel_first
+                           and not (self.rotation_trick and z.requires_grad and torch.is_grad_enabled()))
+        if self.use_cosine_sim and not normalize_in_op:
             z = _l2norm(z)
         rows_mask = mask if mask is None or h == 1 else mask[..., None].expand(z.shape[:-1])
         if self.training and self.kmeans_init and self.kmeans_pending():
@@ -573,18 +574,11 @@ class VectorQuantizer(_EMACodebook):
                 self.init_from(zd if rows_mask is None else zd[rows_mask], self.kmeans_iters, sync)
                 if self.use_cosine_sim:
                     self.codebook.copy_(_l2norm(self.codebook))
-        codebook = self.codebook.to(z.dtype)
-        if self.use_cosine_sim:
-            codebook = _l2norm(codebook)
         learn = self.learnable_codebook and not frozen
-        if not learn:
-            codebook = codebook.detach()
+        codebook, codebook_sqnorm = self._search_codebook(z.dtype, learn)
         sample = self.stochastic_sample_codes and self.training and self.sample_codebook_temp > 0
         # One codebook, nearest codes, no codebook gradient: the fused op finds the codes and writes the
         # chosen rows (with the straight-through gradient) and the distances in one pass over z.
-        # Channel-first z on the CPU (x [B, dim, ...] viewed as [B, ..., dim]) goes to the lookup, whose
-        # native kernel reads it in place: the fused op would first copy z into rows.
-        channel_first = move_back and z.device.type == "cpu" and z.stride(-1) != 1 and z.stride(-2) == 1
         fused = c == 1 and not sample and not learn and not channel_first
         if sample:
             with torch.no_grad():
@@ -592,11 +586,14 @@ class VectorQuantizer(_EMACodebook):
                 # so the same seed draws the same noise per row.
                 peer_order = h > 1 and c == 1 and z.ndim == 4
                 zs = z.detach().transpose(1, 2) if peer_order else z.detach()
-                codes = self._sample_codes(zs, codebook.detach().view(c, k, -1), self.sample_codebook_temp)
-                codes = codes.transpose(1, 2) if peer_order else codes
+                sampled = self._sample_codes(zs, codebook.detach().view(c, k, -1), self.sample_codebook_temp)
+                # codes, the chosen rows (float32) and the sampled codes' squared distances (non-finite
+                # where z is), back in z's order
+                codes, sampled_rows, dist_ = (t.transpose(1, 2) for t in sampled) if peer_order else sampled
         elif fused:
             codes, quantized_st, dist_, sqdist_sum, nonfinite = kernels.quantize(
-                z, codebook, codebook_sqnorm=self._codebook_sqnorm(codebook), codes_dtype=torch.int64)
+                z, codebook, codebook_sqnorm=codebook_sqnorm, codes_dtype=torch.int64,
+                normalize=normalize_in_op)
         elif c == 1:
             codes, dist_ = kernels.lookup(z, codebook, codes_dtype=torch.int64)
         else:
@@ -607,9 +604,12 @@ class VectorQuantizer(_EMACodebook):
             codes = torch.stack([f[0] for f in found], -1)
             dist_ = torch.stack([f[1] for f in found], -1)
         flat_codes = codes if c == 1 else codes + torch.arange(c, device=codes.device) * k
-        quantized = quantized_st.detach() if fused else torch.nn.functional.embedding(flat_codes, codebook)
-        if sample:  # the sampled code's squared distance (non-finite where z is)
-            dist_ = (z.detach().float() - quantized.detach().float()).pow(2).sum(-1)
+        if fused:
+            quantized = quantized_st.detach()
+        elif sample and not learn:  # codebook rows, exact in z's dtype
+            quantized = sampled_rows.to(z.dtype)
+        else:
+            quantized = torch.nn.functional.embedding(flat_codes, codebook)
         if self.check_finite is not False:
             # A non-finite row of x has a non-finite distance: no extra pass over x.
             _check_finite(self.check_finite, dist_, "VectorQuantizer input x", nonfinite if fused else None)
@@ -636,7 +636,8 @@ class VectorQuantizer(_EMACodebook):
         # The loss is its own graph node (the op's sqdist_sum detached): the output and the loss then
         # backward independently (autograd.grad on each, as before).
         sqdist = (sqdist_sum if weight is None else dist_).detach() if fused else dist_
-        loss = self.commitment_weight * _CommitmentLoss.apply(z, quantized if learn else quantized.detach(), sqdist, weight)
+        loss = self.commitment_weight * _CommitmentLoss.apply(
+            z, quantized if learn else quantized.detach(), sqdist, weight, normalize_in_op)
         if self.training and self.orthogonal_reg_weight > 0:
             loss = loss + self.orthogonal_reg_weight * self._orthogonal_reg(flat_codes)
         if z.requires_grad and self.rotation_trick:

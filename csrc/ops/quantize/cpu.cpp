@@ -5,6 +5,8 @@
 // copied to `quantized`, its distance is added to the block's float64 loss sum and a non-finite
 // distance is counted. Per-block sums and counts are
 // combined in block order after the parallel loop, so the result does not depend on the thread count.
+// normalize (cosine similarity): each row is l2-normalised as its block is packed (pack_panel), so the
+// search, dist and the loss sum are of the unit rows at no extra pass over z.
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
@@ -44,7 +46,8 @@ inline void copy_row(void* dst, const void* src, int64_t bytes, bool stream) {
 
 template <typename T>
 void quantize_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& sqnorm, at::Tensor& codes,
-                     at::Tensor& quantized, at::Tensor& dist, at::Tensor& sqdist_sum, at::Tensor& nonfinite) {
+                     at::Tensor& quantized, at::Tensor& dist, at::Tensor& sqdist_sum, at::Tensor& nonfinite,
+                     bool normalize) {
   const int64_t N = z.size(0), D = z.size(1), K = codebook.size(0);
   const T* zp = z.const_data_ptr<T>();
   const T* cbp = codebook.const_data_ptr<T>();
@@ -84,7 +87,7 @@ void quantize_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::
 #ifdef VQDNA_AVX2
     if (stream) _mm_sfence();  // this block's streamed stores are visible before the outputs are read
 #endif
-  }, 0, screen.get());
+  }, 0, screen.get(), normalize);
   double total = 0.0;
   int64_t bad = 0, first = -1;
   for (int64_t b = 0; b < n_blocks; ++b) {
@@ -99,7 +102,7 @@ void quantize_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_native_cpu(
-    const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& codebook_sqnorm) {
+    const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& codebook_sqnorm, bool normalize) {
   check_search_inputs("vqdna.quantize_native", z, codebook, codebook_sqnorm);
   const auto dt = z.scalar_type();
 
@@ -114,9 +117,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_
 
   AT_DISPATCH_SWITCH(
       dt, "vqdna_quantize_native",
-      AT_DISPATCH_CASE(at::kFloat, [&] { quantize_kernel<float>(zc, cbc, sqc, codes, quantized, dist, sqdist_sum, nonfinite); })
-      AT_DISPATCH_CASE(at::kBFloat16, [&] { quantize_kernel<c10::BFloat16>(zc, cbc, sqc, codes, quantized, dist, sqdist_sum, nonfinite); })
-      AT_DISPATCH_CASE(at::kHalf, [&] { quantize_kernel<c10::Half>(zc, cbc, sqc, codes, quantized, dist, sqdist_sum, nonfinite); }));
+      AT_DISPATCH_CASE(at::kFloat, [&] { quantize_kernel<float>(zc, cbc, sqc, codes, quantized, dist, sqdist_sum, nonfinite, normalize); })
+      AT_DISPATCH_CASE(at::kBFloat16, [&] { quantize_kernel<c10::BFloat16>(zc, cbc, sqc, codes, quantized, dist, sqdist_sum, nonfinite, normalize); })
+      AT_DISPATCH_CASE(at::kHalf, [&] { quantize_kernel<c10::Half>(zc, cbc, sqc, codes, quantized, dist, sqdist_sum, nonfinite, normalize); }));
   return {codes, quantized, dist, sqdist_sum, nonfinite};
 }
 

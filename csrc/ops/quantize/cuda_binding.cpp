@@ -15,12 +15,15 @@
 namespace vqdna {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_cuda(
-    const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& codebook_sqnorm) {
-  ::vqdna::cuda::check_search_inputs("quantize_cuda", z, codebook, codebook_sqnorm);
-  const auto dtype = ::vqdna::cuda::kernel_dtype(z.scalar_type(), "quantize_cuda", "z");
-  const int64_t n = z.size(0), d = z.size(1), k = codebook.size(0);
+    const at::Tensor& z_in, const at::Tensor& codebook, const at::Tensor& codebook_sqnorm, bool normalize) {
+  ::vqdna::cuda::check_search_inputs("quantize_cuda", z_in, codebook, codebook_sqnorm);
+  const auto dtype = ::vqdna::cuda::kernel_dtype(z_in.scalar_type(), "quantize_cuda", "z");
+  const int64_t n = z_in.size(0), d = z_in.size(1), k = codebook.size(0);
 
-  const c10::cuda::CUDAGuard device_guard(z.device());
+  const c10::cuda::CUDAGuard device_guard(z_in.device());
+  // normalize: the kernel runs on l2norm(z) = z / max(|z|, 1e-6) (torch's normalize, in the dtype of z).
+  const at::Tensor z =
+      normalize ? (z_in / at::linalg_vector_norm(z_in, 2, {-1}, true).clamp_min(1e-6)).contiguous() : z_in;
   auto codes = at::empty({n}, z.options().dtype(at::kInt));
   auto quantized = at::empty({n, d}, z.options());
   auto dist = at::empty({n}, z.options().dtype(at::kFloat));

@@ -254,3 +254,52 @@ def test_native_screened_quantize_is_bit_identical(case, dtype, rng, monkeypatch
     want, got, stats = exact_and_screened(lambda: quantize(z, codebook, backend="native"), monkeypatch)
     assert stats["search"] == "bf16" and stats["rows_screened"] > 0, stats
     assert_bit_identical(want, got)
+
+
+def _cosine_inputs(n, k, d, dtype, device, rng):
+    """Rows of z at scales from 1e-3 to 10 (row 0 all zero, row 1 below the 1e-6 norm clamp) and a
+    unit codebook: what VectorQuantizer(use_cosine_sim=True) passes with normalize=True."""
+    z, codebook = make_inputs(n, k, d, torch.float32, "cpu", rng)
+    z = z * 10.0 ** (4 * torch.rand(n, 1, generator=rng) - 3)
+    if n > 2:
+        z[0], z[1] = 0.0, z[1] * 1e-8
+    return z.to(dtype).to(device), reference.l2norm(codebook).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_ids)
+@pytest.mark.parametrize(
+    "backend,device,n,k,d", backend_case_params(SHAPES, lambda n, k, d: n * k * d > _INTERPRETER_BUDGET, op="quantize")
+)
+def test_normalize_is_quantize_of_the_unit_rows(backend, device, n, k, d, dtype, rng, poison):
+    """normalize=True: every output is that of the unit rows l2norm(z) (the native kernel normalises
+    each row as it packs it; the others normalise z first), on the backend asked for."""
+    require_backend(backend, device, "quantize")
+    z, codebook = _cosine_inputs(n, k, d, dtype, device, rng)
+    out = quantize(z, codebook, backend=backend, normalize=True)
+    assert dispatch.last_backend("quantize") == backend
+    assert_quantize_matches(reference.l2norm(z), codebook, out, dtype)
+    if n > 2:
+        assert float(out[2][0]) == pytest.approx(float(codebook[out[0][0].long()].float().pow(2).sum()), rel=1e-2)  # |0 - e|^2
+
+
+@pytest.mark.parametrize("backend,device", backend_params("quantize"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_ids)
+def test_normalize_gradient_goes_through_l2norm(backend, device, dtype, rng, poison):
+    """The straight-through + commitment gradient with respect to u = l2norm(z), taken through
+    l2norm's Jacobian: what autograd gives for torch's normalize followed by the unit-row quantize."""
+    require_backend(backend, device, "quantize")
+    z, codebook = _cosine_inputs(40, 9, 13, dtype, device, rng)
+    z.requires_grad_(True)
+    codes, quantized, dist, sqdist_sum, _ = quantize(z.reshape(4, 10, 13), codebook, backend=backend, normalize=True)
+    g = torch.randn(quantized.shape, generator=rng).to(device)
+    w = torch.rand(dist.shape, generator=rng).to(device)
+    ((quantized.float() * g).sum() + 0.7 * sqdist_sum + (dist * w).sum()).backward()
+    zz = z.detach().float().clone().requires_grad_(True)
+    u = torch.nn.functional.normalize(zz, dim=-1, eps=1e-6)
+    q = codebook.float()[codes.reshape(-1).long()]
+    sq = (u - q).pow(2).sum(-1)
+    ((u + (q - u).detach()) * g.reshape(40, 13).to(dtype).float()).sum().add(0.7 * sq.sum() + (sq * w.reshape(40)).sum()).backward()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    scale = zz.grad.abs().amax(-1, keepdim=True)  # row 1's gradient is ~1e6 (the norm clamp)
+    torch.testing.assert_close(z.grad.float() / scale, (zz.grad / scale).to(dtype).float(), rtol=tol, atol=tol)
+    assert z.grad.dtype == dtype

@@ -12,4 +12,5 @@ DECLARATIONS = registry.register([
     "stem",
     "convnext_block",
     "quantize",
+    "sample_codes",
 ])

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from vqdna.kernels import reference
 from vqdna.kernels.ops.lookup.triton_kernel import (
     INTERPRETER_TILE,
     TILES,
@@ -108,11 +109,14 @@ def _quantize_finish_kernel(sum_ptr, bad_ptr, sqdist_sum_ptr, nonfinite_ptr, N):
 
 @triton_op("vqdna::quantize_triton", mutates_args=())
 def quantize_triton(
-    z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: torch.Tensor
+    z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: torch.Tensor, normalize: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """z [N, D] contiguous, codebook [K, D] contiguous (same dtype: float32/bfloat16/float16),
     codebook_sqnorm [K] float32. Returns codes int32 [N], quantized [N, D] (dtype of z), dist float32
-    [N], sqdist_sum float32 [] (float64 accumulation), nonfinite int64 [2] (docs/design.md §2.1)."""
+    [N], sqdist_sum float32 [] (float64 accumulation), nonfinite int64 [2] (docs/design.md §2.1).
+    normalize: of l2norm(z) instead, normalised by torch before the kernel (one pass more over z)."""
+    if normalize:
+        z = reference.l2norm(z)
     n, d = z.shape
     k = codebook.shape[0]
     codes = torch.empty(n, dtype=torch.int32, device=z.device)

@@ -20,6 +20,7 @@ def quantize(
     codebook_sqnorm: Optional[torch.Tensor] = None,
     backend: str = "auto",
     codes_dtype: torch.dtype = torch.int32,
+    normalize: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """`lookup` fused with what a VQ layer does next, in one pass over z (docs/design.md §2.1).
 
@@ -31,6 +32,9 @@ def quantize(
     sqdist_sum / z.numel()), whose gradient to z is 2 (z - quantized); nonfinite int64 [2] =
     (count of non-finite rows, the first one's flat row index or -1), left on the device (no host
     sync). The codebook gets no gradient.
+    normalize: search, output and loss of the unit rows u = l2norm(z) instead of z (cosine similarity
+    with a unit codebook; the native kernel normalises each row in cache, no pass over z), dist and
+    sqdist_sum of u; the gradient to z goes through l2norm's Jacobian (reference.quantize).
     backend: "auto" | "cuda" | "triton" | "native" | "reference" (env VQDNA_BACKEND replaces "auto").
     """
     check_lookup_inputs(z, codebook, codebook_sqnorm, op="quantize", codes_dtype=codes_dtype)
@@ -41,9 +45,9 @@ def quantize(
     cb, sq = codebook_operands(codebook, codebook_sqnorm)
     op = backend_op("quantize", name)
     if n <= _MAX_ROWS_PER_LAUNCH:
-        codes, quantized, dist, sqdist_sum, nonfinite = op(flat, cb, sq)
+        codes, quantized, dist, sqdist_sum, nonfinite = op(flat, cb, sq, bool(normalize))
     else:
-        parts = [op(flat[s : s + _MAX_ROWS_PER_LAUNCH], cb, sq) for s in range(0, n, _MAX_ROWS_PER_LAUNCH)]
+        parts = [op(flat[s : s + _MAX_ROWS_PER_LAUNCH], cb, sq, bool(normalize)) for s in range(0, n, _MAX_ROWS_PER_LAUNCH)]
         codes, quantized, dist = (torch.cat([p[i] for p in parts]) for i in range(3))
         sqdist_sum = torch.stack([p[3].double() for p in parts]).sum().to(parts[0][3].dtype)
         counts = torch.stack([p[4][0] for p in parts])
