@@ -146,7 +146,7 @@ def _repeats_unit(rng, limit, window, split):
 
 
 @pytest.mark.parametrize("scatter_bases", [1, 7, 1 << 20])
-@pytest.mark.parametrize("window,halo,gap,rows", [(30, 3, 3, 2), (16, 8, 3, 4), (50, 4, 1, 1)])
+@pytest.mark.parametrize("window,halo,gap,rows", [(30, 3, 3, 2), (16, 8, 3, 4), (50, 4, 1, 1), (7, 8, 3, 3)])
 def test_dereplicated_output_equals_coding_every_record(monkeypatch, scatter_bases, window, halo, gap, rows):
     """Coding each distinct short record once and copying its codes to the repeats gives the unit's
     output codes, piece by piece, exactly as coding every record (the encoder's segments isolated)."""

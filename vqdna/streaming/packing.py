@@ -6,10 +6,11 @@ The gap only has to cover one convolution's reach, not R: the encoder zeroes mas
 every layer (model.isolation_gap, 3 for vqdna-small against R = 14), so an 8-bp record costs 11
 positions instead of 22.
 
-Dereplication (`dereplicate=True`): a unit's short records (whole records two of which fit in a row)
-that repeat an earlier one of the unit exactly are not packed; the encoder codes each distinct one
-once and the writer copies its codes to every repeat (`Scatter`). Exact because packed segments are
-isolated: a record's codes are those of the record encoded alone, wherever it is packed.
+Dereplication (`dereplicate=True`): a unit's short records (whole records of one window, two of which
+fit in a row) that repeat an earlier one of the unit exactly are not packed; the encoder codes each
+distinct one once and the writer copies its codes to every repeat (`Dereplication.scatter`). Exact
+because packed segments are isolated: a record's codes are those of the record encoded alone,
+wherever it is packed.
 
 Vectorised: the segments of a unit are numpy columns; Python loops once per row (a row holds one
 long window or hundreds of short records) and once per distinct short-record length, never per
@@ -162,8 +163,8 @@ _SCATTER_BASES = 1 << 20  # output bases written at a time by Dereplication.scat
 
 
 def short_limit(window: int, halo: int, gap: int) -> int:
-    """The longest record that is dereplicated: two of them (and the gap) fit in one row."""
-    return (window + 2 * halo - gap) // 2
+    """The longest record that is dereplicated: one window, and two of them (and the gap) fit in a row."""
+    return min(window, (window + 2 * halo - gap) // 2)
 
 
 def _distinct(seq: np.ndarray, src: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
