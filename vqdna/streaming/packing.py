@@ -122,6 +122,7 @@ def batches(unit: Unit, window: int, halo: int, rows: int, gap: Optional[int] = 
         batch.scatter = (plan, k0, e0, e1)
         yield batch
         k0, e0 = k1, e1
+    plan.unit = None  # packed: the writer's batches keep the plan, not the unit's bases
 
 
 def _packed(unit: Unit, window: int, halo: int, rows: int, gap: int) -> Iterator[Batch]:
@@ -159,7 +160,7 @@ def _batch(unit: Unit, seg: list, row: np.ndarray, col: np.ndarray) -> Batch:
 
 # --- dereplication ---------------------------------------------------------------------------------
 
-_SCATTER_BASES = 1 << 20  # output bases written at a time by Dereplication.scatter: bounds its arrays
+_SCATTER_BASES = 1 << 18  # output bases written at a time by Dereplication.scatter: bounds its arrays
 
 
 def short_limit(window: int, halo: int, gap: int) -> int:
@@ -194,7 +195,7 @@ class Dereplication:
     the cache at cache_start[j] (its first occurrence's codes, stored when that one is coded); any
     other piece from the batch that codes it, at kept-base kpos[j] (int64 [pieces], -1: a repeat)."""
 
-    unit: Unit
+    unit: Optional[Unit]
     kept: np.ndarray
     kstart: np.ndarray
     ostart: np.ndarray
@@ -242,14 +243,16 @@ def dereplication(unit: Unit, limit: int) -> Optional[Dereplication]:
     candidates = np.flatnonzero(short)
     if len(candidates) < 2:
         return None
-    rep = np.arange(n, dtype=np.int64)  # the first piece with the same bases (itself if none)
     by_length = candidates[np.argsort(lengths[candidates], kind="stable")]  # piece order within a length
     cuts = np.flatnonzero(np.diff(lengths[by_length])) + 1
-    src = unit.seq_offsets + (unit.starts - unit.seq_starts)  # a whole record's first base in unit.seq
-    for idx in np.split(by_length, cuts):
-        first, group = _distinct(unit.seq, src[idx], int(lengths[idx[0]]))
-        rep[idx] = idx[first[group]]
-    keep = rep == np.arange(n)
+    rep = np.empty_like(by_length)  # per candidate (by_length order): the first piece with its bases
+    for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(by_length)]])):
+        idx = by_length[a:b]
+        src = unit.seq_offsets[idx] + (unit.starts[idx] - unit.seq_starts[idx])  # its first base in unit.seq
+        first, group = _distinct(unit.seq, src, int(lengths[idx[0]]))
+        rep[a:b] = idx[first[group]]
+    keep = np.ones(n, dtype=bool)
+    keep[by_length[rep != by_length]] = False
     if keep.all():
         return None
     kept = np.flatnonzero(keep)
@@ -265,5 +268,5 @@ def dereplication(unit: Unit, limit: int) -> Optional[Dereplication]:
     cached = kept[short[kept]]  # distinct short records, in the order they are coded
     cache_start = np.zeros(n, dtype=np.int64)
     cache_start[cached] = np.cumsum(lengths[cached]) - lengths[cached]
-    cache_start = cache_start[rep]
+    cache_start[by_length] = cache_start[rep]  # a repeat reads its first occurrence's codes
     return Dereplication(sub_unit, kept, kstart, ostart, short, kpos, cache_start, int(lengths[cached].sum()), n - len(kept))
