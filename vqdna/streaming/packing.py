@@ -175,7 +175,8 @@ def _distinct(seq: np.ndarray, src: np.ndarray, length: int) -> tuple[np.ndarray
     np.lexsort (stable: the first of equal keys is the earliest record)."""
     m, words = len(src), -(-length // 8)
     keys = np.zeros((m, words * 8), dtype=np.uint8)
-    keys[:, :length] = seq[_ranges(src, np.full(m, length, dtype=np.int64))].reshape(m, length)
+    for c in range(length):  # a column at a time: no index array of m * length int64
+        keys[:, c] = seq[src + c]
     cols = keys.view(np.uint64)  # [m, words]
     order = np.lexsort(cols.T[::-1])
     ordered = cols[order]
