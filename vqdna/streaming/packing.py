@@ -171,8 +171,9 @@ def short_limit(window: int, halo: int, gap: int) -> int:
 def _distinct(seq: np.ndarray, src: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
     """Records of `length` bases at seq[src[i]:][:length] (src int64 [m], in piece order): (first, group)
     int64: `first` [distinct] the position in src of each distinct sequence's first occurrence (in
-    key order), `group` [m] the distinct sequence of each record (an index into first). Keys are the bases' bytes, zero-padded to whole uint64 words and sorted by
-    np.lexsort (stable: the first of equal keys is the earliest record)."""
+    key order), `group` [m] the distinct sequence of each record (an index into first). Keys are the
+    bases' bytes, zero-padded to whole uint64 words, sorted by np.lexsort (stable: the first of equal
+    keys is the earliest record)."""
     m, words = len(src), -(-length // 8)
     keys = np.zeros((m, words * 8), dtype=np.uint8)
     for c in range(length):  # a column at a time: no index array of m * length int64
@@ -191,7 +192,8 @@ def _distinct(seq: np.ndarray, src: np.ndarray, length: int) -> tuple[np.ndarray
 class Dereplication:
     """A unit whose repeated short records are coded once (docs/design.md §2.5). Output bases are the
     unit's in piece order (ostart int64 [pieces + 1]: piece j's are [ostart[j], ostart[j + 1])); `unit`
-    holds the kept pieces (every piece but the repeats: kept int64 [kept]), whose coded bases come
+    holds the kept pieces (every piece but the repeats: kept int64 [kept]; None once they are
+    packed, so the writer's batches do not keep the unit's bases alive), whose coded bases come
     in that order (kstart int64 [kept + 1]). A short piece j (short bool [pieces]) takes its codes from
     the cache at cache_start[j] (its first occurrence's codes, stored when that one is coded); any
     other piece from the batch that codes it, at kept-base kpos[j] (int64 [pieces], -1: a repeat)."""
