@@ -4,7 +4,8 @@ fly into one FASTA file, tokenized on the CPU, then read back with TokenDataset.
     python -m bench.scale --records 1000000 --length 8                  # the bundled vqdna-small
     python -m bench.scale --records 20000000 --length 8 --model null    # everything but the encoder
 
-Reports wall time, bases/s, records/s and peak RSS of the tokenization (one process: ru_maxrss, the
+Reports wall time, bases/s, records/s, the bases the encoder coded (short records repeated in a work
+unit are coded once: random 8-bp records hold at most 4^8 distinct ones) and peak RSS of the tokenization (one process: ru_maxrss, the
 input is generated in bounded chunks first), the encoder's share of the wall time (the compute
 stage's busy time over the wall), the time rank 0 takes to plan the run under torchrun (plan_units),
 TokenDataset's open time, first find() time and random-access time, and the peak RSS once those
@@ -162,6 +163,8 @@ def run(records: int, length: int, model: str = "vqdna-small", workdir: str | No
             "bases_per_s": round(stats.bases / wall, 1),
             "records_per_s": round(stats.records / wall, 1),
             "encoder_share": round(stats.compute_s / wall, 3),
+            "encoded_bases": stats.encoded_bases,  # fewer than records x length when short records repeat
+            "copied_records": stats.copied_records,
             "plan_s": round(plan_s, 3),
             "peak_rss_gb": round(peak * 1024 / 1e9, 3),
             "rss_before_tokenize_gb": round(rss_before * 1024 / 1e9, 3),

@@ -94,3 +94,86 @@ def test_gap_outside_0_to_halo_is_refused():
     for gap in (-1, 5):
         with pytest.raises(ValueError, match="gap must be in 0..halo=4"):
             next(packing.batches(unit, 8, 4, 2, gap))
+
+
+def _fake_encode(ids: np.ndarray) -> np.ndarray:
+    """uint8 [rows, L] -> int64 codes [rows, L, 2] from each position and its two neighbours (PAD
+    beyond the row): segments a gap >= 1 apart are isolated, as the real encoder's are."""
+    x = ids.astype(np.int64)
+    left = np.pad(x, ((0, 0), (1, 0)), constant_values=PAD)[:, :-1]
+    right = np.pad(x, ((0, 0), (0, 1)), constant_values=PAD)[:, 1:]
+    return np.stack([x * 36 + left * 6 + right, (x + 3 * left) % 7], axis=-1)
+
+
+def _unit_output(unit, window, halo, rows, gap, dereplicate):
+    """The unit's output codes [bases, 2] in piece order (as the pipeline's writer assembles them)
+    and the number of bases coded."""
+    parts, coded = [np.zeros((0, 2), np.int64)], 0
+    for b in packing.batches(unit, window, halo, rows, gap, dereplicate=dereplicate):
+        codes = _fake_encode(b.ids).reshape(-1, 2)[b.gather]
+        coded += len(codes)
+        if b.scatter is None:
+            parts.append(codes)
+        else:
+            plan, k0, e0, e1 = b.scatter
+            parts.extend(plan.scatter(codes, k0, e0, e1))
+    return np.concatenate(parts), coded
+
+
+def _repeats_unit(rng, limit, window, split):
+    """A unit of records drawn from a small pool (so most repeat): lengths 1..4, `limit` and
+    `limit` + 1 (the short/long threshold), longer than a window, empty; N bases (id 4); with
+    `split`, the first and last records are pieces of longer ones."""
+    lengths = [1, 1, 2, 3, 4, limit - 1, limit, limit, limit + 1, limit + 1, 2 * window + 3, 0]
+    pool = [rng.integers(0, 5, n).astype(np.uint8) for n in lengths]
+    pool.append(pool[-2].copy())  # a repeated long record: coded each time (only short ones are dereplicated)
+    records = [pool[int(i)].copy() for i in rng.integers(0, len(pool), 150)]
+    records += [rng.integers(0, 4, 3).astype(np.uint8) for _ in range(5)]  # a few distinct ones
+    records = [records[i] for i in rng.permutation(len(records))]
+    if split:
+        records[0] = pool[5].copy()  # also a short record, but only partly in the unit: not dereplicated
+        records[-1] = pool[-3].copy()
+    pieces = []
+    for i, r in enumerate(records):
+        start, length = 0, len(r)
+        if split and i == 0:
+            start, length = len(r) // 2, len(r) - len(r) // 2
+        if split and i == len(records) - 1:
+            length = len(r) // 2
+        pieces.append(Piece(i, f"r{i}", start, length, len(r)))
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in records])[:-1]]).astype(np.int64)
+    return Unit(0, Pieces.of(pieces), np.concatenate(records), np.zeros(len(records), np.int64), offsets)
+
+
+@pytest.mark.parametrize("scatter_bases", [1, 7, 1 << 20])
+@pytest.mark.parametrize("window,halo,gap,rows", [(30, 3, 3, 2), (16, 8, 3, 4), (50, 4, 1, 1), (7, 8, 3, 3)])
+def test_dereplicated_output_equals_coding_every_record(monkeypatch, scatter_bases, window, halo, gap, rows):
+    """Coding each distinct short record once and copying its codes to the repeats gives the unit's
+    output codes, piece by piece, exactly as coding every record (the encoder's segments isolated)."""
+    monkeypatch.setattr(packing, "_SCATTER_BASES", scatter_bases)
+    monkeypatch.setattr(packing, "_CHUNK_SEGMENTS", 5)
+    rng = np.random.default_rng(window + rows)
+    limit = packing.short_limit(window, halo, gap)
+    for split in (False, True):
+        unit = _repeats_unit(rng, limit, window, split)
+        want, coded_all = _unit_output(unit, window, halo, rows, gap, False)
+        got, coded = _unit_output(unit, window, halo, rows, gap, True)
+        np.testing.assert_array_equal(got, want)
+        plan = packing.dereplication(unit, limit)
+        assert plan is not None and plan.copied > 50  # the dereplicated path ran
+        assert coded == coded_all - int(unit.pieces.lengths.sum() - plan.unit.pieces.lengths.sum()) < coded_all
+        lengths = unit.pieces.lengths
+        repeats = np.setdiff1d(np.arange(len(lengths)), plan.kept)
+        assert set(lengths[repeats]) <= set(range(1, limit + 1))  # only short records are ever copied
+        assert (lengths[plan.kept] == limit + 1).sum() == (lengths == limit + 1).sum()
+        if split:  # pieces of split records are coded, even when equal to a whole short record
+            assert {0, len(lengths) - 1} <= set(plan.kept.tolist())
+
+
+def test_units_without_repeats_are_not_dereplicated():
+    rng = np.random.default_rng(3)
+    records, _, unit = _unit(rng, 40, 200, True)
+    distinct = {r.tobytes() for r in records if 0 < len(r) <= 20}
+    assert len(distinct) == sum(0 < len(r) <= 20 for r in records)  # the premise: no short repeat
+    assert packing.dereplication(unit, 20) is None
+    assert all(b.scatter is None for b in packing.batches(unit, 30, 4, 3, 3, dereplicate=True))

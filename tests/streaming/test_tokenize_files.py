@@ -154,7 +154,7 @@ def test_short_records_are_packed_isolation_gap_apart(tmp_path, model, monkeypat
 
     gaps = []
     real_batches = pipeline.batches
-    monkeypatch.setattr(pipeline, "batches", lambda *a: gaps.append(a[4]) or real_batches(*a))
+    monkeypatch.setattr(pipeline, "batches", lambda *a, **k: gaps.append(a[4]) or real_batches(*a, **k))
     fasta = _random_fasta(tmp_path / "in.fa", [1, 2, 3, 5, 8, 13, 4, 7, 2, 30] * 12, seed=5)
     tokenize_files([fasta], str(tmp_path / "out"), model, window=64, batch_size=2)
     assert set(gaps) == {model.isolation_gap} == {3} and model.receptive_radius == 8
@@ -162,6 +162,41 @@ def test_short_records_are_packed_isolation_gap_apart(tmp_path, model, monkeypat
     monkeypatch.setattr(type(model), "isolation_gap", property(lambda self: 2))
     tokenize_files([fasta], str(tmp_path / "small"), model, window=64, batch_size=2)
     assert _mismatches(model, fasta, tmp_path / "small") > 50
+
+
+def _repeats_fasta(path, seed=0):
+    """400 records drawn from a small pool (most repeat, some runs of the same record in a row):
+    lengths 1..8, 38 and 39 (the short/long threshold at window 64: short_limit(64, 8, 3) = 38), one
+    over a window, empty; N and IUPAC letters; plus a few distinct records."""
+    rng = np.random.default_rng(seed)
+    letters = np.frombuffer(b"ACGTACGTNacgtRY", np.uint8)
+    pool = [letters[rng.integers(0, len(letters), n)].tobytes().decode() for n in (1, 2, 2, 5, 8, 8, 37, 38, 38, 39, 39, 90, 0)]
+    seqs = [pool[int(i)] for i in rng.integers(0, len(pool), 380)] + [pool[6]] * 20
+    seqs = [seqs[i] for i in rng.permutation(len(seqs))] + ["ACGTNACGT"[: 1 + i % 9] + "T" * i for i in range(12)]
+    path.write_text("".join(f">r{i} copy\n{s}\n" for i, s in enumerate(seqs)))
+    return str(path), seqs
+
+
+@pytest.mark.parametrize("shard_records", [37, 1000])  # 37: unit boundaries fall inside runs of repeats
+def test_repeated_short_records_are_coded_once_per_unit(tmp_path, model, monkeypatch, shard_records):
+    """Repeats of a short record in a work unit are coded once and copied: the directory is byte for byte
+    the one coding every record, with fewer bases through the encoder."""
+    from vqdna.streaming import packing
+
+    fasta, seqs = _repeats_fasta(tmp_path / "in.fa")
+    bases = sum(map(len, seqs))
+    kw = dict(window=64, batch_size=3, shard_records=shard_records)
+    stats = tokenize_files([fasta], str(tmp_path / "derep"), model, **kw)
+    monkeypatch.setattr(packing, "dereplication", lambda unit, limit: None)
+    every = tokenize_files([fasta], str(tmp_path / "every"), model, **kw)
+    assert _dir_bytes(tmp_path / "derep") == _dir_bytes(tmp_path / "every")
+    assert stats.bases == every.bases == every.encoded_bases == bases and stats.records == len(seqs)
+    short = [s.upper().replace("R", "N").replace("Y", "N") for s in seqs if 1 <= len(s) <= 38]
+    repeats = len(short) - len(set(short))  # copies in one unit (every letter but ACGT reads as N)
+    assert every.copied_records == 0  # the dereplicated path ran, and all of it in one unit:
+    assert stats.copied_records == repeats if stats.shards_written == 1 else repeats / 2 < stats.copied_records < repeats
+    assert stats.encoded_bases < 0.7 * bases and stats.encoded_positions < 0.7 * every.encoded_positions
+    assert _mismatches(model, fasta, tmp_path / "derep") <= 3  # near-ties at most (as coding each alone)
 
 
 def test_work_units_are_deterministic(tmp_path):

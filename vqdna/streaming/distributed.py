@@ -85,13 +85,15 @@ def sum_over_ranks(stats, dev: torch.device) -> None:
     import torch.distributed as dist
 
     sizes = [len(u) for u in stats.usage]
-    totals = torch.tensor([stats.records, stats.bases, stats.shards_written, stats.shards_skipped], dtype=torch.int64)
+    counts = ("records", "bases", "encoded_bases", "encoded_positions", "copied_records", "shards_written", "shards_skipped")
+    totals = torch.tensor([getattr(stats, k) for k in counts], dtype=torch.int64)
     usage = torch.from_numpy(np.concatenate(stats.usage))
     if dist.get_backend() == "nccl":
         totals, usage = totals.to(dev), usage.to(dev)
     dist.all_reduce(totals)
     dist.all_reduce(usage)
-    stats.records, stats.bases, stats.shards_written, stats.shards_skipped = (int(v) for v in totals.cpu())
+    for k, v in zip(counts, totals.cpu()):
+        setattr(stats, k, int(v))
     stats.usage = list(np.split(usage.cpu().numpy(), np.cumsum(sizes)[:-1]))
     redone = [None] * dist.get_world_size()
     dist.all_gather_object(redone, stats.redone)

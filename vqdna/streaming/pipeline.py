@@ -31,11 +31,17 @@ _QUEUE_DEPTH = 4  # batches in flight between stages: bounds memory, enough to k
 
 @dataclass
 class TokenizeStats:
-    """What a run did. records/bases: computed by this run (all ranks); seconds: wall time; read_s,
-    compute_s, write_s: busy time of each stage (they overlap); usage: per level, code counts [K_l]."""
+    """What a run did. records/bases: computed by this run (all ranks); encoded_bases: the bases the
+    encoder coded (fewer than `bases` when short records repeat within a work unit: each distinct one
+    is coded once, copied_records got copies of its codes, docs/design.md §2.5); encoded_positions:
+    the batch positions it ran on (bases, halo and pads); seconds: wall time; read_s, compute_s,
+    write_s: busy time of each stage (they overlap); usage: per level, code counts [K_l]."""
 
     records: int = 0
     bases: int = 0
+    encoded_bases: int = 0
+    encoded_positions: int = 0
+    copied_records: int = 0
     shards_written: int = 0
     shards_skipped: int = 0
     total_records: int = 0
@@ -147,7 +153,9 @@ class Pipeline:
                 continue
             if not self._put(self.in_q, ("unit", unit.index, unit.pieces), main):
                 return
-            unit_batches = batches(unit, s.window, self.halo, s.batch_size, self.gap)
+            # Repeated short records are coded once per unit: exact only when packed records are isolated,
+            # i.e. the gap is at least the model's isolation gap (self.gap is never less, see __init__).
+            unit_batches = batches(unit, s.window, self.halo, s.batch_size, self.gap, dereplicate=True)
             while True:
                 t0 = time.perf_counter()
                 batch = next(unit_batches, None)
@@ -223,9 +231,18 @@ class Pipeline:
                     if batch.event is not None:  # GPU: wait for this batch's device-to-host copy only
                         batch.event.synchronize()
                         stats.compute_s += batch.timing[0].elapsed_time(batch.timing[1]) / 1e3
-                    writer.write(batch.codes.numpy().reshape(-1, levels)[batch.gather])
-                    stats.bases += len(batch.gather)
-                    bar.update(len(batch.gather))
+                    codes = batch.codes.numpy().reshape(-1, levels)[batch.gather]
+                    stats.encoded_bases += len(batch.gather)
+                    stats.encoded_positions += batch.ids.size
+                    parts = [codes]
+                    if batch.scatter is not None:  # a dereplicated unit: its output bases [e0, e1)
+                        plan, k0, e0, e1 = batch.scatter
+                        stats.copied_records += plan.copied if k0 == 0 else 0
+                        parts = plan.scatter(codes, k0, e0, e1)
+                    for part in parts:
+                        writer.write(part)
+                        stats.bases += len(part)
+                        bar.update(len(part))
                 stats.write_s += time.perf_counter() - t0
         finally:
             bar.close()
