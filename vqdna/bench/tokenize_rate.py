@@ -52,17 +52,15 @@ def tokenize_rate_cases(device: str, size: str, dtypes) -> Iterator[Case]:
             from vqdna.streaming import tokenize_files
 
             model = VQDNATokenizerModel(VQDNATokenizerConfig.named("vqdna-small")).eval()
-            rng = np.random.default_rng(7)
-            lengths = []
-            while sum(lengths) < total:
-                lengths.append(int(rng.integers(lo, hi + 1)))
-            lengths[-1] -= sum(lengths) - total
-            if lengths[-1] <= 0:
-                lengths.pop()
-                lengths[-1] += total - sum(lengths)
+            # record lengths uniform in [lo, hi], the last one cut so that they sum to `total`
+            draws = np.random.default_rng(7).integers(lo, hi + 1, total // lo + 1)
+            ends = np.cumsum(draws)
+            last = int(np.searchsorted(ends, total))  # the first record reaching `total`
+            lengths = draws[: last + 1].copy()
+            lengths[-1] -= int(ends[last]) - total
             work = tempfile.TemporaryDirectory(prefix="vqdna-bench-tokenize-")
             short, long = os.path.join(work.name, "short.fa"), os.path.join(work.name, "long.fa")
-            write_fasta(short, np.array(lengths), seed=1)
+            write_fasta(short, lengths, seed=1)
             write_fasta(long, np.array([total]), seed=1)
 
             def run(path, work=work):  # work: the inputs live as long as the implementations
