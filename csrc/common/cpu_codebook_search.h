@@ -20,14 +20,15 @@ constexpr int64_t kMaxBlockRows = 192;
 
 // ---- packing -------------------------------------------------------------------------------------
 
-// Packs `rows` rows of src (row stride D) into a [D][P] panel (P = kMR or kNR), zero-padding the
+// Packs `rows` rows of src (row stride ld, 0: D) into a [D][P] panel (P = kMR or kNR), zero-padding the
 // missing rows, and optionally writes each row's float32 ||x||^2. `tmp` holds one float32 row.
 // normalize: each row x is replaced by l2norm(x) = x / max(|x|, 1e-6) rounded to T, as torch's
 // normalize computes it in the dtype of x (the norm, its clamp and the quotient each rounded to T;
 // the quotient as x times the reciprocal).
 template <typename T, int64_t P>
 void pack_panel(const T* src, int64_t rows, int64_t D, float* panel, float* tmp, float* sqnorm_out,
-                bool normalize = false) {
+                bool normalize = false, int64_t ld = 0) {
+  const int64_t stride = ld ? ld : D;
   for (int64_t r = 0; r < P; ++r) {
     if (r >= rows) {
       for (int64_t d = 0; d < D; ++d) panel[d * P + r] = 0.f;
@@ -35,9 +36,9 @@ void pack_panel(const T* src, int64_t rows, int64_t D, float* panel, float* tmp,
     }
     const float* x;
     if constexpr (std::is_same_v<T, float>) {
-      x = src + r * D;
+      x = src + r * stride;
     } else {
-      row_to_float(src + r * D, tmp, D);
+      row_to_float(src + r * stride, tmp, D);
       x = tmp;
     }
     if (normalize) {
@@ -219,12 +220,15 @@ void pack_panel_transposed(const T* src, int64_t rows, int64_t D, int64_t ld, fl
 // column-major view (row r, column d at zp[r + d * col_stride]), read in place. screen: the
 // bf16-screened search of cpu_bf16_screen.h (make_screen; the same results), nullptr: search_block.
 // normalize (row-major z only): every row is l2-normalised as it is packed (pack_panel), so the search,
-// ||z||^2 and the epilogue see the unit rows.
+// ||z||^2 and the epilogue see the unit rows. row_stride (row-major z only; 0: D): the elements between
+// consecutive rows, e.g. C * D for the head view z[:, c] of z [N, C, D] (read in place).
 template <typename T, typename Epilogue>
 void search_rows_blocked(const T* zp, int64_t N, int64_t D, const PackedCodebook& cb, int64_t mb,
                          Epilogue&& epilogue, int64_t col_stride = 0, const ScreenedCodebook* screen = nullptr,
-                         bool normalize = false) {
+                         bool normalize = false, int64_t row_stride = 0) {
   TORCH_CHECK(!(normalize && col_stride), "search_rows_blocked: normalize needs a row-major z");
+  TORCH_CHECK(!(row_stride && col_stride), "search_rows_blocked: row_stride needs a row-major z");
+  const int64_t ld = row_stride ? row_stride : D;
   const int64_t n_blocks = (N + mb - 1) / mb;
   at::parallel_for(0, n_blocks, 1, [&](int64_t blk0, int64_t blk1) {
     AlignedBuf apack = aligned_floats(mb * D);
@@ -243,15 +247,16 @@ void search_rows_blocked(const T* zp, int64_t N, int64_t D, const PackedCodebook
           pack_panel_transposed<T>(zp + r0 + p * kMR, pr, D, col_stride, apack.get() + p * kMR * D, tmp.get(),
                                    znorm.get() + p * kMR);
         } else {
-          pack_panel<T, kMR>(zp + (r0 + p * kMR) * D, pr, D, apack.get() + p * kMR * D, tmp.get(),
-                             znorm.get() + p * kMR, normalize);
+          pack_panel<T, kMR>(zp + (r0 + p * kMR) * ld, pr, D, apack.get() + p * kMR * D, tmp.get(),
+                             znorm.get() + p * kMR, normalize, ld);
         }
       }
       // Pull the next block of z (streamed from DRAM) in while this block computes (a contiguous z: the
-      // block is one range; the hardware prefetcher follows a transposed z's columns).
-      const char* next = reinterpret_cast<const char*>(zp + (r0 + mb) * D);
-      const int64_t next_lines =
-          blk + 1 < blk1 && !col_stride ? (std::min(mb, N - r0 - mb) * D * int64_t(sizeof(T)) + 63) / 64 : 0;
+      // block is one range; the hardware prefetcher follows a transposed z's columns and strided rows).
+      const char* next = reinterpret_cast<const char*>(zp + (r0 + mb) * ld);
+      const int64_t next_lines = blk + 1 < blk1 && !col_stride && ld == D
+                                     ? (std::min(mb, N - r0 - mb) * D * int64_t(sizeof(T)) + 63) / 64
+                                     : 0;
       if (screening) {
         screened_search_block(apack.get(), rows, znorm.get(), cb, *screen, *scratch, best.get(), best_idx.get(), next,
                               next_lines);

@@ -245,7 +245,7 @@ __device__ __forceinline__ float write_code_dist(int32_t* codes, float* dist, in
 // > 48 KiB needs the opt-in (per kernel, cheap to repeat). Returns the attribute call's error (and
 // clears it), else cudaSuccess; launch errors are left for the caller's cudaGetLastError.
 template <typename Kernel, typename... Args>
-cudaError_t launch_with_smem(Kernel kernel, size_t smem_bytes, unsigned grid, cudaStream_t stream,
+cudaError_t launch_with_smem(Kernel kernel, size_t smem_bytes, dim3 grid, cudaStream_t stream,
                              Args... args) {
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(smem_bytes));
@@ -284,14 +284,15 @@ static_assert(kRingBytes % 16 == 0 && kSmemBytes % 16 == 0, "pieces stay 16-byte
 }  // namespace mma_cfg
 
 // Loads rows [row0, row0 + 128) x cols [col0, col0 + BK) of a row-major [nrows, d] matrix of
-// 2-byte elements into a [128][LDS] smem tile, zero-filling out-of-range rows/cols.
-// kVec: 16-byte cp.async (requires a 16-byte aligned base and d % 8 == 0, so every 8-element chunk
-// is either fully inside or fully outside [0, d) and 16-byte aligned); otherwise synchronous
-// bounds-checked 2-byte loads.
+// 2-byte elements with row stride ld (elements) into a [128][LDS] smem tile, zero-filling
+// out-of-range rows/cols.
+// kVec: 16-byte cp.async (requires a 16-byte aligned base and d % 8 == 0 and ld % 8 == 0, so every
+// 8-element chunk is either fully inside or fully outside [0, d) and 16-byte aligned); otherwise
+// synchronous bounds-checked 2-byte loads.
 template <bool kVec>
 __device__ __forceinline__ void load_tile_b16(uint16_t* __restrict__ tile,
                                               const uint16_t* __restrict__ src, int64_t nrows,
-                                              int64_t row0, int64_t d, int64_t col0, int tid) {
+                                              int64_t row0, int64_t d, int64_t ld, int64_t col0, int tid) {
   using namespace mma_cfg;
   if constexpr (kVec) {
     // 128 rows x 4 chunks of 8 elements = 512 chunks, 2 per thread; 4 consecutive threads read
@@ -305,7 +306,7 @@ __device__ __forceinline__ void load_tile_b16(uint16_t* __restrict__ tile,
       const int64_t gcol = col0 + cc;
       uint16_t* dst = tile + r * LDS + cc;
       if (grow < nrows && gcol < d) {
-        cp_async_16(dst, src + grow * d + gcol);
+        cp_async_16(dst, src + grow * ld + gcol);
       } else {
         *reinterpret_cast<uint4*>(dst) = make_uint4(0u, 0u, 0u, 0u);
       }
@@ -321,21 +322,22 @@ __device__ __forceinline__ void load_tile_b16(uint16_t* __restrict__ tile,
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       const int64_t grow = row0 + rb + 8 * i;
-      v[i] = (col_ok && grow < nrows) ? src[grow * d + gcol] : static_cast<uint16_t>(0);
+      v[i] = (col_ok && grow < nrows) ? src[grow * ld + gcol] : static_cast<uint16_t>(0);
     }
 #pragma unroll
     for (int i = 0; i < 16; ++i) tile[(rb + 8 * i) * LDS + cc] = v[i];
   }
 }
 
-// A source: rows [row0, row0 + 128) of z (lookup; HRQ level 0). Same loads as the codebook tiles.
+// A source: rows [row0, row0 + 128) of z (lookup; HRQ level 0), row stride ld (d, or C * d for one
+// head of z [n, C, d]). Same loads as the codebook tiles.
 template <bool kVec>
 struct PlainTileB16 {
   static constexpr bool kDeferred = false;
   const uint16_t* z;
-  int64_t n, row0, d;
+  int64_t n, row0, d, ld;
   __device__ __forceinline__ void issue(uint16_t* tile, int64_t col0, int tid) {
-    load_tile_b16<kVec>(tile, z, n, row0, d, col0, tid);
+    load_tile_b16<kVec>(tile, z, n, row0, d, ld, col0, tid);
   }
   __device__ __forceinline__ void complete(uint16_t*, int) {}
 };
@@ -485,7 +487,7 @@ __device__ __forceinline__ void mma_tile_search(ASource& asrc, const uint16_t* _
     const int64_t col0 = ld_dc * BK;
     asrc.issue(sA + slot * kTileElems, col0, tid);
     load_tile_b16<kVec>(sB + slot * kTileElems, cb, static_cast<int64_t>(k),
-                        static_cast<int64_t>(ld_kt) * kBN, d, col0, tid);
+                        static_cast<int64_t>(ld_kt) * kBN, d, d, col0, tid);
     if (++ld_dc == num_dc) {
       ld_dc = 0;
       ++ld_kt;
@@ -661,13 +663,13 @@ static_assert(kRingBytes % 16 == 0 && kSmemBytes % 16 == 0, "pieces stay 16-byte
 }  // namespace f32_cfg
 
 // Loads rows [row0, row0 + 128) x cols [col0, col0 + 16) of a row-major [nrows, d] float matrix
-// transposed into a k-major [16][LDS] smem tile, zero-filling out-of-range elements.
+// with row stride ld (elements), transposed into a k-major [16][LDS] smem tile, zero-filling out-of-range elements.
 // 2048 elements, 8 per thread: col = tid % 8 + 8 (i & 1), row = tid / 8 + 32 (i >> 1). A warp covers
 // 4 rows x 8 cols: 32 contiguous bytes per row in global memory, and smem words
 // 4 * col + row (mod 32) that are all distinct (conflict-free).
 __device__ __forceinline__ void load_tile_f32(float* __restrict__ tile, const float* __restrict__ src,
-                                              int64_t nrows, int64_t row0, int64_t d, int64_t col0,
-                                              int tid) {
+                                              int64_t nrows, int64_t row0, int64_t d, int64_t ld,
+                                              int64_t col0, int tid) {
   using namespace f32_cfg;
   const int cl = tid & 7;
   const int rb = tid >> 3;
@@ -679,20 +681,20 @@ __device__ __forceinline__ void load_tile_f32(float* __restrict__ tile, const fl
     const int64_t gcol = col0 + cc;
     float* dst = tile + cc * LDS + r;
     if (grow < nrows && gcol < d) {
-      cp_async_4(dst, src + grow * d + gcol);
+      cp_async_4(dst, src + grow * ld + gcol);
     } else {
       *dst = 0.f;
     }
   }
 }
 
-// A source: rows [row0, row0 + 128) of z (lookup; HRQ level 0).
+// A source: rows [row0, row0 + 128) of z (lookup; HRQ level 0), row stride ld (as PlainTileB16).
 struct PlainTileF32 {
   static constexpr bool kDeferred = false;
   const float* z;
-  int64_t n, row0, d;
+  int64_t n, row0, d, ld;
   __device__ __forceinline__ void issue(float* tile, int64_t col0, int tid) {
-    load_tile_f32(tile, z, n, row0, d, col0, tid);
+    load_tile_f32(tile, z, n, row0, d, ld, col0, tid);
   }
   __device__ __forceinline__ void complete(float*, int) {}
 };
@@ -779,7 +781,7 @@ __device__ __forceinline__ void f32_tile_search(ASource& asrc, const float* __re
     const int64_t col0 = ld_dc * BK;
     asrc.issue(sA + slot * kTileElems, col0, tid);
     load_tile_f32(sB + slot * kTileElems, cb, static_cast<int64_t>(k),
-                  static_cast<int64_t>(ld_kt) * kBN, d, col0, tid);
+                  static_cast<int64_t>(ld_kt) * kBN, d, d, col0, tid);
     if (++ld_dc == num_dc) {
       ld_dc = 0;
       ++ld_kt;
@@ -899,20 +901,20 @@ __device__ __forceinline__ void f32_tile_search(ASource& asrc, const float* __re
 // The rows of z as they are (lookup, quantize)
 // ================================================================================================
 
-// The search of rows [row0, row0 + 128) of z [n, d] (the A source of lookup and quantize) against cb
-// [k, d]: the float32 FMA search for T = float, else the tensor-core search (kVec: 16-byte loads).
-// Same contract as the searches above, with ||z||^2 (out_zsq) computed.
+// The search of rows [row0, row0 + 128) of z [n, d] with row stride ldz (the A source of lookup and
+// quantize) against cb [k, d]: the float32 FMA search for T = float, else the tensor-core search
+// (kVec: 16-byte loads). Same contract as the searches above, with ||z||^2 (out_zsq) computed.
 template <typename T, bool kVec>
 __device__ __forceinline__ void search_rows(const typename Elem<T>::Storage* __restrict__ z,
                                             const typename Elem<T>::Storage* __restrict__ cb,
                                             const float* __restrict__ sqnorm, int64_t n, int64_t row0,
-                                            int k, int64_t d, unsigned char* smem, float& out_best,
-                                            int& out_idx, float& out_zsq) {
+                                            int k, int64_t d, int64_t ldz, unsigned char* smem,
+                                            float& out_best, int& out_idx, float& out_zsq) {
   if constexpr (std::is_same_v<T, float>) {
-    PlainTileF32 src{z, n, row0, d};
+    PlainTileF32 src{z, n, row0, d, ldz};
     f32_tile_search</*kZsq=*/true>(src, cb, sqnorm, k, d, smem, out_best, out_idx, out_zsq);
   } else {
-    PlainTileB16<kVec> src{z, n, row0, d};
+    PlainTileB16<kVec> src{z, n, row0, d, ldz};
     mma_tile_search<T, kVec, /*kZsq=*/true>(src, cb, sqnorm, k, d, smem, out_best, out_idx, out_zsq);
   }
 }

@@ -272,3 +272,93 @@ def test_sampling_in_row_blocks_draws_the_peers_noise(case, monkeypatch):
     torch.manual_seed(12)
     _, oc, _ = ours(x)
     assert torch.equal(oc, pc)
+
+
+# heads * codebook_dim == DIM: no projection. No commitment loss: the peer's masked one fails with
+# per-head codebooks (a shape error in its mse_loss, vector-quantize-pytorch 1.32), and these tests
+# are about the codebook state.
+SEPARATE = dict(heads=2, codebook_dim=4, separate_codebook_per_head=True, commitment_weight=0.0)
+
+
+def _head_rows(x, mask, head):
+    """Head `head`'s rows [n, codebook_dim] of x [..., DIM] (no projection), the unmasked ones."""
+    z = x.unflatten(-1, (SEPARATE["heads"], SEPARATE["codebook_dim"]))[..., head, :]
+    return z.reshape(-1, z.shape[-1]) if mask is None else z[mask]
+
+
+def _is_row_of(codes, rows, atol):
+    """[K] bool: each code equals (within atol) one of rows [n, d]."""
+    return (codes[:, None] - rows[None]).abs().amax(-1).le(atol).any(-1)
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all_rows", "masked"])
+def test_separate_heads_kmeans_init_is_per_head(masked):
+    """kmeans_init with per-head codebooks: codebook c is k-means of head c's (unmasked) rows.
+    Differs on purpose: the peer's k-means draws its initial centroids at random (global RNG), ours
+    is kmeans++ from a fixed seed (and sets cluster_size to 1, the peer to the cluster counts), so the
+    codebooks cannot be equal. Compared: the state's shapes and initted flag, and what k-means of
+    head c's rows implies: every code of codebook c, ours and the peer's, is a mean of head c's
+    unmasked rows, so inside their bounding box (the heads' rows are centred at +5 and -5 and masked
+    rows at +50: the boxes are disjoint); ours is the spec's k-means (reference.kmeans) of those rows,
+    and with 0 iterations (which the peer's kmeans does not run) each code is one of them."""
+    from vqdna.kernels import reference
+
+    gen = torch.Generator().manual_seed(13)
+    x = torch.randn(3, 20, DIM, generator=gen) + torch.tensor([5.0] * 4 + [-5.0] * 4)
+    mask = None
+    if masked:
+        mask = torch.rand(3, 20, generator=gen) < 0.6
+        x[~mask] = 50.0
+    for iters in (0, 1, 3):
+        peer, ours = _pair(kmeans_init=True, kmeans_iters=max(iters, 1), **SEPARATE)
+        ours.kmeans_iters = iters
+        assert ours.kmeans_init and ours.kmeans_pending()
+        peer.train(), ours.train()
+        peer(x, mask=mask, freeze_codebook=True)  # both: the k-means init only, no EMA step
+        ours(x, mask=mask, freeze_codebook=True)
+        assert not ours.kmeans_pending() and bool(peer._codebook.initted)
+        for got, want in zip(_state(ours), _state(peer)):
+            assert got.shape == want.shape
+        for head in range(2):
+            rows = _head_rows(x, mask, head)
+            lo, hi = rows.amin(0) - 1e-4, rows.amax(0) + 1e-4
+            mine = ours.codebook.detach()[head * K : (head + 1) * K]
+            books = [(mine, "ours")] + ([(peer._codebook.embed.detach()[head], "peer")] if iters else [])
+            for book, who in books:
+                inside = ((book >= lo) & (book <= hi)).all(-1)
+                assert bool(inside.all()), f"{who} ({iters} iterations): code {int((~inside).nonzero()[0])} of codebook {head} is not a mean of head {head}'s rows"
+            if iters == 0:
+                assert bool(_is_row_of(mine, rows, 0.0).all()), f"codebook {head}: a code that is not a row of head {head}"
+            else:
+                _close(mine, reference.kmeans(rows, K, iters), f"codebook {head}: k-means of head {head}'s rows")
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["all_rows", "masked"])
+def test_separate_heads_dead_code_restarts_from_their_heads_rows(masked):
+    """threshold_ema_dead_code with per-head codebooks: the dead codes of codebook c restart from
+    (unmasked) rows of head c, ours and the peer's. Differs on purpose (as with one codebook): the
+    peer picks the rows at random, we by a hash of head c's codes; the live codes' state is the peer's."""
+    peer, ours = _pair(threshold_ema_dead_code=1.0, **SEPARATE)
+    peer.train(), ours.train()
+    gen = torch.Generator().manual_seed(14)
+    x = torch.randn(2, 12, DIM, generator=gen)
+    mask = (torch.rand(2, 12, generator=gen) < 0.7) if masked else None
+    codes = ours(x, mask=mask, freeze_codebook=True)[1]  # [2, 12, heads]
+    keep = torch.ones(2, 12, dtype=torch.bool) if mask is None else mask
+    counts = torch.cat([torch.bincount(codes[..., h][keep], minlength=K) for h in range(2)])
+    dead = _state(peer)[1] * 0.8 + 0.2 * counts < 1.0  # [heads * K] after this step's EMA
+    peer(x, mask=mask), ours(x, mask=mask)
+    for h in range(2):
+        assert 0 < int(dead[h * K : (h + 1) * K].sum()) < K, f"head {h}: the test needs dead and live codes"
+    for (got, want), what in zip(zip(_state(ours), _state(peer)), ("codebook", "cluster_size", "embed_sum")):
+        _close(got[~dead], want[~dead], f"live {what}")
+    for module in (ours, peer):
+        book, size, total = _state(module)
+        assert bool((size[dead] == 1.0).all())
+        _close(total[dead], book[dead], "restarted embed_sum")
+        for h in range(2):
+            dead_h = dead[h * K : (h + 1) * K]
+            restarted = book[h * K : (h + 1) * K][dead_h]
+            who = type(module).__name__
+            assert bool(_is_row_of(restarted, _head_rows(x, mask, h), 1e-6).all()), f"{who}: codebook {h} restarted off head {h}'s rows"
+            assert not bool(_is_row_of(restarted, _head_rows(x, mask, 1 - h), 1e-6).any()), f"{who}: codebook {h} took the other head's rows"

@@ -54,7 +54,13 @@ def lookup(
     Returns codes int32 [N] = argmin_k ||e_k||^2 - 2 z.e_k (ties: smallest k; a NaN distance is
     treated as +inf so it never wins) and dist [N] float32 (float64 for float64 inputs)
     = that minimum + ||z||^2, clamped at 0 (NaN stays NaN).
+    Batched codebooks (per-head codebooks): z [N, C, D], codebook [C, K, D], codebook_sqnorm [C, K]:
+    column c of codes / dist [N, C] is the search of z[:, c] in codebook[c].
     """
+    if codebook.dim() == 3:
+        found = [lookup(z[:, c], codebook[c], None if codebook_sqnorm is None else codebook_sqnorm[c])
+                 for c in range(codebook.shape[0])]
+        return torch.stack([f[0] for f in found], -1), torch.stack([f[1] for f in found], -1)
     acc = _accum_dtype(z.dtype)
     e = codebook.to(acc)
     e_sq = (e * e).sum(-1) if codebook_sqnorm is None else codebook_sqnorm.to(acc)
@@ -259,9 +265,9 @@ def ema_stats(
 
 def laplace_smoothed(cluster_size: torch.Tensor, eps: float = EMA_EPS) -> torch.Tensor:
     """Laplace-smoothed cluster sizes [K] (docs/design.md §2.3): (n_k + eps) / (sum n + K eps) * sum n, so no
-    code divides by zero and the total is kept."""
-    total = cluster_size.sum()
-    return (cluster_size + eps) / (total + cluster_size.shape[0] * eps) * total
+    code divides by zero and the total is kept. [..., K]: each codebook (last dim) on its own."""
+    total = cluster_size.sum(-1, keepdim=True)
+    return (cluster_size + eps) / (total + cluster_size.shape[-1] * eps) * total
 
 
 def ema_update(

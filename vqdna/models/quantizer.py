@@ -182,7 +182,11 @@ def _check_finite(mode, row_dist: torch.Tensor, name: str, nonfinite: Optional[t
 
 
 class _EMACodebook(nn.Module):
-    """One codebook with its float32 EMA state (docs/design.md §2.3) and usage statistics."""
+    """One codebook with its float32 EMA state (docs/design.md §2.3) and usage statistics; or
+    num_codebooks (a subclass's attribute, 1 here) codebooks of codebook_size / num_codebooks codes
+    each, stacked in the same buffers (VectorQuantizer's per-head codebooks)."""
+
+    num_codebooks = 1
 
     def __init__(self, dim: int, codebook_size: int, decay: float, eps: float, threshold_ema_dead_code: float):
         super().__init__()
@@ -247,24 +251,27 @@ class _EMACodebook(nn.Module):
         (vectors [..., D]; mask [...] bool: only True rows are picked), their cluster_size and
         embed_sum too. Rows are picked on the device from a hash of this batch's codes [...]; with
         sync, rank 0's picks are broadcast, so every rank restarts identically (and every rank runs
-        the collective, dead codes or not, rows or not). No host sync, no data-dependent shapes."""
+        the collective, dead codes or not, rows or not). No host sync, no data-dependent shapes.
+        C = num_codebooks > 1: vectors [..., C, D], codes [..., C], mask [...]: the dead codes of
+        codebook c restart from head c of the rows, picked the same way from head c's codes."""
         if self.threshold_ema_dead_code <= 0:
             return
-        d = vectors.shape[-1]
-        flat = vectors.detach().reshape(-1, d).float()
-        k, n = self.codebook.shape[0], flat.shape[0]
+        c, d = self.num_codebooks, vectors.shape[-1]
+        flat = vectors.detach().reshape(-1, c, d).float()  # [n, C, D]
+        k, n = self.codebook.shape[0] // c, flat.shape[0]
         # Systematic sampling: the i-th of the m dead codes takes the (offset + i * n_valid // m)-th
         # usable row, offset a hash of the batch's first codes (integers: the same in eager and
         # compiled code; new every batch, the same again when a resumed run replays it; no RNG):
-        # distinct rows whenever the batch has m of them.
-        head = codes.reshape(-1)[:_HASHED_CODES].to(torch.int64)
-        weight = torch.arange(head.shape[0], device=flat.device, dtype=torch.int64) % 1021 + 1
-        offset = ((head % _HASH_MODULUS) * weight).sum() % _HASH_MODULUS
+        # distinct rows whenever the batch has m of them. Per codebook: [C, ...] below.
+        head = codes.reshape(-1, c)[:_HASHED_CODES].to(torch.int64)
+        weight = torch.arange(head.shape[0], device=flat.device, dtype=torch.int64)[:, None] % 1021 + 1
+        offset = ((head % _HASH_MODULUS) * weight).sum(0) % _HASH_MODULUS  # [C]
         for _ in range(3):
             offset = (offset * _HASH_MULTIPLIER) % _HASH_MODULUS
-        dead = self.cluster_size < self.threshold_ema_dead_code
-        order = dead.to(torch.int64).cumsum(0)  # i + 1 at the i-th dead code
-        n_dead = order[-1:].clamp_min(1)
+        offset = offset[:, None]
+        dead = (self.cluster_size < self.threshold_ema_dead_code).view(c, k)
+        order = dead.to(torch.int64).cumsum(-1)  # i + 1 at the i-th dead code of a codebook
+        n_dead = order[:, -1:].clamp_min(1)
         if mask is None:
             rows = (offset + (order - 1) * n // n_dead) % max(n, 1)
             has_rows = torch.full((), n > 0, device=flat.device)
@@ -275,7 +282,9 @@ class _EMACodebook(nn.Module):
             t = (offset + (order - 1) * n_valid // n_dead) % n_valid.clamp_min(1)
             rows = torch.searchsorted(running, t + 1).clamp_max(max(n - 1, 0))
             has_rows = n_valid[0] > 0
-        picks = flat[rows] if n > 0 else flat.new_zeros(k, d)
+        books = torch.arange(c, device=flat.device)[:, None]
+        picks = (flat[rows, books] if n > 0 else flat.new_zeros(c, k, d)).reshape(c * k, d)  # codebook c: head c's rows
+        dead, k = dead.reshape(-1), c * k
         if sync:
             packed = torch.cat([picks, has_rows.to(picks.dtype).expand(k, 1)], dim=1)
             packed = _broadcast_from_rank0(packed)
@@ -288,9 +297,12 @@ class _EMACodebook(nn.Module):
 
     @torch.no_grad()
     def init_from(self, samples: torch.Tensor, iters: int, sync: bool) -> None:
-        """k-means on `samples` [..., D] (rank 0's result broadcast), then EMA state to match."""
-        flat = samples.detach().reshape(-1, samples.shape[-1])
-        centroids = kernels.kmeans(flat, self.codebook.shape[0], iters).to(self.codebook.dtype)
+        """k-means on `samples` [..., D] (rank 0's result broadcast), then EMA state to match.
+        C = num_codebooks > 1: samples [..., C, D], and codebook c is k-means of head c's rows."""
+        c = self.num_codebooks
+        flat = samples.detach().reshape(-1, c, samples.shape[-1])
+        k = self.codebook.shape[0] // c
+        centroids = torch.cat([kernels.kmeans(flat[:, i], k, iters) for i in range(c)]).to(self.codebook.dtype)
         if sync:
             centroids = _broadcast_from_rank0(centroids)
         self.codebook.copy_(centroids)
@@ -400,10 +412,6 @@ class VectorQuantizer(_EMACodebook):
         if accept_image_fmap and accept_3d_fmap:
             raise ValueError("VectorQuantizer: accept_image_fmap and accept_3d_fmap are exclusive")
         n_books = heads if separate_codebook_per_head else 1
-        if n_books > 1 and (kmeans_init or threshold_ema_dead_code > 0):
-            # Known gap: k-means init and dead-code restarts run on one codebook; per-head ones
-            # would need a batched kmeans / restart.
-            raise NotImplementedError("VectorQuantizer: separate_codebook_per_head with kmeans_init or threshold_ema_dead_code")
         if orthogonal_reg_active_codes_only and n_books > 1:
             raise ValueError("VectorQuantizer: orthogonal_reg_active_codes_only needs one codebook (as in the peer)")
         super().__init__(codebook_dim, codebook_size * n_books, decay, eps, threshold_ema_dead_code)
@@ -571,7 +579,8 @@ class VectorQuantizer(_EMACodebook):
             # One-time: z[mask] has a data-dependent shape (a sync; a graph break under compile).
             with torch.no_grad():
                 zd = z.detach()
-                self.init_from(zd if rows_mask is None else zd[rows_mask], self.kmeans_iters, sync)
+                # per-head codebooks: k-means of each head's rows ([rows, C, d]); one codebook: of all rows
+                self.init_from(zd if mask is None else zd[mask if c > 1 else rows_mask], self.kmeans_iters, sync)
                 if self.use_cosine_sim:
                     self.codebook.copy_(_l2norm(self.codebook))
         learn = self.learnable_codebook and not frozen
@@ -596,13 +605,10 @@ class VectorQuantizer(_EMACodebook):
                 normalize=normalize_in_op)
         elif c == 1:
             codes, dist_ = kernels.lookup(z, codebook, codes_dtype=torch.int64)
-        else:
-            # Known gap: one lookup per head (the lookup op takes one codebook; a batched-codebook
-            # lookup is kernel work).
-            books = codebook.view(c, k, -1)
-            found = [kernels.lookup(z[..., i, :], books[i], codes_dtype=torch.int64) for i in range(c)]
-            codes = torch.stack([f[0] for f in found], -1)
-            dist_ = torch.stack([f[1] for f in found], -1)
+        else:  # per-head codebooks: all heads in one lookup (codes, dist [..., C])
+            codes, dist_ = kernels.lookup(
+                z, codebook.view(c, k, -1), codes_dtype=torch.int64,
+                codebook_sqnorm=None if codebook_sqnorm is None else codebook_sqnorm.view(c, k))
         flat_codes = codes if c == 1 else codes + torch.arange(c, device=codes.device) * k
         if fused:
             quantized = quantized_st.detach()
@@ -620,18 +626,15 @@ class VectorQuantizer(_EMACodebook):
                     # Without ema_update the statistics still feed dead-code restarts (as the peer):
                     # the codebook the kernel rewrites is then a scratch copy.
                     target = self.codebook.detach() if self.ema_update else self.codebook.detach().clone()
-                    if c == 1:
-                        kernels.ema_update(zd, codes, self.cluster_size, self.embed_sum, target, decay=self.decay,
-                                           eps=self.eps, mask=rows_mask, sync=sync)
-                    else:  # one call per codebook (contiguous views): per-codebook Laplace smoothing
-                        for i in range(c):
-                            sl = slice(i * k, (i + 1) * k)
-                            kernels.ema_update(zd[..., i, :], codes[..., i], self.cluster_size[sl], self.embed_sum[sl],
-                                               target[sl], decay=self.decay, eps=self.eps, mask=mask, sync=sync)
+                    # Per-head codebooks: the state as [C, K] / [C, K, d] views, one call for all of
+                    # them (per-codebook Laplace smoothing).
+                    kernels.ema_update(zd, codes, self.cluster_size.view(c, k).squeeze(0),
+                                       self.embed_sum.view(c, k, -1).squeeze(0), target.view(c, k, -1).squeeze(0),
+                                       decay=self.decay, eps=self.eps, mask=rows_mask, sync=sync)
                     if self.ema_update and self.use_cosine_sim:
                         self.codebook.copy_(_l2norm(self.codebook))
                 self.track_usage(flat_codes, rows_mask)
-                self.restart_dead(zd, codes, rows_mask, sync)
+                self.restart_dead(zd, codes, rows_mask if c == 1 else mask, sync)
         weight = None if rows_mask is None else rows_mask.to(dist_.dtype)
         # The loss is its own graph node (the op's sqdist_sum detached): the output and the loss then
         # backward independently (autograd.grad on each, as before).
@@ -684,7 +687,8 @@ class VectorQuantizer(_EMACodebook):
 
     @torch.no_grad()
     def reinit_kmeans(self, samples: torch.Tensor) -> None:
-        """The one-time "repeated k-means" re-initialisation: k-means on samples [..., codebook_dim]."""
+        """The one-time "repeated k-means" re-initialisation: k-means on samples [..., codebook_dim]
+        ([..., heads, codebook_dim] with separate_codebook_per_head: codebook c from head c)."""
         self.init_from(samples, self.kmeans_iters, _sync_enabled(self.sync_codebook))
 
 

@@ -47,8 +47,61 @@ void lookup_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::Te
   }, transposed ? z.stride(1) : 0, screen.get());
 }
 
+// Per-head codebooks: z [N, C, D] contiguous, codebook [C, K, D], sqnorm [C, K]; codes/dist [N, C].
+// Head c's rows are the strided view z[:, c] (row stride C * D), read in place: each codebook is
+// packed (and screened) once and its head's rows searched in parallel blocks, head after head.
+template <typename T>
+void lookup_heads_kernel(const at::Tensor& z, const at::Tensor& codebook, const at::Tensor& sqnorm, at::Tensor& codes,
+                         at::Tensor& dist) {
+  const int64_t N = z.size(0), C = z.size(1), D = z.size(2), K = codebook.size(1);
+  const T* zp = z.const_data_ptr<T>();
+  const T* cbp = codebook.const_data_ptr<T>();
+  const float* sqp = sqnorm.const_data_ptr<float>();
+  int32_t* codes_p = codes.mutable_data_ptr<int32_t>();
+  float* dist_p = dist.mutable_data_ptr<float>();
+  const int64_t mb = block_rows(N, D);
+  for (int64_t c = 0; c < C; ++c) {
+    const PackedCodebook cb = pack_codebook(cbp + c * K * D, sqp + c * K, K, D);
+    const ScreenedCodebookPtr screen = make_screen("vqdna.lookup_native", cb, N);
+    search_rows_blocked(zp + c * D, N, D, cb, mb,
+                        [&](int64_t, int64_t r0, int64_t rows, const float* best, const int32_t* best_idx,
+                            const float* znorm) {
+      for (int64_t r = 0; r < rows; ++r) {
+        const float x = best[r] + znorm[r];
+        dist_p[(r0 + r) * C + c] = x < 0.f ? 0.f : x;
+        codes_p[(r0 + r) * C + c] = best_idx[r];
+      }
+    }, 0, screen.get(), false, C * D);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> lookup_heads_native_cpu(const at::Tensor& z, const at::Tensor& codebook,
+                                                           const at::Tensor& codebook_sqnorm) {
+  constexpr const char* op = "vqdna.lookup_native";
+  TORCH_CHECK(z.dim() == 3, op, ": with a codebook [C, K, D] z must be 3-D [N, C, D], got shape ", z.sizes());
+  TORCH_CHECK(codebook.size(0) >= 1, op, ": codebook [C, K, D] has no codebooks (C = 0)");
+  TORCH_CHECK(z.size(1) == codebook.size(0), op, ": z has C=", z.size(1), " heads, codebook has C=", codebook.size(0));
+  TORCH_CHECK(codebook_sqnorm.dim() == 2 && codebook_sqnorm.size(0) == codebook.size(0) &&
+                  codebook_sqnorm.size(1) == codebook.size(1),
+              op, ": codebook_sqnorm must have shape [", codebook.size(0), ", ", codebook.size(1), "], got ",
+              codebook_sqnorm.sizes());
+  const at::Tensor zc = z.contiguous(), cbc = codebook.contiguous(), sqc = codebook_sqnorm.contiguous();
+  const int64_t N = zc.size(0), C = zc.size(1);
+  // The rest of the contract is the single codebook's, on one head's shapes.
+  check_search_inputs(op, zc.select(1, 0), cbc.select(0, 0), sqc.select(0, 0));
+  at::Tensor codes = at::empty({N, C}, zc.options().dtype(at::kInt));
+  at::Tensor dist = at::empty({N, C}, zc.options().dtype(at::kFloat));
+  if (N == 0) return {codes, dist};
+  AT_DISPATCH_SWITCH(zc.scalar_type(), "vqdna_lookup_heads_native",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { lookup_heads_kernel<float>(zc, cbc, sqc, codes, dist); })
+                     AT_DISPATCH_CASE(at::kBFloat16, [&] { lookup_heads_kernel<c10::BFloat16>(zc, cbc, sqc, codes, dist); })
+                     AT_DISPATCH_CASE(at::kHalf, [&] { lookup_heads_kernel<c10::Half>(zc, cbc, sqc, codes, dist); }));
+  return {codes, dist};
+}
+
 std::tuple<at::Tensor, at::Tensor> lookup_native_cpu(const at::Tensor& z, const at::Tensor& codebook,
                                                      const at::Tensor& codebook_sqnorm) {
+  if (codebook.dim() == 3) return lookup_heads_native_cpu(z, codebook, codebook_sqnorm);
   check_search_inputs("vqdna.lookup_native", z, codebook, codebook_sqnorm);
   const auto dt = z.scalar_type();
 

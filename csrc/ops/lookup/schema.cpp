@@ -9,6 +9,8 @@ TORCH_LIBRARY_FRAGMENT(vqdna, m) {
   // codebook_sqnorm [K] float32 = ||e_k||^2.
   // Returns codes int32 [N] (ties -> smallest k; a NaN distance never wins) and dist float32 [N]
   // = ||z_i - e_code||^2 clamped at 0 (non-finite when the row of z is non-finite).
+  // Per-head codebooks: codebook [C, K, D] contiguous with z [N, C, D] contiguous and codebook_sqnorm
+  // [C, K]: codes, dist [N, C], column c the search of z[:, c] in codebook[c] (one call for all heads).
   // CPU dispatch key: the native blocked kernel (cpu.cpp).
   m.def("lookup_native(Tensor z, Tensor codebook, Tensor codebook_sqnorm) -> (Tensor, Tensor)");
   // Same contract on CUDA tensors (cuda.cu); registered only when built with CUDA.

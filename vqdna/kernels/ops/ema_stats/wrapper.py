@@ -74,12 +74,24 @@ def ema_update(
     x [..., D] the quantised vectors (or Z_l with prev_codes/prev_codebook: see `ema_stats`),
     codes [...] their codes; state: cluster_size [K] float32, embed_sum [K, D] float32, and the
     codebook [K, D] (any float dtype) rewritten as embed_sum / Laplace-smoothed cluster_size.
+    Per-head codebooks, all in one call: cluster_size [C, K], embed_sum and codebook [C, K, D], x
+    [..., C, D], codes [..., C] (head c's code in codebook c), mask [...] or [..., C]; each codebook
+    is smoothed on its own (as C calls of the single-codebook update would).
     sync: all_reduce (SUM) the fused [counts | sums] buffer over process_group first, so every rank
     applies the same update.
     """
-    k = cluster_size.shape[0]
+    k = cluster_size.shape[-1]
+    if cluster_size.dim() == 2:  # C codebooks: codebook c's codes are c * K + code in one reduction
+        c = cluster_size.shape[0]
+        if codes.shape[-1:] != (c,) or x.shape[-2:-1] != (c,) or embed_sum.shape[:2] != (c, k):
+            raise ValueError(f"ema_update: cluster_size {tuple(cluster_size.shape)} holds {c} codebooks: need x [..., {c}, D], "
+                             f"codes [..., {c}], embed_sum [{c}, {k}, D]; got x {tuple(x.shape)}, codes {tuple(codes.shape)}, "
+                             f"embed_sum {tuple(embed_sum.shape)}")
+        codes = codes + torch.arange(c, device=codes.device, dtype=codes.dtype) * k
+        if mask is not None and mask.shape != codes.shape:
+            mask = mask[..., None].expand(codes.shape)
     counts, sums = ema_stats(
-        x, codes, k, mask=mask, prev_codes=prev_codes, prev_codebook=prev_codebook,
+        x, codes, cluster_size.numel(), mask=mask, prev_codes=prev_codes, prev_codebook=prev_codebook,
         deterministic=deterministic, backend=backend,
     )
     if sync:
@@ -87,7 +99,7 @@ def ema_update(
 
         buf = torch.cat([counts, sums.reshape(-1)])
         dist.all_reduce(buf, group=process_group)
-        counts, sums = buf[:k], buf[k:].reshape(k, -1)
-    cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=1.0 - decay)
-    embed_sum.mul_(decay).add_(sums.to(embed_sum.dtype), alpha=1.0 - decay)
-    codebook.copy_(embed_sum / reference.laplace_smoothed(cluster_size, eps)[:, None])
+        counts, sums = buf[: counts.numel()], buf[counts.numel() :]
+    cluster_size.mul_(decay).add_(counts.view(cluster_size.shape).to(cluster_size.dtype), alpha=1.0 - decay)
+    embed_sum.mul_(decay).add_(sums.view(embed_sum.shape).to(embed_sum.dtype), alpha=1.0 - decay)
+    codebook.copy_(embed_sum / reference.laplace_smoothed(cluster_size, eps)[..., None])

@@ -14,10 +14,11 @@ def lookup_reference(z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: t
 
 
 def lookup_fake(z, codebook, codebook_sqnorm):
-    """z [N, D] -> codes int32 [N], dist [N] float32 (float64 for float64 z: the reference only)."""
-    n = z.shape[0]
+    """z [N, D] -> codes int32 [N], dist [N] float32 (float64 for float64 z: the reference only);
+    with batched codebooks [C, K, D], z [N, C, D] -> codes, dist [N, C]."""
+    lead = z.shape[:-1]
     dist_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
-    return z.new_empty(n, dtype=torch.int32), z.new_empty(n, dtype=dist_dtype)
+    return z.new_empty(lead, dtype=torch.int32), z.new_empty(lead, dtype=dist_dtype)
 
 
 DECLARATION = OpDeclaration(

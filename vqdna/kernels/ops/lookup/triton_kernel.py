@@ -55,21 +55,22 @@ def shared_bytes(tile: Tile, dtype_bytes: int) -> int:
 
 @triton.jit
 def nearest_codes(
-    z_ptr, e_ptr, e_sqnorm_ptr, N, K, D,
+    z_ptr, e_ptr, e_sqnorm_ptr, N, K, D, ZS,
     IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """The search of this program's BLOCK_N-row tile of z [N, D] against the codebook e [K, D] with
-    e_sqnorm [K] float32. Returns rows int32 [BLOCK_N] (the tile's row indices), row_ok (which exist),
-    code int32 and dist float32 [BLOCK_N] = (argmin_k, min_k) of ||z - e_k||^2, ties to the smallest
-    k, dist clamped at 0 and non-finite for a non-finite row. Shared by the lookup and quantize kernels."""
+    """The search of this program's BLOCK_N-row tile of z [N, D] (row stride ZS elements: D, or C * D
+    for one head of z [N, C, D]) against the codebook e [K, D] with e_sqnorm [K] float32. Returns
+    rows int32 [BLOCK_N] (the tile's row indices), row_ok (which exist), code int32 and dist float32
+    [BLOCK_N] = (argmin_k, min_k) of ||z - e_k||^2, ties to the smallest k, dist clamped at 0 and
+    non-finite for a non-finite row. Shared by the lookup and quantize kernels."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     # 64-bit tile bases (N * D can exceed 2^31), 32-bit offsets inside a tile: half the registers
     # of a 64-bit pointer per element.
-    z_tile = z_ptr + pid.to(tl.int64) * BLOCK_N * D
-    z_offs = tl.arange(0, BLOCK_N)[:, None] * D
+    z_tile = z_ptr + pid.to(tl.int64) * BLOCK_N * ZS
+    z_offs = tl.arange(0, BLOCK_N)[:, None] * ZS
 
     z_sqnorm = tl.zeros([BLOCK_N], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -122,6 +123,7 @@ def _lookup_kernel(
     N,
     K,
     D,
+    C,  # codebooks (heads): z [N, C, D], e [C, K, D], e_sqnorm [C, K], codes/dist [N, C]; 1 for [K, D]
     N_CLASS,  # size_class(N): only an autotuning key
     IEEE_FP32: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -130,30 +132,38 @@ def _lookup_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    # Program axis 1 is the head: its rows z[:, head] (row stride C * D), its codebook and sqnorms.
+    head = tl.program_id(1)
     rows, row_ok, best_code, dist = nearest_codes(
-        z_ptr, e_ptr, e_sqnorm_ptr, N, K, D, IEEE_FP32, UPCAST, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D
+        z_ptr + head * D, e_ptr + head.to(tl.int64) * K * D, e_sqnorm_ptr + head * K, N, K, D, C * D,
+        IEEE_FP32, UPCAST, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D,
     )
-    tl.store(codes_ptr + rows, best_code, mask=row_ok)
-    tl.store(dist_ptr + rows, dist, mask=row_ok)
+    out = rows.to(tl.int64) * C + head
+    tl.store(codes_ptr + out, best_code, mask=row_ok)
+    tl.store(dist_ptr + out, dist, mask=row_ok)
 
 
 @triton_op("vqdna::lookup_triton", mutates_args=())
 def lookup_triton(z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """z [N, D] contiguous, codebook [K, D] contiguous (same dtype: float32/bfloat16/float16),
-    codebook_sqnorm [K] float32. Returns codes int32 [N], dist float32 [N] (docs/design.md §2.1)."""
-    n, d = z.shape
-    k = codebook.shape[0]
-    codes = torch.empty(n, dtype=torch.int32, device=z.device)
-    dist = torch.empty(n, dtype=torch.float32, device=z.device)
+    codebook_sqnorm [K] float32. Returns codes int32 [N], dist float32 [N] (docs/design.md §2.1).
+    Per-head codebooks: z [N, C, D], codebook [C, K, D], codebook_sqnorm [C, K] (contiguous) ->
+    codes, dist [N, C], in one launch (grid axis 1 over the C heads)."""
+    n, d = z.shape[0], z.shape[-1]
+    k = codebook.shape[-2]
+    c = codebook.shape[0] if codebook.dim() == 3 else 1
+    lead = z.shape[:-1]
+    codes = torch.empty(lead, dtype=torch.int32, device=z.device)
+    dist = torch.empty(lead, dtype=torch.float32, device=z.device)
     if n == 0:
         return codes, dist
 
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_N"]),)
+        return (triton.cdiv(n, meta["BLOCK_N"]), c)
 
     with device_guard(z.device):
         wrap_triton(_lookup_kernel)[grid](
-            z, codebook, codebook_sqnorm, codes, dist, n, k, d, size_class(n), **search_constants(z)
+            z, codebook, codebook_sqnorm, codes, dist, n, k, d, c, size_class(n), **search_constants(z)
         )
     return codes, dist
 

@@ -22,9 +22,24 @@ def check_lookup_inputs(
     codebook_sqnorm: Optional[torch.Tensor],
     op: str = "lookup",
     codes_dtype: torch.dtype = torch.int32,
+    batched: bool = False,
 ) -> None:
     """The input contract of the single-codebook searches (lookup, quantize); `op` names the public
-    function that was called in the errors."""
+    function that was called in the errors. batched: also accept per-head codebooks [C, K, D] with
+    z [..., C, D] and codebook_sqnorm [C, K] (lookup)."""
+    if batched and isinstance(codebook, torch.Tensor) and codebook.dim() == 3:
+        c, k, d = codebook.shape
+        if c == 0:
+            raise ValueError(f"{op}: codebook has shape {tuple(codebook.shape)}: no codebooks (C = 0)")
+        if not isinstance(z, torch.Tensor) or z.dim() < 2 or z.shape[-2] != c:
+            raise ValueError(f"{op}: codebook has shape {tuple(codebook.shape)} (C={c} codebooks): z must have shape "
+                             f"[..., {c}, D], got {tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+        if codebook_sqnorm is not None and codebook_sqnorm.shape != (c, k):
+            raise ValueError(f"{op}: codebook_sqnorm must have shape [{c}, {k}] for codebook {tuple(codebook.shape)}, "
+                             f"got {tuple(codebook_sqnorm.shape)}")
+        # The rest of the contract is the one of each codebook [K, D] and its rows.
+        check_lookup_inputs(z, codebook[0], None if codebook_sqnorm is None else codebook_sqnorm[0], op, codes_dtype)
+        return
     if codes_dtype not in (torch.int32, torch.int64):
         raise TypeError(f"{op}: codes_dtype must be torch.int32 or torch.int64, got {codes_dtype}")
     if not isinstance(z, torch.Tensor) or not isinstance(codebook, torch.Tensor):
@@ -32,7 +47,7 @@ def check_lookup_inputs(
     if z.dim() < 1:
         raise ValueError(f"{op}: z must have shape [..., D], got a {z.dim()}-d tensor")
     if codebook.dim() != 2:
-        raise ValueError(f"{op}: codebook must have shape [K, D], got {tuple(codebook.shape)}")
+        raise ValueError(f"{op}: codebook must have shape [K, D]{' or [C, K, D]' if batched else ''}, got {tuple(codebook.shape)}")
     if codebook.shape[0] == 0:
         raise ValueError(f"{op}: the codebook is empty (K = 0)")
     if codebook.shape[1] != z.shape[-1]:
@@ -66,12 +81,17 @@ def lookup(
     backend only) and device; any layout (the native backend reads a channel-first z, e.g.
     [B, D, N].movedim(1, -1), in place: no transposing copy). codebook_sqnorm [K] (optional,
     float32): ||e_k||^2, reused across calls when the codebook is unchanged.
+    Per-head codebooks: codebook [C, K, D] with z [..., C, D] (codebook_sqnorm [C, K]): head c of every
+    row is searched in codebook c, all heads in one kernel call (z read in place when its rows are
+    contiguous); codes and dist are then [..., C].
     Returns codes [...] (int32, or int64 with codes_dtype=torch.int64): argmin_k ||z - e_k||^2, ties to
     the smallest k; dist [...] float32 (float64 for float64 inputs): the squared distance to the chosen code, clamped at 0,
     non-finite where the row of z is non-finite (its code is then unspecified).
     backend: "auto" | "cuda" | "triton" | "native" | "reference" (env VQDNA_BACKEND replaces "auto").
     """
-    check_lookup_inputs(z, codebook, codebook_sqnorm, codes_dtype=codes_dtype)
+    check_lookup_inputs(z, codebook, codebook_sqnorm, codes_dtype=codes_dtype, batched=True)
+    if codebook.dim() == 3:
+        return _lookup_heads(z, codebook, codebook_sqnorm, backend, codes_dtype)
     lead, d = z.shape[:-1], z.shape[-1]
     n = math.prod(lead)
     name = select_backend("lookup", backend, z.device, z.dtype, size=(n, codebook.shape[0]))
@@ -91,9 +111,27 @@ def lookup(
     return codes.to(codes_dtype).reshape(lead), dist.reshape(lead)
 
 
+def _lookup_heads(z, codebook, codebook_sqnorm, backend, codes_dtype):
+    """lookup with codebooks [C, K, D] and z [..., C, D]: one op call per _MAX_ROWS_PER_LAUNCH rows
+    (of C heads each) on z as [N, C, D] (a view when z's rows are contiguous)."""
+    c, k, d = codebook.shape
+    lead = z.shape[:-1]
+    n = math.prod(lead[:-1])
+    name = select_backend("lookup", backend, z.device, z.dtype, size=(n * c, k))
+    rows = z.detach().reshape(n, c, d).contiguous()
+    cb, sq = codebook_operands(codebook, codebook_sqnorm)
+    op = backend_op("lookup", name)
+    if n <= _MAX_ROWS_PER_LAUNCH:
+        codes, dist = op(rows, cb, sq)
+    else:
+        parts = [op(rows[s : s + _MAX_ROWS_PER_LAUNCH], cb, sq) for s in range(0, n, _MAX_ROWS_PER_LAUNCH)]
+        codes, dist = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    return codes.to(codes_dtype).reshape(lead), dist.reshape(lead)
+
+
 def codebook_operands(codebook: torch.Tensor, codebook_sqnorm: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The search kernels' codebook operands: the codebook detached and contiguous [K, D], and
-    ||e_k||^2 [K] (the given one, else computed) in float32 (float64 for a float64 codebook)."""
+    """The search kernels' codebook operands: the codebook detached and contiguous [K, D] ([C, K, D]),
+    and ||e_k||^2 [K] ([C, K]) (the given one, else computed) in float32 (float64 for a float64 codebook)."""
     cb = codebook.detach().contiguous()
     acc = torch.float64 if cb.dtype == torch.float64 else torch.float32
     if codebook_sqnorm is None:
