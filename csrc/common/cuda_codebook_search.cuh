@@ -329,15 +329,29 @@ __device__ __forceinline__ void load_tile_b16(uint16_t* __restrict__ tile,
   }
 }
 
-// A source: rows [row0, row0 + 128) of z (lookup; HRQ level 0), row stride ld (d, or C * d for one
-// head of z [n, C, d]). Same loads as the codebook tiles.
+// A source: rows [row0, row0 + 128) of z (lookup; HRQ level 0). Same loads as the codebook tiles.
 template <bool kVec>
 struct PlainTileB16 {
   static constexpr bool kDeferred = false;
   const uint16_t* z;
-  int64_t n, row0, d, ld;
+  int64_t n, row0, d;
   __device__ __forceinline__ void issue(uint16_t* tile, int64_t col0, int tid) {
-    load_tile_b16<kVec>(tile, z, n, row0, d, ld, col0, tid);
+    load_tile_b16<kVec>(tile, z, n, row0, d, d, col0, tid);
+  }
+  __device__ __forceinline__ void complete(uint16_t*, int) {}
+};
+
+// A source: the tile's `rows` (<= 128) rows of one head of z [n, C, d] (per-head lookup), from `z` (its
+// first row's head vector) with row stride ld = C * d (< 2^31). The tile's own base pointer and 32-bit
+// counts keep it to fewer live registers than PlainTileB16 (the non-vector loads spilled with a 64-bit
+// stride beside n, row0 and d).
+template <bool kVec>
+struct StridedTileB16 {
+  static constexpr bool kDeferred = false;
+  const uint16_t* z;
+  int rows, ld, d;
+  __device__ __forceinline__ void issue(uint16_t* tile, int64_t col0, int tid) {
+    load_tile_b16<kVec>(tile, z, rows, 0, d, ld, col0, tid);
   }
   __device__ __forceinline__ void complete(uint16_t*, int) {}
 };
@@ -688,13 +702,24 @@ __device__ __forceinline__ void load_tile_f32(float* __restrict__ tile, const fl
   }
 }
 
-// A source: rows [row0, row0 + 128) of z (lookup; HRQ level 0), row stride ld (as PlainTileB16).
+// A source: rows [row0, row0 + 128) of z (lookup; HRQ level 0).
 struct PlainTileF32 {
   static constexpr bool kDeferred = false;
   const float* z;
-  int64_t n, row0, d, ld;
+  int64_t n, row0, d;
   __device__ __forceinline__ void issue(float* tile, int64_t col0, int tid) {
-    load_tile_f32(tile, z, n, row0, d, ld, col0, tid);
+    load_tile_f32(tile, z, n, row0, d, d, col0, tid);
+  }
+  __device__ __forceinline__ void complete(float*, int) {}
+};
+
+// A source: one head's rows of z [n, C, d] in float32 (as StridedTileB16).
+struct StridedTileF32 {
+  static constexpr bool kDeferred = false;
+  const float* z;
+  int rows, ld, d;
+  __device__ __forceinline__ void issue(float* tile, int64_t col0, int tid) {
+    load_tile_f32(tile, z, rows, 0, d, ld, col0, tid);
   }
   __device__ __forceinline__ void complete(float*, int) {}
 };
@@ -901,20 +926,37 @@ __device__ __forceinline__ void f32_tile_search(ASource& asrc, const float* __re
 // The rows of z as they are (lookup, quantize)
 // ================================================================================================
 
-// The search of rows [row0, row0 + 128) of z [n, d] with row stride ldz (the A source of lookup and
-// quantize) against cb [k, d]: the float32 FMA search for T = float, else the tensor-core search
-// (kVec: 16-byte loads). Same contract as the searches above, with ||z||^2 (out_zsq) computed.
+// The search of rows [row0, row0 + 128) of z [n, d] (the A source of lookup and quantize) against cb
+// [k, d]: the float32 FMA search for T = float, else the tensor-core search (kVec: 16-byte loads).
+// Same contract as the searches above, with ||z||^2 (out_zsq) computed.
 template <typename T, bool kVec>
 __device__ __forceinline__ void search_rows(const typename Elem<T>::Storage* __restrict__ z,
                                             const typename Elem<T>::Storage* __restrict__ cb,
                                             const float* __restrict__ sqnorm, int64_t n, int64_t row0,
-                                            int k, int64_t d, int64_t ldz, unsigned char* smem,
-                                            float& out_best, int& out_idx, float& out_zsq) {
+                                            int k, int64_t d, unsigned char* smem, float& out_best,
+                                            int& out_idx, float& out_zsq) {
   if constexpr (std::is_same_v<T, float>) {
-    PlainTileF32 src{z, n, row0, d, ldz};
+    PlainTileF32 src{z, n, row0, d};
     f32_tile_search</*kZsq=*/true>(src, cb, sqnorm, k, d, smem, out_best, out_idx, out_zsq);
   } else {
-    PlainTileB16<kVec> src{z, n, row0, d, ldz};
+    PlainTileB16<kVec> src{z, n, row0, d};
+    mma_tile_search<T, kVec, /*kZsq=*/true>(src, cb, sqnorm, k, d, smem, out_best, out_idx, out_zsq);
+  }
+}
+
+// search_rows for one head of z [n, C, d] (the per-head lookup): the tile's rows = min(n - row0, 128)
+// rows from z (row row0 of the head) with row stride ld = C * d, against that head's codebook cb [k, d].
+template <typename T, bool kVec>
+__device__ __forceinline__ void search_head_rows(const typename Elem<T>::Storage* __restrict__ z,
+                                                 const typename Elem<T>::Storage* __restrict__ cb,
+                                                 const float* __restrict__ sqnorm, int rows, int ld, int k,
+                                                 int64_t d, unsigned char* smem, float& out_best, int& out_idx,
+                                                 float& out_zsq) {
+  if constexpr (std::is_same_v<T, float>) {
+    StridedTileF32 src{z, rows, ld, static_cast<int>(d)};
+    f32_tile_search</*kZsq=*/true>(src, cb, sqnorm, k, d, smem, out_best, out_idx, out_zsq);
+  } else {
+    StridedTileB16<kVec> src{z, rows, ld, static_cast<int>(d)};
     mma_tile_search<T, kVec, /*kZsq=*/true>(src, cb, sqnorm, k, d, smem, out_best, out_idx, out_zsq);
   }
 }

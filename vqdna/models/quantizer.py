@@ -352,7 +352,9 @@ class VectorQuantizer(_EMACodebook):
     embed_sum [K * C, codebook_dim] (float32).
 
     Options as in the peer: codebook_dim (project_in/project_out Linear layers whenever
-    heads * codebook_dim != dim), heads, separate_codebook_per_head, use_cosine_sim (unit inputs and
+    heads * codebook_dim != dim), heads, separate_codebook_per_head (C = heads codebooks: all heads
+    searched in one batched lookup and EMA-updated in one call; with kmeans_init codebook c is k-means
+    of head c's rows, and its dead codes restart from head c's rows), use_cosine_sim (unit inputs and
     codes; the EMA codebook renormalised), rotation_trick, learnable_codebook, ema_update,
     freeze_codebook, orthogonal_reg_weight / _active_codes_only / _max_codes, stochastic_sample_codes /
     sample_codebook_temp (Gumbel-max over -distance / temp in training, from the global torch RNG like
@@ -361,7 +363,9 @@ class VectorQuantizer(_EMACodebook):
     0.8, 1.0, True); the loss is also returned in eval mode; return_zeros_for_masked_padding=None (the
     default) returns every row's code and quantized value (the peer's True: zeros and code -1 at
     masked rows; False: the input and -1); the masked commitment loss compares with the projected,
-    normalised input (the peer: with the raw input).
+    normalised input (the peer: with the raw input); k-means init is seeded k-means++ and dead-code
+    restarts take hash-picked rows (the peer: random draws), and k-means init sets cluster_size to 1
+    (the peer: the cluster counts).
     sync_codebook: None = all_reduce the EMA statistics whenever torch.distributed is initialised with
     more than one rank; True/False force it.
     check_finite: how a NaN/Inf row of x fails. True: ValueError naming the row in eager mode on CPU

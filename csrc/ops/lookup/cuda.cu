@@ -28,39 +28,79 @@ using tile::launch_with_smem;
 
 static_assert(kBM == kLookupBlockRows, "cuda.cuh advertises the tile height");
 
-// The block's head c = blockIdx.y: its rows start at z + c * d (row stride heads * d), its codebook at
-// cb + c * k * d, its sqnorms at sqnorm + c * k, and row i's outputs at codes / dist [i * heads + c].
-template <typename T, bool kVec, typename S>
-__device__ __forceinline__ void lookup_block(const S* __restrict__ z, const S* __restrict__ cb,
-                                             const float* __restrict__ sqnorm, int32_t* __restrict__ codes,
-                                             float* __restrict__ dist, int64_t n, int k, int64_t d, int heads) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const int tid = static_cast<int>(threadIdx.x);
-  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
-  const int64_t head = blockIdx.y;
-  float best = 0.f, zsq = 0.f;
-  int idx = 0;
-  tile::search_rows<T, kVec>(z + head * d, cb + head * k * d, sqnorm + head * k, n, row0, k, d, heads * d,
-                             smem_raw, best, idx, zsq);
-  if (tid < kBM) {
-    const int64_t row = row0 + tid;
-    if (row < n) tile::write_code_dist(codes + head, dist + head, row * heads, best, idx, zsq);
-  }
-}
-
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads, 2)
     lookup_mma_kernel(const uint16_t* __restrict__ z, const uint16_t* __restrict__ cb,
                       const float* __restrict__ sqnorm, int32_t* __restrict__ codes,
-                      float* __restrict__ dist, int64_t n, int k, int64_t d, int heads) {
-  lookup_block<T, kVec>(z, cb, sqnorm, codes, dist, n, k, d, heads);
+                      float* __restrict__ dist, int64_t n, int k, int64_t d) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  float best = 0.f, zsq = 0.f;
+  int idx = 0;
+  tile::search_rows<T, kVec>(z, cb, sqnorm, n, row0, k, d, smem_raw, best, idx, zsq);
+  if (tid < kBM) {
+    const int64_t row = row0 + tid;
+    if (row < n) tile::write_code_dist(codes, dist, row, best, idx, zsq);
+  }
 }
 
 __global__ void __launch_bounds__(kThreads, 2)
     lookup_f32_kernel(const float* __restrict__ z, const float* __restrict__ cb,
                       const float* __restrict__ sqnorm, int32_t* __restrict__ codes,
-                      float* __restrict__ dist, int64_t n, int k, int64_t d, int heads) {
-  lookup_block<float, false>(z, cb, sqnorm, codes, dist, n, k, d, heads);
+                      float* __restrict__ dist, int64_t n, int k, int64_t d) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  float best = 0.f, zsq = 0.f;
+  int idx = 0;
+  tile::search_rows<float, false>(z, cb, sqnorm, n, row0, k, d, smem_raw, best, idx, zsq);
+  if (tid < kBM) {
+    const int64_t row = row0 + tid;
+    if (row < n) tile::write_code_dist(codes, dist, row, best, idx, zsq);
+  }
+}
+
+// Per-head codebooks: block (x, c) searches rows [128 x, 128 x + 128) of head c = blockIdx.y, i.e. of
+// z + c * d with row stride heads * d, in codebook c (cb + c * k * d, sqnorm + c * k), and writes row
+// i's outputs at codes / dist [i * heads + c]. S: the storage type (uint16_t or float).
+template <typename T, bool kVec, typename S>
+__device__ __forceinline__ void lookup_head_block(const S* __restrict__ z, const S* __restrict__ cb,
+                                                  const float* __restrict__ sqnorm, int32_t* __restrict__ codes,
+                                                  float* __restrict__ dist, int64_t n, int k, int64_t d,
+                                                  int heads) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int tid = static_cast<int>(threadIdx.x);
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
+  const int64_t head = blockIdx.y;
+  const int ld = heads * static_cast<int>(d);
+  const int rows = static_cast<int>(n - row0 < kBM ? n - row0 : kBM);
+  float best = 0.f, zsq = 0.f;
+  int idx = 0;
+  tile::search_head_rows<T, kVec>(z + head * d + row0 * ld, cb + head * k * d, sqnorm + head * k, rows, ld, k, d,
+                                  smem_raw, best, idx, zsq);
+  if (tid < rows) {
+    const int64_t row = row0 + tid;
+    tile::write_code_dist(codes + head, dist + head, row * heads, best, idx, zsq);
+  }
+}
+
+// The strided row loads of the per-head kernels cost registers that the scalar-load (kVec = false) and
+// float32 searches do not have to spare at 2 blocks per SM (ptxas spilled 4-104 B): those run at 1
+// (up to 255 registers per thread); the 16-byte-load kernel keeps 2.
+template <typename T, bool kVec>
+__global__ void __launch_bounds__(kThreads, kVec ? 2 : 1)
+    lookup_heads_mma_kernel(const uint16_t* __restrict__ z, const uint16_t* __restrict__ cb,
+                            const float* __restrict__ sqnorm, int32_t* __restrict__ codes,
+                            float* __restrict__ dist, int64_t n, int k, int64_t d, int heads) {
+  lookup_head_block<T, kVec>(z, cb, sqnorm, codes, dist, n, k, d, heads);
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    lookup_heads_f32_kernel(const float* __restrict__ z, const float* __restrict__ cb,
+                            const float* __restrict__ sqnorm, int32_t* __restrict__ codes,
+                            float* __restrict__ dist, int64_t n, int k, int64_t d, int heads) {
+  lookup_head_block<float, false>(z, cb, sqnorm, codes, dist, n, k, d, heads);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -74,12 +114,17 @@ cudaError_t launch_mma(const void* z, const void* cb, const float* sqnorm, int32
   const auto* zz = static_cast<const uint16_t*>(z);
   const auto* cc = static_cast<const uint16_t*>(cb);
   const bool vec = mma_vec_loads(dtype, d, tile::aligned16(z) && tile::aligned16(cb));
-  if (vec) {
-    return launch_with_smem(lookup_mma_kernel<T, true>, tile::mma_cfg::kSmemBytes, grid, stream, zz,
-                            cc, sqnorm, codes, dist, n, k, d, heads);
+  constexpr size_t smem = tile::mma_cfg::kSmemBytes;
+  if (heads > 1) {
+    return vec ? launch_with_smem(lookup_heads_mma_kernel<T, true>, smem, grid, stream, zz, cc, sqnorm, codes, dist,
+                                  n, k, d, heads)
+               : launch_with_smem(lookup_heads_mma_kernel<T, false>, smem, grid, stream, zz, cc, sqnorm, codes, dist,
+                                  n, k, d, heads);
   }
-  return launch_with_smem(lookup_mma_kernel<T, false>, tile::mma_cfg::kSmemBytes, grid, stream, zz,
-                          cc, sqnorm, codes, dist, n, k, d, heads);
+  if (vec) {
+    return launch_with_smem(lookup_mma_kernel<T, true>, smem, grid, stream, zz, cc, sqnorm, codes, dist, n, k, d);
+  }
+  return launch_with_smem(lookup_mma_kernel<T, false>, smem, grid, stream, zz, cc, sqnorm, codes, dist, n, k, d);
 }
 
 }  // namespace
@@ -88,6 +133,7 @@ cudaError_t launch_lookup(const void* z, const void* codebook, const float* code
                           int32_t* codes, float* dist, int64_t n, int64_t k, int64_t d, int64_t heads,
                           DType dtype, cudaStream_t stream) {
   if (n < 0 || k < 1 || k > tile::kMaxK || d < 0 || heads < 1 || heads > 65535) return cudaErrorInvalidValue;
+  if (heads > 1 && heads * d > 0x7fffffff) return cudaErrorInvalidValue;  // the 32-bit row stride
   if (n == 0) return cudaSuccess;
   const int64_t blocks = (n + kBM - 1) / kBM;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
@@ -95,10 +141,15 @@ cudaError_t launch_lookup(const void* z, const void* codebook, const float* code
   const int kk = static_cast<int>(k);
   const int hh = static_cast<int>(heads);
   switch (dtype) {
-    case DType::kFloat32:
-      return launch_with_smem(lookup_f32_kernel, tile::f32_cfg::kSmemBytes, grid, stream,
-                              static_cast<const float*>(z), static_cast<const float*>(codebook),
-                              codebook_sqnorm, codes, dist, n, kk, d, hh);
+    case DType::kFloat32: {
+      const auto* zz = static_cast<const float*>(z);
+      const auto* cc = static_cast<const float*>(codebook);
+      constexpr size_t smem = tile::f32_cfg::kSmemBytes;
+      return hh > 1 ? launch_with_smem(lookup_heads_f32_kernel, smem, grid, stream, zz, cc, codebook_sqnorm, codes,
+                                       dist, n, kk, d, hh)
+                    : launch_with_smem(lookup_f32_kernel, smem, grid, stream, zz, cc, codebook_sqnorm, codes, dist, n,
+                                       kk, d);
+    }
     case DType::kBFloat16:
       return launch_mma<__nv_bfloat16>(z, codebook, codebook_sqnorm, codes, dist, n, kk, d, hh, dtype,
                                        grid, stream);

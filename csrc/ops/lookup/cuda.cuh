@@ -25,7 +25,7 @@ constexpr int kLookupBlockRows = 128;
 // bf16/fp16 use tensor-core mma.sync (fp32 accumulation); float32 uses exact fp32 FMA (no TF32).
 //
 // Returns cudaErrorInvalidValue for out-of-range sizes (n < 0, k < 1, k > 2^30, d < 0, heads outside
-// [1, 65535]) or an
+// [1, 65535], heads * d >= 2^31 with heads > 1) or an
 // unknown dtype, the error of cudaFuncSetAttribute if that fails, and otherwise cudaSuccess;
 // launch errors are left for the caller to collect with cudaGetLastError
 // (C10_CUDA_KERNEL_LAUNCH_CHECK).

@@ -140,6 +140,39 @@ def test_ema_update_matches_reference_state(backend, device, n, deterministic, r
             assert torch.allclose(got.cpu(), want, rtol=1e-5, atol=1e-5), name
 
 
+@pytest.mark.parametrize("mask_shape", ["rows", "rows_heads", None])
+@pytest.mark.parametrize("backend,device", backend_params("ema_stats"))
+def test_ema_update_per_head_codebooks_in_one_call(backend, device, mask_shape, rng):
+    """State [C, K] / [C, K, D], x [..., C, D], codes [..., C]: the reference's single-codebook update
+    of each codebook on its head's rows, each smoothed on its own (codebooks with unequal totals, so a
+    smoothing over all C * K codes would differ)."""
+    require_backend(backend, device, "ema_stats")
+    c, k, d, decay, eps = 3, 10, 6, 0.9, 0.5
+    cs = torch.rand(c, k, generator=rng) * torch.tensor([[1.0], [5.0], [20.0]])
+    es = torch.randn(c, k, d, generator=rng)
+    state = [cs.to(device), es.to(device), torch.empty(c, k, d).to(device)]
+    want = [list(t) for t in zip(cs, es)]
+    for _ in range(2):
+        x = torch.randn(4, 30, c, d, generator=rng)
+        codes = torch.randint(k - 2, (4, 30, c), generator=rng)  # the last two codes of each unused
+        rows = torch.rand(4, 30, generator=rng) < 0.7
+        mask = {"rows": rows, "rows_heads": rows[..., None].expand(4, 30, c), None: None}[mask_shape]
+        for h in range(c):
+            want[h] = reference.ema_update(x[..., h, :].reshape(-1, d), codes[..., h].reshape(-1), *want[h][:2],
+                                           decay=decay, eps=eps, mask=None if mask is None else rows.reshape(-1))
+        ema_update(x.to(device), codes.to(device), *state, decay=decay, eps=eps,
+                   mask=None if mask is None else mask.to(device), backend=backend)
+        for i, name in enumerate(("cluster_size", "embed_sum", "codebook")):
+            expected = torch.stack([w[i] for w in want])
+            assert torch.allclose(state[i].cpu(), expected, rtol=1e-5, atol=1e-5), name
+
+
+def test_ema_update_per_head_shapes_are_checked():
+    with pytest.raises(ValueError, match=r"cluster_size \(2, 5\) holds 2 codebooks: need x \[\.\.\., 2, D\]"):
+        ema_update(torch.randn(7, 3, 4), torch.zeros(7, 3, dtype=torch.long), torch.ones(2, 5), torch.ones(2, 5, 4),
+                   torch.ones(2, 5, 4))
+
+
 @pytest.mark.parametrize("backend,device", backend_params("ema_stats"))
 def test_ema_stats_opcheck(backend, device, rng):
     require_backend(backend, device, "ema_stats")

@@ -6,6 +6,7 @@ Registered as the custom op `vqdna::lookup_triton` (torch.library.triton_op), so
 
 from __future__ import annotations
 
+import dataclasses
 
 import torch
 import triton
@@ -46,6 +47,10 @@ TILES = [
     Tile(32, 32, 32, 4, 2),
 ]
 INTERPRETER_TILE = Tile(32, 128, 64, 1, 1)  # the interpreter runs on the CPU: one small tile
+# The same tiles for per-head codebooks (C > 1: a head's row offset and codebook row live in registers
+# too): the 16-bit 128 x 128 x 32 tile spilled 16 B on sm_80 under Triton 3.9 (255 registers without
+# them), so there it is declared for sm_90 only.
+HEAD_TILES = [dataclasses.replace(t, archs=(90,)) if t.block_n == t.block_k == 128 else t for t in TILES]
 
 
 def shared_bytes(tile: Tile, dtype_bytes: int) -> int:
@@ -55,21 +60,23 @@ def shared_bytes(tile: Tile, dtype_bytes: int) -> int:
 
 @triton.jit
 def nearest_codes(
-    z_ptr, e_ptr, e_sqnorm_ptr, N, K, D, ZS,
+    z_ptr, e_ptr, e_sqnorm_ptr, N, K, D, ZS, Z0, E0,
     IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """The search of this program's BLOCK_N-row tile of z [N, D] (row stride ZS elements: D, or C * D
-    for one head of z [N, C, D]) against the codebook e [K, D] with e_sqnorm [K] float32. Returns
-    rows int32 [BLOCK_N] (the tile's row indices), row_ok (which exist), code int32 and dist float32
-    [BLOCK_N] = (argmin_k, min_k) of ||z - e_k||^2, ties to the smallest k, dist clamped at 0 and
-    non-finite for a non-finite row. Shared by the lookup and quantize kernels."""
+    """The search of this program's BLOCK_N-row tile of z [N, D] against the codebook e [K, D] with
+    e_sqnorm [K] float32. Returns rows int32 [BLOCK_N] (the tile's row indices), row_ok (which exist),
+    code int32 and dist float32 [BLOCK_N] = (argmin_k, min_k) of ||z - e_k||^2, ties to the smallest
+    k, dist clamped at 0 and non-finite for a non-finite row. Shared by the lookup and quantize kernels.
+    One head of per-head codebooks: z's rows start at element Z0 with row stride ZS (head c of z
+    [N, C, D]: Z0 = c * D, ZS = C * D; else 0 and D), the codebook at row E0 of e and e_sqnorm (c * K;
+    else 0). Offsets, not offset pointers: a computed pointer would stay live in registers."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     # 64-bit tile bases (N * D can exceed 2^31), 32-bit offsets inside a tile: half the registers
     # of a 64-bit pointer per element.
-    z_tile = z_ptr + pid.to(tl.int64) * BLOCK_N * ZS
+    z_tile = z_ptr + (pid.to(tl.int64) * BLOCK_N * ZS + Z0)
     z_offs = tl.arange(0, BLOCK_N)[:, None] * ZS
 
     z_sqnorm = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -85,7 +92,7 @@ def nearest_codes(
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + tl.arange(0, BLOCK_K)
         code_ok = codes < K
-        e_tile = e_ptr + tl.cast(k0, tl.int64) * D
+        e_tile = e_ptr + tl.cast(E0 + k0, tl.int64) * D
         dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dims = d0 + tl.arange(0, BLOCK_D)
@@ -99,7 +106,7 @@ def nearest_codes(
                 dot = tl.dot(zt, tl.trans(et), dot, input_precision="ieee")
             else:
                 dot = tl.dot(zt, tl.trans(et), dot)
-        e_sqnorm = tl.load(e_sqnorm_ptr + codes, mask=code_ok, other=0.0)
+        e_sqnorm = tl.load(e_sqnorm_ptr + E0 + codes, mask=code_ok, other=0.0)
         best, best_code = running_argmin(best, best_code, dot, e_sqnorm, code_ok, k0)
 
     dist = best + z_sqnorm
@@ -107,10 +114,18 @@ def nearest_codes(
     return rows, row_ok, best_code, dist
 
 
+_prune_one, _prune_heads = (prune_for_device("z_ptr", shared_bytes, tiles) for tiles in (TILES, HEAD_TILES))
+
+
+def _prune(configs, named_args, **kwargs):
+    """The autotuner's pruning: TILES for one codebook, HEAD_TILES for per-head codebooks."""
+    return (_prune_heads if kwargs.get("C", named_args.get("C", 1)) > 1 else _prune_one)(configs, named_args, **kwargs)
+
+
 @triton.autotune(
     configs=autotune_configs(TILES, INTERPRETER_TILE),
-    key=["N_CLASS", "K", "D", "IEEE_FP32", "UPCAST"],
-    prune_configs_by={"early_config_prune": prune_for_device("z_ptr", shared_bytes, TILES)},
+    key=["N_CLASS", "K", "D", "C", "IEEE_FP32", "UPCAST"],
+    prune_configs_by={"early_config_prune": _prune},
 )
 @triton.heuristics({"EVEN_D": lambda args: args["D"] % args["BLOCK_D"] == 0})
 @triton.jit
@@ -123,8 +138,8 @@ def _lookup_kernel(
     N,
     K,
     D,
-    C,  # codebooks (heads): z [N, C, D], e [C, K, D], e_sqnorm [C, K], codes/dist [N, C]; 1 for [K, D]
     N_CLASS,  # size_class(N): only an autotuning key
+    C: tl.constexpr,  # codebooks (heads): z [N, C, D], e [C, K, D], e_sqnorm [C, K], codes/dist [N, C]; 1: [K, D]
     IEEE_FP32: tl.constexpr,
     UPCAST: tl.constexpr,
     EVEN_D: tl.constexpr,  # D % BLOCK_D == 0: no dimension mask (the masked loads cost registers)
@@ -132,15 +147,22 @@ def _lookup_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # Program axis 1 is the head: its rows z[:, head] (row stride C * D), its codebook and sqnorms.
-    head = tl.program_id(1)
-    rows, row_ok, best_code, dist = nearest_codes(
-        z_ptr + head * D, e_ptr + head.to(tl.int64) * K * D, e_sqnorm_ptr + head * K, N, K, D, C * D,
-        IEEE_FP32, UPCAST, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D,
-    )
-    out = rows.to(tl.int64) * C + head
-    tl.store(codes_ptr + out, best_code, mask=row_ok)
-    tl.store(dist_ptr + out, dist, mask=row_ok)
+    if C == 1:  # one codebook (a constant: the single-codebook kernel is compiled as it always was)
+        rows, row_ok, best_code, dist = nearest_codes(
+            z_ptr, e_ptr, e_sqnorm_ptr, N, K, D, D, 0, 0, IEEE_FP32, UPCAST, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D
+        )
+        tl.store(codes_ptr + rows, best_code, mask=row_ok)
+        tl.store(dist_ptr + rows, dist, mask=row_ok)
+    else:
+        # Program axis 1 is the head: its rows z[:, head] (row stride C * D), its codebook and sqnorms.
+        head = tl.program_id(1)
+        rows, row_ok, best_code, dist = nearest_codes(
+            z_ptr, e_ptr, e_sqnorm_ptr, N, K, D, C * D, head * D, head * K,
+            IEEE_FP32, UPCAST, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D,
+        )
+        out = rows.to(tl.int64) * C + head
+        tl.store(codes_ptr + out, best_code, mask=row_ok)
+        tl.store(dist_ptr + out, dist, mask=row_ok)
 
 
 @triton_op("vqdna::lookup_triton", mutates_args=())
@@ -163,7 +185,7 @@ def lookup_triton(z: torch.Tensor, codebook: torch.Tensor, codebook_sqnorm: torc
 
     with device_guard(z.device):
         wrap_triton(_lookup_kernel)[grid](
-            z, codebook, codebook_sqnorm, codes, dist, n, k, d, c, size_class(n), **search_constants(z)
+            z, codebook, codebook_sqnorm, codes, dist, n, k, d, size_class(n), C=c, **search_constants(z)
         )
     return codes, dist
 
@@ -178,29 +200,39 @@ def search_constants(z: torch.Tensor) -> dict:
     }
 
 
+# The head counts gpu-check compiles the lookup kernel for: one codebook, and per-head codebooks (the
+# head count is a constant of the kernel, compiled per count; 4 stands for every C > 1).
+AOT_HEADS = (1, 4)
+
+
 def aot_variants():
-    """What `vqdna gpu-check` compiles of lookup (search_aot_variants)."""
-    return search_aot_variants("lookup", _lookup_kernel, TILES, {"codes_ptr": "*i32", "dist_ptr": "*fp32"})
+    """What `vqdna gpu-check` compiles of lookup (search_aot_variants, for each of AOT_HEADS: TILES for
+    one codebook, HEAD_TILES for more)."""
+    for c in AOT_HEADS:
+        yield from search_aot_variants("lookup", _lookup_kernel, HEAD_TILES if c > 1 else TILES,
+                                       {"codes_ptr": "*i32", "dist_ptr": "*fp32"}, [{"C": c}])
 
 
-def search_aot_variants(op: str, kernel, tiles, out_pointers: dict):
+def search_aot_variants(op: str, kernel, tiles, out_pointers: dict, extra_consts=({},)):
     """The gpu-check variants of a kernel built on `nearest_codes` (lookup, quantize): every declared
     tile for each dtype it is declared for, with and without the dimension mask where the tile allows
     both (on a GPU the other constants follow from the dtype), and the shared-memory estimate the
     pruner applies per arch. out_pointers: the Triton types of the kernel's other pointer arguments
-    ("*dtype" stands for the input dtype)."""
+    ("*dtype" stands for the input dtype). extra_consts: the kernel's further constants, one variant
+    set per dict (named in the label unless it is the only one)."""
     fn = jit_function(kernel)
     for dtype, torch_dtype in TORCH_DTYPES.items():
         for tile in tiles:
             if dtype not in tile.dtypes:
                 continue
             for even_d in (True, False) if not tile.even_d_only else (True,):
-                consts = {"IEEE_FP32": torch_dtype == torch.float32, "UPCAST": False, "EVEN_D": even_d,
-                          "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "BLOCK_D": tile.block_d}  # fmt: skip
-                ptr = f"*{dtype}"
-                pointers = {"z_ptr": ptr, "e_ptr": ptr, "e_sqnorm_ptr": "*fp32"}
-                pointers.update({name: ptr if t == "*dtype" else t for name, t in out_pointers.items()})
-                sig = signature(fn, pointers, consts)
-                label = tile.label + ("" if even_d else " masked-D")
-                yield AotVariant(op, fn.__name__, fn, dtype, label, sig, consts,
-                                 tile.num_warps, tile.num_stages, shared_bytes(tile, torch_dtype.itemsize), tile.archs)  # fmt: skip
+                for extra in extra_consts:
+                    consts = {"IEEE_FP32": torch_dtype == torch.float32, "UPCAST": False, "EVEN_D": even_d,
+                              "BLOCK_N": tile.block_n, "BLOCK_K": tile.block_k, "BLOCK_D": tile.block_d, **extra}  # fmt: skip
+                    ptr = f"*{dtype}"
+                    pointers = {"z_ptr": ptr, "e_ptr": ptr, "e_sqnorm_ptr": "*fp32"}
+                    pointers.update({name: ptr if t == "*dtype" else t for name, t in out_pointers.items()})
+                    sig = signature(fn, pointers, consts)
+                    label = tile.label + ("" if even_d else " masked-D") + "".join(f" {k}={v}" for k, v in extra.items())
+                    yield AotVariant(op, fn.__name__, fn, dtype, label, sig, consts,
+                                     tile.num_warps, tile.num_stages, shared_bytes(tile, torch_dtype.itemsize), tile.archs)  # fmt: skip

@@ -101,14 +101,17 @@ def lookup(
     if pieces is None:
         pieces = [z.detach().reshape(-1, d).contiguous()]
     cb, sq = codebook_operands(codebook, codebook_sqnorm)
-    op = backend_op("lookup", name)
-    if len(pieces) == 1 and n <= _MAX_ROWS_PER_LAUNCH:
-        codes, dist = op(pieces[0], cb, sq)
-    else:
-        parts = [op(p[s : s + _MAX_ROWS_PER_LAUNCH], cb, sq) for p in pieces for s in range(0, p.shape[0], _MAX_ROWS_PER_LAUNCH)]
-        codes = torch.cat([p[0] for p in parts])
-        dist = torch.cat([p[1] for p in parts])
+    codes, dist = _launch(backend_op("lookup", name), pieces, cb, sq)
     return codes.to(codes_dtype).reshape(lead), dist.reshape(lead)
+
+
+def _launch(op, pieces: list, cb: torch.Tensor, sq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The op on every piece of z ([n, D] or [n, C, D]), at most _MAX_ROWS_PER_LAUNCH rows per call;
+    the results concatenated along the rows."""
+    if len(pieces) == 1 and pieces[0].shape[0] <= _MAX_ROWS_PER_LAUNCH:
+        return op(pieces[0], cb, sq)
+    parts = [op(p[s : s + _MAX_ROWS_PER_LAUNCH], cb, sq) for p in pieces for s in range(0, p.shape[0], _MAX_ROWS_PER_LAUNCH)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def _lookup_heads(z, codebook, codebook_sqnorm, backend, codes_dtype):
@@ -119,13 +122,7 @@ def _lookup_heads(z, codebook, codebook_sqnorm, backend, codes_dtype):
     n = math.prod(lead[:-1])
     name = select_backend("lookup", backend, z.device, z.dtype, size=(n * c, k))
     rows = z.detach().reshape(n, c, d).contiguous()
-    cb, sq = codebook_operands(codebook, codebook_sqnorm)
-    op = backend_op("lookup", name)
-    if n <= _MAX_ROWS_PER_LAUNCH:
-        codes, dist = op(rows, cb, sq)
-    else:
-        parts = [op(rows[s : s + _MAX_ROWS_PER_LAUNCH], cb, sq) for s in range(0, n, _MAX_ROWS_PER_LAUNCH)]
-        codes, dist = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    codes, dist = _launch(backend_op("lookup", name), [rows], *codebook_operands(codebook, codebook_sqnorm))
     return codes.to(codes_dtype).reshape(lead), dist.reshape(lead)
 
 

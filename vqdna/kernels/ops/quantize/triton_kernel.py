@@ -70,7 +70,7 @@ def _quantize_kernel(
     BLOCK_D: tl.constexpr,
 ):
     rows, row_ok, best_code, dist = nearest_codes(
-        z_ptr, e_ptr, e_sqnorm_ptr, N, K, D, D, IEEE_FP32, UPCAST, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D
+        z_ptr, e_ptr, e_sqnorm_ptr, N, K, D, D, 0, 0, IEEE_FP32, UPCAST, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D
     )
     tl.store(codes_ptr + rows, best_code, mask=row_ok)
     tl.store(dist_ptr + rows, dist, mask=row_ok)
