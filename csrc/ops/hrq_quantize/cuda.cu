@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(kThreads, 1) hrq_kernel(const __grid_constant_
     int idx = 0;
     if constexpr (std::is_same_v<T, float>) {
       if (l == 0) {
-        tile::PlainTileF32 src{z_l, n, row0, d, d};
+        tile::PlainTileF32 src{z_l, n, row0, d};
         tile::f32_tile_search<false>(src, cb_l, sq_l, k, d, smem_raw, best, idx, zsq);
       } else {
         tile::ResidualTileF32 src{z_l, cb, s_prev, n, row0, d};
@@ -172,7 +172,7 @@ __global__ void __launch_bounds__(kThreads, 1) hrq_kernel(const __grid_constant_
       }
     } else {
       if (l == 0) {
-        tile::PlainTileB16<kVec> src{z_l, n, row0, d, d};
+        tile::PlainTileB16<kVec> src{z_l, n, row0, d};
         tile::mma_tile_search<T, kVec, false>(src, cb_l, sq_l, k, d, smem_raw, best, idx, zsq);
       } else {
         tile::ResidualTileB16<T, kVec> src{z_l, cb, s_prev, n, row0, d};

@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
   float best = 0.f, zsq = 0.f;
   int idx = 0;
-  tile::search_rows<T, kVec>(z, cb, sqnorm, n, row0, k, d, d, smem_raw, best, idx, zsq);
+  tile::search_rows<T, kVec>(z, cb, sqnorm, n, row0, k, d, smem_raw, best, idx, zsq);
   quantize_epilogue<U>(reinterpret_cast<const U*>(cb), codes, quantized, dist, scratch, n, row0, row_units,
                        best, idx, zsq, smem_raw);
 }
