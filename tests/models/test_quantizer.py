@@ -666,3 +666,27 @@ def test_cosine_eval_normalises_inside_the_quantize_op(monkeypatch, mask):
     with torch.no_grad():
         out_rot, codes_rot, _ = vq(x, mask=m)
     assert tuple(x.shape) not in normalised and torch.equal(codes_rot, codes) and torch.equal(out_rot, out.detach())
+
+
+def test_separate_codebooks_one_lookup_and_one_ema_update_per_step(monkeypatch):
+    """Per-head codebooks (issue 23): one batched lookup and one ema_update per training step for all
+    heads (not one per head), with each head's code the nearest in its own codebook."""
+    from vqdna import kernels
+
+    calls = {"lookup": 0, "ema_update": 0}
+    for name in calls:
+        def counted(*args, _fn=getattr(kernels, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setattr(kernels, name, counted)
+    vq = VectorQuantizer(8, 16, heads=4, codebook_dim=2, separate_codebook_per_head=True).train()
+    x = torch.randn(3, 10, 8, generator=torch.Generator().manual_seed(0))
+    books = vq.codebook.detach().clone().view(4, 16, 2)
+    _, codes, _ = vq(x)
+    assert calls == {"lookup": 1, "ema_update": 1}
+    assert codes.shape == (3, 10, 4)
+    z = x.view(3, 10, 4, 2)
+    for h in range(4):
+        want, _ = reference.lookup(z[..., h, :].reshape(-1, 2), books[h])
+        assert torch.equal(codes[..., h].reshape(-1), want.long()), f"head {h}"
