@@ -150,3 +150,26 @@ def test_native_heads_checks_its_inputs():
         op(torch.randn(4, 2, 8), e, torch.ones(10))
     with pytest.raises(RuntimeError, match=r"z must be 3-D \[N, C, D\]"):
         op(torch.randn(4, 8), e, e.pow(2).sum(-1))
+
+
+def test_heads_reach_the_op_without_a_copy(monkeypatch, rng):
+    """A contiguous z [B, T, C, D] reaches the op as a [B * T, C, D] view of its own storage (each
+    head's strided rows are read in place: no per-head or transposing copy)."""
+    import vqdna.kernels.ops.lookup.wrapper as wrapper
+
+    seen = []
+    real = wrapper.backend_op
+
+    def recording(op, name):
+        fn = real(op, name)
+
+        def call(z, *rest):
+            seen.append((z.data_ptr(), tuple(z.shape)))
+            return fn(z, *rest)
+
+        return call
+
+    monkeypatch.setattr(wrapper, "backend_op", recording)
+    z = torch.randn(2, 9, 3, 8, generator=rng)
+    lookup(z, torch.randn(3, 5, 8, generator=rng), backend="reference")
+    assert seen == [(z.data_ptr(), (18, 3, 8))]
