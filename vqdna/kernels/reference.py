@@ -20,7 +20,7 @@ from vqdna.kernels.compile_marks import assume_constant_result
 __all__ = [
     "lookup", "hrq_quantize", "ema_stats", "ema_update", "laplace_smoothed", "kmeans", "kmeans_init", "stem",
     "convnext_block", "hrq_level_losses", "nonfinite_report", "l2norm", "l2norm_backward", "sample_codes",
-    "sample_codes_philox", "philox_uniform",
+    "sample_codes_philox", "philox_scores", "philox_uniform",
     "BASE_PAD_ID", "NUM_BASES", "EMA_EPS",
 ]
 
@@ -221,26 +221,34 @@ def sample_codes_philox(
     """
     n, k = z.shape[0], codebook.shape[0]
     e = codebook.float()
-    e_sq = e.pow(2).sum(-1)
     codes = torch.empty(n, dtype=torch.int64, device=z.device)
     step = max(1, min(n, _CHUNK_ELEMENTS // (8 * max(1, k))))  # the Philox rounds hold several int64 [rows, K]
-    with torch.no_grad(), _no_tf32():
+    with torch.no_grad():
         for start in range(0, n, step):
-            r = z[start : start + step].float()
-            offsets = torch.arange(start, start + r.shape[0], device=z.device)[:, None] * k + torch.arange(k, device=z.device)
-            u = philox_uniform(seed.to(z.device), offsets)
-            g = u.clamp_min(1e-20).log().neg().clamp_min(1e-20).log()
-            dot = r @ e.T
-            if cosine:
-                scores = g - dot / temp
-            else:
-                d = r.pow(2).sum(-1, keepdim=True) + (e_sq - 2.0 * dot)
-                scores = d.clamp_min(1e-8).sqrt() / temp + g
+            scores = philox_scores(z[start : start + step], e, temp, cosine, seed, start)
             scores = torch.where(torch.isnan(scores), torch.full_like(scores, math.inf), scores)
-            codes[start : start + r.shape[0]] = scores.argmin(-1)
+            codes[start : start + scores.shape[0]] = scores.argmin(-1)
         quantized = e[codes]
         dist = (z.float() - quantized).pow(2).sum(-1)
     return codes, quantized, dist
+
+
+def philox_scores(
+    z: torch.Tensor, codebook: torch.Tensor, temp: float, cosine: bool, seed: torch.Tensor, first_row: int = 0
+) -> torch.Tensor:
+    """The scores float32 [N, K] whose argmin sample_codes_philox takes, for the rows first_row ..
+    first_row + N of its z (z here: those rows [N, D]; codebook [K, D])."""
+    n, k = z.shape[0], codebook.shape[0]
+    r, e = z.float(), codebook.float()
+    rows = torch.arange(first_row, first_row + n, device=z.device)
+    u = philox_uniform(seed.to(z.device), rows[:, None] * k + torch.arange(k, device=z.device))
+    noise = u.clamp_min(1e-20).log().neg().clamp_min(1e-20).log()
+    with _no_tf32():
+        dot = r @ e.T
+    if cosine:
+        return noise - dot / temp
+    d = r.pow(2).sum(-1, keepdim=True) + (e.pow(2).sum(-1) - 2.0 * dot)
+    return d.clamp_min(1e-8).sqrt() / temp + noise
 
 
 def nonfinite_report(dist: torch.Tensor) -> torch.Tensor:

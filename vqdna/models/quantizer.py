@@ -343,13 +343,14 @@ class VectorQuantizer(_EMACodebook):
     heads * codebook_dim != dim), heads, separate_codebook_per_head, use_cosine_sim (unit inputs and
     codes; the EMA codebook renormalised), rotation_trick, learnable_codebook, ema_update,
     freeze_codebook, orthogonal_reg_weight / _active_codes_only / _max_codes, stochastic_sample_codes /
-    sample_codebook_temp (Gumbel-max over -distance / temp in training, from the global torch RNG like
-    the peer), channel_last, accept_image_fmap, accept_3d_fmap, return_zeros_for_masked_padding.
+    sample_codebook_temp (Gumbel-max over -distance / temp in training, from the global torch RNG: the
+    peer's draws on the CPU; kernels.sample_codes), channel_last, accept_image_fmap, accept_3d_fmap, return_zeros_for_masked_padding.
     Differences on purpose: defaults decay=0.99, commitment_weight=0.5, rotation_trick=False (the peer:
     0.8, 1.0, True); the loss is also returned in eval mode; return_zeros_for_masked_padding=None (the
     default) returns every row's code and quantized value (the peer's True: zeros and code -1 at
     masked rows; False: the input and -1); the masked commitment loss compares with the projected,
-    normalised input (the peer: with the raw input).
+    normalised input (the peer: with the raw input); on CUDA, stochastic_sample_codes draws Triton's
+    Philox noise seeded from the CUDA generator (the same distribution, not the peer's numbers).
     sync_codebook: None = all_reduce the EMA statistics whenever torch.distributed is initialised with
     more than one rank; True/False force it.
     check_finite: how a NaN/Inf row of x fails. True: ValueError naming the row in eager mode on CPU
@@ -511,8 +512,9 @@ class VectorQuantizer(_EMACodebook):
     def _sample_codes(self, z: torch.Tensor, codebooks: torch.Tensor, temp: float):
         """Gumbel-max codes [..., C] (or [...] with C = 1) of z [..., C, d] ([..., d]) over logits
         -distance / temp (cosine: z.e / temp) per codebook of codebooks [C, K, d], from the global
-        torch RNG in the peer's order (the uniforms of [C, rows, K], row-major): kernels.sample_codes
-        per codebook, in blocks of _SAMPLE_CHUNK rows (which draw the same numbers on the CPU).
+        torch RNG: kernels.sample_codes per codebook, in blocks of _SAMPLE_CHUNK rows. On the CPU the
+        peer's draws in its order (the uniforms of [C, rows, K], row-major; the blocks draw the same
+        numbers); on CUDA the fused Triton kernel's Philox draws (its "auto").
         Also the chosen rows [..., (C,) d] float32 and their squared distances [..., (C)] float32."""
         c, d = codebooks.shape[0], z.shape[-1]
         rows = z.reshape(-1, c, d).transpose(0, 1).float()  # [C, rows, d]
