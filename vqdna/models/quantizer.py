@@ -723,6 +723,24 @@ def _per_level(name: str, value, n_levels: int, cast) -> tuple:
     return (cast(value),) * n_levels
 
 
+def _must_save_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(lambda *args, **kwargs: CheckpointPolicy.MUST_SAVE)
+
+
+def _saved(fn, *args):
+    """fn(*args); under torch.compile, with every value it computes saved for the backward
+    (selective activation checkpointing, MUST_SAVE). Its code rows come from codebook buffers that
+    the training step's EMA rewrites in place: AOTAutograd's partitioner would otherwise recompute
+    them in the backward from the rewritten buffer (pytorch/pytorch PR 197039)."""
+    if not torch.compiler.is_compiling():
+        return fn(*args)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_must_save_context)
+
+
 def _optional_int(v) -> Optional[int]:
     return None if v is None else int(v)
 
@@ -887,7 +905,7 @@ class HRQuantizer(nn.Module):
         if any(sample):
             # Level by level (H_l needs level l-1's sampled code); zhat_levels carries the gradient.
             codes = self._sample_level_codes(zs, used, sample, temps)
-            zhat_levels = self._levels_output(zs, used, codes, rotate)
+            zhat_levels = _saved(self._levels_output, zs, used, codes, rotate)
             d = self.dim
             sqdist, sqdist_sum, nonfinite = kernels.reference.hrq_level_losses(
                 [z.reshape(-1, d) for z in zs], zhat_levels.reshape(n, -1, d))
@@ -907,8 +925,12 @@ class HRQuantizer(nn.Module):
             self._update_levels(zs, codes, used, mask, sync, frozen)
         weight = None if mask is None else mask.to(sqdist.dtype)
         if targets is not None:
-            loss = sum(_CommitmentLoss.apply(z, q, (sqdist[level] if weight is not None else sqdist_sum[level]).detach(),
-                                             weight, False) for level, (z, q) in enumerate(zip(zs, targets)))
+            # The target's value is zhat_levels[l] (what sqdist measured); t - sg(t) (exactly 0) carries the
+            # codebook gradient. A value that is not read from the codebooks: a compiled backward that
+            # recomputes it cannot read a codebook the EMA has rewritten since (see _saved).
+            loss = sum(_CommitmentLoss.apply(z, zhat_levels[level].detach().float() + (t - t.detach()),
+                                             (sqdist[level] if weight is not None else sqdist_sum[level]).detach(),
+                                             weight, False) for level, (z, t) in enumerate(zip(zs, targets)))
         elif weight is not None:
             # sum_l mean((Z_l - sg(zhat_levels[l]))^2) over the unmasked rows, from the op's sums; its
             # autograd gives d/dZ_l = 2 (Z_l - zhat_levels[l]) / (rows D).
@@ -923,7 +945,7 @@ class HRQuantizer(nn.Module):
                         state.codebook[None], codes[level], self.orthogonal_reg_active_codes_only[level],
                         self.orthogonal_reg_max_codes[level])
         if any(rotate) and not any(sample):  # the fused op's zhat is straight-through
-            zhat = self._levels_output(zs, used, codes, rotate)[-1]
+            zhat = _saved(self._levels_output, zs, used, codes, rotate)[-1]
         else:
             zhat = zhat_levels[-1]
         if mask is not None and self.return_zeros_for_masked_padding:
@@ -957,13 +979,14 @@ class HRQuantizer(nn.Module):
         in float32 as the fused op) with each level's gradient to H_l (Z_0; 2 Z_l - sg(C_{l-1}[M_{l-1}]))
         straight through, or through the rotation trick where rotate[l]."""
         acc = torch.float64 if zs[0].dtype == torch.float64 else torch.float32
-        levels, running = [], None
+        levels, running, prev = [], None, None
         for level, z in enumerate(zs):
             hhat = used[level][codes[level]].to(acc)
-            h = z.to(acc) if level == 0 else 2.0 * z.to(acc) - used[level - 1][codes[level - 1]].to(acc)
+            h = z.to(acc) if level == 0 else 2.0 * z.to(acc) - prev
             out = (_RotationTrick if rotate[level] else _StraightThrough).apply(h, hhat)
             running = out if running is None else running + out
             levels.append((running / (level + 1)).to(z.dtype))
+            prev = hhat
         return torch.stack(levels)
 
     def _commitment_targets(self, codes, used, learn) -> list[torch.Tensor]:
