@@ -177,7 +177,7 @@ def test_ema_update_false_and_frozen_leave_the_codebooks():
         assert torch.equal(h.levels[level].codebook, before[f"levels.{level}.codebook"])
         assert not torch.equal(h.levels[level].cluster_size, before[f"levels.{level}.cluster_size"])
     for frozen, call in (((True, False), None), (True, None), (None, True), (None, (False, True))):
-        h = HRQuantizer(D, SIZES, threshold_ema_dead_code=0.5, freeze_codebook=frozen or False).train()
+        h = HRQuantizer(D, SIZES, threshold_ema_dead_code=2.0, freeze_codebook=frozen or False).train()  # all dead
         before = _state(h)
         h(zs, mask=mask, freeze_codebook=call)
         flags = quantizer._per_level("f", call if call is not None else frozen, 2, bool)

@@ -4,8 +4,8 @@ backend is chosen there, never here.
 
 Argument names follow vector-quantize-pytorch's `VectorQuantize` where the meaning is the same
 (`dim`, `codebook_size`, `decay`, `eps`, `commitment_weight`, `kmeans_init`, `kmeans_iters`,
-`threshold_ema_dead_code`, `sync_codebook`, and on `VectorQuantizer` the peer's options listed in
-its docstring; `VectorQuantizer.from_vector_quantize` moves a peer module over). Differences: forward
+`threshold_ema_dead_code`, `sync_codebook`, and the peer's options listed in each module's docstring,
+per level on `HRQuantizer`; `VectorQuantizer.from_vector_quantize` moves a peer module over). Differences: forward
 returns (quantized, codes, loss) with codes int64 and the loss already weighted; the EMA state is
 always float32 buffers named `codebook`, `cluster_size` and `embed_sum`; non-finite inputs raise a
 ValueError naming the row (eager, CPU tensors) or fail a device-side assertion (CUDA tensors,
@@ -731,9 +731,11 @@ def _must_save_context():
 
 def _saved(fn, *args):
     """fn(*args); under torch.compile, with every value it computes saved for the backward
-    (selective activation checkpointing, MUST_SAVE). Its code rows come from codebook buffers that
-    the training step's EMA rewrites in place: AOTAutograd's partitioner would otherwise recompute
-    them in the backward from the rewritten buffer (pytorch/pytorch PR 197039)."""
+    (selective activation checkpointing, MUST_SAVE). fn gathers code rows from copies of the codebooks;
+    the compiled graph reads the codebook buffers themselves (the copy of an input is elided), and
+    AOTAutograd's partitioner would recompute the rows in the backward, after the training step's
+    EMA has rewritten those buffers in place: wrong gradients (the bug open PR pytorch/pytorch#197039
+    addresses; caught by tests/models/test_hrq_options.py::test_option_steps_compile_fullgraph)."""
     if not torch.compiler.is_compiling():
         return fn(*args)
     from torch.utils.checkpoint import checkpoint
