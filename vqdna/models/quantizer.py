@@ -771,7 +771,8 @@ class HRQuantizer(nn.Module):
       the peer's orthogonality loss of level l's codebook (an nn.Parameter where the weight is > 0),
       added in training.
     - stochastic_sample_codes, sample_codebook_temp (per level): in training, level l's code is a
-      Gumbel-max sample over -||H_l - e_k|| / temp (kernels.sample_codes, the global torch RNG), H_l
+      Gumbel-max sample over -||H_l - e_k|| / temp (kernels.sample_codes, the global torch RNG: on the
+      CPU the peer's uniforms, on CUDA the Triton backend's Philox noise from a seed drawn from it), H_l
       formed from level l-1's sampled code; eval takes the nearest codes (the fused hrq_quantize).
     - rotation_trick (per level): each level is a VQ of H_l, so zhat's gradient reaches H_l through
       the rotation taking H_l to its code vector (instead of straight through), then Z_l (x 2 for l >= 1).
