@@ -48,9 +48,12 @@ from vqdna.kernels import (
     last_backend,
     lookup,
     reference,
+    sample_codes,
     stem,
 )
 from vqdna.kernels.ops.registry import declarations
+from vqdna.kernels.ops.sample_codes.declaration import PHILOX_BACKENDS
+from vqdna.kernels.ops.sample_codes.wrapper import philox_seed
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # The CUDA stem may refuse W > 32 (one warp loads the taps); anything else refusing is a failure.
@@ -314,6 +317,36 @@ class Checks:
         bad = err.flatten().argmax()
         assert float(err.flatten()[bad]) <= 0, f"element {tuple(int(i) for i in torch.unravel_index(bad, err.shape))} off by {float(err.flatten()[bad]):.3g} over tolerance"
 
+    def sample_codes(self, backend, dtype, n, k, d, cosine, name):
+        """Gumbel-max sampling against its spec under the same torch seed (Philox for the triton
+        backend, reference.sample_codes_philox; else the torch stream): codes equal except at near-ties
+        of the spec's scores (the GPU's approximate log and sqrt), quantized exact, dist close."""
+        g = _gen(name)
+        z, e = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+        zd, ed = z.to(self.device, dtype), e.to(self.device, dtype)
+        s = zlib.crc32(name.encode())
+        torch.manual_seed(s)
+        codes, quantized, dist = sample_codes(zd, ed, 0.5, cosine=cosine, backend=backend)
+        self._ran("sample_codes", backend)
+        torch.manual_seed(s)
+        if backend in PHILOX_BACKENDS:
+            seed = philox_seed(zd.device).cpu()
+            want = reference.sample_codes_philox(z, e, 0.5, cosine, seed)[0]
+            bad = codes.cpu() != want
+            if bad.any():  # near-ties only: the spec's scores of the two codes within 1e-5 (relative)
+                sc = reference.philox_scores(z, e, 0.5, cosine, seed)[bad].double()
+                gap = (sc.gather(1, codes.cpu()[bad, None]) - sc.gather(1, want[bad, None])).abs()[:, 0]
+                far = gap > 1e-5 * (1 + sc.abs().amax(1))
+                assert not far.any(), f"{int(far.sum())} rows sampled another code than the spec's (gap {float(gap.max()):.3g})"
+        else:
+            want = reference.sample_codes(zd, ed, 0.5, cosine)[0]
+            assert torch.equal(codes, want), f"codes differ at {int((codes != want).sum())} rows"
+        assert torch.equal(quantized.cpu(), e[codes.cpu()]), "quantized is not codebook[codes]"
+        want_dist = (z.double() - e.double()[codes.cpu()]).pow(2).sum(-1)
+        err = float(((dist.cpu().double() - want_dist).abs() / (want_dist + 1)).max())
+        assert err <= 1e-5, f"dist off by {err:.3g} (relative)"
+        return {"agree_with_reference": _agreement(codes, want)}
+
 
 # ---------------------------------------------------------------------------------------------
 # the case list
@@ -390,6 +423,12 @@ def build_cases(chk: Checks, backends, dtypes, mode: str) -> list:
                 stems += [(1, 40, 1030, 9), (2, 70, 64, 65)]
             for b, length, d, w in stems:
                 add("stem", backend, dt, f"B{b}L{length}D{d}W{w}", chk.stem, b, length, d, w)
+        if backend in available_backends(chk.device, "sample_codes") and "float32" in dtypes:
+            # sample_codes (float32 only): N = 1 with K = 1, tails, D % 16 != 0, many K tiles
+            for n, k, d in [(1, 1, 1), (300, 700, 130)] + ([(4097, 513, 384)] if full else []):
+                for cosine in (False, True):
+                    add("sample_codes", backend, "float32", f"N{n}K{k}D{d}{'-cosine' if cosine else ''}", chk.sample_codes,
+                        n, k, d, cosine)
     if "auto" in backends:
         # backend="auto" must not pick a kernel that refuses the shape (wide kernels, big tables).
         for b, length, d, w in [(1, 50, 64, 33), (1, 50, 64, 65), (1, 20, 2048, 5), (1, 20, 2048, 9)]:

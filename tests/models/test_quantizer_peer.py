@@ -9,7 +9,7 @@ import torch
 
 from tests.models.test_quantizer import _NoHostReads
 from tests.tolerances import PEER_PARITY_TOL
-from vqdna import VectorQuantizer
+from vqdna import VectorQuantizer, kernels
 
 vqp = pytest.importorskip("vector_quantize_pytorch")
 
@@ -204,7 +204,17 @@ def test_orthogonal_loss_never_builds_k_by_k(monkeypatch):
     _close(_orthogonal_loss(book), orthogonal_loss_fn(book), "orthogonal loss")
 
 
-def test_stochastic_sampling_is_seeded_and_reproducible():
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_stochastic_sampling_is_seeded_and_reproducible(backend, monkeypatch):
+    """Also on the Triton backend (what "auto" takes on CUDA; here under the interpreter): its own
+    Philox draws, seeded from the global generator, with the module unchanged."""
+    if backend == "triton":
+        from tests.conftest import require_backend
+
+        require_backend("triton", "cpu", "sample_codes")
+        monkeypatch.setenv("VQDNA_BACKEND", "triton")
+    else:
+        monkeypatch.delenv("VQDNA_BACKEND", raising=False)
     _, ours = _pair(stochastic_sample_codes=True)
     ours.train().freeze_codebook = True
     x = torch.randn(4, 30, DIM, generator=torch.Generator().manual_seed(6))
@@ -214,6 +224,8 @@ def test_stochastic_sampling_is_seeded_and_reproducible():
     b = ours(x)[1]
     c = ours(x)[1]
     assert torch.equal(a, b) and not torch.equal(a, c)
+    assert kernels.dispatch.last_backend("sample_codes") == (
+        "triton" if backend == "triton" else kernels.dispatch.available_backends("cpu", "sample_codes")[0])
     ours.eval()  # eval: the nearest code, no sampling
     ours.stochastic_sample_codes = False
     nearest = ours(x)[1]

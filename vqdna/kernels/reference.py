@@ -20,6 +20,7 @@ from vqdna.kernels.compile_marks import assume_constant_result
 __all__ = [
     "lookup", "hrq_quantize", "ema_stats", "ema_update", "laplace_smoothed", "kmeans", "kmeans_init", "stem",
     "convnext_block", "hrq_level_losses", "nonfinite_report", "l2norm", "l2norm_backward", "sample_codes",
+    "sample_codes_philox", "philox_scores", "philox_uniform",
     "BASE_PAD_ID", "NUM_BASES", "EMA_EPS",
 ]
 
@@ -168,6 +169,92 @@ def sample_codes(
         quantized = e[codes]
         dist = (z.float() - quantized).pow(2).sum(-1)
     return codes, quantized, dist
+
+
+# Philox 4x32-10 as triton.language.random runs it (tl.rand): the round multipliers and the key
+# increments (Weyl constants).
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_U32 = 0xFFFFFFFF
+
+
+def _mul32(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit words of a * b for a uint32 constant and b uint32 values held in int64
+    (the full product needs 64 unsigned bits: computed from b's 16-bit halves, nothing overflows)."""
+    hi16, lo16 = b >> 16, b & 0xFFFF
+    p_hi, p_lo = a * hi16, a * lo16  # < 2^48 each
+    high = (p_hi + (p_lo >> 16)) >> 16
+    low = (((p_hi & 0xFFFF) << 16) + p_lo) & _U32
+    return high, low
+
+
+def philox_uniform(seed: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Triton's `tl.rand(seed, offsets)` in torch integer ops (triton/language/random.py, Triton 3.x):
+    Philox 4x32 with 10 rounds on the counter (offset & 0xffffffff, offset >> 32, 0, 0) and the key
+    (seed & 0xffffffff, seed >> 32), its first output word x as int32, then
+    float32(x < 0 ? ~x : x) * float32(4.6566127342e-10), uniform in [0, 1).
+    seed: int64 [] or [1] (a device tensor: no host sync); offsets: int64 [...] >= 0 (64-bit
+    counters, as a kernel's int64 offsets). Returns float32 [...] on offsets' device."""
+    seed = seed.reshape(()).to(torch.int64)
+    k0, k1 = seed & _U32, (seed >> 32) & _U32
+    c0, c1 = offsets & _U32, (offsets >> 32) & _U32
+    c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0)
+    for _ in range(10):
+        hi_b, lo_b = _mul32(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul32(_PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + _PHILOX_KEY_A) & _U32, (k1 + _PHILOX_KEY_B) & _U32
+    x = torch.where(c0 >= 1 << 31, c0 - (1 << 32), c0)  # the word as int32
+    x = torch.where(x < 0, -x - 1, x)  # ~x
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=x.device)
+
+
+def sample_codes_philox(
+    z: torch.Tensor, codebook: torch.Tensor, temp: float, cosine: bool, seed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gumbel-max sampling with counter-based noise: the spec of the Triton backend of sample_codes,
+    whose noise cannot be torch's uniform_ stream (a difference on purpose: the same distribution,
+    other numbers than the peer's). z [N, D], codebook [K, D] float32, temp > 0, seed int64 [1].
+
+    u[i, k] = philox_uniform(seed, i K + k) (independent of any tiling; no generator state is read or
+    advanced here), g = log(max(-log(max(u, 1e-20)), 1e-20)) (minus a Gumbel sample, the peer's clamps).
+    Returns codes int64 [N]: argmin_k score_k with score = sqrt(max(d_k, 1e-8)) / temp + g_k, d_k =
+    |z|^2 + (|e_k|^2 - 2 z.e_k) in float32 (the peer's logits -cdist / temp); cosine: score = g_k -
+    z.e_k / temp (argmax of z.e / temp + gumbel). A NaN score never wins, ties go to the smallest k (a
+    row whose scores are all NaN, e.g. a NaN row of z, takes code 0: a non-finite row's code is
+    unspecified). quantized [N, D] float32 = codebook[codes], dist [N] float32 = ||z - quantized||^2
+    (non-finite where the row of z is), as sample_codes.
+    """
+    n, k = z.shape[0], codebook.shape[0]
+    e = codebook.float()
+    codes = torch.empty(n, dtype=torch.int64, device=z.device)
+    step = max(1, min(n, _CHUNK_ELEMENTS // (8 * max(1, k))))  # the Philox rounds hold several int64 [rows, K]
+    with torch.no_grad():
+        for start in range(0, n, step):
+            scores = philox_scores(z[start : start + step], e, temp, cosine, seed, start)
+            scores = torch.where(torch.isnan(scores), torch.full_like(scores, math.inf), scores)
+            codes[start : start + scores.shape[0]] = scores.argmin(-1)
+        quantized = e[codes]
+        dist = (z.float() - quantized).pow(2).sum(-1)
+    return codes, quantized, dist
+
+
+def philox_scores(
+    z: torch.Tensor, codebook: torch.Tensor, temp: float, cosine: bool, seed: torch.Tensor, first_row: int = 0
+) -> torch.Tensor:
+    """The scores float32 [N, K] whose argmin sample_codes_philox takes, for the rows first_row ..
+    first_row + N of its z (z here: those rows [N, D]; codebook [K, D])."""
+    n, k = z.shape[0], codebook.shape[0]
+    r, e = z.float(), codebook.float()
+    rows = torch.arange(first_row, first_row + n, device=z.device)
+    u = philox_uniform(seed.to(z.device), rows[:, None] * k + torch.arange(k, device=z.device))
+    noise = u.clamp_min(1e-20).log().neg().clamp_min(1e-20).log()
+    with _no_tf32():
+        dot = r @ e.T
+    if cosine:
+        return noise - dot / temp
+    d = r.pow(2).sum(-1, keepdim=True) + (e.pow(2).sum(-1) - 2.0 * dot)
+    return d.clamp_min(1e-8).sqrt() / temp + noise
 
 
 def nonfinite_report(dist: torch.Tensor) -> torch.Tensor:

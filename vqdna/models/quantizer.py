@@ -4,8 +4,8 @@ backend is chosen there, never here.
 
 Argument names follow vector-quantize-pytorch's `VectorQuantize` where the meaning is the same
 (`dim`, `codebook_size`, `decay`, `eps`, `commitment_weight`, `kmeans_init`, `kmeans_iters`,
-`threshold_ema_dead_code`, `sync_codebook`, and on `VectorQuantizer` the peer's options listed in
-its docstring; `VectorQuantizer.from_vector_quantize` moves a peer module over). Differences: forward
+`threshold_ema_dead_code`, `sync_codebook`, and the peer's options listed in each module's docstring,
+per level on `HRQuantizer`; `VectorQuantizer.from_vector_quantize` moves a peer module over). Differences: forward
 returns (quantized, codes, loss) with codes int64 and the loss already weighted; the EMA state is
 always float32 buffers named `codebook`, `cluster_size` and `embed_sum`; non-finite inputs raise a
 ValueError naming the row (eager, CPU tensors) or fail a device-side assertion (CUDA tensors,
@@ -134,6 +134,29 @@ def _orthogonal_loss(codebook: torch.Tensor, weight: Optional[torch.Tensor] = No
     return per_head.mean()
 
 
+def _orthogonal_reg(books: torch.Tensor, flat_codes: torch.Tensor, active_codes_only: bool,
+                    max_codes: Optional[int]) -> torch.Tensor:
+    """vector-quantize-pytorch's orthogonal regularisation of books [C, K, d] (a codebook parameter viewed
+    per codebook), sync-free: over the codes used in this batch (flat_codes [...] int64 into C * K) with
+    active_codes_only, over max_codes random codes (torch's global RNG, like the peer) when set."""
+    c, k = books.shape[0], books.shape[1]
+    weight = None
+    if active_codes_only:
+        weight = torch.zeros(c * k, device=flat_codes.device).index_fill_(0, flat_codes.reshape(-1), 1.0).view(c, k)
+    m = max_codes
+    if m is not None and m < k:
+        if weight is None:  # as the peer: a random subset of m codes (torch.randperm)
+            books = books[:, torch.randperm(k, device=books.device)[:m]]
+        else:
+            # m random active codes without reading how many are active: rank random keys, the
+            # inactive codes last, and keep the first m (fewer active: all of them, weight 0 rest).
+            keys = torch.rand(c, k, device=books.device) + (1.0 - weight) * 2.0
+            pick = keys.argsort(-1)[:, :m]
+            books = books.gather(1, pick[..., None].expand(-1, -1, books.shape[-1]))
+            weight = weight.gather(1, pick)
+    return _orthogonal_loss(books, weight)
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -230,9 +253,10 @@ class _EMACodebook(nn.Module):
         self._refresh_initted()
         return super().train(mode)
 
-    def ema_step(self, vectors, codes, mask, sync, prev_codes=None, prev_codebook=None) -> None:
+    def ema_step(self, vectors, codes, mask, sync, prev_codes=None, prev_codebook=None, target=None) -> None:
+        """One EMA step; target: the codebook the kernel rewrites (default: this codebook)."""
         kernels.ema_update(
-            vectors, codes, self.cluster_size, self.embed_sum, self.codebook,
+            vectors, codes, self.cluster_size, self.embed_sum, self.codebook if target is None else target,
             decay=self.decay, eps=self.eps, mask=mask, prev_codes=prev_codes, prev_codebook=prev_codebook,
             sync=sync,
         )
@@ -328,6 +352,16 @@ def _sync_enabled(sync_codebook: Optional[bool]) -> bool:
     return _distributed() if sync_codebook is None else bool(sync_codebook)
 
 
+def _channels_last(module: nn.Module, x: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
+    """x as [B, ..., dim] (a strided view, no copy) and whether the output moves back, from the
+    module's channel_last / accept_image_fmap / accept_3d_fmap (x [B, dim, ...] when one says so)."""
+    image, three_d = module.accept_image_fmap, module.accept_3d_fmap
+    move = (image or three_d or not module.channel_last) and x.ndim > 2
+    if image and x.ndim != 4 or three_d and x.ndim != 5:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected [B, dim, {'H, W' if image else 'D, H, W'}]")
+    return (x.movedim(1, -1) if move else x), move
+
+
 # vector-quantize-pytorch options that `VectorQuantizer` does not implement, with the value that
 # means "off" (from_vector_quantize refuses a peer module that turns one on).
 _PEER_UNSUPPORTED = {
@@ -357,15 +391,16 @@ class VectorQuantizer(_EMACodebook):
     of head c's rows, and its dead codes restart from head c's rows), use_cosine_sim (unit inputs and
     codes; the EMA codebook renormalised), rotation_trick, learnable_codebook, ema_update,
     freeze_codebook, orthogonal_reg_weight / _active_codes_only / _max_codes, stochastic_sample_codes /
-    sample_codebook_temp (Gumbel-max over -distance / temp in training, from the global torch RNG like
-    the peer), channel_last, accept_image_fmap, accept_3d_fmap, return_zeros_for_masked_padding.
+    sample_codebook_temp (Gumbel-max over -distance / temp in training, from the global torch RNG: the
+    peer's draws on the CPU; kernels.sample_codes), channel_last, accept_image_fmap, accept_3d_fmap, return_zeros_for_masked_padding.
     Differences on purpose: defaults decay=0.99, commitment_weight=0.5, rotation_trick=False (the peer:
     0.8, 1.0, True); the loss is also returned in eval mode; return_zeros_for_masked_padding=None (the
     default) returns every row's code and quantized value (the peer's True: zeros and code -1 at
     masked rows; False: the input and -1); the masked commitment loss compares with the projected,
-    normalised input (the peer: with the raw input); k-means init is seeded k-means++ and dead-code
-    restarts take hash-picked rows (the peer: random draws), and k-means init sets cluster_size to 1
-    (the peer: the cluster counts).
+    normalised input (the peer: with the raw input); on CUDA, stochastic_sample_codes draws Triton's
+    Philox noise seeded from the CUDA generator (the same distribution, not the peer's numbers);
+    k-means init is seeded k-means++ and dead-code restarts take hash-picked rows (the peer: random
+    draws), and k-means init sets cluster_size to 1 (the peer: the cluster counts).
     sync_codebook: None = all_reduce the EMA statistics whenever torch.distributed is initialised with
     more than one rank; True/False force it.
     check_finite: how a NaN/Inf row of x fails. True: ValueError naming the row in eager mode on CPU
@@ -512,19 +547,12 @@ class VectorQuantizer(_EMACodebook):
 
     # -- forward ---------------------------------------------------------------------------------
 
-    def _channels_last(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-        """x as [B, ..., dim] (a strided view, no copy) and whether the output moves back."""
-        move = (self.accept_image_fmap or self.accept_3d_fmap or not self.channel_last) and x.ndim > 2
-        if self.accept_image_fmap and x.ndim != 4 or self.accept_3d_fmap and x.ndim != 5:
-            raise ValueError(f"VectorQuantizer: x has shape {tuple(x.shape)}, expected [B, dim, "
-                             f"{'H, W' if self.accept_image_fmap else 'D, H, W'}]")
-        return (x.movedim(1, -1) if move else x), move
-
     def _sample_codes(self, z: torch.Tensor, codebooks: torch.Tensor, temp: float):
         """Gumbel-max codes [..., C] (or [...] with C = 1) of z [..., C, d] ([..., d]) over logits
         -distance / temp (cosine: z.e / temp) per codebook of codebooks [C, K, d], from the global
-        torch RNG in the peer's order (the uniforms of [C, rows, K], row-major): kernels.sample_codes
-        per codebook, in blocks of _SAMPLE_CHUNK rows (which draw the same numbers on the CPU).
+        torch RNG: kernels.sample_codes per codebook, in blocks of _SAMPLE_CHUNK rows. On the CPU the
+        peer's draws in its order (the uniforms of [C, rows, K], row-major; the blocks draw the same
+        numbers); on CUDA the fused Triton kernel's Philox draws (its "auto").
         Also the chosen rows [..., (C,) d] float32 and their squared distances [..., (C)] float32."""
         c, d = codebooks.shape[0], z.shape[-1]
         rows = z.reshape(-1, c, d).transpose(0, 1).float()  # [C, rows, d]
@@ -559,7 +587,7 @@ class VectorQuantizer(_EMACodebook):
         return unit, sq
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None, freeze_codebook: Optional[bool] = None):
-        x, move_back = self._channels_last(x)
+        x, move_back = _channels_last(self, x, "VectorQuantizer: x")
         if x.shape[-1] != self.dim:
             raise ValueError(f"VectorQuantizer: x has last dimension {x.shape[-1]}, expected dim={self.dim}")
         sync = _sync_enabled(self.sync_codebook)
@@ -671,23 +699,8 @@ class VectorQuantizer(_EMACodebook):
 
     def _orthogonal_reg(self, flat_codes: torch.Tensor) -> torch.Tensor:
         """The peer's orthogonal regularisation of the codebook parameter [C * K, d], sync-free."""
-        c, k = self.num_codebooks, self.codebook_size
-        books = self.codebook.view(c, k, -1)
-        weight = None
-        if self.orthogonal_reg_active_codes_only:
-            weight = torch.zeros(c * k, device=flat_codes.device).index_fill_(0, flat_codes.reshape(-1), 1.0).view(c, k)
-        m = self.orthogonal_reg_max_codes
-        if m is not None and m < k:
-            if weight is None:  # as the peer: a random subset of m codes (torch.randperm)
-                books = books[:, torch.randperm(k, device=books.device)[:m]]
-            else:
-                # m random active codes without reading how many are active: rank random keys, the
-                # inactive codes last, and keep the first m (fewer active: all of them, weight 0 rest).
-                keys = torch.rand(c, k, device=books.device) + (1.0 - weight) * 2.0
-                pick = keys.argsort(-1)[:, :m]
-                books = books.gather(1, pick[..., None].expand(-1, -1, books.shape[-1]))
-                weight = weight.gather(1, pick)
-        return _orthogonal_loss(books, weight)
+        return _orthogonal_reg(self.codebook.view(self.num_codebooks, self.codebook_size, -1), flat_codes,
+                               self.orthogonal_reg_active_codes_only, self.orthogonal_reg_max_codes)
 
     @torch.no_grad()
     def reinit_kmeans(self, samples: torch.Tensor) -> None:
@@ -696,14 +709,90 @@ class VectorQuantizer(_EMACodebook):
         self.init_from(samples, self.kmeans_iters, _sync_enabled(self.sync_codebook))
 
 
+# vector-quantize-pytorch options that HRQuantizer does not offer: (the value that means "off", why).
+_HRQ_NOT_OFFERED = {
+    "use_cosine_sim": (False, "the doubled residual H_l = 2 Z_l - C_{l-1}[M_{l-1}] of unit vectors is not a unit "
+                              "vector and the decoder input is the Euclidean mean of the levels' code vectors: "
+                              "a cosine lookup is not the method (docs/design.md §2.2)"),
+    "heads": (1, "the levels already split the code; heads would make each level a product quantizer with "
+                 "per-head residual chains, another method (docs/design.md §2.2)"),
+    "separate_codebook_per_head": (False, "no heads (see heads)"),
+    "codebook_dim": (None, "H_l mixes Z_l with the previous level's code vectors, so every level works in the "
+                           "encoder's dim; a projection belongs to the encoder that produces the zs"),
+}
+
+_PerLevel = Union[bool, float, int, None, Sequence]
+
+
+def _per_level(name: str, value, n_levels: int, cast) -> tuple:
+    """An HRQuantizer option as one value per level: a scalar for every level, or a sequence of L."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n_levels:
+            raise ValueError(f"HRQuantizer: {name} has {len(value)} values for {n_levels} levels")
+        return tuple(cast(v) for v in value)
+    return (cast(value),) * n_levels
+
+
+def _must_save_context():
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    return create_selective_checkpoint_contexts(lambda *args, **kwargs: CheckpointPolicy.MUST_SAVE)
+
+
+def _saved(fn, *args):
+    """fn(*args); under torch.compile, with every value it computes saved for the backward
+    (selective activation checkpointing, MUST_SAVE). fn gathers code rows from copies of the codebooks;
+    the compiled graph reads the codebook buffers themselves (the copy of an input is elided), and
+    AOTAutograd's partitioner would recompute the rows in the backward, after the training step's
+    EMA has rewritten those buffers in place: wrong gradients (the bug open PR pytorch/pytorch#197039
+    addresses; caught by tests/models/test_hrq_options.py::test_option_steps_compile_fullgraph)."""
+    if not torch.compiler.is_compiling():
+        return fn(*args)
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(fn, *args, use_reentrant=False, context_fn=_must_save_context)
+
+
+def _optional_int(v) -> Optional[int]:
+    return None if v is None else int(v)
+
+
 class HRQuantizer(nn.Module):
     """Hierarchical residual quantizer with residual doubling (docs/design.md §2.2, Eq. 8).
 
-    forward(zs: L tensors [..., dim], mask [...] bool = None) -> (zhat [..., dim] (the decoder input:
-    mean of the L chosen code embeddings, straight-through: d zhat / d Z_0 = 1/L, / d Z_l = 2/L),
-    codes int64 [L, ...], loss = commitment_weight * sum_l mean((Z_l - sg(zhat^(l)))^2)).
-    Level l's codebook has codebook_sizes[l] codes and is EMA-updated on H_l (recomputed from Z_l and
-    the previous level's codes, never stored). Other arguments as in `VectorQuantizer`.
+    forward(zs: L tensors [..., dim], mask [...] bool = None, freeze_codebook=None) -> (zhat [..., dim]
+    (the decoder input: mean of the L chosen code embeddings, straight-through: d zhat / d Z_0 = 1/L,
+    / d Z_l = 2/L), codes int64 [L, ...], loss = commitment_weight * sum_l mean((Z_l - sg(zhat^(l)))^2)
+    (+ the orthogonality losses in training)). Level l's codebook has codebook_sizes[l] codes and is
+    EMA-updated on H_l (recomputed from Z_l and the previous level's codes, never stored). Other
+    arguments as in `VectorQuantizer`.
+
+    vector-quantize-pytorch's options, keyword-only with the peer's names and defaults; those marked
+    "per level" take one value for every level or a sequence of L values (level 0 first):
+    - learnable_codebook, ema_update (default: not learnable_codebook), freeze_codebook (per level; the
+      forward's freeze_codebook overrides for one call): a learnable level's codebook is an
+      nn.Parameter that gets the commitment loss's gradient (the loss compares Z_l with the cumulative
+      mean zhat^(l) of the codes of levels 0..l, so level m's codes get the gradient of every level
+      l >= m); zhat's own gradient stays straight-through to the zs. ema_update=False: no EMA (the
+      statistics still feed dead-code restarts); frozen: no EMA, usage or restarts.
+    - orthogonal_reg_weight, orthogonal_reg_active_codes_only, orthogonal_reg_max_codes (per level):
+      the peer's orthogonality loss of level l's codebook (an nn.Parameter where the weight is > 0),
+      added in training.
+    - stochastic_sample_codes, sample_codebook_temp (per level): in training, level l's code is a
+      Gumbel-max sample over -||H_l - e_k|| / temp (kernels.sample_codes, the global torch RNG: on the
+      CPU the peer's uniforms, on CUDA the Triton backend's Philox noise from a seed drawn from it), H_l
+      formed from level l-1's sampled code; eval takes the nearest codes (the fused hrq_quantize).
+    - rotation_trick (per level): each level is a VQ of H_l, so zhat's gradient reaches H_l through
+      the rotation taking H_l to its code vector (instead of straight through), then Z_l (x 2 for l >= 1).
+    - channel_last=False, accept_image_fmap, accept_3d_fmap: every Z_l is [B, dim, ...] and zhat too
+      (strided views; the fused op still copies a channel-first Z_l into rows once).
+    - return_zeros_for_masked_padding=True: zeros in zhat and code -1 at every level where mask is
+      False (None, the default: every row keeps its codes). False (the peer returns its input there)
+      is refused: HRQ has L inputs and none of them is the unquantized zhat.
+    Not offered (ValueError naming the reason): use_cosine_sim (residual doubling of unit vectors is
+    not the method), heads / separate_codebook_per_head (per-head residual chains are another method),
+    codebook_dim (H_l mixes levels, so every level works in the encoder's dim).
+    With none of these options the forward is the one fused hrq_quantize pass.
     """
 
     def __init__(
@@ -718,17 +807,66 @@ class HRQuantizer(nn.Module):
         threshold_ema_dead_code: float = 0.0,
         sync_codebook: Optional[bool] = None,
         check_finite: Union[bool, str] = True,
+        *,
+        rotation_trick: _PerLevel = False,
+        learnable_codebook: _PerLevel = False,
+        ema_update: _PerLevel = None,
+        freeze_codebook: _PerLevel = False,
+        orthogonal_reg_weight: _PerLevel = 0.0,
+        orthogonal_reg_active_codes_only: _PerLevel = False,
+        orthogonal_reg_max_codes: _PerLevel = None,
+        stochastic_sample_codes: _PerLevel = False,
+        sample_codebook_temp: _PerLevel = 1.0,
+        channel_last: bool = True,
+        accept_image_fmap: bool = False,
+        accept_3d_fmap: bool = False,
+        return_zeros_for_masked_padding: Optional[bool] = None,
+        **not_offered,
     ):
         super().__init__()
         if len(codebook_sizes) < 1:
             raise ValueError("HRQuantizer: codebook_sizes needs at least one level")
+        for name, value in not_offered.items():
+            if name not in _HRQ_NOT_OFFERED:
+                raise TypeError(f"HRQuantizer: unexpected keyword argument {name!r}")
+            off, why = _HRQ_NOT_OFFERED[name]
+            if value != off and not (name == "codebook_dim" and value == dim):
+                raise ValueError(f"HRQuantizer: {name}={value!r} is not offered: {why}")
+        n = len(codebook_sizes)
+        learnable = _per_level("learnable_codebook", learnable_codebook, n, bool)
+        ema = tuple(not lc if e is None else bool(e)
+                    for lc, e in zip(learnable, _per_level("ema_update", ema_update, n, lambda v: v)))
+        if any(lc and e for lc, e in zip(learnable, ema)):
+            raise ValueError("HRQuantizer: learnable_codebook is not compatible with ema_update=True (at a level)")
+        if accept_image_fmap and accept_3d_fmap:
+            raise ValueError("HRQuantizer: accept_image_fmap and accept_3d_fmap are exclusive")
+        if return_zeros_for_masked_padding is False:
+            raise ValueError("HRQuantizer: return_zeros_for_masked_padding=False is not offered: the peer returns "
+                             "its input at masked rows, and HRQ's L inputs hold no unquantized zhat (use True or None)")
         self.dim, self.codebook_sizes = dim, tuple(int(k) for k in codebook_sizes)
         self.commitment_weight = commitment_weight
         self.kmeans_init, self.kmeans_iters = kmeans_init, kmeans_iters
         self.sync_codebook, self.check_finite = sync_codebook, _check_finite_mode(check_finite)
+        self.learnable_codebook, self.ema_update = learnable, ema
+        # Per-level options the forward reads (a scalar assigned later applies to every level).
+        for name, value, cast in (("freeze_codebook", freeze_codebook, bool), ("rotation_trick", rotation_trick, bool),
+                                  ("stochastic_sample_codes", stochastic_sample_codes, bool),
+                                  ("sample_codebook_temp", sample_codebook_temp, float)):
+            _per_level(name, value, n, cast)  # the lengths checked here, not at the first forward
+        self.freeze_codebook, self.rotation_trick = freeze_codebook, rotation_trick
+        self.orthogonal_reg_weight = _per_level("orthogonal_reg_weight", orthogonal_reg_weight, n, float)
+        self.orthogonal_reg_active_codes_only = _per_level(
+            "orthogonal_reg_active_codes_only", orthogonal_reg_active_codes_only, n, bool)
+        self.orthogonal_reg_max_codes = _per_level("orthogonal_reg_max_codes", orthogonal_reg_max_codes, n, _optional_int)
+        self.stochastic_sample_codes, self.sample_codebook_temp = stochastic_sample_codes, sample_codebook_temp
+        self.channel_last, self.accept_image_fmap, self.accept_3d_fmap = channel_last, accept_image_fmap, accept_3d_fmap
+        self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.levels = nn.ModuleList(
             _EMACodebook(dim, k, decay, eps, threshold_ema_dead_code) for k in self.codebook_sizes
         )
+        for state, lc, w in zip(self.levels, learnable, self.orthogonal_reg_weight):
+            if lc or w > 0:  # a parameter (same state-dict key): the optimizer or the orthogonality loss moves it
+                state.codebook = nn.Parameter(state._buffers.pop("codebook"))
 
     @property
     def codebooks(self) -> list[torch.Tensor]:
@@ -747,13 +885,25 @@ class HRQuantizer(nn.Module):
             hs.append((2.0 * zs[level].to(acc) - prev.to(acc)).float())
         return hs
 
-    def forward(self, zs: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None):
+    def forward(self, zs: Sequence[torch.Tensor], mask: Optional[torch.Tensor] = None,
+                freeze_codebook: _PerLevel = None):
         zs = list(zs)
-        if len(zs) != len(self.levels):
-            raise ValueError(f"HRQuantizer: got {len(zs)} inputs for {len(self.levels)} levels")
+        n = len(self.levels)
+        if len(zs) != n:
+            raise ValueError(f"HRQuantizer: got {len(zs)} inputs for {n} levels")
+        moved = [_channels_last(self, z, f"HRQuantizer: zs[{level}]") for level, z in enumerate(zs)]
+        zs, move_back = [m[0] for m in moved], moved[0][1]
         for level, z in enumerate(zs):
             if z.shape[-1] != self.dim:
                 raise ValueError(f"HRQuantizer: zs[{level}] has last dimension {z.shape[-1]}, expected dim={self.dim}")
+        frozen = _per_level("freeze_codebook", self.freeze_codebook if freeze_codebook is None else freeze_codebook,
+                            n, bool)
+        learn = tuple(lc and not f for lc, f in zip(self.learnable_codebook, frozen))
+        temps = _per_level("sample_codebook_temp", self.sample_codebook_temp, n, float)
+        sample = tuple(self.training and s and t > 0
+                       for s, t in zip(_per_level("stochastic_sample_codes", self.stochastic_sample_codes, n, bool), temps))
+        needs_grad = torch.is_grad_enabled() and any(z.requires_grad for z in zs)
+        rotate = tuple(needs_grad and r for r in _per_level("rotation_trick", self.rotation_trick, n, bool))
         sync = _sync_enabled(self.sync_codebook)
         dtype = zs[0].dtype
         if self.training and self.kmeans_init and self.levels[0].kmeans_pending():
@@ -764,37 +914,123 @@ class HRQuantizer(nn.Module):
             self._init_levels(zs, mask, sync)
         # A copy: the EMA below rewrites the codebooks in place, and level l's H_l must be formed
         # with the level l-1 codebook that this forward used.
-        used = [c.to(dtype, copy=True) for c in self.codebooks]
-        # One pass: codes, zhat_levels and, per level, the loss's ||Z_l - zhat_levels[l]||^2 rows and
-        # their sum and the non-finite rows (a row of Z_l holding NaN/Inf has a non-finite sqdist).
-        codes, zhat_levels, sqdist, sqdist_sum, nonfinite = kernels.hrq_quantize(zs, used, losses=True)
+        used = [c.detach().to(dtype, copy=True) for c in self.codebooks]
+        if any(sample):
+            # Level by level (H_l needs level l-1's sampled code); zhat_levels carries the gradient.
+            codes = self._sample_level_codes(zs, used, sample, temps)
+            zhat_levels = _saved(self._levels_output, zs, used, codes, rotate)
+            d = self.dim
+            sqdist, sqdist_sum, nonfinite = kernels.reference.hrq_level_losses(
+                [z.reshape(-1, d) for z in zs], zhat_levels.reshape(n, -1, d))
+            sqdist = sqdist.view(codes.shape)
+        else:
+            # One pass: codes, zhat_levels and, per level, the loss's ||Z_l - zhat_levels[l]||^2 rows
+            # and their sum and the non-finite rows (a row of Z_l holding NaN/Inf has a non-finite sqdist).
+            codes, zhat_levels, sqdist, sqdist_sum, nonfinite = kernels.hrq_quantize(zs, used, losses=True)
         if self.check_finite is not False:
-            for level in range(len(zs)):
+            for level in range(n):
                 _check_finite(self.check_finite, sqdist[level], f"HRQuantizer input zs[{level}]", nonfinite[level])
         codes = codes.long()
+        # The learnable levels' codebook gradient goes through the commitment loss's targets
+        # zhat^(l) = mean_{m<=l} C_m[M_m]: taken before restarts rewrite codebook rows.
+        targets = self._commitment_targets(codes, used, learn) if any(learn) else None
         if self.training:
-            with torch.no_grad():
-                for level, state in enumerate(self.levels):
-                    if level == 0:
-                        state.ema_step(zs[0], codes[0], mask, sync)
-                    else:
-                        state.ema_step(
-                            zs[level], codes[level], mask, sync,
-                            prev_codes=codes[level - 1], prev_codebook=used[level - 1],
-                        )
-                    state.track_usage(codes[level], mask)
-                if any(s.threshold_ema_dead_code > 0 for s in self.levels):
-                    hs = self._residuals([z.detach() for z in zs], codes, used)
-                    for state, h, level_codes in zip(self.levels, hs, codes):
-                        state.restart_dead(h, level_codes, mask, sync)
-        # sum_l mean((Z_l - sg(zhat_levels[l]))^2) over the unmasked rows, from the op's sums; its
-        # autograd gives d/dZ_l = 2 (Z_l - zhat_levels[l]) / (rows D).
-        if mask is not None:
-            m = mask.to(sqdist.dtype)
-            loss = (sqdist * m).sum() / (m.sum() * self.dim).clamp_min(1)
+            self._update_levels(zs, codes, used, mask, sync, frozen)
+        weight = None if mask is None else mask.to(sqdist.dtype)
+        if targets is not None:
+            # The target's value is zhat_levels[l] (what sqdist measured); t - sg(t) (exactly 0) carries the
+            # codebook gradient. A value that is not read from the codebooks: a compiled backward that
+            # recomputes it cannot read a codebook the EMA has rewritten since (see _saved).
+            loss = sum(_CommitmentLoss.apply(z, zhat_levels[level].detach().float() + (t - t.detach()),
+                                             (sqdist[level] if weight is not None else sqdist_sum[level]).detach(),
+                                             weight, False) for level, (z, t) in enumerate(zip(zs, targets)))
+        elif weight is not None:
+            # sum_l mean((Z_l - sg(zhat_levels[l]))^2) over the unmasked rows, from the op's sums; its
+            # autograd gives d/dZ_l = 2 (Z_l - zhat_levels[l]) / (rows D).
+            loss = (sqdist * weight).sum() / (weight.sum() * self.dim).clamp_min(1)
         else:
             loss = sqdist_sum.sum() / zs[0].numel()
-        return zhat_levels[-1], codes, self.commitment_weight * loss
+        loss = self.commitment_weight * loss
+        if self.training:
+            for level, state in enumerate(self.levels):
+                if self.orthogonal_reg_weight[level] > 0:
+                    loss = loss + self.orthogonal_reg_weight[level] * _orthogonal_reg(
+                        state.codebook[None], codes[level], self.orthogonal_reg_active_codes_only[level],
+                        self.orthogonal_reg_max_codes[level])
+        if any(rotate) and not any(sample):  # the fused op's zhat is straight-through
+            zhat = _saved(self._levels_output, zs, used, codes, rotate)[-1]
+        else:
+            zhat = zhat_levels[-1]
+        if mask is not None and self.return_zeros_for_masked_padding:
+            drop = ~mask
+            zhat = zhat.masked_fill(drop[..., None], 0.0)
+            codes = codes.masked_fill(drop, -1)
+        if move_back:
+            zhat = zhat.movedim(-1, 1)
+        return zhat, codes, loss
+
+    def _sample_level_codes(self, zs, used, sample, temps) -> torch.Tensor:
+        """Codes int64 [L, ...]: level by level, a Gumbel-max sample (kernels.sample_codes) at the
+        sampled levels, the nearest code elsewhere, of H_l formed (as the fused op does, in the dtype of
+        zs) from the previous level's chosen code."""
+        codes, prev = [], None
+        with torch.no_grad():
+            for level, z in enumerate(zs):
+                h = z.detach() if level == 0 else 2.0 * z.detach() - used[level - 1][prev]
+                if sample[level]:
+                    c = kernels.sample_codes(h.reshape(-1, self.dim).float(), used[level].float(), temps[level],
+                                             block_rows=_SAMPLE_CHUNK)[0].view(h.shape[:-1])
+                else:
+                    c, _ = kernels.lookup(h, used[level], codes_dtype=torch.int64)
+                codes.append(c)
+                prev = c
+        return torch.stack(codes)
+
+    @staticmethod
+    def _levels_output(zs, used, codes, rotate) -> torch.Tensor:
+        """zhat_levels [L, ..., D] (dtype of zs; the cumulative means of the chosen code vectors, summed
+        in float32 as the fused op) with each level's gradient to H_l (Z_0; 2 Z_l - sg(C_{l-1}[M_{l-1}]))
+        straight through, or through the rotation trick where rotate[l]."""
+        acc = torch.float64 if zs[0].dtype == torch.float64 else torch.float32
+        levels, running, prev = [], None, None
+        for level, z in enumerate(zs):
+            hhat = used[level][codes[level]].to(acc)
+            h = z.to(acc) if level == 0 else 2.0 * z.to(acc) - prev
+            out = (_RotationTrick if rotate[level] else _StraightThrough).apply(h, hhat)
+            running = out if running is None else running + out
+            levels.append((running / (level + 1)).to(z.dtype))
+            prev = hhat
+        return torch.stack(levels)
+
+    def _commitment_targets(self, codes, used, learn) -> list[torch.Tensor]:
+        """zhat^(l) [..., D] float32 per level, differentiable to the learnable levels' codebooks."""
+        targets, running = [], None
+        for level, state in enumerate(self.levels):
+            book = state.codebook if learn[level] else used[level]
+            e = torch.nn.functional.embedding(codes[level], book).float()
+            running = e if running is None else running + e
+            targets.append(running / (level + 1))
+        return targets
+
+    @torch.no_grad()
+    def _update_levels(self, zs, codes, used, mask, sync, frozen) -> None:
+        """The training step's EMA (on H_l, from the codebooks used), usage and dead-code restarts of
+        the levels not frozen; ema_update=False levels keep their codebook (a scratch copy is rewritten)."""
+        for level, state in enumerate(self.levels):
+            if frozen[level]:
+                continue
+            if self.ema_update[level] or state.threshold_ema_dead_code > 0:
+                target = None if self.ema_update[level] else state.codebook.detach().clone()
+                if target is None and isinstance(state.codebook, nn.Parameter):
+                    target = state.codebook.detach()
+                prev = {} if level == 0 else dict(prev_codes=codes[level - 1], prev_codebook=used[level - 1])
+                state.ema_step(zs[level], codes[level], mask, sync, target=target, **prev)
+            state.track_usage(codes[level], mask)
+        if any(s.threshold_ema_dead_code > 0 and not f for s, f in zip(self.levels, frozen)):
+            hs = self._residuals([z.detach() for z in zs], codes, used)
+            for state, h, level_codes, f in zip(self.levels, hs, codes, frozen):
+                if not f:
+                    state.restart_dead(h, level_codes, mask, sync)
 
     @torch.no_grad()
     def _init_levels(self, zs, mask, sync) -> None:

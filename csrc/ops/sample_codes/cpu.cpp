@@ -19,6 +19,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <optional>
 #include <tuple>
 #include <limits>
 #include <atomic>
@@ -304,8 +305,13 @@ inline float copy_row_and_sqdist(const float* z, const float* e, float* q, int64
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_codes_native_cpu(const at::Tensor& z_in, const at::Tensor& codebook_in,
-                                                                       double temp, bool cosine, int64_t block_rows) {
+                                                                       double temp, bool cosine, int64_t block_rows,
+                                                                       const std::optional<at::Tensor>& seed) {
   const at::Tensor& z = z_in;
+  // A seed selects the counter-based (Philox) noise of the Triton backend; this kernel draws the
+  // torch generator's stream (the peer's numbers) only.
+  TORCH_CHECK(!seed.has_value(), "vqdna.sample_codes_native: draws the torch generator's stream; a Philox seed is for the "
+              "triton and reference backends");
   TORCH_CHECK(z.device().is_cpu() && codebook_in.device().is_cpu(), "vqdna.sample_codes_native: z and codebook must be CPU tensors, got ",
               z.device(), " and ", codebook_in.device());
   TORCH_CHECK(z.dim() == 2 && codebook_in.dim() == 2 && z.size(1) == codebook_in.size(1),

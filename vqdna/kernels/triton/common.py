@@ -167,9 +167,15 @@ def chunk_masks(row_ok, code_ok, dims, D, EVEN_D: tl.constexpr):
 @triton.jit
 def running_argmin(best, best_code, dot, e_sqnorm, code_ok, code_base):
     """Fold one [BLOCK_N, BLOCK_K] tile of dot products into the per-row (min score, code):
-    score = ||e||^2 - 2 z.e. Padding codes and NaN scores never win; ties go to the smallest code,
-    inside a tile (tie_break_left) and across tiles (strict <: a later tile's equal score loses)."""
-    scores = e_sqnorm[None, :] - 2.0 * dot
+    score = ||e||^2 - 2 z.e (fold_argmin's rules)."""
+    return fold_argmin(best, best_code, e_sqnorm[None, :] - 2.0 * dot, code_ok, code_base)
+
+
+@triton.jit
+def fold_argmin(best, best_code, scores, code_ok, code_base):
+    """Fold one [BLOCK_N, BLOCK_K] tile of scores (codes code_base ...) into the per-row (min score,
+    code int32). Padding codes and NaN scores never win; ties go to the smallest code, inside a tile
+    (tie_break_left) and across tiles (strict <: a later tile's equal score loses)."""
     scores = tl.where(code_ok[None, :] & (scores == scores), scores, float("inf"))
     tile_best, tile_code = tl.min(scores, axis=1, return_indices=True, return_indices_tie_break_left=True)
     better = tile_best < best

@@ -59,6 +59,54 @@ def shared_bytes(tile: Tile, dtype_bytes: int) -> int:
 
 
 @triton.jit
+def row_tile(z_ptr, N, D, BLOCK_N: tl.constexpr):
+    """This program's BLOCK_N-row tile of a contiguous z [N, D]: rows int32 [BLOCK_N], row_ok (which
+    exist), the tile's base pointer and its row offsets [BLOCK_N, 1]. 64-bit tile base (N * D can
+    exceed 2^31), 32-bit offsets inside a tile: half the registers of a 64-bit pointer per element."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows, rows < N, z_ptr + pid.to(tl.int64) * BLOCK_N * D, tl.arange(0, BLOCK_N)[:, None] * D
+
+
+@triton.jit
+def row_sqnorms(z_tile, z_offs, row_ok, D, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """||z||^2 float32 [BLOCK_N] of a row tile (row_tile)."""
+    z_sqnorm = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        z_ok = row_ok[:, None] if EVEN_D else row_ok[:, None] & (dims < D)[None, :]
+        zt = tl.load(z_tile + z_offs + dims[None, :], mask=z_ok, other=0.0).to(tl.float32)
+        z_sqnorm += tl.sum(zt * zt, axis=1)
+    return z_sqnorm
+
+
+@triton.jit
+def code_dots(
+    z_tile, z_offs, e_ptr, k0, row_ok, code_ok, D,
+    IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """z.e_k float32 [BLOCK_N, BLOCK_K] of a row tile (row_tile) with the codes k0 .. k0 + BLOCK_K of
+    e [K, D] (code_ok: which exist), from tl.dot over BLOCK_D chunks (exact float32 with IEEE_FP32)."""
+    e_tile = e_ptr + tl.cast(k0, tl.int64) * D
+    e_offs = tl.arange(0, BLOCK_K)[:, None] * D
+    dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        z_ok, e_ok = chunk_masks(row_ok, code_ok, dims, D, EVEN_D)
+        zt = tl.load(z_tile + z_offs + dims[None, :], mask=z_ok, other=0.0)
+        et = tl.load(e_tile + e_offs + dims[None, :], mask=e_ok, other=0.0)
+        if UPCAST:
+            zt = zt.to(tl.float32)
+            et = et.to(tl.float32)
+        if IEEE_FP32 or UPCAST:
+            dot = tl.dot(zt, tl.trans(et), dot, input_precision="ieee")
+        else:
+            dot = tl.dot(zt, tl.trans(et), dot)
+    return dot
+
+
+@triton.jit
 def nearest_codes(
     z_ptr, e_ptr, e_sqnorm_ptr, N, K, D, ZS, Z0, E0,
     IEEE_FP32: tl.constexpr, UPCAST: tl.constexpr, EVEN_D: tl.constexpr,
@@ -71,47 +119,48 @@ def nearest_codes(
     One head of per-head codebooks: z's rows start at element Z0 with row stride ZS (head c of z
     [N, C, D]: Z0 = c * D, ZS = C * D; else 0 and D), the codebook at row E0 of e and e_sqnorm (c * K;
     else 0). Offsets, not offset pointers: a computed pointer would stay live in registers."""
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    # 64-bit tile bases (N * D can exceed 2^31), 32-bit offsets inside a tile: half the registers
-    # of a 64-bit pointer per element.
-    z_tile = z_ptr + (pid.to(tl.int64) * BLOCK_N * ZS + Z0)
-    z_offs = tl.arange(0, BLOCK_N)[:, None] * ZS
-
-    z_sqnorm = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        z_ok = row_ok[:, None] if EVEN_D else row_ok[:, None] & (dims < D)[None, :]
-        zt = tl.load(z_tile + z_offs + dims[None, :], mask=z_ok, other=0.0).to(tl.float32)
-        z_sqnorm += tl.sum(zt * zt, axis=1)
-
+    rows, row_ok, z_tile, z_offs = row_tile(z_ptr, N, ZS, BLOCK_N)
+    z_tile += Z0
+    z_sqnorm = row_sqnorms(z_tile, z_offs, row_ok, D, EVEN_D, BLOCK_N, BLOCK_D)
     best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
     best_code = tl.zeros([BLOCK_N], dtype=tl.int32)
-    e_offs = tl.arange(0, BLOCK_K)[:, None] * D
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + tl.arange(0, BLOCK_K)
         code_ok = codes < K
-        e_tile = e_ptr + tl.cast(E0 + k0, tl.int64) * D
-        dot = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dims = d0 + tl.arange(0, BLOCK_D)
-            z_ok, e_ok = chunk_masks(row_ok, code_ok, dims, D, EVEN_D)
-            zt = tl.load(z_tile + z_offs + dims[None, :], mask=z_ok, other=0.0)
-            et = tl.load(e_tile + e_offs + dims[None, :], mask=e_ok, other=0.0)
-            if UPCAST:
-                zt = zt.to(tl.float32)
-                et = et.to(tl.float32)
-            if IEEE_FP32 or UPCAST:
-                dot = tl.dot(zt, tl.trans(et), dot, input_precision="ieee")
-            else:
-                dot = tl.dot(zt, tl.trans(et), dot)
+        dot = code_dots(z_tile, z_offs, e_ptr, E0 + k0, row_ok, code_ok, D, IEEE_FP32, UPCAST, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D)
         e_sqnorm = tl.load(e_sqnorm_ptr + E0 + codes, mask=code_ok, other=0.0)
         best, best_code = running_argmin(best, best_code, dot, e_sqnorm, code_ok, k0)
 
     dist = best + z_sqnorm
     dist = tl.where(dist < 0.0, 0.0, dist)  # clamp, but keep NaN (a non-finite row must show)
     return rows, row_ok, best_code, dist
+
+
+@triton.jit
+def copy_code_rows(
+    z_ptr, e_ptr, q_ptr, rows, row_ok, code, D,
+    EVEN_D: tl.constexpr, SQDIST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """quantized rows q[rows] = e[code] of a row tile, copied in the input dtype (bit-exact); with
+    SQDIST also returns ||z - q||^2 float32 [BLOCK_N] (summed over D in float32; else zeros). For
+    after a search loop, when its operand tiles are dead. 64-bit row bases (code * D and N * D can
+    exceed 2^31), in chunks of 32 dims: a [BLOCK_N, 64] chunk of 64-bit pointers spilled the 128 x 64
+    x 64 16-bit quantize tile on sm_90 (24 B). BLOCK_D is a multiple of 32, so EVEN_D holds here too."""
+    COPY_D: tl.constexpr = 32
+    tl.static_assert(BLOCK_D % COPY_D == 0)
+    q_rows = q_ptr + rows.to(tl.int64)[:, None] * D
+    e_rows = e_ptr + code.to(tl.int64)[:, None] * D
+    sqdist = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, COPY_D):
+        dims = d0 + tl.arange(0, COPY_D)
+        ok = row_ok[:, None] if EVEN_D else row_ok[:, None] & (dims < D)[None, :]
+        q = tl.load(e_rows + dims[None, :], mask=ok)
+        tl.store(q_rows + dims[None, :], q, mask=ok)
+        if SQDIST:
+            zt = tl.load(z_ptr + rows.to(tl.int64)[:, None] * D + dims[None, :], mask=ok, other=0.0)
+            diff = tl.where(ok, zt.to(tl.float32) - q.to(tl.float32), 0.0)
+            sqdist += tl.sum(diff * diff, axis=1)
+    return sqdist
 
 
 _prune_one, _prune_heads = (prune_for_device("z_ptr", shared_bytes, tiles) for tiles in (TILES, HEAD_TILES))

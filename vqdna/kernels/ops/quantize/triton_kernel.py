@@ -18,6 +18,7 @@ from vqdna.kernels import reference
 from vqdna.kernels.ops.lookup.triton_kernel import (
     INTERPRETER_TILE,
     TILES,
+    copy_code_rows,
     nearest_codes,
     search_aot_variants,
     search_constants,
@@ -75,18 +76,7 @@ def _quantize_kernel(
     tl.store(codes_ptr + rows, best_code, mask=row_ok)
     tl.store(dist_ptr + rows, dist, mask=row_ok)
 
-    # quantized rows = codebook[code]: copied in the input dtype, so bit-exact. 64-bit row bases
-    # (code * D and N * D can exceed 2^31), in chunks of 32 dims: a [BLOCK_N, 64] chunk of 64-bit
-    # pointers spilled the 128 x 64 x 64 16-bit tile on sm_90 (24 B). BLOCK_D is 32 or 64, so
-    # EVEN_D holds for the copy chunks too.
-    COPY_D: tl.constexpr = 32
-    tl.static_assert(BLOCK_D % COPY_D == 0)
-    q_rows = q_ptr + rows.to(tl.int64)[:, None] * D
-    e_rows = e_ptr + best_code.to(tl.int64)[:, None] * D
-    for d0 in range(0, D, COPY_D):
-        dims = d0 + tl.arange(0, COPY_D)
-        ok = row_ok[:, None] if EVEN_D else row_ok[:, None] & (dims < D)[None, :]
-        tl.store(q_rows + dims[None, :], tl.load(e_rows + dims[None, :], mask=ok), mask=ok)
+    copy_code_rows(z_ptr, e_ptr, q_ptr, rows, row_ok, best_code, D, EVEN_D, False, BLOCK_N, BLOCK_D)
 
     # dist is >= 0, +inf or NaN: `dist < inf` is the finite test. Padding rows add 0 and are not bad.
     tile_sum = tl.sum(tl.where(row_ok, dist, 0.0).to(tl.float64), axis=0)

@@ -1,2 +1,2 @@
-"""The sample_codes op: declaration.py (what registers and dispatches it), wrapper.py (vqdna.kernels.sample_codes);
-C++ in csrc/ops/sample_codes/ (a CPU kernel only: on CUDA the reference's torch ops run)."""
+"""The sample_codes op: declaration.py (what registers and dispatches it), wrapper.py (vqdna.kernels.sample_codes),
+triton_kernel.py (the GPU backend: Philox noise); C++ in csrc/ops/sample_codes/ (a CPU kernel: the torch RNG's draws)."""
