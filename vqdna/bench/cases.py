@@ -192,15 +192,19 @@ _OPTION_GRID = {
 def option_cases(device: str, size: str, dtypes) -> Iterator[Case]:
     from vqdna import VectorQuantizer
 
-    n, points = _OPTION_GRID[size]
+    n_rows, points = _OPTION_GRID[size]
     for (k, d), (option, kwargs), mode in (
         (p, o, m) for p in points for o in MODULE_OPTIONS.items() for m in ("eval", "train")
     ):
+        # With H heads every row is H searches: N / H rows keep the N searches of the other cases (and the
+        # peer's [N H, K] float32 distances, 8.6 GB at N = 65536, H = 4, K = 8192, within a 24 GB machine,
+        # where N rows ran it out of memory).
+        n = n_rows // kwargs.get("heads", 1)
         case = Case(f"VectorQuantizer-{option}-{mode}", device, torch.float32, {"N": n, "D": d, "K": k}, None,
-                    flops=2.0 * n * k * d)
+                    flops=2.0 * n * kwargs.get("heads", 1) * k * kwargs.get("codebook_dim", d))  # the search's
         case.impl_names = ["vqdna", *(["vector-quantize-pytorch"] if has_module("vector_quantize_pytorch") else [])]
 
-        def setup(mode=mode, kwargs=kwargs, k=k, d=d, option=option):
+        def setup(mode=mode, kwargs=kwargs, n=n, k=k, d=d, option=option):
             torch.manual_seed(0)
             mask = None
             if option == "channel_first":
