@@ -55,39 +55,43 @@ def shared_bytes(tile: Tile, dtype_bytes: int) -> int:
 
 
 @triton.jit
-def sample_tile(
-    z_ptr, e_ptr, e_sqnorm_ptr, seed_ptr, codes_ptr, q_ptr, dist_ptr, N, K, D, temp, C, head,
+def sample_head_tile(
+    z_ptr, e_ptr, e_sqnorm_ptr, seed_ptr, codes_ptr, q_ptr, dist_ptr, N, K, D, temp, C: tl.constexpr,
     COSINE: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Sample the codes of this program's BLOCK_N rows of head `head` of z [N, C, D] from codebook
-    `head` of e [C, K, D] (C = 1, head = 0: z [N, D], e [K, D]) and write their code, codebook row and
-    squared distance at row * C + head of codes [N, C], quantized [N, C, D], dist [N, C]. The Philox
-    counter of (head, row, code) is (head N + row) K + code: [C, N, K] row-major."""
+    """The kernel's body for per-head codebooks (C > 1): program axis 1 is the head c; its rows z[:, c]
+    of z [N, C, D] (row stride C D), its codebook e[c] of e [C, K, D] (first row c K: offsets, not
+    offset pointers, which would stay live in registers), outputs at row i C + c of codes, dist [N, C]
+    and quantized [N C, D], and the Philox counters (c N + i) K + k: [C, N, K] row-major. The
+    single-codebook body with these offsets; not shared with C = 1, whose build changed when it was
+    (gpu-check sm_90, through a helper or with head-0 offsets inline: 4 to 18 more registers)."""
+    head = tl.program_id(1)
     rows, row_ok, z_tile, z_offs = row_tile(z_ptr, N, C * D, BLOCK_N)
     z_tile += head * D
+    counter_base = (tl.cast(head, tl.int64) * N + rows) * K
+    e0 = head * K
+    out = rows.to(tl.int64) * C + head
     if not COSINE:
         z_sqnorm = row_sqnorms(z_tile, z_offs, row_ok, D, EVEN_D, BLOCK_N, BLOCK_D)
     seed = tl.load(seed_ptr)
-    counter_base = (tl.cast(head, tl.int64) * N + rows) * K  # 64-bit counters: C N K can exceed 2^31
     best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
     best_code = tl.zeros([BLOCK_N], dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         codes = k0 + tl.arange(0, BLOCK_K)
         code_ok = codes < K
-        dot = code_dots(z_tile, z_offs, e_ptr, head * K + k0, row_ok, code_ok, D, True, False, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D)
+        dot = code_dots(z_tile, z_offs, e_ptr, e0 + k0, row_ok, code_ok, D, True, False, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D)
         u = tl.rand(seed, counter_base[:, None] + codes[None, :])
         noise = tl.log(tl.maximum(-tl.log(tl.maximum(u, 1e-20)), 1e-20))  # minus a Gumbel sample
         if COSINE:
             scores = noise - dot / temp
         else:
-            e_sqnorm = tl.load(e_sqnorm_ptr + head * K + codes, mask=code_ok, other=0.0)
+            e_sqnorm = tl.load(e_sqnorm_ptr + (codes + e0), mask=code_ok, other=0.0)
             d = z_sqnorm[:, None] + (e_sqnorm[None, :] - 2.0 * dot)
             # NaN must stay NaN (it never wins): the default maximum would return the other operand
             scores = tl.sqrt(tl.maximum(d, 1e-8, propagate_nan=tl.PropagateNan.ALL)) / temp + noise
         best, best_code = fold_argmin(best, best_code, scores, code_ok, k0)
-    out = rows.to(tl.int64) * C + head  # the rows of codes / dist [N, C] and of z, quantized as [N C, D]
     tl.store(codes_ptr + out, best_code.to(tl.int64), mask=row_ok)
-    dist = copy_code_rows(z_ptr, e_ptr, q_ptr, out, row_ok, best_code + head * K, D, EVEN_D, True, BLOCK_N, BLOCK_D)
+    dist = copy_code_rows(z_ptr, e_ptr, q_ptr, out, row_ok, best_code + e0, D, EVEN_D, True, BLOCK_N, BLOCK_D)
     tl.store(dist_ptr + out, dist, mask=row_ok)
 
 
@@ -118,12 +122,34 @@ def _sample_codes_kernel(
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    if C == 1:  # one codebook (a constant: head 0's offsets fold away, the kernel compiled as before)
-        sample_tile(z_ptr, e_ptr, e_sqnorm_ptr, seed_ptr, codes_ptr, q_ptr, dist_ptr, N, K, D, temp, 1, 0,
-                    COSINE, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D)
-    else:  # program axis 1 is the head
-        sample_tile(z_ptr, e_ptr, e_sqnorm_ptr, seed_ptr, codes_ptr, q_ptr, dist_ptr, N, K, D, temp, C,
-                    tl.program_id(1), COSINE, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D)
+    if C == 1:  # one codebook (a constant): this body exactly as before, so it compiles as before
+        rows, row_ok, z_tile, z_offs = row_tile(z_ptr, N, D, BLOCK_N)
+        if not COSINE:
+            z_sqnorm = row_sqnorms(z_tile, z_offs, row_ok, D, EVEN_D, BLOCK_N, BLOCK_D)
+        seed = tl.load(seed_ptr)
+        counter_base = rows.to(tl.int64) * K  # 64-bit counters: N K can exceed 2^31
+        best = tl.full([BLOCK_N], float("inf"), dtype=tl.float32)
+        best_code = tl.zeros([BLOCK_N], dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            codes = k0 + tl.arange(0, BLOCK_K)
+            code_ok = codes < K
+            dot = code_dots(z_tile, z_offs, e_ptr, k0, row_ok, code_ok, D, True, False, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D)
+            u = tl.rand(seed, counter_base[:, None] + codes[None, :])
+            noise = tl.log(tl.maximum(-tl.log(tl.maximum(u, 1e-20)), 1e-20))  # minus a Gumbel sample
+            if COSINE:
+                scores = noise - dot / temp
+            else:
+                e_sqnorm = tl.load(e_sqnorm_ptr + codes, mask=code_ok, other=0.0)
+                d = z_sqnorm[:, None] + (e_sqnorm[None, :] - 2.0 * dot)
+                # NaN must stay NaN (it never wins): the default maximum would return the other operand
+                scores = tl.sqrt(tl.maximum(d, 1e-8, propagate_nan=tl.PropagateNan.ALL)) / temp + noise
+            best, best_code = fold_argmin(best, best_code, scores, code_ok, k0)
+        tl.store(codes_ptr + rows, best_code.to(tl.int64), mask=row_ok)
+        dist = copy_code_rows(z_ptr, e_ptr, q_ptr, rows, row_ok, best_code, D, EVEN_D, True, BLOCK_N, BLOCK_D)
+        tl.store(dist_ptr + rows, dist, mask=row_ok)
+    else:
+        sample_head_tile(z_ptr, e_ptr, e_sqnorm_ptr, seed_ptr, codes_ptr, q_ptr, dist_ptr, N, K, D, temp, C,
+                         COSINE, EVEN_D, BLOCK_N, BLOCK_K, BLOCK_D)
 
 
 @triton_op("vqdna::sample_codes_triton", mutates_args=())
