@@ -317,33 +317,40 @@ class Checks:
         bad = err.flatten().argmax()
         assert float(err.flatten()[bad]) <= 0, f"element {tuple(int(i) for i in torch.unravel_index(bad, err.shape))} off by {float(err.flatten()[bad]):.3g} over tolerance"
 
-    def sample_codes(self, backend, dtype, n, k, d, cosine, name):
+    def sample_codes(self, backend, dtype, n, k, d, cosine, name, c=0):
         """Gumbel-max sampling against its spec under the same torch seed (Philox for the triton
         backend, reference.sample_codes_philox; else the torch stream): codes equal except at near-ties
-        of the spec's scores (the GPU's approximate log and sqrt), quantized exact, dist close."""
+        of the spec's scores (the GPU's approximate log and sqrt), quantized exact, dist close.
+        c > 0: per-head codebooks [c, k, d] with z [n, c, d] (one call for all heads)."""
         g = _gen(name)
-        z, e = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
+        heads = (c,) if c else ()
+        z, e = torch.randn(n, *heads, d, generator=g), torch.randn(*heads, k, d, generator=g)
         zd, ed = z.to(self.device, dtype), e.to(self.device, dtype)
         s = zlib.crc32(name.encode())
         torch.manual_seed(s)
         codes, quantized, dist = sample_codes(zd, ed, 0.5, cosine=cosine, backend=backend)
         self._ran("sample_codes", backend)
         torch.manual_seed(s)
+        # [n, c, ...] -> [c n, ...] (head-major: the order of the spec's draws and of philox_scores below)
+        flat = (lambda t: t.transpose(0, 1).reshape(-1, *t.shape[2:])) if c else (lambda t: t)
         if backend in PHILOX_BACKENDS:
             seed = philox_seed(zd.device).cpu()
             want = reference.sample_codes_philox(z, e, 0.5, cosine, seed)[0]
-            bad = codes.cpu() != want
+            bad = flat(codes.cpu()) != flat(want)
             if bad.any():  # near-ties only: the spec's scores of the two codes within 1e-5 (relative)
-                sc = reference.philox_scores(z, e, 0.5, cosine, seed)[bad].double()
-                gap = (sc.gather(1, codes.cpu()[bad, None]) - sc.gather(1, want[bad, None])).abs()[:, 0]
+                sc = (torch.cat([reference.philox_scores(z[:, h], e[h], 0.5, cosine, seed, h * n) for h in range(c)])
+                      if c else reference.philox_scores(z, e, 0.5, cosine, seed))[bad].double()
+                gap = (sc.gather(1, flat(codes.cpu())[bad, None]) - sc.gather(1, flat(want)[bad, None])).abs()[:, 0]
                 far = gap > 1e-5 * (1 + sc.abs().amax(1))
                 assert not far.any(), f"{int(far.sum())} rows sampled another code than the spec's (gap {float(gap.max()):.3g})"
         else:
             want = reference.sample_codes(zd, ed, 0.5, cosine)[0]
             assert torch.equal(codes, want), f"codes differ at {int((codes != want).sum())} rows"
-        assert torch.equal(quantized.cpu(), e[codes.cpu()]), "quantized is not codebook[codes]"
-        want_dist = (z.double() - e.double()[codes.cpu()]).pow(2).sum(-1)
-        err = float(((dist.cpu().double() - want_dist).abs() / (want_dist + 1)).max())
+        got = flat(codes.cpu())
+        chosen = e[torch.arange(c).repeat_interleave(n), got] if c else e[got]
+        assert torch.equal(flat(quantized.cpu()), chosen), "quantized is not codebook[codes]"
+        want_dist = (flat(z).double() - chosen.double()).pow(2).sum(-1)
+        err = float(((flat(dist.cpu()).double() - want_dist).abs() / (want_dist + 1)).max())
         assert err <= 1e-5, f"dist off by {err:.3g} (relative)"
         return {"agree_with_reference": _agreement(codes, want)}
 
@@ -429,6 +436,9 @@ def build_cases(chk: Checks, backends, dtypes, mode: str) -> list:
                 for cosine in (False, True):
                     add("sample_codes", backend, "float32", f"N{n}K{k}D{d}{'-cosine' if cosine else ''}", chk.sample_codes,
                         n, k, d, cosine)
+            # per-head codebooks: C = 3 in one call (N = 1 with K = 1; D % 16 != 0, many K tiles)
+            for n, c, k, d in [(1, 3, 1, 5), (300, 3, 700, 130)]:
+                add("sample_codes", backend, "float32", f"N{n}C{c}K{k}D{d}", chk.sample_codes, n, k, d, False, c=c)
     if "auto" in backends:
         # backend="auto" must not pick a kernel that refuses the shape (wide kernels, big tables).
         for b, length, d, w in [(1, 50, 64, 33), (1, 50, 64, 65), (1, 20, 2048, 5), (1, 20, 2048, 9)]:

@@ -690,3 +690,30 @@ def test_separate_codebooks_one_lookup_and_one_ema_update_per_step(monkeypatch):
     for h in range(4):
         want, _ = reference.lookup(z[..., h, :].reshape(-1, 2), books[h])
         assert torch.equal(codes[..., h].reshape(-1), want.long()), f"head {h}"
+
+
+@pytest.mark.parametrize("cosine", [False, True], ids=["dist", "cosine"])
+def test_separate_codebooks_sample_in_one_call(monkeypatch, cosine):
+    """Per-head codebooks with stochastic_sample_codes (issue 23): one sample_codes call per training
+    step for all heads (not one per head), drawing what per-head calls in order of the head draw (the
+    peer's [C, rows, K] order)."""
+    from vqdna import kernels
+
+    calls = []
+    real = kernels.sample_codes
+    monkeypatch.setattr(kernels, "sample_codes", lambda *a, **kw: calls.append(a[1].shape) or real(*a, **kw))
+    vq = VectorQuantizer(8, 16, heads=4, codebook_dim=2, separate_codebook_per_head=True, use_cosine_sim=cosine,
+                         stochastic_sample_codes=True, sample_codebook_temp=0.5).train()
+    x = torch.randn(3, 10, 8, generator=torch.Generator().manual_seed(0))
+    books = vq.codebook.detach().clone().view(4, 16, 2)
+    torch.manual_seed(3)
+    _, codes, _ = vq(x)
+    assert calls == [(4, 16, 2)], f"sample_codes calls (codebook shapes): {calls}"
+    assert codes.shape == (3, 10, 4)
+    z = x.view(-1, 4, 2)
+    if cosine:  # the unit rows and codes the module searches with
+        z, books = reference.l2norm(z), reference.l2norm(books)
+    torch.manual_seed(3)
+    for h in range(4):
+        want = reference.sample_codes(z[:, h], books[h], 0.5, cosine)[0]
+        assert torch.equal(codes[..., h].reshape(-1), want), f"head {h}"

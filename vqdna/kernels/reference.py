@@ -144,7 +144,12 @@ def sample_codes(
     Ties: the first index; a NaN wins (torch's argmin / argmax). Consumes N K draws of the generator.
     Also returns quantized [N, D] float32 = codebook[codes] and dist [N] float32 = ||z - quantized||^2
     (summed over D in float32; non-finite where the row of z is).
+    Per-head codebooks: z [N, C, D], codebook [C, K, D] -> codes [N, C], quantized [N, C, D], dist
+    [N, C]: column c is this sampling of z[:, c] in codebook[c], the codebooks in order (codebook 0's
+    N K draws first: the uniforms of [C, N, K] row-major, the peer's order for separate codebooks).
     """
+    if codebook.dim() == 3:
+        return _per_codebook(lambda c: sample_codes(z[:, c], codebook[c], temp, cosine, block_rows), codebook.shape[0])
     n, k = z.shape[0], codebook.shape[0]
     e = codebook.float()
     et, e_sq = e.T, e.pow(2).sum(-1)
@@ -224,14 +229,36 @@ def sample_codes_philox(
     row whose scores are all NaN, e.g. a NaN row of z, takes code 0: a non-finite row's code is
     unspecified). quantized [N, D] float32 = codebook[codes], dist [N] float32 = ||z - quantized||^2
     (non-finite where the row of z is), as sample_codes.
+    Per-head codebooks: z [N, C, D], codebook [C, K, D] -> codes [N, C], quantized [N, C, D], dist
+    [N, C]: column c is this sampling of z[:, c] in codebook[c] with the counters of the rows c N ..
+    c N + N - 1, i.e. u[i, c, k] = philox_uniform(seed, (c N + i) K + k) (the counters of [C, N, K]
+    row-major: C single-codebook calls whose counters are offset by c N K).
     """
+    if codebook.dim() == 3:
+        n = z.shape[0]
+        return _per_codebook(lambda c: _philox_rows(z[:, c], codebook[c], temp, cosine, seed, c * n), codebook.shape[0])
+    return _philox_rows(z, codebook, temp, cosine, seed, 0)
+
+
+def _per_codebook(sample, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-head form of a sampler: sample(i) for i = 0 .. c - 1, in order (their draws), each
+    (codes [N], quantized [N, D], dist [N]), stacked to [N, C], [N, C, D], [N, C]."""
+    found = [sample(i) for i in range(c)]
+    return tuple(torch.stack([f[j] for f in found], 1) for j in range(3))
+
+
+def _philox_rows(
+    z: torch.Tensor, codebook: torch.Tensor, temp: float, cosine: bool, seed: torch.Tensor, first_row: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sample_codes_philox of z [N, D] over codebook [K, D] with the counters of rows first_row ..
+    first_row + N - 1 ((first_row + i) K + k)."""
     n, k = z.shape[0], codebook.shape[0]
     e = codebook.float()
     codes = torch.empty(n, dtype=torch.int64, device=z.device)
     step = max(1, min(n, _CHUNK_ELEMENTS // (8 * max(1, k))))  # the Philox rounds hold several int64 [rows, K]
     with torch.no_grad():
         for start in range(0, n, step):
-            scores = philox_scores(z[start : start + step], e, temp, cosine, seed, start)
+            scores = philox_scores(z[start : start + step], e, temp, cosine, seed, first_row + start)
             scores = torch.where(torch.isnan(scores), torch.full_like(scores, math.inf), scores)
             codes[start : start + scores.shape[0]] = scores.argmin(-1)
         quantized = e[codes]

@@ -550,21 +550,18 @@ class VectorQuantizer(_EMACodebook):
     def _sample_codes(self, z: torch.Tensor, codebooks: torch.Tensor, temp: float):
         """Gumbel-max codes [..., C] (or [...] with C = 1) of z [..., C, d] ([..., d]) over logits
         -distance / temp (cosine: z.e / temp) per codebook of codebooks [C, K, d], from the global
-        torch RNG: kernels.sample_codes per codebook, in blocks of _SAMPLE_CHUNK rows. On the CPU the
-        peer's draws in its order (the uniforms of [C, rows, K], row-major; the blocks draw the same
-        numbers); on CUDA the fused Triton kernel's Philox draws (its "auto").
-        Also the chosen rows [..., (C,) d] float32 and their squared distances [..., (C)] float32."""
+        torch RNG: one kernels.sample_codes call for all codebooks (per-head codebooks: z as [rows, C,
+        d], a view, with codebooks [C, K, d]), in blocks of _SAMPLE_CHUNK rows. On the CPU the peer's
+        draws in its order (the uniforms of [C, rows, K], row-major: codebook 0's first; the blocks
+        draw the same numbers); on CUDA the fused Triton kernel's Philox draws (its "auto"; counters
+        (c rows + i) K + k). Also the chosen rows [..., (C,) d] float32 and their squared distances
+        [..., (C)] float32."""
         c, d = codebooks.shape[0], z.shape[-1]
-        rows = z.reshape(-1, c, d).transpose(0, 1).float()  # [C, rows, d]
+        rows = z.reshape(-1, c, d).float()
         e = codebooks.float()
-        found = [
-            kernels.sample_codes(rows[i], e[i], temp, cosine=self.use_cosine_sim, block_rows=_SAMPLE_CHUNK)
-            for i in range(c)
-        ]
-        if c == 1:
-            codes, quantized, dist = found[0]
-        else:
-            codes, quantized, dist = (torch.stack([f[j] for f in found], 1) for j in range(3))
+        if c == 1:  # one codebook: the [rows, d] form
+            rows, e = rows[:, 0], e[0]
+        codes, quantized, dist = kernels.sample_codes(rows, e, temp, cosine=self.use_cosine_sim, block_rows=_SAMPLE_CHUNK)
         return codes.reshape(z.shape[:-1]), quantized.reshape(z.shape), dist.reshape(z.shape[:-1])
 
     def _search_codebook(self, dtype: torch.dtype, learn: bool) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

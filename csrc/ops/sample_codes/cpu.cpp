@@ -304,6 +304,10 @@ inline float copy_row_and_sqdist(const float* z, const float* e, float* q, int64
   return acc;
 }
 
+// z [N, D] with codebook [K, D], or per-head codebooks: z [N, C, D] with codebook [C, K, D] (codes,
+// dist [N, C], quantized [N, C, D]; head c of every row sampled from codebook c). The heads are
+// sampled one after the other, each in blocks of block_rows rows, and draw in that order: codebook
+// 0's N K uniforms first (the uniforms of [C, N, K] row-major: C single-codebook calls on z[:, c]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_codes_native_cpu(const at::Tensor& z_in, const at::Tensor& codebook_in,
                                                                        double temp, bool cosine, int64_t block_rows,
                                                                        const std::optional<at::Tensor>& seed) {
@@ -314,45 +318,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_codes_native_cpu(const at:
               "triton and reference backends");
   TORCH_CHECK(z.device().is_cpu() && codebook_in.device().is_cpu(), "vqdna.sample_codes_native: z and codebook must be CPU tensors, got ",
               z.device(), " and ", codebook_in.device());
-  TORCH_CHECK(z.dim() == 2 && codebook_in.dim() == 2 && z.size(1) == codebook_in.size(1),
-              "vqdna.sample_codes_native: need z [N, D] and codebook [K, D], got ", z.sizes(), " and ", codebook_in.sizes());
+  const bool heads = codebook_in.dim() == 3;
+  if (heads) {
+    TORCH_CHECK(z.dim() == 3 && z.size(1) == codebook_in.size(0) && z.size(2) == codebook_in.size(2),
+                "vqdna.sample_codes_native: need z [N, C, D] with codebook [C, K, D], got ", z.sizes(), " and ", codebook_in.sizes());
+    TORCH_CHECK(codebook_in.size(0) >= 1, "vqdna.sample_codes_native: codebook ", codebook_in.sizes(), " has no codebooks (C = 0)");
+  } else {
+    TORCH_CHECK(z.dim() == 2 && codebook_in.dim() == 2 && z.size(1) == codebook_in.size(1),
+                "vqdna.sample_codes_native: need z [N, D] and codebook [K, D] (or z [N, C, D] and codebook [C, K, D]), got ",
+                z.sizes(), " and ", codebook_in.sizes());
+  }
   TORCH_CHECK(z.scalar_type() == at::kFloat && codebook_in.scalar_type() == at::kFloat,
               "vqdna.sample_codes_native: z and codebook must be float32, got ", z.scalar_type(), " and ", codebook_in.scalar_type());
-  TORCH_CHECK(codebook_in.size(0) >= 1, "vqdna.sample_codes_native: the codebook is empty (K = 0)");
+  TORCH_CHECK(codebook_in.size(-2) >= 1, "vqdna.sample_codes_native: the codebook is empty (K = 0)");
   TORCH_CHECK(temp > 0, "vqdna.sample_codes_native: temp must be > 0, got ", temp);
   TORCH_CHECK(block_rows >= 1, "vqdna.sample_codes_native: block_rows must be >= 1, got ", block_rows);
-  const int64_t N = z.size(0), K = codebook_in.size(0), D = z.size(1);
-  at::Tensor codes = at::empty({N}, z.options().dtype(at::kLong));
-  at::Tensor quantized = at::empty({N, D}, z.options());
-  at::Tensor dist = at::empty({N}, z.options());
+  const int64_t N = z.size(0), C = heads ? codebook_in.size(0) : 1, K = codebook_in.size(-2), D = z.size(-1);
+  const auto lead = z.sizes().slice(0, z.dim() - 1);  // [N] or [N, C]
+  at::Tensor codes = at::empty(lead, z.options().dtype(at::kLong));
+  at::Tensor quantized = at::empty(z.sizes(), z.options());
+  at::Tensor dist = at::empty(lead, z.options());
   if (N == 0) return {codes, quantized, dist};
-  // Rows read in place (VectorQuantizer's heads: a row stride of H D), unit column stride.
-  const at::Tensor zr = z.stride(1) == 1 || D == 1 ? z : z.contiguous();
+  // Rows read in place (VectorQuantizer's heads: a row stride of C D), unit column stride.
+  const at::Tensor zr = z.stride(-1) == 1 || D == 1 ? z : z.contiguous();
   const at::Tensor codebook = codebook_in.contiguous();
-  const float* cb_p = codebook.const_data_ptr<float>();
-  const float* z_p = zr.const_data_ptr<float>();
-  const int64_t z_rs = zr.stride(0);
   float* q_p = quantized.mutable_data_ptr<float>();
   float* dist_p = dist.mutable_data_ptr<float>();
-  const at::Tensor et = codebook.t(), e_sq = codebook.pow(2).sum(-1);
   const int64_t step = std::min(block_rows, N);
   at::Tensor logits_buf = at::empty({step, K}, z.options());
   const float tempf = static_cast<float>(temp);  // as a float32 tensor op converts the Python scalar
   int64_t* codes_p = codes.mutable_data_ptr<int64_t>();
   // Two uniform buffers: while the threads score block b's rows, one of them first draws block b + 1's
-  // numbers (serial by nature) into the other buffer, then joins the rows.
+  // numbers (serial by nature; the next head's first block after a head's last) into the other buffer,
+  // then joins the rows.
   AlignedBuf ubuf[2] = {aligned_floats(step * K), aligned_floats(step * K)};
   constexpr int64_t kRowsPerTake = 8;
+  const int64_t blocks_per_head = (N + step - 1) / step, blocks = C * blocks_per_head;
+  auto block_size = [&](int64_t b) { return b < blocks ? std::min(step, N - b % blocks_per_head * step) : int64_t{0}; };
 
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(std::nullopt, at::detail::getDefaultCPUGenerator());
   std::lock_guard<std::mutex> lock(gen->mutex_);
   UniformStream stream(gen->engine());
   stream.fill(ubuf[0].get(), step * K);
   const int64_t nthreads = std::max<int64_t>(1, at::get_num_threads());
-  for (int64_t start = 0, b = 0; start < N; start += step, ++b) {
-    const int64_t m = std::min(step, N - start);
-    const int64_t next_m = std::min(step, std::max<int64_t>(0, N - start - step));
-    const at::Tensor r = z.narrow(0, start, m);
+  at::Tensor zh, cb, et, e_sq;  // head c's rows [N, D] (the caller's strides), codebook [K, D] and its operands
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t c = b / blocks_per_head, start = b % blocks_per_head * step;
+    const int64_t m = block_size(b), next_m = block_size(b + 1);
+    if (start == 0) {
+      zh = heads ? z.select(1, c) : z;
+      cb = heads ? codebook.select(0, c) : codebook;
+      et = cb.t();
+      e_sq = cb.pow(2).sum(-1);
+    }
+    const at::Tensor r = zh.narrow(0, start, m);
     at::Tensor logits = logits_buf.narrow(0, 0, m);
     if (cosine) {
       at::mm_out(logits, r, et);
@@ -363,6 +382,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_codes_native_cpu(const at:
     const float* L = logits.const_data_ptr<float>();
     const float* U = ubuf[b & 1].get();
     float* U_next = ubuf[(b + 1) & 1].get();
+    const float* cb_p = cb.const_data_ptr<float>();
+    const float* z_p = zr.const_data_ptr<float>() + c * (heads ? zr.stride(1) : 0);
+    const int64_t z_rs = zr.stride(0);
     std::atomic<int64_t> taken{0};
     at::parallel_for(0, nthreads, 1, [&](int64_t t0, int64_t t1) {
       AlignedBuf scratch = aligned_floats(2 * K);
@@ -374,9 +396,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_codes_native_cpu(const at:
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t code = cosine ? row_code<true>(L + i * K, U + i * K, K, tempf, qs, lbs)
                                       : row_code<false>(L + i * K, U + i * K, K, tempf, qs, lbs);
-          const int64_t row = start + i;
-          codes_p[row] = code;
-          dist_p[row] = copy_row_and_sqdist(z_p + row * z_rs, cb_p + code * D, q_p + row * D, D);
+          const int64_t row = start + i, out = row * C + c;  // [N, C] outputs (C = 1: [N])
+          codes_p[out] = code;
+          dist_p[out] = copy_row_and_sqdist(z_p + row * z_rs, cb_p + code * D, q_p + out * D, D);
         }
       }
       (void)t1;

@@ -27,9 +27,10 @@ def sample_codes_reference(
 
 
 def sample_codes_fake(z, codebook, temp, cosine=False, block_rows=4096, seed=None):
-    """z [N, D] -> codes int64 [N], quantized [N, D] float32, dist [N] float32."""
-    n = z.shape[0]
-    return z.new_empty(n, dtype=torch.int64), z.new_empty(z.shape, dtype=torch.float32), z.new_empty(n, dtype=torch.float32)
+    """z [N, D] -> codes int64 [N], quantized [N, D] float32, dist [N] float32; with per-head codebooks
+    [C, K, D], z [N, C, D] -> codes, dist [N, C], quantized [N, C, D]."""
+    lead = z.shape[:-1]
+    return z.new_empty(lead, dtype=torch.int64), z.new_empty(z.shape, dtype=torch.float32), z.new_empty(lead, dtype=torch.float32)
 
 
 DECLARATION = OpDeclaration(

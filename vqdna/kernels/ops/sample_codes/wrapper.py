@@ -33,10 +33,21 @@ def sample_codes(
         drawn on the device from the generator (one int64, no host sync), not the peer's uniform_
         stream: the same distribution, other numbers, so the same seed does not give the peer's codes
         (backend="reference" does, on CUDA too).
-    block_rows: rows per distance block of the torch-stream backends (the draws do not depend on it)."""
-    if z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]:
-        raise ValueError(f"sample_codes: need z [N, D] and codebook [K, D], got {tuple(z.shape)} and {tuple(codebook.shape)}")
-    if codebook.shape[0] == 0:
+    block_rows: rows per distance block of the torch-stream backends (the draws do not depend on it).
+    Per-head codebooks: codebook [C, K, D] with z [N, C, D] (head c of every row sampled from codebook
+    c; rows read in place by the native backend) -> codes [N, C], quantized [N, C, D], dist [N, C], all
+    heads in one kernel call. The draws are those of C single-codebook calls on z[:, c] in order of c
+    (codebook 0's N K uniforms first: [C, N, K] row-major, the peer's order; Philox: the counters
+    (c N + i) K + k), so the codes equal those calls' codes under the same seed."""
+    heads = codebook.dim() == 3
+    if heads and (z.dim() != 3 or z.shape[1] != codebook.shape[0] or z.shape[2] != codebook.shape[2]):
+        raise ValueError(f"sample_codes: need z [N, C, D] with codebook [C, K, D], got {tuple(z.shape)} and {tuple(codebook.shape)}")
+    if not heads and (z.dim() != 2 or codebook.dim() != 2 or z.shape[1] != codebook.shape[1]):
+        raise ValueError(f"sample_codes: need z [N, D] and codebook [K, D] (or z [N, C, D] and codebook [C, K, D]), "
+                         f"got {tuple(z.shape)} and {tuple(codebook.shape)}")
+    if heads and codebook.shape[0] == 0:
+        raise ValueError(f"sample_codes: codebook has shape {tuple(codebook.shape)}: no codebooks (C = 0)")
+    if codebook.shape[-2] == 0:
         raise ValueError("sample_codes: the codebook is empty (K = 0)")
     if z.dtype != torch.float32 or codebook.dtype != torch.float32:
         raise TypeError(f"sample_codes: z and codebook must be float32, got {z.dtype} and {codebook.dtype}")
@@ -51,7 +62,8 @@ def sample_codes(
         return reference.sample_codes(z, codebook, float(temp), bool(cosine), int(block_rows))
     if backend == "auto" and os.environ.get("VQDNA_BACKEND", "auto").lower() not in (*declaration("sample_codes").backends, "auto", ""):
         backend = "reference"  # a backend forced for the other ops that this one does not have
-    name = select_backend("sample_codes", backend, z.device, z.dtype, size=(z.shape[0], codebook.shape[0]))
+    rows = z.shape[0] * (codebook.shape[0] if heads else 1)
+    name = select_backend("sample_codes", backend, z.device, z.dtype, size=(rows, codebook.shape[-2]))
     seed = philox_seed(z.device) if name in PHILOX_BACKENDS else None
     return backend_op("sample_codes", name)(z, codebook, float(temp), bool(cosine), int(block_rows), seed)
 
