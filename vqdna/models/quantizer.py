@@ -227,6 +227,11 @@ class _EMACodebook(nn.Module):
         self._initted_flag = False
         self._initted_seen: tuple = (None, -1)
 
+    def make_codebook_parameter(self) -> None:
+        """The codebook buffer becomes an nn.Parameter (same state-dict key), for a codebook that the
+        optimizer (learnable_codebook) or the orthogonality loss moves."""
+        self.codebook = nn.Parameter(self._buffers.pop("codebook"))
+
     def _refresh_initted(self, force: bool = False) -> None:
         """Re-read the `initted` buffer into the Python flag (one host read) when it was replaced
         or written since the last read (or always, with force)."""
@@ -472,9 +477,7 @@ class VectorQuantizer(_EMACodebook):
                 self.codebook.copy_(_l2norm(self.codebook))
                 self.embed_sum.copy_(self.codebook)
         if learnable_codebook or orthogonal_reg_weight > 0:
-            # A parameter (same state-dict key): the optimizer or the orthogonality loss moves it.
-            codebook = self._buffers.pop("codebook")
-            self.codebook = nn.Parameter(codebook)
+            self.make_codebook_parameter()
         # (codebook buffer, its version, the search's codebook, its ||e_k||^2 [K]): _search_codebook
         self._sqnorm_cache: tuple = (None, -1, None, None)
         self.has_projections = codebook_dim * heads != dim
@@ -862,8 +865,8 @@ class HRQuantizer(nn.Module):
             _EMACodebook(dim, k, decay, eps, threshold_ema_dead_code) for k in self.codebook_sizes
         )
         for state, lc, w in zip(self.levels, learnable, self.orthogonal_reg_weight):
-            if lc or w > 0:  # a parameter (same state-dict key): the optimizer or the orthogonality loss moves it
-                state.codebook = nn.Parameter(state._buffers.pop("codebook"))
+            if lc or w > 0:
+                state.make_codebook_parameter()
 
     @property
     def codebooks(self) -> list[torch.Tensor]:
