@@ -110,7 +110,7 @@ def prepare(args) -> int:
 
 
 def main() -> int:
-    from vqdna.models.bert import POOLINGS
+    from vqdna.models.bert import POOLINGS, STRANDS
     from vqdna.train.presets import FINETUNE_PRESETS, PRETRAIN_PRESETS
 
     PRE, FT = PRETRAIN_PRESETS["small"], FINETUNE_PRESETS["small"]
@@ -132,6 +132,9 @@ def main() -> int:
     p.add_argument("--pooling", default=PRE.pooling, choices=POOLINGS,
                    help="classifier input: the CLS token, the last layer's mean over the window's tokens, or "
                         "those means of every layer, concatenated")
+    p.add_argument("--strands", default=FT.strands, choices=STRANDS,
+                   help="the head reads each window (forward) or the mean over it and its reverse complement (both); "
+                        "the 6-mer baseline counts the same strands")
     p.add_argument("--lrs", default=",".join(f"{x:g}" for x in FT.lrs))
     p.add_argument("--lora-dropout", type=float, default=FT.lora_dropout)
     p.add_argument("--epochs", type=int, default=FT.epochs)
@@ -188,7 +191,7 @@ def main() -> int:
     torch.manual_seed(args.seed)
     res = finetune(task, mlm_dir, os.path.join(args.out, "finetune"), lrs=[float(x) for x in args.lrs.split(",")],
                    epochs=args.epochs, batch_size=FT.batch_size, seeds=(args.seed,), tokenizer=tok,
-                   lora_dropout=args.lora_dropout, pooling=args.pooling, baseline_k=6)
+                   lora_dropout=args.lora_dropout, pooling=args.pooling, strands=args.strands, baseline_k=6)
     base = res["baseline"]["test"]
     mcc = res["test"]["mcc"]["mean"]
     print(f"[{time.time() - t0:6.0f} s] linear-probe head alone (before fine-tuning): test MCC "

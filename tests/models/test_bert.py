@@ -229,6 +229,37 @@ def test_mean_pooling_ignores_padding(rng, pooling):
 def test_unknown_pooling_is_refused():
     with pytest.raises(ValueError, match="classifier_pooling must be cls\\|mean\\|mean_layers"):
         VQDNAConfig(classifier_pooling="max")
+    with pytest.raises(ValueError, match="classifier_strands must be forward\\|both"):
+        VQDNAConfig(classifier_strands="reverse")
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean", "mean_layers"])
+def test_both_strands_pool_the_mean_of_each_strands_features(rng, pooling):
+    """classifier_strands "both": the head's input is the mean of the forward model's pooled features of
+    input_ids and of rc_input_ids (one encoder pass over both); swapping the strands changes nothing;
+    a missing or unexpected rc_input_ids, or one of another shape, is refused."""
+    both = tiny_model(VQDNAForSequenceClassification, num_labels=2, classifier_pooling=pooling,
+                      classifier_strands="both")
+    one = tiny_model(VQDNAForSequenceClassification, num_labels=2, classifier_pooling=pooling)
+    one.load_state_dict(both.state_dict())
+    codes, ids, mask = random_ids(3, 7, rng)
+    other = [c.flip(0) for c in codes]  # any codes of the same lengths stand in for the other strand
+    rc_ids, rc_mask = build_inputs(other, SIZES, pad_to=ids.shape[1])
+    pooled, out = both.pool(ids, mask, rc_input_ids=rc_ids, rc_attention_mask=rc_mask)
+    want = (one.pool(ids, mask)[0] + one.pool(rc_ids, rc_mask)[0]) / 2
+    torch.testing.assert_close(pooled, want, atol=1e-5, rtol=0)
+    assert out.last_hidden_state.shape[0] == 6  # one pass over both strands
+    logits = both(ids, mask, rc_input_ids=rc_ids, rc_attention_mask=rc_mask).logits
+    torch.testing.assert_close(logits, both.classifier(both.pooler(want)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(both(rc_ids, rc_mask, rc_input_ids=ids, rc_attention_mask=mask).logits, logits,
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(both(ids, rc_input_ids=rc_ids).logits, logits, atol=1e-5, rtol=0)  # default masks
+    with pytest.raises(ValueError, match="needs rc_input_ids"):
+        both(ids, mask)
+    with pytest.raises(ValueError, match="classifier_strands is 'forward'"):
+        one(ids, mask, rc_input_ids=rc_ids)
+    with pytest.raises(ValueError, match="rc_input_ids shape"):
+        both(ids, mask, rc_input_ids=rc_ids[:, :-1])
 
 
 def test_bert_base_parameter_count():

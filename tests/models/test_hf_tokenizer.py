@@ -44,6 +44,28 @@ def test_lists_single_strings_and_alphabet():
         tok(["ACGT"], truncation=True, max_length=2)
 
 
+def test_both_strands():
+    """strands="both": rc_input_ids / rc_attention_mask hold the reverse complement of the kept bases (after
+    truncation), encoded alone, padded like input_ids; the forward half is what strands="forward" gives."""
+    from vqdna.data.alphabet import reverse_complement
+
+    tok = _mlm.tokenizer()
+    seqs = ["ACGTACGGTTAC", "GGC", "ACGTNNACGT ACGATCGATCGTAGCTAGCTAGCATCGA"]
+    enc = tok(seqs, padding=True, truncation=True, max_length=20, return_tensors="pt", strands="both")
+    fwd = tok(seqs, padding=True, truncation=True, max_length=20, return_tensors="pt")
+    assert torch.equal(enc["input_ids"], fwd["input_ids"]) and torch.equal(enc["attention_mask"], fwd["attention_mask"])
+    assert enc["rc_input_ids"].shape == enc["input_ids"].shape
+    assert torch.equal(enc["rc_attention_mask"], enc["attention_mask"])
+    for i, s in enumerate(seqs):
+        kept = s.replace(" ", "")[:18]
+        want = tok([reverse_complement(kept)], padding=True, return_tensors="pt")["input_ids"][0]
+        assert torch.equal(enc["rc_input_ids"][i, : len(want)], want), i
+    one = tok("ACGTT", strands="both")
+    assert one["rc_input_ids"] == tok("AACGT")["input_ids"] and one["rc_attention_mask"] == [1] * 7
+    with pytest.raises(ValueError, match="strands"):
+        tok("ACGT", strands="reverse")
+
+
 def test_save_and_load(tmp_path):
     tok = _mlm.tokenizer()
     tok.save_pretrained(tmp_path)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tests.train import _mlm
-from vqdna.train.baseline import KMER_REGULARIZATION, kmer_baseline, kmer_features
+from vqdna.train.baseline import KMER_REGULARIZATION, both_strands_kmer_features, kmer_baseline, kmer_features
 from vqdna.train.finetune import classification_metrics, load_task
 
 
@@ -56,3 +56,27 @@ def test_kmer_baseline_class_missing_from_training(tmp_path):
     splits["train"] = (splits["train"][0][:-1], splits["train"][1][:-1])
     res = kmer_baseline(splits, task, k=2)
     assert -1.0 <= res["test"]["mcc"] <= 1.0
+
+
+def test_both_strands_kmer_features():
+    """A k-mer and its reverse complement count alike; a sequence and its reverse complement get one row."""
+    x = both_strands_kmer_features(["AACG", "CGTT", "ACGT"], k=2)
+    index = {"AA": 0, "AC": 1, "CG": 6, "GT": 11, "TT": 15}
+    np.testing.assert_array_equal(x[0], x[1])
+    assert x[0, index["AA"]] == x[0, index["TT"]] == 1 / 6 and x[0, index["CG"]] == 1 / 3
+    np.testing.assert_array_equal(x[2], kmer_features(["ACGT"], 2)[0])  # its own reverse complement
+
+
+def test_kmer_baseline_strands(tmp_path):
+    """strands="both" fits on both_strands_kmer_features (a task whose test split is the reverse complement
+    of its train split scores as train does); anything else is refused."""
+    from vqdna.data.alphabet import reverse_complement
+
+    splits, task = load_task(_mlm.write_gue(tmp_path / "task", sizes=(200, 80, 80)))
+    splits["dev"] = splits["test"] = ([reverse_complement(s) for s in splits["train"][0]], splits["train"][1])
+    both = kmer_baseline(splits, task, k=3, strands="both")
+    assert both["strands"] == "both" and kmer_baseline(splits, task, k=3)["strands"] == "forward"
+    fit = kmer_baseline({**splits, "dev": splits["train"], "test": splits["train"]}, task, k=3, strands="both")
+    assert both["test"] == fit["test"]
+    with pytest.raises(ValueError, match="strands"):
+        kmer_baseline(splits, task, k=3, strands="reverse")

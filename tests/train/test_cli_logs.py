@@ -73,7 +73,8 @@ def test_passive_openmp_reexecs_before_torch_unless_the_user_chose(monkeypatch):
 def test_cli_finetune_log_is_clean(tmp_path):
     """`python -m vqdna.cli finetune --preset small --no-progress` on a tiny task: every warning shown
     (PYTHONWARNINGS=default), none of the issue's items in stdout or stderr; the run applied the passive
-    OpenMP policy itself; results.json carries the preset's pooling, the chosen model and the baseline."""
+    OpenMP policy itself; results.json carries the preset's pooling and strands, the chosen model and the
+    baseline."""
     folder, _ = _mlm.pretrained()
     data = _mlm.write_gue(tmp_path / "task", sizes=(48, 24, 24))
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
@@ -91,5 +92,7 @@ def test_cli_finetune_log_is_clean(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["runtime"]["omp_wait_policy"] == "PASSIVE"
     assert res["pooling"] == "mean_layers" and res["lrs"] == [5e-4] and res["lora"]["dropout"] == 0.0
+    assert res["strands"] == "both" and res["baseline"]["strands"] == "both"
     assert res["baseline"]["k"] == 3 and res["chosen"][0]["source"] in ("probe", "finetuned")
-    assert "3-mer frequencies + logistic regression" in proc.stdout and "its linear-probe head alone" in proc.stdout
+    assert "3-mer frequencies (both strands) + logistic regression" in proc.stdout
+    assert "its linear-probe head alone" in proc.stdout

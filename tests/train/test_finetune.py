@@ -353,11 +353,17 @@ def test_finetune_reports_the_kmer_baseline(tmp_path, monkeypatch):
     res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, baseline_k=3, head_init="random")
     splits, task = load_task(data)
     assert res["baseline"] == kmer_baseline(splits, task, k=3) and res["baseline"]["k"] == 3
+    assert res["baseline"]["strands"] == "forward"
     assert json.loads((tmp_path / "out" / "results.json").read_text())["baseline"]["test"] == res["baseline"]["test"]
     table = ft.format_results(res)
     assert "3-mer frequencies + logistic regression" in table and "lr 0.001 epoch 2" in table
     assert f"{res['baseline']['test']['mcc']:.4f}" in table
     assert finetune(data, folder, str(tmp_path / "o2"), lrs=(1e-3,), epochs=1, head_init="random")["baseline"] is None
+    # a model that reads both strands is compared with k-mers counted on both strands
+    res = finetune(data, folder, str(tmp_path / "o3"), lrs=(1e-3,), epochs=1, baseline_k=3, head_init="random",
+                   strands="both")
+    assert res["baseline"] == kmer_baseline(splits, task, k=3, strands="both")
+    assert "3-mer frequencies (both strands) + logistic regression" in ft.format_results(res)
 
 
 @pytest.mark.parametrize("pooling", ["mean", "mean_layers"])
@@ -370,13 +376,50 @@ def test_finetune_pooling_override(tmp_path, monkeypatch, pooling):
     data = _mlm.write_gue(tmp_path / "task", sizes=(32, 16, 16))
     seen = []
     fake = _fake_train_lora(0.5)
-    monkeypatch.setattr(ft, "train_lora", lambda *a, **k: seen.append((k["pooling"], k["head_state"])) or fake(*a, **k))
+    monkeypatch.setattr(ft, "train_lora", lambda *a, **k: seen.append((k["head_config"], k["head_state"])) or fake(*a, **k))
     res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, pooling=pooling)
     width = {"mean": 64, "mean_layers": 64 * 3}[pooling]  # bert-tiny: hidden 64, 2 layers + embeddings
-    assert [p for p, _ in seen] == [pooling] and res["pooling"] == pooling
+    assert [p for p, _ in seen] == [{"classifier_pooling": pooling}] and res["pooling"] == pooling
     assert seen[0][1]["classifier.weight"].shape == (2, width)
     with pytest.raises(ValueError, match="pooling"):
         finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, pooling="max")
+
+
+def test_finetune_strands_both_pools_each_sequence_and_its_reverse_complement(tmp_path, monkeypatch):
+    """strands="both" reaches the probe and every run (head_config), every split carries the reverse
+    complements' codes, and the probe's features are the mean over the two strands: the features of a
+    sequence equal those of its reverse complement. None keeps the pre-trained config's ("forward")."""
+    import vqdna.train.finetune as ft
+    from vqdna.data.alphabet import reverse_complement
+
+    folder, _ = _mlm.pretrained()
+    data = _mlm.write_gue(tmp_path / "task", sizes=(32, 16, 16))
+    seen, feats = [], []
+    fake = _fake_train_lora(0.5)
+    real_features = ft.pooled_features
+    monkeypatch.setattr(ft, "pooled_features", lambda *a, **k: feats.append(real_features(*a, **k)) or feats[-1])
+    monkeypatch.setattr(ft, "train_lora", lambda *a, **k: seen.append((k["head_config"], a[2])) or fake(*a, **k))
+    res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, pooling="mean", strands="both")
+    (head, encoded), = seen
+    assert head == {"classifier_pooling": "mean", "classifier_strands": "both"} and res["strands"] == "both"
+    assert all(d.rc_codes is not None and len(d.rc_codes) == len(d.codes) for d in encoded.values())
+    # a task whose dev split is the train split's reverse complements: the same both-strand features
+    splits, _ = load_task(data)
+    flipped = tmp_path / "flipped"
+    flipped.mkdir()
+    for split in ("train", "dev", "test"):
+        seqs = splits["train"][0] if split == "train" else [reverse_complement(s) for s in splits["train"][0]]
+        rows = "".join(f"{q},{int(y)}\n" for q, y in zip(seqs, splits["train"][1]))
+        (flipped / f"{split}.csv").write_text("sequence,label\n" + rows)
+    feats.clear()
+    finetune(str(flipped), folder, str(tmp_path / "out2"), lrs=(1e-3,), epochs=1, pooling="mean", strands="both")
+    np.testing.assert_allclose(feats[0], feats[1], rtol=0, atol=1e-5)
+    feats.clear()
+    res = finetune(str(flipped), folder, str(tmp_path / "out3"), lrs=(1e-3,), epochs=1, pooling="mean")
+    assert res["strands"] == "forward" and seen[-1][0] == {"classifier_pooling": "mean"}
+    assert seen[-1][1]["train"].rc_codes is None and np.abs(feats[0] - feats[1]).max() > 1e-3
+    with pytest.raises(ValueError, match="strands"):
+        finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, strands="reverse")
 
 
 def test_cls_probe_is_what_lora_steps_swamp(tmp_path):

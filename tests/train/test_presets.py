@@ -28,7 +28,8 @@ def test_default_preset_is_the_old_cli_defaults():
     recipe, _ = _recipe(FINETUNE)
     assert recipe == FINETUNE_PRESETS["paper"]
     assert (recipe.lrs, recipe.epochs, recipe.batch_size, recipe.lora_r, recipe.lora_alpha, recipe.lora_dropout,
-            recipe.dropout, recipe.head_init, recipe.pooling) == ((1e-5, 3e-5, 5e-5), 3, 32, 8, 16, 0.05, 0.0, "probe", None)
+            recipe.dropout, recipe.head_init, recipe.pooling, recipe.strands) == \
+        ((1e-5, 3e-5, 5e-5), 3, 32, 8, 16, 0.05, 0.0, "probe", None, None)
 
 
 def test_small_preset_is_the_measured_cpu_recipe():
@@ -37,8 +38,8 @@ def test_small_preset_is_the_measured_cpu_recipe():
     assert (recipe.config, recipe.steps, recipe.batch_size, recipe.max_length, recipe.lr, recipe.warmup_steps,
             recipe.pooling) == ("bert-mini", 1500, 32, 128, 1e-3, 0.1, "mean_layers")
     recipe, _ = _recipe(FINETUNE + ["--preset", "small"])
-    assert (recipe.lrs, recipe.epochs, recipe.lora_dropout, recipe.dropout, recipe.pooling) == \
-        ((5e-4,), 5, 0.0, 0.0, "mean_layers")
+    assert (recipe.lrs, recipe.epochs, recipe.lora_dropout, recipe.dropout, recipe.pooling, recipe.strands) == \
+        ((5e-4,), 5, 0.0, 0.0, "mean_layers", "both")
 
 
 def test_explicit_flags_win_over_any_preset():
@@ -48,14 +49,16 @@ def test_explicit_flags_win_over_any_preset():
         assert (recipe.steps, recipe.pooling, recipe.config, recipe.warmup_steps) == (7, "mean", "bert-tiny", 0.2)
         assert recipe.batch_size == PRETRAIN_PRESETS[preset].batch_size  # untouched fields stay the preset's
         recipe, _ = _recipe(FINETUNE + ["--preset", preset, "--lrs", "1e-3,2e-3", "--epochs", "1", "--pooling", "cls",
-                                        "--lora-dropout", "0.1"])
-        assert (recipe.lrs, recipe.epochs, recipe.pooling, recipe.lora_dropout) == ((1e-3, 2e-3), 1, "cls", 0.1)
+                                        "--lora-dropout", "0.1", "--strands", "forward"])
+        assert (recipe.lrs, recipe.epochs, recipe.pooling, recipe.lora_dropout, recipe.strands) == \
+            ((1e-3, 2e-3), 1, "cls", 0.1, "forward")
         assert recipe.lora_r == FINETUNE_PRESETS[preset].lora_r
 
 
 @pytest.mark.parametrize("argv", [PRETRAIN + ["--pooling", "max"], FINETUNE + ["--pooling", "first"],
                                   FINETUNE + ["--lrs", "1e-3,x"], PRETRAIN + ["--preset", "huge"],
-                                  FINETUNE + ["--baseline", "kmer:0"], FINETUNE + ["--baseline", "bpe"]])
+                                  FINETUNE + ["--baseline", "kmer:0"], FINETUNE + ["--baseline", "bpe"],
+                                  FINETUNE + ["--strands", "reverse"]])
 def test_bad_values_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(argv)
@@ -82,3 +85,5 @@ def test_help_says_which_preset_fits_a_cpu(command):
     assert ("14.8 min" if command == "pretrain" else "11.4 min") in text
     assert "--pooling" in text and "--no-progress" in text
     assert "small: mean_layers" in text  # each flag names the presets' values
+    if command == "finetune":
+        assert "--strands {forward,both}" in text and "small: both" in text

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     res = finetune(args.data, args.model, args.out, lrs=recipe.lrs, epochs=recipe.epochs, batch_size=recipe.batch_size,
                    seeds=[int(s) for s in args.seeds.split(",")], task=args.task, max_length=args.max_length,
                    lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
-                   head_init=recipe.head_init, dropout=recipe.dropout, pooling=recipe.pooling,
+                   head_init=recipe.head_init, dropout=recipe.dropout, pooling=recipe.pooling, strands=recipe.strands,
                    min_dev_confidence=recipe.min_dev_confidence,
                    baseline_k=args.baseline, progress=not args.no_progress)
     print(format_results(res))

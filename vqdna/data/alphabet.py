@@ -26,3 +26,12 @@ def _build_table() -> np.ndarray:
 
 BYTE_TO_ID = _build_table()
 BYTE_TO_ID.setflags(write=False)
+
+# The other strand's letter for every IUPAC code (either case; U pairs with A, N and the symmetric S, W stay).
+_COMPLEMENT = str.maketrans("ACGTURYKMBVDHSWNacgturykmbvdhswn", "TGCAAYRMKVBHDSWNtgcaayrmkvbhdswn")
+
+
+def reverse_complement(seq: str) -> str:
+    """The other strand of a DNA string, read 5' to 3'. Letters outside IUPAC stay as they are (and are
+    refused wherever the string is encoded)."""
+    return seq.translate(_COMPLEMENT)[::-1]

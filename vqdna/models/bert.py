@@ -61,6 +61,7 @@ NAMED_CONFIGS = {
 
 
 POOLINGS = ("cls", "mean", "mean_layers")  # config.classifier_pooling: see VQDNAForSequenceClassification
+STRANDS = ("forward", "both")  # config.classifier_strands: see VQDNAForSequenceClassification
 
 
 class VQDNAConfig(PretrainedConfig):
@@ -89,6 +90,7 @@ class VQDNAConfig(PretrainedConfig):
         train_max_length=256,
         classifier_dropout=None,
         classifier_pooling="cls",
+        classifier_strands="forward",
         tokenizer_sha256=None,
         **kwargs,
     ):
@@ -107,12 +109,15 @@ class VQDNAConfig(PretrainedConfig):
         self.train_max_length = train_max_length  # stage-2 window (tokens incl. CLS/SEP); ALiBi allows longer
         self.classifier_dropout = classifier_dropout
         self.classifier_pooling = classifier_pooling
+        self.classifier_strands = classifier_strands
         self.tokenizer_sha256 = tokenizer_sha256
         super().__init__(**kwargs)
         if hidden_size % num_attention_heads:
             raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}")
         if classifier_pooling not in POOLINGS:
             raise ValueError(f"classifier_pooling must be {'|'.join(POOLINGS)}, got {classifier_pooling!r}")
+        if classifier_strands not in STRANDS:
+            raise ValueError(f"classifier_strands must be {'|'.join(STRANDS)}, got {classifier_strands!r}")
         if attention_backend not in ("auto", "flash", "sdpa", "reference"):
             raise ValueError(f"attention_backend must be auto|flash|sdpa|reference, got {attention_backend!r}")
 
@@ -455,7 +460,9 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
     """Sequence classification or regression from the CLS token (config.classifier_pooling "cls", as
     BERT), the mean over real tokens ("mean"), or those means of the embeddings and of every layer,
     concatenated ("mean_layers": width P = hidden * (layers + 1); the pooler is P x P, so meant for small
-    models: 100 M head parameters at bert-base), then the pooler (dense + tanh) and the classifier:
+    models: 100 M head parameters at bert-base); with config.classifier_strands "both", the mean of that
+    feature over the sequence and its reverse complement (strand-symmetric: a binding site reads the same
+    on either strand); then the pooler (dense + tanh) and the classifier:
     num_labels == 1 -> regression (MSE), integer labels -> single-label cross-entropy, float multi-hot
     labels -> multi-label BCE (config.problem_type overrides). labels [B]; logits [B, num_labels]."""
 
@@ -475,11 +482,32 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
         self.classifier = nn.Linear(config.pooled_size, config.num_labels)
         self.post_init()
 
-    def pool(self, input_ids, attention_mask=None, output_hidden_states=False):
+    def pool(self, input_ids, attention_mask=None, output_hidden_states=False, rc_input_ids=None,
+             rc_attention_mask=None):
         """Runs the encoder; returns (the head's input [B, config.pooled_size], the encoder's output). The
         head's input is the last layer's CLS token, its mean over real (unpadded) tokens, or ("mean_layers")
         those means of the embeddings' output and of every layer, concatenated. The output carries
-        hidden_states when output_hidden_states (always computed for "mean_layers")."""
+        hidden_states when output_hidden_states (always computed for "mean_layers").
+        With config.classifier_strands "both", rc_input_ids [B, L, n_levels] (and rc_attention_mask [B, L])
+        are the codes of the reverse complements, padded to the same L (`ClassificationCollator` does): the
+        head's input is the mean of the two strands' features, the encoder runs once on the 2B rows
+        (forward strands first) and its output is that batch's."""
+        both = self.config.classifier_strands == "both"
+        if both != (rc_input_ids is not None):
+            raise ValueError("classifier_strands 'both' needs rc_input_ids, the reverse complements' codes" if both
+                             else "rc_input_ids given but classifier_strands is 'forward': set it to 'both' to use them")
+        if not both:
+            return self._pool_strand(input_ids, attention_mask, output_hidden_states)
+        if rc_input_ids.shape != input_ids.shape:
+            raise ValueError(f"rc_input_ids shape {tuple(rc_input_ids.shape)} != input_ids shape {tuple(input_ids.shape)}: "
+                             "pad both strands to one length")
+        masks = [m if m is not None else default_attention_mask(x, self.config.codebook_sizes)
+                 for x, m in ((input_ids, attention_mask), (rc_input_ids, rc_attention_mask))]
+        pooled, out = self._pool_strand(torch.cat([input_ids, rc_input_ids]), torch.cat([m.long() for m in masks]),
+                                        output_hidden_states)
+        return pooled.view(2, input_ids.shape[0], -1).mean(0), out
+
+    def _pool_strand(self, input_ids, attention_mask, output_hidden_states):
         pooling = self.config.classifier_pooling
         out = self.vqdna(input_ids, attention_mask, output_hidden_states=output_hidden_states or pooling == "mean_layers",
                          return_dict=True)
@@ -492,9 +520,11 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
         chosen = out.hidden_states if pooling == "mean_layers" else (out.last_hidden_state,)
         return torch.cat([(h * w).sum(1) / count for h in chosen], dim=-1), out
 
-    def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=None, return_dict=None):
+    def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=None, return_dict=None,
+                rc_input_ids=None, rc_attention_mask=None):
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        pooled, out = self.pool(input_ids, attention_mask, output_hidden_states=bool(output_hidden_states))
+        pooled, out = self.pool(input_ids, attention_mask, output_hidden_states=bool(output_hidden_states),
+                                rc_input_ids=rc_input_ids, rc_attention_mask=rc_attention_mask)
         logits = self.classifier(self.dropout(self.pooler(pooled)))
         # only when asked for: Trainer's evaluation would otherwise gather every layer of every sequence
         states = out.hidden_states if output_hidden_states else None

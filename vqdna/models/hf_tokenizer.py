@@ -102,6 +102,14 @@ class VQDNATokenizer:
                 out[i] = codes[row, : len(ids[i])]
         return out
 
+    def encode_reverse_complement_codes(self, sequences, max_bases: int | None = None) -> list[torch.Tensor]:
+        """encode_codes of the other strand of what encode_codes(sequences, max_bases) encodes: the reverse
+        complement of each string's first max_bases bases (whitespace skipped), [n_i, n_levels] each."""
+        from vqdna.data.alphabet import reverse_complement
+
+        kept = [(s.decode("ascii", "replace") if isinstance(s, bytes) else s) for s in sequences]
+        return self.encode_codes([reverse_complement("".join(s.split())[:max_bases]) for s in kept])
+
     def pad(self, codes_list, padding=True, max_length=None, return_tensors="pt"):
         """Codes [n_i, n_levels] per sequence -> BatchEncoding (CLS/SEP added, right padding)."""
         from transformers import BatchEncoding
@@ -120,17 +128,28 @@ class VQDNATokenizer:
         return BatchEncoding({"input_ids": [input_ids[i, : n[i]].tolist() for i in range(len(n))],
                               "attention_mask": [mask[i, : n[i]].tolist() for i in range(len(n))]})
 
-    def __call__(self, text, padding=False, truncation=False, max_length=None, return_tensors=None):
+    def __call__(self, text, padding=False, truncation=False, max_length=None, return_tensors=None,
+                 strands="forward"):
         """text: a DNA string or a list of them. max_length counts CLS and SEP; truncation keeps the
-        first max_length - 2 bases (max_length defaults to model_max_length when truncating)."""
+        first max_length - 2 bases (max_length defaults to model_max_length when truncating).
+        strands="both" also returns rc_input_ids and rc_attention_mask: the reverse complements of the
+        kept bases, padded as input_ids (what a classifier with classifier_strands "both" reads)."""
+        if strands not in ("forward", "both"):
+            raise ValueError(f"strands must be 'forward' or 'both', got {strands!r}")
         single = isinstance(text, (str, bytes))
         seqs = [text] if single else list(text)
         if max_length is None and (truncation or padding == "max_length"):
             max_length = self.model_max_length
         if max_length is not None and max_length < 3:
             raise ValueError(f"max_length must leave room for CLS, one base and SEP, got {max_length}")
-        codes = self.encode_codes(seqs, max_length - 2 if truncation and max_length else None)
+        keep = max_length - 2 if truncation and max_length else None
+        codes = self.encode_codes(seqs, keep)
+        if strands == "both":  # one padded batch of both strands: the halves get one length
+            codes += self.encode_reverse_complement_codes(seqs, keep)
         enc = self.pad(codes, padding=padding, max_length=max_length, return_tensors=return_tensors)
+        if strands == "both":
+            n = len(seqs)
+            enc = type(enc)({**{k: v[:n] for k, v in enc.items()}, **{"rc_" + k: v[n:] for k, v in enc.items()}})
         if single and return_tensors is None:
             enc = type(enc)({k: v[0] for k, v in enc.items()})
         return enc

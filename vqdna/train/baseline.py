@@ -32,23 +32,37 @@ def kmer_features(seqs, k: int = 6) -> np.ndarray:
     return x
 
 
-def kmer_baseline(splits: dict, task: str, k: int = 6, regularization=KMER_REGULARIZATION) -> dict:
+def both_strands_kmer_features(seqs, k: int = 6) -> np.ndarray:
+    """kmer_features averaged over each sequence and its reverse complement (a k-mer and its reverse
+    complement get the same frequency): what a strand-symmetric model is compared with."""
+    from vqdna.data.alphabet import reverse_complement
+
+    return (kmer_features(seqs, k) + kmer_features([reverse_complement(s) for s in seqs], k)) / 2
+
+
+def kmer_baseline(splits: dict, task: str, k: int = 6, regularization=KMER_REGULARIZATION,
+                  strands: str = "forward") -> dict:
     """Fit the k-mer baseline on splits["train"], choose the strength on "dev", score "test".
 
     splits: {"train" | "dev" | "test": (sequences, labels)} with labels int class indices (classification)
     or floats (regression), as vqdna.train.finetune.load_task returns them. task: "classification" |
-    "regression". Returns {"k", "regularization" (the chosen C = 1/alpha), "dev", "test"} (metric dicts).
+    "regression". strands: "forward" counts k-mers of each sequence, "both" averages them with its reverse
+    complement's (`both_strands_kmer_features`), matching a model that reads both strands.
+    Returns {"k", "strands", "regularization" (the chosen C = 1/alpha), "dev", "test"} (metric dicts).
     """
     from sklearn.linear_model import LogisticRegression, Ridge
     from sklearn.preprocessing import StandardScaler
 
     from vqdna.train.finetune import task_metrics
 
+    if strands not in ("forward", "both"):
+        raise ValueError(f"strands must be forward|both, got {strands!r}")
+    features = kmer_features if strands == "forward" else both_strands_kmer_features
     metric, metrics_fn = task_metrics(task)
     scaler = StandardScaler()
-    x = {"train": scaler.fit_transform(kmer_features(splits["train"][0], k))}
+    x = {"train": scaler.fit_transform(features(splits["train"][0], k))}
     for split in ("dev", "test"):
-        x[split] = scaler.transform(kmer_features(splits[split][0], k))
+        x[split] = scaler.transform(features(splits[split][0], k))
     y = {split: np.asarray(labels) for split, (_, labels) in splits.items()}
     best = None
     for reg in regularization:
@@ -66,5 +80,5 @@ def kmer_baseline(splits: dict, task: str, k: int = 6, regularization=KMER_REGUL
                 return model.predict(x[split])
         dev = metrics_fn(scores("dev"), y["dev"])
         if best is None or dev[metric] > best["dev"][metric]:
-            best = {"k": k, "regularization": reg, "dev": dev, "test": metrics_fn(scores("test"), y["test"])}
+            best = {"k": k, "strands": strands, "regularization": reg, "dev": dev, "test": metrics_fn(scores("test"), y["test"])}
     return best

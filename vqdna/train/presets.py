@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from vqdna.models.bert import POOLINGS
+from vqdna.models.bert import POOLINGS, STRANDS
 
 DEFAULT_PRESET = "paper"
 
@@ -46,6 +46,7 @@ class FinetuneRecipe:
     dropout: float  # model dropout (hidden, attention, classifier) while fine-tuning
     head_init: str  # probe | random
     pooling: str | None  # classifier pooling; None keeps the pre-trained model's
+    strands: str | None  # forward | both (the mean over each sequence and its reverse complement); None: the model's
     min_dev_confidence: float  # a fine-tuned model replaces its probe head only when it beats it in this
     # fraction of paired bootstrap resamples of dev (vqdna.train.finetune.dev_win_probability)
 
@@ -61,10 +62,11 @@ PRETRAIN_PRESETS = {
 
 FINETUNE_PRESETS = {
     "paper": FinetuneRecipe(lrs=(1e-5, 3e-5, 5e-5), epochs=3, batch_size=32, lora_r=8, lora_alpha=16, lora_dropout=0.05,
-                            dropout=0.0, head_init="probe", pooling=None, min_dev_confidence=0.95),
+                            dropout=0.0, head_init="probe", pooling=None, strands=None, min_dev_confidence=0.95),
     # examples/species/run.py, measured in examples/RESULTS.md: 11.4 min for 5,000 training windows of 200 bp
     "small": FinetuneRecipe(lrs=(5e-4,), epochs=5, batch_size=32, lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                            dropout=0.0, head_init="probe", pooling="mean_layers", min_dev_confidence=0.95),
+                            dropout=0.0, head_init="probe", pooling="mean_layers", strands="both",
+                            min_dev_confidence=0.95),
 }
 
 # What --help says about each preset: measured numbers only (examples/RESULTS.md).
@@ -106,6 +108,8 @@ _FIELD_ARGS = {
     "mlm_probability": (float, "fraction of positions masked"),
     "pooling": (_pooling, "classifier input: cls (the CLS token), mean (the last layer's token mean) or mean_layers "
                           "(the token means of the embeddings and of every layer, concatenated)"),
+    "strands": (str, "forward: the head reads each sequence; both: the mean of its features over the sequence and its "
+                     "reverse complement (twice the compute per sequence)"),
     "lrs": (_parse_floats, "learning-rate grid, comma separated"),
     "epochs": (int, "epochs per run (the best epoch, the probe head as epoch 0, is chosen on dev)"),
     "lora_r": (int, "LoRA rank"),
@@ -118,7 +122,7 @@ _FIELD_ARGS = {
                                   "when it beats it in at least this fraction of paired bootstrap resamples of dev "
                                   "(0: any dev gain)"),
 }
-_CHOICES = {"head_init": ("probe", "random")}
+_CHOICES = {"head_init": ("probe", "random"), "strands": STRANDS}
 
 
 def _show(value) -> str:
