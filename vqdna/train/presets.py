@@ -4,7 +4,7 @@ A preset is a frozen dataclass; the CLI adds one flag per field (default None = 
 so every field is overridable and an explicit flag always wins. `--preset paper` (the default: the
 CLI's behaviour before presets existed) is the paper's recipe, meant for GPUs; `--preset small` is the
 recipe measured on a 2-core CPU in examples/RESULTS.md (species example: bert-mini, 1,500 steps,
-`mean_layers` pooling, LoRA from the probe head at lr 5e-4 for 5 epochs, LoRA and model dropout 0).
+`mean_layers` pooling, LoRA from the probe head at lr 5e-4 for 5 epochs, LoRA and model dropout 0, both strands).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ PRETRAIN_PRESETS = {
 FINETUNE_PRESETS = {
     "paper": FinetuneRecipe(lrs=(1e-5, 3e-5, 5e-5), epochs=3, batch_size=32, lora_r=8, lora_alpha=16, lora_dropout=0.05,
                             dropout=0.0, head_init="probe", pooling=None, strands=None, min_dev_confidence=0.95),
-    # examples/species/run.py, measured in examples/RESULTS.md: 11.4 min for 5,000 training windows of 200 bp
+    # measured in examples/RESULTS.md: 83 min for 3 seeds on 5,000 training windows of 200 bp (one thread)
     "small": FinetuneRecipe(lrs=(5e-4,), epochs=5, batch_size=32, lora_r=8, lora_alpha=16, lora_dropout=0.0,
                             dropout=0.0, head_init="probe", pooling="mean_layers", strands="both",
                             min_dev_confidence=0.95),
@@ -74,9 +74,10 @@ PRESET_HELP = {
     "pretrain": "paper (default): the paper's recipe, bert-base, 100,000 steps of batch 256 - a GPU recipe, not "
                 "run on a CPU here; small: bert-mini, 1,500 steps of batch 32, 128 tokens - fits a CPU: 14.8 min "
                 "on an idle 2-core machine (examples/RESULTS.md, species example)",
-    "finetune": "paper (default): lr grid 1e-5,3e-5,5e-5, 3 epochs, LoRA dropout 0.05, the model's pooling; "
-                "small: lr 5e-4, 5 epochs, LoRA dropout 0, mean_layers pooling - fits a CPU: 11.4 min for a "
-                "bert-mini on 5,000 training sequences of 200 bp, 2-core machine (examples/RESULTS.md)",
+    "finetune": "paper (default): lr grid 1e-5,3e-5,5e-5, 3 epochs, LoRA dropout 0.05, the model's pooling and strands; "
+                "small: lr 5e-4, 5 epochs, LoRA dropout 0, mean_layers pooling, both strands - fits a CPU: 83 min "
+                "for 3 seeds of a bert-mini on 5,000 training sequences of 200 bp, one thread beside another run "
+                "on a 2-core machine (examples/RESULTS.md)",
 }
 
 
