@@ -27,6 +27,9 @@ def _build_table() -> np.ndarray:
 BYTE_TO_ID = _build_table()
 BYTE_TO_ID.setflags(write=False)
 
+# Which strands a sequence model reads: its own ("forward"), or it and its reverse complement ("both").
+STRANDS = ("forward", "both")
+
 # The other strand's letter for every IUPAC code (either case; U pairs with A, N and the symmetric S, W stay).
 _COMPLEMENT = str.maketrans("ACGTURYKMBVDHSWNacgturykmbvdhswn", "TGCAAYRMKVBHDSWNtgcaayrmkvbhdswn")
 

@@ -37,6 +37,8 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutput, SequenceClassifierOutput
 from transformers.utils import ModelOutput
 
+from vqdna.data.alphabet import STRANDS  # config.classifier_strands: see VQDNAForSequenceClassification
+
 try:  # transformers >= 5: init functions that respect already-loaded weights
     from transformers import initialization as init
 except ImportError:  # pragma: no cover - transformers 4.x
@@ -61,7 +63,6 @@ NAMED_CONFIGS = {
 
 
 POOLINGS = ("cls", "mean", "mean_layers")  # config.classifier_pooling: see VQDNAForSequenceClassification
-STRANDS = ("forward", "both")  # config.classifier_strands: see VQDNAForSequenceClassification
 
 
 class VQDNAConfig(PretrainedConfig):

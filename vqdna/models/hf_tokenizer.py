@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from vqdna.data.alphabet import BYTE_TO_ID, INVALID, SKIP
+from vqdna.data.alphabet import BYTE_TO_ID, INVALID, SKIP, STRANDS, reverse_complement
 
 # Importing the models registers model_type "vqdna" with the transformers Auto classes, so the model a
 # VQDNATokenizer is saved beside loads with AutoModel* (no trust_remote_code) once a tokenizer exists.
@@ -105,8 +105,6 @@ class VQDNATokenizer:
     def encode_reverse_complement_codes(self, sequences, max_bases: int | None = None) -> list[torch.Tensor]:
         """encode_codes of the other strand of what encode_codes(sequences, max_bases) encodes: the reverse
         complement of each string's first max_bases bases (whitespace skipped), [n_i, n_levels] each."""
-        from vqdna.data.alphabet import reverse_complement
-
         kept = [(s.decode("ascii", "replace") if isinstance(s, bytes) else s) for s in sequences]
         return self.encode_codes([reverse_complement("".join(s.split())[:max_bases]) for s in kept])
 
@@ -134,8 +132,8 @@ class VQDNATokenizer:
         first max_length - 2 bases (max_length defaults to model_max_length when truncating).
         strands="both" also returns rc_input_ids and rc_attention_mask: the reverse complements of the
         kept bases, padded as input_ids (what a classifier with classifier_strands "both" reads)."""
-        if strands not in ("forward", "both"):
-            raise ValueError(f"strands must be 'forward' or 'both', got {strands!r}")
+        if strands not in STRANDS:
+            raise ValueError(f"strands must be {'|'.join(STRANDS)}, got {strands!r}")
         single = isinstance(text, (str, bytes))
         seqs = [text] if single else list(text)
         if max_length is None and (truncation or padding == "max_length"):

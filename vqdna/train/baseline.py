@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vqdna.data.alphabet import STRANDS, reverse_complement
+
 # C of logistic regression = 1 / alpha of ridge; chosen on dev
 KMER_REGULARIZATION = (0.01, 0.1, 1.0, 10.0, 100.0)
 _LUT = np.full(256, 4, np.int64)  # byte -> 0..3 for A C G T (either case), 4 for anything else
@@ -35,8 +37,6 @@ def kmer_features(seqs, k: int = 6) -> np.ndarray:
 def both_strands_kmer_features(seqs, k: int = 6) -> np.ndarray:
     """kmer_features averaged over each sequence and its reverse complement (a k-mer and its reverse
     complement get the same frequency): what a strand-symmetric model is compared with."""
-    from vqdna.data.alphabet import reverse_complement
-
     return (kmer_features(seqs, k) + kmer_features([reverse_complement(s) for s in seqs], k)) / 2
 
 
@@ -55,8 +55,8 @@ def kmer_baseline(splits: dict, task: str, k: int = 6, regularization=KMER_REGUL
 
     from vqdna.train.finetune import task_metrics
 
-    if strands not in ("forward", "both"):
-        raise ValueError(f"strands must be forward|both, got {strands!r}")
+    if strands not in STRANDS:
+        raise ValueError(f"strands must be {'|'.join(STRANDS)}, got {strands!r}")
     features = kmer_features if strands == "forward" else both_strands_kmer_features
     metric, metrics_fn = task_metrics(task)
     scaler = StandardScaler()
