@@ -30,6 +30,10 @@ BYTE_TO_ID.setflags(write=False)
 # Which strands a sequence model reads: its own ("forward"), or it and its reverse complement ("both").
 STRANDS = ("forward", "both")
 
+# The other strand's base id: A C G T N -> T G C A N.
+ID_COMPLEMENT = np.array([3, 2, 1, 0, 4], np.uint8)
+ID_COMPLEMENT.setflags(write=False)
+
 # The other strand's letter for every IUPAC code (either case; U pairs with A, N and the symmetric S, W stay).
 _COMPLEMENT = str.maketrans("ACGTURYKMBVDHSWNacgturykmbvdhswn", "TGCAAYRMKVBHDSWNtgcaayrmkvbhdswn")
 

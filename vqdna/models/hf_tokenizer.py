@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from vqdna.data.alphabet import BYTE_TO_ID, INVALID, SKIP, STRANDS, reverse_complement
+from vqdna.data.alphabet import BYTE_TO_ID, ID_COMPLEMENT, INVALID, SKIP, STRANDS
 
 # Importing the models registers model_type "vqdna" with the transformers Auto classes, so the model a
 # VQDNATokenizer is saved beside loads with AutoModel* (no trust_remote_code) once a tokenizer exists.
@@ -85,9 +85,19 @@ class VQDNATokenizer:
         """DNA strings -> one int64 [n_i, n_levels] code tensor per string (no special tokens), each
         cut to its first max_bases bases. Sequences are encoded in length-sorted padded batches
         (a padded record encodes exactly as alone)."""
+        return self._encode_ids(self._base_ids(sequences, max_bases))
+
+    def encode_reverse_complement_codes(self, sequences, max_bases: int | None = None) -> list[torch.Tensor]:
+        """encode_codes of the other strand of what encode_codes(sequences, max_bases) encodes: the reverse
+        complement of each string's first max_bases bases, [n_i, n_levels] each."""
+        return self._encode_ids([ID_COMPLEMENT[x[::-1]] for x in self._base_ids(sequences, max_bases)])
+
+    @staticmethod
+    def _base_ids(sequences, max_bases):
         ids = [dna_to_ids(s, f"sequence {i}") for i, s in enumerate(sequences)]
-        if max_bases is not None:
-            ids = [x[:max_bases] for x in ids]
+        return ids if max_bases is None else [x[:max_bases] for x in ids]
+
+    def _encode_ids(self, ids) -> list[torch.Tensor]:
         device = next(self.model.parameters()).device
         out: list[torch.Tensor | None] = [None] * len(ids)
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
@@ -101,12 +111,6 @@ class VQDNATokenizer:
             for row, i in enumerate(chunk):
                 out[i] = codes[row, : len(ids[i])]
         return out
-
-    def encode_reverse_complement_codes(self, sequences, max_bases: int | None = None) -> list[torch.Tensor]:
-        """encode_codes of the other strand of what encode_codes(sequences, max_bases) encodes: the reverse
-        complement of each string's first max_bases bases (whitespace skipped), [n_i, n_levels] each."""
-        kept = [(s.decode("ascii", "replace") if isinstance(s, bytes) else s) for s in sequences]
-        return self.encode_codes([reverse_complement("".join(s.split())[:max_bases]) for s in kept])
 
     def pad(self, codes_list, padding=True, max_length=None, return_tensors="pt"):
         """Codes [n_i, n_levels] per sequence -> BatchEncoding (CLS/SEP added, right padding)."""
