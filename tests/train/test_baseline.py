@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from tests.train import _mlm
-from vqdna.train.baseline import KMER_REGULARIZATION, both_strands_kmer_features, kmer_baseline, kmer_features
+from vqdna.train.baseline import (REGULARIZATION, both_strands_kmer_features, kmer_baseline, kmer_features,
+                                  warn_at_grid_edge)
 from vqdna.train.finetune import classification_metrics, load_task
 
 
@@ -29,14 +30,14 @@ def test_kmer_baseline_classification_chooses_on_dev(tmp_path):
 
     splits, task = load_task(_mlm.write_gue(tmp_path / "task", sizes=(200, 80, 80)))
     res = kmer_baseline(splits, task, k=2)
-    assert res["k"] == 2 and res["regularization"] in KMER_REGULARIZATION
+    assert res["k"] == 2 and res["regularization"] in REGULARIZATION
     assert res["test"]["mcc"] > 0.5 and set(res["test"]) == {"mcc", "f1", "accuracy"}  # chance is 0
     # the chosen strength is the best on dev: refit every strength by hand
     scaler = StandardScaler().fit(kmer_features(splits["train"][0], 2))
     x = {s: scaler.transform(kmer_features(q, 2)) for s, (q, _) in splits.items()}
     y = {s: np.asarray(v) for s, (_, v) in splits.items()}
     dev = {c: classification_metrics(np.eye(2)[LogisticRegression(C=c, max_iter=2000).fit(x["train"], y["train"])
-                                               .predict(x["dev"])], y["dev"])["mcc"] for c in KMER_REGULARIZATION}
+                                               .predict(x["dev"])], y["dev"])["mcc"] for c in REGULARIZATION}
     assert res["dev"]["mcc"] == pytest.approx(max(dev.values()))
     assert dev[res["regularization"]] == pytest.approx(max(dev.values()))
 
@@ -80,3 +81,22 @@ def test_kmer_baseline_strands(tmp_path):
     assert both["test"] == fit["test"]
     with pytest.raises(ValueError, match="strands"):
         kmer_baseline(splits, task, k=3, strands="reverse")
+
+
+def test_a_choice_at_the_grids_edge_is_logged(tmp_path, caplog):
+    """Dev choosing the weakest or strongest strength of the grid is said (the best may lie beyond); an inner
+    choice is not. The default grid reaches the strengths thousands of k-mer frequencies need (1e-5..1e-3
+    on the GUE tasks) and keeps them inside."""
+    with caplog.at_level("WARNING", logger="vqdna.train.baseline"):
+        for chosen, said in ((1e-6, True), (1e3, True), (1.0, False)):
+            caplog.clear()
+            warn_at_grid_edge("x", chosen, REGULARIZATION)
+            assert bool(caplog.records) == said
+        caplog.clear()
+        warn_at_grid_edge("x", 1.0, (1.0,))  # a grid of one is a fixed strength, not a choice
+        assert not caplog.records
+        splits, task = load_task(_mlm.write_gue(tmp_path / "task", sizes=(200, 80, 80)))
+        res = kmer_baseline(splits, task, k=2, regularization=(100.0, 1000.0))
+        assert f"the 2-mer baseline: dev chose regularization {res['regularization']:g}, the edge of the grid 100..1000" \
+            in caplog.text
+    assert min(REGULARIZATION) <= 1e-5 and 1e-3 < max(REGULARIZATION)

@@ -123,13 +123,18 @@ def _encoded_task(tmp_path, labels=None, sizes=(320, 80, 80)):
 
 @pytest.mark.parametrize("kind,pooling", [("classification", "cls"), ("regression", "cls"),
                                           ("classification", "mean_layers")])
-def test_probe_head_is_what_the_model_computes(tmp_path, kind, pooling):
+def test_probe_head_is_what_the_model_computes(tmp_path, monkeypatch, kind, pooling):
     """The probe's state, loaded into the classifier, reproduces the probe's own dev metric through the
     model's forward (pooler = standardise + tanh, classifier = the fitted linear model), and the frozen
-    features of the learnable GC task give a probe far above chance."""
+    features of the learnable GC task give a probe far above chance. Its strength comes from the baseline's
+    grid, and a choice at the grid's edge would be said."""
     from transformers import AutoModelForSequenceClassification
 
+    import vqdna.train.baseline as baseline
     from vqdna.train.finetune import classification_metrics, probe_head, regression_metrics
+
+    edges = []
+    monkeypatch.setattr(baseline, "warn_at_grid_edge", lambda *a: edges.append(a))
 
     gc = lambda seqs: [f"{np.mean([c in 'GC' for c in s]):.4f}" for s in seqs]  # noqa: E731
     data, task = _encoded_task(tmp_path, labels=gc if kind == "regression" else None)
@@ -139,6 +144,7 @@ def test_probe_head_is_what_the_model_computes(tmp_path, kind, pooling):
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels,
                                                                classifier_pooling=pooling).eval()
     probe = probe_head(model, data, task, num_labels)
+    assert edges == [("the probe head", probe["regularization"], baseline.REGULARIZATION)]
     metric, fn = ("mcc", classification_metrics) if kind == "classification" else ("spearman", regression_metrics)
     assert probe["dev"][metric] > 0.5 and probe["test"][metric] > 0.5, probe
     assert set(probe["state"]) == {"pooler.0.weight", "pooler.0.bias", "classifier.weight", "classifier.bias"}

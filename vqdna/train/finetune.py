@@ -203,12 +203,11 @@ def dev_win_probability(task: str, labels: np.ndarray, pred_a: np.ndarray, pred_
 
 
 # The probe head: pooler(x) = tanh(PROBE_SCALE * (x - mean) / std) keeps standardised features in tanh's
-# near-linear range; the regularisation grid is searched on dev (C of logistic regression = 1 / alpha of ridge).
+# near-linear range; the regularisation is chosen on dev from the k-mer baseline's grid (baseline.REGULARIZATION).
 # A sharper probe fits better but fine-tunes worse: on the species example, scale 0.1 with C up to 1e4
 # (weights 10-100x larger) raised the probe's test MCC from 0.627 to 0.653, and LoRA fine-tuning from it
 # then diverged (gradient norms ~600, dev MCC 0.44-0.56 in the first epochs).
 PROBE_SCALE = 0.5
-PROBE_REGULARIZATION = (0.01, 0.1, 1.0, 10.0, 100.0)
 
 
 def pooled_features(model, dataset, codebook_sizes, batch_size: int = 64) -> np.ndarray:
@@ -244,6 +243,8 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
     """
     from sklearn.linear_model import LogisticRegression, Ridge
 
+    from vqdna.train.baseline import REGULARIZATION, warn_at_grid_edge
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
     feats = {split: pooled_features(model, data[split], model.config.codebook_sizes, batch_size) for split in SPLITS}
@@ -255,7 +256,7 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
     metric = task_metrics(task)[0]
     hidden = mean.shape[0]
     best = None
-    for reg in PROBE_REGULARIZATION:
+    for reg in REGULARIZATION:
         weight = np.zeros((num_labels, hidden))
         bias = np.zeros(num_labels)
         if task == "classification":
@@ -275,6 +276,7 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
         dev = head_metrics(task, logits, y["dev"])
         if best is None or dev[metric] > best["dev"][metric]:
             best = {"regularization": reg, "weight": weight, "bias": bias, "dev": dev, "dev_pred": predictions(task, logits)}
+    warn_at_grid_edge("the probe head", best["regularization"], REGULARIZATION)
     state = {
         "pooler.0.weight": torch.diag(torch.tensor(PROBE_SCALE / std, dtype=torch.float32)),
         "pooler.0.bias": torch.tensor(-PROBE_SCALE * mean / std, dtype=torch.float32),
