@@ -20,6 +20,9 @@ def test_kmer_features_count_frequencies():
     np.testing.assert_array_equal(x[1], expected)  # lower case counts the same
     assert x[2, 1] == x[2, 11] == 0.5 and x[2].sum() == 1.0  # k-mers over N are skipped: AC, GT
     assert not x[3].any() and not x[4].any()  # shorter than k / no clean k-mer: zeros
+    # read as the tokenizer reads bases: U is T, whitespace is skipped, another letter breaks k-mers as N does
+    np.testing.assert_array_equal(kmer_features(["ACGUA", "AC G\nTA", "ACRGT", "AC-GT"], k=2),
+                                  kmer_features(["ACGTA", "ACGTA", "ACNGT", "ACNGT"], k=2))
     with pytest.raises(ValueError, match="k must be"):
         kmer_features(["ACGT"], k=0)
 

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from vqdna.data.alphabet import BYTE_TO_ID, ID_COMPLEMENT, INVALID, SKIP, STRANDS
+from vqdna.data.alphabet import BYTE_TO_ID, ID_COMPLEMENT, INVALID, NUM_BASES, PAD, SKIP, STRANDS
 
 # Importing the models registers model_type "vqdna" with the transformers Auto classes, so the model a
 # VQDNATokenizer is saved beside loads with AutoModel* (no trust_remote_code) once a tokenizer exists.
@@ -104,10 +104,10 @@ class VQDNATokenizer:
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             width = max(1, max(len(ids[i]) for i in chunk))
-            batch = torch.full((len(chunk), width), 5, dtype=torch.long)  # 5 = pad (encoder contract)
+            batch = torch.full((len(chunk), width), PAD, dtype=torch.long)
             for row, i in enumerate(chunk):
                 batch[row, : len(ids[i])] = torch.from_numpy(ids[i].astype(np.int64))
-            codes = self.model.encode(batch.to(device), batch.to(device) < 5).long().cpu()
+            codes = self.model.encode(batch.to(device), batch.to(device) < NUM_BASES).long().cpu()
             for row, i in enumerate(chunk):
                 out[i] = codes[row, : len(ids[i])]
         return out

@@ -8,7 +8,7 @@ import logging
 
 import numpy as np
 
-from vqdna.data.alphabet import STRANDS, reverse_complement
+from vqdna.data.alphabet import BYTE_TO_ID, SKIP, STRANDS, reverse_complement
 
 log = logging.getLogger(__name__)
 
@@ -18,9 +18,6 @@ log = logging.getLogger(__name__)
 # 1e-3, and the earlier grid 0.01..100 chose its edge 0.01 on all three, understating the baseline's test MCC by
 # 0.02 to 0.08 (examples/RESULTS.md). The probe's choices there lie inside 0.1..100.
 REGULARIZATION = tuple(10.0**e for e in range(-6, 4))
-_LUT = np.full(256, 4, np.int64)  # byte -> 0..3 for A C G T (either case), 4 for anything else
-for _i, _c in enumerate(b"ACGT"):
-    _LUT[_c] = _LUT[_c + 32] = _i
 
 
 def warn_at_grid_edge(what: str, chosen: float, grid) -> None:
@@ -32,14 +29,16 @@ def warn_at_grid_edge(what: str, chosen: float, grid) -> None:
 
 def kmer_features(seqs, k: int = 6) -> np.ndarray:
     """Frequencies of the 4^k k-mers (A < C < G < T, first base most significant) of each sequence:
-    float32 [len(seqs), 4^k], each row summing to 1 over the k-mers without N (or other letters);
-    a sequence with none (shorter than k, or all N) is a row of zeros."""
+    float32 [len(seqs), 4^k], each row summing to 1 over the k-mers without N (or another letter); bases read
+    as the tokenizer reads them (vqdna.data.alphabet: either case, U as T, whitespace skipped). A sequence
+    with none (shorter than k, or all N) is a row of zeros."""
     if not 1 <= k <= 12:
         raise ValueError(f"k must be in 1..12, got {k}")
     x = np.zeros((len(seqs), 4**k), np.float32)
     powers = 4 ** np.arange(k - 1, -1, -1)
     for row, s in enumerate(seqs):
-        ids = _LUT[np.frombuffer(s.encode("ascii", "replace"), np.uint8)]
+        ids = BYTE_TO_ID[np.frombuffer(s.encode("ascii", "replace"), np.uint8)]
+        ids = ids[ids != SKIP]
         if len(ids) < k:
             continue
         windows = np.lib.stride_tricks.sliding_window_view(ids, k)
