@@ -86,20 +86,27 @@ def test_kmer_baseline_strands(tmp_path):
         kmer_baseline(splits, task, k=3, strands="reverse")
 
 
-def test_a_choice_at_the_grids_edge_is_logged(tmp_path, caplog):
-    """Dev choosing the weakest or strongest strength of the grid is said (the best may lie beyond); an inner
-    choice is not. The default grid reaches the strengths thousands of k-mer frequencies need (1e-5..1e-3
-    on the GUE tasks) and keeps them inside."""
+def test_a_choice_at_the_grids_edge_is_logged(caplog):
+    """Dev's best at the weakest or strongest end of the grid, above its inner neighbour, is said (the best may
+    lie beyond); an inner best, a flat end or a grid of one is not."""
+    cases = (({1e-6: 0.9, 1e-5: 0.8, 1.0: 0.5}, True), ({1e-6: 0.5, 1.0: 0.8, 1e3: 0.9}, True),
+             ({1e-6: 0.5, 1e-5: 0.9, 1.0: 0.8}, False), ({1e-6: 0.9, 1e-5: 0.9, 1.0: 0.5}, False), ({1.0: 0.9}, False))
     with caplog.at_level("WARNING", logger="vqdna.train.baseline"):
-        for chosen, said in ((1e-6, True), (1e3, True), (1.0, False)):
+        for dev, said in cases:
             caplog.clear()
-            warn_at_grid_edge("x", chosen, REGULARIZATION)
-            assert bool(caplog.records) == said
+            warn_at_grid_edge("x", dev)
+            assert bool(caplog.records) == said, dev
+
+
+def test_many_weak_kmer_features_need_the_strong_end_of_the_grid(tmp_path, caplog):
+    """GC- vs AT-rich sequences spread the signal thinly over 1,024 5-mers: dev is best below C = 0.01, which the
+    default grid reaches (the GUE tasks chose 1e-5..1e-3); a grid that stops at 0.01 chooses its edge and says so."""
+    splits, task = load_task(_mlm.write_gue(tmp_path / "task", sizes=(200, 200, 200), length=40))
+    with caplog.at_level("WARNING", logger="vqdna.train.baseline"):
+        narrow = kmer_baseline(splits, task, k=5, regularization=(0.01, 0.1, 1.0, 10.0, 100.0))
+        assert narrow["regularization"] == 0.01 and "the 5-mer baseline: dev's best regularization 0.01 is the edge " \
+            "of the grid 0.01..100" in caplog.text
         caplog.clear()
-        warn_at_grid_edge("x", 1.0, (1.0,))  # a grid of one is a fixed strength, not a choice
-        assert not caplog.records
-        splits, task = load_task(_mlm.write_gue(tmp_path / "task", sizes=(200, 80, 80)))
-        res = kmer_baseline(splits, task, k=2, regularization=(100.0, 1000.0))
-        assert f"the 2-mer baseline: dev chose regularization {res['regularization']:g}, the edge of the grid 100..1000" \
-            in caplog.text
-    assert min(REGULARIZATION) <= 1e-5 and 1e-3 < max(REGULARIZATION)
+        wide = kmer_baseline(splits, task, k=5)
+        assert not caplog.records  # inside the grid (flat at its strong end)
+    assert wide["regularization"] < 0.01 and wide["dev"]["mcc"] > narrow["dev"]["mcc"] + 0.01

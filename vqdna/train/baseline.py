@@ -20,11 +20,18 @@ log = logging.getLogger(__name__)
 REGULARIZATION = tuple(10.0**e for e in range(-6, 4))
 
 
-def warn_at_grid_edge(what: str, chosen: float, grid) -> None:
-    """Log a warning when dev chose the weakest or strongest regularisation of `grid`: the best may lie beyond."""
-    if len(grid) > 1 and chosen in (min(grid), max(grid)):
-        log.warning("%s: dev chose regularization %g, the edge of the grid %g..%g; the best may lie beyond it",
-                    what, chosen, min(grid), max(grid))
+def warn_at_grid_edge(what: str, dev_by_strength: dict) -> None:
+    """Log a warning when dev's best strength is the weakest or strongest of the grid and beats its inner neighbour:
+    the best may lie beyond the grid. dev_by_strength: {strength: dev metric (higher is better)} over the grid (a
+    flat end, the neighbour as good, is no warning: there the strength does not matter)."""
+    grid = sorted(dev_by_strength)
+    if len(grid) < 2:
+        return
+    best = max(dev_by_strength.values())
+    for edge, inner in ((grid[0], grid[1]), (grid[-1], grid[-2])):
+        if dev_by_strength[edge] == best > dev_by_strength[inner]:
+            log.warning("%s: dev's best regularization %g is the edge of the grid %g..%g; the best may lie beyond it",
+                        what, edge, grid[0], grid[-1])
 
 
 def kmer_features(seqs, k: int = 6) -> np.ndarray:
@@ -78,7 +85,7 @@ def kmer_baseline(splits: dict, task: str, k: int = 6, regularization=REGULARIZA
     for split in ("dev", "test"):
         x[split] = scaler.transform(features(splits[split][0], k))
     y = {split: np.asarray(labels) for split, (_, labels) in splits.items()}
-    best = None
+    best, dev_by_strength = None, {}
     for reg in regularization:
         if task == "classification":
             model = LogisticRegression(C=reg, max_iter=2000).fit(x["train"], y["train"])
@@ -93,7 +100,8 @@ def kmer_baseline(splits: dict, task: str, k: int = 6, regularization=REGULARIZA
             def scores(split, model=model):
                 return model.predict(x[split])
         dev = metrics_fn(scores("dev"), y["dev"])
+        dev_by_strength[reg] = dev[metric]
         if best is None or dev[metric] > best["dev"][metric]:
             best = {"k": k, "strands": strands, "regularization": reg, "dev": dev, "test": metrics_fn(scores("test"), y["test"])}
-    warn_at_grid_edge(f"the {k}-mer baseline", best["regularization"], regularization)
+    warn_at_grid_edge(f"the {k}-mer baseline", dev_by_strength)
     return best

@@ -255,7 +255,7 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
     y = {split: data[split].labels.numpy() for split in SPLITS}
     metric = task_metrics(task)[0]
     hidden = mean.shape[0]
-    best = None
+    best, dev_by_strength = None, {}
     for reg in REGULARIZATION:
         weight = np.zeros((num_labels, hidden))
         bias = np.zeros(num_labels)
@@ -274,9 +274,10 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
             weight[0], bias[0] = ridge.coef_, ridge.intercept_
         logits = pooled["dev"] @ weight.T + bias
         dev = head_metrics(task, logits, y["dev"])
+        dev_by_strength[reg] = dev[metric]
         if best is None or dev[metric] > best["dev"][metric]:
             best = {"regularization": reg, "weight": weight, "bias": bias, "dev": dev, "dev_pred": predictions(task, logits)}
-    warn_at_grid_edge("the probe head", best["regularization"], REGULARIZATION)
+    warn_at_grid_edge("the probe head", dev_by_strength)
     state = {
         "pooler.0.weight": torch.diag(torch.tensor(PROBE_SCALE / std, dtype=torch.float32)),
         "pooler.0.bias": torch.tensor(-PROBE_SCALE * mean / std, dtype=torch.float32),
