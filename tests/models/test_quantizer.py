@@ -27,6 +27,12 @@ def test_vq_forward_values_and_straight_through(rng):
     assert torch.equal(g, torch.ones_like(x))  # straight-through
     (g,) = torch.autograd.grad(loss, x)
     assert torch.allclose(g, 0.5 * 2 * (x - vq.codebook[codes]) / x.numel())
+    # the paths that do not use the fused quantize op (channel-first input, per-head codebooks) pass it too
+    per_head = VectorQuantizer(dim=6, codebook_size=10, heads=2, codebook_dim=3, separate_codebook_per_head=True)
+    for other, shape in ((VectorQuantizer(dim=6, codebook_size=10, channel_last=False), (3, 6, 7)), (per_head, (3, 7, 6))):
+        x = torch.randn(*shape, generator=rng, requires_grad=True)
+        (g,) = torch.autograd.grad(other.eval()(x)[0].sum(), x)
+        assert torch.equal(g, torch.ones_like(x))
 
 
 def test_vq_ema_only_in_training_from_the_codebook_used(rng):
