@@ -34,6 +34,15 @@ def warn_at_grid_edge(what: str, dev_by_strength: dict) -> None:
                         what, edge, grid[0], grid[-1])
 
 
+def choose_on_dev(what: str, grid, fit):
+    """fit(strength) -> (dev metric, result) for every strength of `grid`; returns (strength, result) of the first
+    with the best dev metric, after warn_at_grid_edge. The one selection rule of the k-mer baseline and the probe."""
+    fits = {strength: fit(strength) for strength in grid}
+    warn_at_grid_edge(what, {strength: dev for strength, (dev, _) in fits.items()})
+    best = max(fits, key=lambda strength: fits[strength][0])
+    return best, fits[best][1]
+
+
 def kmer_features(seqs, k: int = 6) -> np.ndarray:
     """Frequencies of the 4^k k-mers (A < C < G < T, first base most significant) of each sequence:
     float32 [len(seqs), 4^k], each row summing to 1 over the k-mers without N (or another letter); bases read
@@ -85,23 +94,19 @@ def kmer_baseline(splits: dict, task: str, k: int = 6, regularization=REGULARIZA
     for split in ("dev", "test"):
         x[split] = scaler.transform(features(splits[split][0], k))
     y = {split: np.asarray(labels) for split, (_, labels) in splits.items()}
-    best, dev_by_strength = None, {}
-    for reg in regularization:
-        if task == "classification":
-            model = LogisticRegression(C=reg, max_iter=2000).fit(x["train"], y["train"])
+    def scores(model, split):
+        if task != "classification":
+            return model.predict(x[split])
+        # [n, classes] probabilities over class indices 0..max (argmax is used); a class unseen in training: never
+        out = np.full((len(x[split]), int(max(y["train"].max(), y[split].max())) + 1), -1.0)
+        out[:, model.classes_] = model.predict_proba(x[split])
+        return out
 
-            def scores(split, model=model):  # [n, classes] probabilities over class indices 0..max (argmax is used)
-                out = np.full((len(x[split]), int(max(y["train"].max(), y[split].max())) + 1), -1.0)
-                out[:, model.classes_] = model.predict_proba(x[split])  # a class unseen in training: never
-                return out
-        else:
-            model = Ridge(alpha=1.0 / reg).fit(x["train"], y["train"])
+    def fit(reg):
+        model = (LogisticRegression(C=reg, max_iter=2000) if task == "classification" else Ridge(alpha=1.0 / reg)).fit(
+            x["train"], y["train"])
+        dev = metrics_fn(scores(model, "dev"), y["dev"])
+        return dev[metric], (model, dev)
 
-            def scores(split, model=model):
-                return model.predict(x[split])
-        dev = metrics_fn(scores("dev"), y["dev"])
-        dev_by_strength[reg] = dev[metric]
-        if best is None or dev[metric] > best["dev"][metric]:
-            best = {"k": k, "strands": strands, "regularization": reg, "dev": dev, "test": metrics_fn(scores("test"), y["test"])}
-    warn_at_grid_edge(f"the {k}-mer baseline", dev_by_strength)
-    return best
+    reg, (model, dev) = choose_on_dev(f"the {k}-mer baseline", regularization, fit)
+    return {"k": k, "strands": strands, "regularization": reg, "dev": dev, "test": metrics_fn(scores(model, "test"), y["test"])}
