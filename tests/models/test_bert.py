@@ -136,6 +136,7 @@ def test_embedding_codes_and_specials(rng):
     emb = model.embeddings
     codes, ids, mask = random_ids(3, 6, rng)
     ids[0, 2] = torch.tensor(special_ids(SIZES, MASK))
+    ids[1, -1] = torch.tensor(special_ids(SIZES, PAD))  # a PAD whatever the drawn lengths
     emb.eval()
     got = emb(ids)
     c0, c1 = emb.codebooks
@@ -144,6 +145,12 @@ def test_embedding_codes_and_specials(rng):
     torch.testing.assert_close(got[1, 1], emb.LayerNorm(want_code))
     torch.testing.assert_close(got[0, 2], emb.LayerNorm(emb.special.weight[MASK]))
     torch.testing.assert_close(got[2, 0], emb.LayerNorm(emb.special.weight[CLS]))
+    # every position, PAD included (padded rows' PAD positions must take PAD's row, not a clamped code)
+    specials = ids[..., 0] - SIZES[0]
+    assert set(specials[specials >= 0].tolist()) == {PAD, CLS, SEP, MASK}, "the ids must hold every special"
+    want = torch.stack([torch.stack([emb.special.weight[s] if s >= 0 else emb.proj((c0[i[0]] + c1[i[1]]) / 2)
+                                     for s, i in zip(row_s.tolist(), row)]) for row_s, row in zip(specials, ids)])
+    torch.testing.assert_close(got, emb.LayerNorm(want))
     assert not any(cb.requires_grad for cb in emb.codebooks) and all(cb.std() > 0.5 for cb in emb.codebooks)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from tests.train import _mlm
 from tests.train._mlm import one_thread  # noqa: F401  (autouse)
-from vqdna.train.finetune import apply_lora, finetune, load_task, read_gue_csv, train_lora
+from vqdna.train.finetune import apply_lora, finetune, load_task, read_gue_csv, summarize_seeds, train_lora
 
 
 def test_read_gue_csv_errors_name_file_and_line(tmp_path):
@@ -98,7 +98,16 @@ def test_finetune_grid_writes_results(tmp_path):
         assert c["source"] == ("finetuned" if beats else "probe") and (c["best_epoch"] == 0) == (c["source"] == "probe")
         assert c["dev"]["mcc"] == (best if beats else saved["probe"]["dev"]["mcc"])
     assert saved["tokenizer_sha256"] == _mlm.tokenizer().tokenizer_sha256
-    assert saved["test"]["mcc"]["std"] >= 0
+    assert saved["test"] == summarize_seeds(saved["chosen"])
+
+
+def test_summarize_seeds_is_mean_and_sample_std():
+    chosen = [{"test": {"mcc": v, "f1": 1 - v}} for v in (0.2, 0.4, 0.9)]
+    got = summarize_seeds(chosen)
+    assert got["mcc"]["mean"] == pytest.approx(0.5) and got["f1"]["mean"] == pytest.approx(0.5)
+    sd = math.sqrt(((0.2 - 0.5) ** 2 + (0.4 - 0.5) ** 2 + (0.9 - 0.5) ** 2) / 2)  # ddof 1
+    assert got["mcc"]["std"] == pytest.approx(sd) and got["f1"]["std"] == pytest.approx(sd)
+    assert summarize_seeds(chosen[:1])["mcc"] == {"mean": 0.2, "std": 0.0}
 
 
 @pytest.mark.slow
@@ -131,7 +140,7 @@ def test_probe_head_is_what_the_model_computes(tmp_path, monkeypatch, kind, pool
     from transformers import AutoModelForSequenceClassification
 
     import vqdna.train.baseline as baseline
-    from vqdna.train.finetune import classification_metrics, probe_head, regression_metrics
+    from vqdna.train.finetune import PROBE_SCALE, classification_metrics, pooled_features, probe_head, regression_metrics
 
     edges = []
     monkeypatch.setattr(baseline, "warn_at_grid_edge", lambda *a: edges.append(a))
@@ -150,6 +159,11 @@ def test_probe_head_is_what_the_model_computes(tmp_path, monkeypatch, kind, pool
     assert probe["dev"][metric] > 0.5 and probe["test"][metric] > 0.5, probe
     assert set(probe["state"]) == {"pooler.0.weight", "pooler.0.bias", "classifier.weight", "classifier.bias"}
     assert probe["state"]["classifier.weight"].shape == (num_labels, model.config.pooled_size)
+    # the pooler standardises with the training split's statistics (dev chooses the strength, test is scored)
+    train = pooled_features(model, data["train"], model.config.codebook_sizes)
+    scale = PROBE_SCALE / np.maximum(train.std(0), 1e-6)
+    torch.testing.assert_close(probe["state"]["pooler.0.weight"], torch.diag(torch.tensor(scale, dtype=torch.float32)))
+    torch.testing.assert_close(probe["state"]["pooler.0.bias"], torch.tensor(-scale * train.mean(0), dtype=torch.float32))
     model.load_state_dict(probe["state"], strict=False)
     from vqdna.train.finetune import ClassificationCollator
 

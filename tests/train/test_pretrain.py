@@ -77,6 +77,22 @@ def test_collator_batches():
     assert batch["input_ids"][1, 10].tolist() == special_ids(SIZES, SEP)
 
 
+def test_collator_masks_follow_the_seed_and_the_batch():
+    """seed=int: a batch's masks depend on the run's seed and the batch's codes only - the same after other
+    draws from torch's global RNG (a resume, another DataLoader worker), different for another seed."""
+    g = torch.Generator().manual_seed(3)
+    codes = [torch.stack([torch.randint(0, k, (60,), generator=g) for k in SIZES], 1) for _ in range(4)]
+    first = MLMCollator(SIZES, seed=0)(codes)
+    torch.manual_seed(1234)
+    torch.rand(100)
+    again = MLMCollator(SIZES, seed=0)(codes)
+    other = MLMCollator(SIZES, seed=1)(codes)
+    assert torch.equal(first["input_ids"], again["input_ids"]) and torch.equal(first["labels"], again["labels"])
+    assert not torch.equal(first["labels"] != -100, other["labels"] != -100)
+    moved = MLMCollator(SIZES, seed=0)([codes[1], codes[0], codes[2], codes[3]])
+    assert not torch.equal(first["labels"] != -100, moved["labels"] != -100)
+
+
 def test_tiny_pretrain_learns_saves_and_resumes():
     from transformers import AutoModelForMaskedLM
 

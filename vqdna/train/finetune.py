@@ -484,10 +484,7 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
         for r in per_seed:
             r.pop("dev_pred", None)
         runs += per_seed
-    summary = {}
-    for key in chosen[0]["test"]:
-        vals = [c["test"][key] for c in chosen]
-        summary[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+    summary = summarize_seeds(chosen)
     result = {"task": task, "metric": metric, "data": os.path.abspath(data_dir), "model": os.path.abspath(model_dir),
               "tokenizer_sha256": tok.tokenizer_sha256, "num_labels": num_labels,
               "sizes": {s: len(d) for s, d in data.items()}, "lora": lora, "lrs": list(lrs), "epochs": epochs,
@@ -505,6 +502,16 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(result, f, indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
     return result
+
+
+def summarize_seeds(chosen: list[dict]) -> dict:
+    """{metric: {"mean", "std"}} over the seeds' chosen models' test metrics: the sample standard deviation
+    (ddof 1, the spread a reader expects from "mean ± sd over 3 seeds"), 0 for one seed."""
+    summary = {}
+    for key in chosen[0]["test"]:
+        vals = [c["test"][key] for c in chosen]
+        summary[key] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0}
+    return summary
 
 
 def format_results(res: dict) -> str:
