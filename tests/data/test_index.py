@@ -188,6 +188,19 @@ def test_empty_inputs(tmp_path):
         idx.sample_windows(1, 8)
 
 
+def test_sample_windows_one_base_records(tmp_path):
+    """A record's first base belongs to it: records of one base are drawn as often as any other base (a base
+    at a record boundary assigned to the record before would never draw them)."""
+    path = tmp_path / "ones.fa"
+    path.write_bytes(b">a\nA\n>c\nC\n>g\nG\n>t\nTTTTT\n")
+    idx = SequenceIndex.build(path, cache=tmp_path / "cache")
+    w = idx.sample_windows(8000, 4, rng=3)
+    frac = np.bincount(w.record, minlength=4) / 8000
+    np.testing.assert_allclose(frac, [1 / 8, 1 / 8, 1 / 8, 5 / 8], atol=0.03)
+    for record, base in enumerate((0, 1, 2, 3)):  # each window holds its own record's bases
+        assert (w.ids[w.record == record, 0] == base).all()
+
+
 def test_sample_windows_min_acgt(tmp_path):
     path = tmp_path / "n.fa"
     path.write_bytes(b">gap\n" + b"N" * 100 + b"ACGT" + b"N" * 100 + b"\n>allN\n" + b"n" * 50 + b"\n")

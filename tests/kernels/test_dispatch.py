@@ -112,3 +112,23 @@ def test_torch_compile_follows_the_table(table):
     compiled = torch.compile(f, fullgraph=True)
     assert torch.allclose(compiled(z, e), f(z, e))
     assert dispatch.last_backend("lookup") == "reference"
+
+
+def test_float64_runs_only_on_the_reference(monkeypatch):
+    """float64 is the spec's dtype: "auto" sends it to the reference, an explicit fast backend refuses it with a
+    TypeError naming the op, for every declared op and every backend that runs here."""
+    from vqdna.kernels.ops.registry import declarations
+
+    monkeypatch.delenv("VQDNA_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    checked = 0
+    for op in declarations():
+        assert dispatch.select_backend(op, "auto", cpu, torch.float64) == "reference", op
+        for backend in dispatch.available_backends(cpu, op):
+            if backend == "reference":
+                continue
+            with pytest.raises(TypeError, match=f"vqdna.kernels.{op}: float64 inputs run only on the reference"):
+                dispatch.select_backend(op, backend, cpu, torch.float64)
+            checked += 1
+        assert dispatch.select_backend(op, "reference", cpu, torch.float64) == "reference"
+    assert checked > 0, "no fast backend runs here: the check checked nothing"
