@@ -56,6 +56,42 @@ def test_tiny_run_lowers_the_loss(tmp_path):
     assert model.config.dim == 16 and model.tokenizer_sha256
 
 
+def test_the_recipe(tmp_path, monkeypatch):
+    """The stage-1 recipe of docs/design.md: AdamW (0.9, 0.98) with weight decay on weight matrices and kernels
+    only, linear warm-up then cosine decay to 0, warm-up-length windows during warm-up only, and one k-means
+    re-initialisation of the codebooks right after the last warm-up step."""
+    import math
+
+    import vqdna.train.stage1 as stage1
+
+    seen = {"steps": 0, "reinit_after": []}
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def __init__(self, groups, **kw):
+            seen["groups"], seen["kw"] = groups, kw
+            super().__init__(groups, **kw)
+
+        def step(self, *a, **kw):
+            seen["steps"] += 1
+            return super().step(*a, **kw)
+
+    reinit = stage1._reinit_codebooks
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    monkeypatch.setattr(stage1, "_reinit_codebooks", lambda *a: (seen["reinit_after"].append(seen["steps"]), reinit(*a)))
+    cfg = _cfg(tmp_path, lr=1e-2, weight_decay=0.05)
+    _, model = train_tokenizer(cfg, return_model=True)
+    assert seen["kw"]["betas"] == (0.9, 0.98) and seen["kw"]["lr"] == 1e-2
+    decay, no_decay = seen["groups"]
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert seen["reinit_after"] == [3]  # once, after the 3 warm-up steps
+    m = _metrics(tmp_path / "metrics.jsonl")
+    assert [r["seq_len"] for r in m] == [32, 32, 32, 64, 64, 64]
+    want = [1e-2 * k / 3 if k < 3 else 1e-2 * 0.5 * (1 + math.cos(math.pi * (k - 3) / 3)) for k in range(1, 7)]
+    assert [r["lr"] for r in m] == pytest.approx(want, abs=1e-12)
+
+
 @pytest.mark.parametrize("interrupt_at", [3, 5], ids=["before-kmeans-reinit", "after-reinit"])
 def test_resume_equals_uninterrupted(tmp_path, interrupt_at):
     train_tokenizer(_cfg(tmp_path / "straight"))
