@@ -127,6 +127,24 @@ def test_tiny_pretrain_learns_saves_and_resumes():
     assert resumed.state.global_step == 35 and steps[0] == 5 and steps[-1] == 35
 
 
+def test_the_recipe():
+    """Stage 2's recipe (docs/design.md): AdamW (0.9, 0.98, eps 1e-6), weight decay 0.01, gradients clipped at
+    norm 1, linear warm-up then cosine decay to min_lr (1e-6), windows of max_length - 2 codes (CLS and SEP
+    make max_length tokens), the window length saved in the config."""
+    _, trainer = _mlm.pretrained()  # 30 steps, lr 2e-3, 3 warm-up steps, max_length 64
+    args = trainer.args
+    assert (args.adam_beta1, args.adam_beta2, args.adam_epsilon, args.weight_decay, args.max_grad_norm) == \
+        (0.9, 0.98, 1e-6, 0.01, 1.0)
+    lrs = [(h["step"], h["learning_rate"]) for h in trainer.state.log_history if "learning_rate" in h]
+    # a step's logged rate is the one it used: after the 3 warm-up steps, cosine from 2e-3 down to min_lr
+    cosine = lambda done: 1e-6 + (2e-3 - 1e-6) * 0.5 * (1 + math.cos(math.pi * (done - 3) / (30 - 3)))  # noqa: E731
+    assert [s for s, _ in lrs] == [5, 10, 15, 20, 25, 30]
+    assert [lr for _, lr in lrs] == pytest.approx([cosine(s - 1) for s, _ in lrs], rel=1e-4)
+    windows = trainer.train_dataset
+    assert max(len(windows[j]) for j in range(len(windows))) == 62
+    assert trainer.model.config.train_max_length == 64
+
+
 def test_cli_pretrain_on_token_files(tmp_path, capsys):
     """`vqdna pretrain` on token files written by vqdna.streaming (the bundled phage lambda genome, 48 kb)."""
     from transformers import AutoModelForMaskedLM
