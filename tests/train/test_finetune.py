@@ -82,6 +82,28 @@ def test_lora_trains_only_adapters_and_head(tmp_path):
     # GC-rich vs AT-rich is learnable: far above chance (MCC 0)
     assert res["test"]["mcc"] > 0.5, res
     assert 1 <= res["best_epoch"] <= 3 and len(res["dev_by_epoch"]) == 3
+    # the run reports its best epoch on dev (the model loaded at the end), not its last
+    assert res["dev"]["mcc"] == pytest.approx(max(res["dev_by_epoch"]), abs=1e-9)
+    assert res["best_epoch"] == 1 + int(np.argmax(res["dev_by_epoch"]))
+
+
+def test_lora_run_reports_its_best_epoch_not_its_last(tmp_path):
+    """With dev's labels flipped, every epoch of learning the task lowers dev's MCC: the run's best epoch is an
+    early one, and what it reports (dev metric, test metric) is that epoch's model, loaded at the end."""
+    from vqdna.train.finetune import EncodedTask
+
+    folder, _ = _mlm.pretrained()
+    tok = _mlm.tokenizer()
+    _mlm.write_gue(tmp_path / "task", sizes=(320, 80, 80))
+    splits, task = load_task(str(tmp_path / "task"))
+    splits["dev"] = (splits["dev"][0], 1 - splits["dev"][1])
+    data = {s: EncodedTask(tok.encode_codes(q), y) for s, (q, y) in splits.items()}
+    _, res = train_lora(folder, tok, data, task, 2, lr=1e-2, epochs=3, batch_size=16, seed=0,
+                        out_dir=str(tmp_path / "run"), lora=dict(r=8, alpha=16, dropout=0.0), weight_decay=0.01)
+    by_epoch = res["dev_by_epoch"]
+    assert len(by_epoch) == 3 and int(np.argmax(by_epoch)) < 2, by_epoch  # else the test tells nothing
+    assert res["best_epoch"] == 1 + int(np.argmax(by_epoch))
+    assert res["dev"]["mcc"] == pytest.approx(max(by_epoch), abs=1e-9)
 
 
 def test_finetune_grid_writes_results(tmp_path):
