@@ -93,7 +93,7 @@ def test_collator_masks_follow_the_seed_and_the_batch():
     assert not torch.equal(first["labels"] != -100, moved["labels"] != -100)
 
 
-def test_tiny_pretrain_learns_saves_and_resumes():
+def test_tiny_pretrain_learns_saves_and_resumes(tmp_path):
     from transformers import AutoModelForMaskedLM
 
     from vqdna.models.bert import VQDNAForMaskedLM
@@ -120,8 +120,12 @@ def test_tiny_pretrain_learns_saves_and_resumes():
     trained = masked_accuracy(model, records, tok.codebook_sizes, max_length=64)
     fresh = masked_accuracy(VQDNAForMaskedLM(model.config), records, tok.codebook_sizes, max_length=64)
     assert trained[0] > fresh[0] + 0.05, (trained, fresh)
-    # a second run in the same folder resumes from the step-30 checkpoint
-    resumed = pretrain(records, tok, out, config="bert-tiny", steps=35, batch_size=16, max_length=64, lr=2e-3,
+    # a second run in the same folder (a copy: the cached model stays the 30-step one other tests use)
+    # resumes from the step-30 checkpoint
+    import shutil
+
+    out = shutil.copytree(out, tmp_path / "mlm")
+    resumed = pretrain(records, tok, str(out), config="bert-tiny", steps=35, batch_size=16, max_length=64, lr=2e-3,
                        warmup_steps=3, logging_steps=5, save_steps=15, extra_args={"disable_tqdm": True})
     steps = [h["step"] for h in resumed.state.log_history if "loss" in h]
     assert resumed.state.global_step == 35 and steps[0] == 5 and steps[-1] == 35
