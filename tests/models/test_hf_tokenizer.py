@@ -30,6 +30,19 @@ def test_call_convention_and_layout():
     assert tok(seqs[:2], padding="max_length", max_length=32, return_tensors="pt")["input_ids"].shape == (2, 32, 2)
 
 
+def test_batched_codes_equal_each_sequence_alone():
+    """encode_codes pads short sequences beside long ones in one batch: the padding must be masked, so every
+    sequence's codes are those it gets alone (the encoder's reach is 2 x depth x 3 bases either side)."""
+    import numpy as np
+
+    tok = _mlm.tokenizer()
+    rng = np.random.default_rng(4)
+    seqs = ["".join(rng.choice(list("ACGTN"), size=n)) for n in (1, 2, 5, 9, 13, 20, 33, 47, 64, 3, 17, 80)]
+    together = tok.encode_codes(seqs)
+    for s, codes in zip(seqs, together):
+        assert torch.equal(codes, tok.encode_codes([s])[0]), s
+
+
 def test_lists_single_strings_and_alphabet():
     tok = _mlm.tokenizer()
     one = tok("acgtu")
