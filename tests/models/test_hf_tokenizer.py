@@ -1,5 +1,6 @@
 """VQDNATokenizer (vqdna/models/hf_tokenizer.py): the transformers calling convention over the stage-1 encoder."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,9 +33,7 @@ def test_call_convention_and_layout():
 
 def test_batched_codes_equal_each_sequence_alone():
     """encode_codes pads short sequences beside long ones in one batch: the padding must be masked, so every
-    sequence's codes are those it gets alone (the encoder's reach is 2 x depth x 3 bases either side)."""
-    import numpy as np
-
+    sequence's codes are those it gets alone."""
     tok = _mlm.tokenizer()
     rng = np.random.default_rng(4)
     seqs = ["".join(rng.choice(list("ACGTN"), size=n)) for n in (1, 2, 5, 9, 13, 20, 33, 47, 64, 3, 17, 80)]

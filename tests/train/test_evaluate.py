@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.examples._fixtures import write_fasta
 from tests.train import _mlm
 from vqdna.models.hf_tokenizer import dna_to_ids
 from vqdna.train.evaluate import evaluate_genomes, main
@@ -19,20 +20,16 @@ FILES = {
 
 
 def _write(tmp_path):
-    paths = []
-    for name, records in FILES.items():
-        path = tmp_path / name
-        path.write_text("".join(f">{r}\n{s}\n" for r, s in records.items()))
-        paths.append(str(path))
-    return paths
+    """{path: records} of FILES written under tmp_path."""
+    return {str(write_fasta(tmp_path / name, list(records.items()))): records for name, records in FILES.items()}
 
 
-def _by_window(model, paths, window):
+def _by_window(model, files, window):
     """{path: (bases, correct, [set of codes per level])}: each window encoded alone."""
     out = {}
-    for path in paths:
+    for path, records in files.items():
         bases, correct, seen = 0, 0, [set() for _ in model.config.codebook_sizes]
-        for seq in FILES[path.rsplit("/", 1)[-1]].values():
+        for seq in records.values():
             ids = dna_to_ids(seq, "test")
             for start in range(0, len(ids), window):
                 piece = torch.from_numpy(ids[start : start + window].astype(np.int64))[None]
@@ -50,16 +47,16 @@ def _by_window(model, paths, window):
 def test_evaluate_genomes_counts_every_base_once(tmp_path, window, batch_size):
     model = copy.deepcopy(_mlm.tokenizer().model)  # its mode changes here; the cached one stays as it is
     model.train()
-    paths = _write(tmp_path)
-    report = evaluate_genomes(model, paths, window=window, batch_size=batch_size)
+    files = _write(tmp_path)
+    report = evaluate_genomes(model, list(files), window=window, batch_size=batch_size)
     assert model.training  # the caller's mode is restored
     model.eval()
-    want = _by_window(model, paths, window)
+    want = _by_window(model, files, window)
     sizes = list(model.config.codebook_sizes)
     assert report["window"] == window
-    for path in paths:
+    for path, records in files.items():
         got, (bases, correct, seen) = report["per_file"][path], want[path]
-        assert got["bases"] == bases == sum(len(s) for s in FILES[path.rsplit("/", 1)[-1]].values())
+        assert got["bases"] == bases == sum(len(s) for s in records.values())
         assert got["recon_acc"] == pytest.approx(correct / bases)
         assert got["codes_used"] == [len(s) for s in seen] and got["codebook_sizes"] == sizes
         assert got["used_fraction"] == pytest.approx([len(s) / k for s, k in zip(seen, sizes)])
@@ -72,7 +69,7 @@ def test_evaluate_genomes_counts_every_base_once(tmp_path, window, batch_size):
 def test_main_prints_and_writes_the_report(tmp_path, capsys):
     folder = tmp_path / "tok"
     _mlm.tokenizer().model.save_pretrained(folder)
-    paths = _write(tmp_path)
+    paths = list(_write(tmp_path))
     assert main([str(folder), *paths, "--window", "64", "--json", str(tmp_path / "report.json")]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert set(report["per_file"]) == set(paths) and report["all"]["bases"] == 137 + 3 + 108

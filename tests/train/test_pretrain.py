@@ -2,6 +2,7 @@
 checkpoint resume, and its outputs loading through the Auto classes."""
 
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -122,8 +123,6 @@ def test_tiny_pretrain_learns_saves_and_resumes(tmp_path):
     assert trained[0] > fresh[0] + 0.05, (trained, fresh)
     # a second run in the same folder (a copy: the cached model stays the 30-step one other tests use)
     # resumes from the step-30 checkpoint
-    import shutil
-
     out = shutil.copytree(out, tmp_path / "mlm")
     resumed = pretrain(records, tok, str(out), config="bert-tiny", steps=35, batch_size=16, max_length=64, lr=2e-3,
                        warmup_steps=3, logging_steps=5, save_steps=15, extra_args={"disable_tqdm": True})

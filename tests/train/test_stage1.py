@@ -2,6 +2,7 @@
 and resumed run equals an uninterrupted one bitwise, checkpoints hold no pickle, the CLI works."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -60,8 +61,6 @@ def test_the_recipe(tmp_path, monkeypatch):
     """The stage-1 recipe of docs/design.md: AdamW (0.9, 0.98) with weight decay on weight matrices and kernels
     only, linear warm-up then cosine decay to 0, warm-up-length windows during warm-up only, and one k-means
     re-initialisation of the codebooks right after the last warm-up step."""
-    import math
-
     import vqdna.train.stage1 as stage1
 
     seen = {"steps": 0, "reinit_after": []}

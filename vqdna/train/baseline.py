@@ -94,6 +94,7 @@ def kmer_baseline(splits: dict, task: str, k: int = 6, regularization=REGULARIZA
     for split in ("dev", "test"):
         x[split] = scaler.transform(features(splits[split][0], k))
     y = {split: np.asarray(labels) for split, (_, labels) in splits.items()}
+
     def scores(model, split):
         if task != "classification":
             return model.predict(x[split])

@@ -255,6 +255,7 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
     y = {split: data[split].labels.numpy() for split in SPLITS}
     metric = task_metrics(task)[0]
     hidden = mean.shape[0]
+
     def fit(reg):
         weight = np.zeros((num_labels, hidden))
         bias = np.zeros(num_labels)
