@@ -1,11 +1,13 @@
 """Packing (vqdna.streaming.packing): the vectorised, chunked packing lays out exactly what the
-per-segment greedy loop (the definition, below) lays out, whatever the chunk size."""
+per-segment greedy loop (the definition, below) lays out, whatever the chunk size; repeats of a short
+record in a unit are coded once and copied, to the same bytes."""
 
 import numpy as np
 import pytest
 
+from tests.streaming._fixtures import dir_bytes, mismatches, model, one_thread  # noqa: F401 (fixtures)
 from vqdna.data.alphabet import PAD
-from vqdna.streaming import packing
+from vqdna.streaming import packing, tokenize_files
 from vqdna.streaming.token_files import Piece, Pieces
 from vqdna.streaming.units import Unit
 
@@ -177,3 +179,38 @@ def test_units_without_repeats_are_not_dereplicated():
     assert len(distinct) == sum(0 < len(r) <= 20 for r in records)  # the premise: no short repeat
     assert packing.dereplication(unit, 20) is None
     assert all(b.scatter is None for b in packing.batches(unit, 30, 4, 3, 3, dereplicate=True))
+
+
+def _repeats_fasta(path, seed=0):
+    """400 records drawn from a small pool (most repeat, some runs of the same record in a row):
+    lengths 1..8, 38 and 39 (the short/long threshold at window 64: short_limit(64, 8, 3) = 38), one
+    over a window, empty; N and IUPAC letters; plus a few distinct records."""
+    rng = np.random.default_rng(seed)
+    letters = np.frombuffer(b"ACGTACGTNacgtRY", np.uint8)
+    pool = [letters[rng.integers(0, len(letters), n)].tobytes().decode() for n in (1, 2, 2, 5, 8, 8, 37, 38, 38, 39, 39, 90, 0)]
+    seqs = [pool[int(i)] for i in rng.integers(0, len(pool), 380)] + [pool[6]] * 20
+    seqs = [seqs[i] for i in rng.permutation(len(seqs))] + ["ACGTNACGT"[: 1 + i % 9] + "T" * i for i in range(12)]
+    path.write_text("".join(f">r{i} copy\n{s}\n" for i, s in enumerate(seqs)))
+    return str(path), seqs
+
+
+@pytest.mark.parametrize("shard_records", [37, 1000])  # 37: unit boundaries fall inside runs of repeats
+def test_repeated_short_records_are_coded_once_per_unit(tmp_path, model, monkeypatch, shard_records):
+    """Repeats of a short record in a work unit are coded once and copied: the directory is byte for byte
+    the one coding every record, with fewer bases through the encoder."""
+    from vqdna.streaming import packing
+
+    fasta, seqs = _repeats_fasta(tmp_path / "in.fa")
+    bases = sum(map(len, seqs))
+    kw = dict(window=64, batch_size=3, shard_records=shard_records)
+    stats = tokenize_files([fasta], str(tmp_path / "derep"), model, **kw)
+    monkeypatch.setattr(packing, "dereplication", lambda unit, limit: None)
+    every = tokenize_files([fasta], str(tmp_path / "every"), model, **kw)
+    assert dir_bytes(tmp_path / "derep") == dir_bytes(tmp_path / "every")
+    assert stats.bases == every.bases == every.encoded_bases == bases and stats.records == len(seqs)
+    short = [s.upper().replace("R", "N").replace("Y", "N") for s in seqs if 1 <= len(s) <= 38]
+    repeats = len(short) - len(set(short))  # copies in one unit (every letter but ACGT reads as N)
+    assert every.copied_records == 0  # the dereplicated path ran, and all of it in one unit:
+    assert stats.copied_records == repeats if stats.shards_written == 1 else repeats / 2 < stats.copied_records < repeats
+    assert stats.encoded_bases < 0.7 * bases and stats.encoded_positions < 0.7 * every.encoded_positions
+    assert mismatches(model, fasta, tmp_path / "derep") <= 3  # near-ties at most (as coding each alone)

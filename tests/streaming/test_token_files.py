@@ -1,16 +1,20 @@
 """The token-file format's name index (vqdna.streaming.token_files, format 3): FNV-1a 64 hashes of the
 names, sorted, with their pieces, in each .idx trailer; TokenDataset.find() searches it (no scan, no
 table built), returns the first record of a name, survives hash collisions; a damaged index is
-refused naming the file; format 1 and 2 directories still find by name."""
+refused naming the file; format 1 and 2 directories still find by name. Format 4 reads back like
+format 3, and its manifest is what completes records split across shards."""
 
+import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 from tests.data.test_tokens import _records, _write
+from tests.streaming._fixtures import LENGTHS, model, one_thread, random_fasta  # noqa: F401 (fixtures)
 from vqdna.data import TokenDataset
-from vqdna.streaming import token_files
+from vqdna.streaming import token_files, tokenize_files
 from vqdna.streaming.token_files import TokenFileError, name_hash, name_hashes, read_shard_index
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "data", "fixtures")
@@ -90,3 +94,46 @@ def test_older_formats_find_by_name(version):
     assert ds.manifest["format_version"] == version
     assert all(s.name_hashes is None for s in ds._shards)
     assert [ds.find(f"r{i}") for i in range(5)] == list(range(5))
+
+
+def test_format_4_reads_like_format_3(tmp_path, model):
+    """The same input, tokenizer and settings in format 4 (byte-range units, shard-local numbers the
+    manifest completes) read back exactly like the format 3 directory main's code wrote
+    (tests/data/fixtures/tokens-v3): every record's name, length, codes and `find`; each record's
+    pieces tile it (starts and record lengths completed), though the cut differs."""
+    from vqdna.streaming.token_files import open_shards
+
+    fixtures = os.path.join(os.path.dirname(__file__), "..", "data", "fixtures")
+    v3 = TokenDataset(os.path.join(fixtures, "tokens-v3"), verify=True)
+    assert v3.manifest["format_version"] == 3
+    inputs = [random_fasta(tmp_path / "in.fa"), random_fasta(tmp_path / "in2.fa.gz", LENGTHS[::-1], seed=1, gz=True)]
+    out = str(tmp_path / "v4")
+    tokenize_files(inputs, out, model, window=50, batch_size=4, shard_bases=300)
+    v4 = TokenDataset(out, verify=True)
+    assert v4.manifest["format_version"] == 4 and v4.manifest["shards"] != v3.manifest["shards"]
+    assert len(v4) == len(v3) == 2 * len(LENGTHS) and v4.lengths.tolist() == v3.lengths.tolist()
+    for i in range(len(v3)):
+        assert v4.name(i) == v3.name(i) and v4.find(v3.name(i)) == v3.find(v3.name(i)) == i % len(LENGTHS)
+        np.testing.assert_array_equal(v4[i][1], v3[i][1])
+    covered = {}
+    for idx in open_shards(out, v4.manifest):
+        for j in range(len(idx)):
+            o = int(idx.ordinals[j])
+            assert (idx.name(j), int(idx.record_lengths[j]), int(idx.starts[j])) == (v3.name(o), v3.lengths[o], covered.get(o, 0))
+            covered[o] = covered.get(o, 0) + idx.length(j)
+    assert [covered[i] for i in range(len(v3))] == v3.lengths.tolist()
+    assert sum(1 for e in v4.manifest["shards"] if "continued" in e) > 3  # records split across shards
+    # The manifest is what completes the shards: one that lost a split record's entry is refused.
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    k = next(k for k, e in enumerate(manifest["shards"]) if "continued" in e)
+    del manifest["shards"][k]["continued"]
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TokenFileError, match=f"shard-{k:05d}.idx: its first piece continues a record of an earlier shard, the manifest says it does not"):
+        TokenDataset(str(broken))
+    manifest = json.loads(open(os.path.join(out, "manifest.json")).read())
+    manifest["shards"][k]["continued"]["start"] += 1
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TokenFileError, match=f"shard-{k:05d}.idx: its first piece does not go on where its record's previous piece ended"):
+        TokenDataset(str(broken))

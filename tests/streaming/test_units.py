@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from tests.streaming._fixtures import random_fasta
 from vqdna.data import read_fasta
 from vqdna.streaming import units as units_mod
 from vqdna.streaming.token_files import link_shards
@@ -232,3 +233,19 @@ def test_planning_100_mb_is_o_files(tmp_path):
     plan = plan_units([path], 1 << 26, 1 << 20)
     seconds, read = time.perf_counter() - t0, _read_bytes() - before
     assert read <= units_mod.SAMPLE_BYTES + (1 << 16) and seconds < 0.2 and len(plan) >= 5
+
+
+def test_work_units_are_deterministic(tmp_path):
+    fasta = random_fasta(tmp_path / "in.fa", LENGTHS)
+    units = list(work_units([fasta], 100, 4))
+    again = list(work_units([fasta], 100, 4))
+    assert [u.pieces for u in units] == [u.pieces for u in again]
+    # A byte range of shard_bases bytes holds at most one base more (a record's first base stays with
+    # its header); pieces tile every record exactly once, in input order.
+    assert all(u.bases <= 101 for u in units)
+    covered = {}
+    for pieces in linked(units)[0]:
+        for ordinal, _, start, length, _ in pieces:
+            assert covered.get(ordinal, 0) == start
+            covered[ordinal] = start + length
+    assert [covered[i] for i in range(len(LENGTHS))] == LENGTHS

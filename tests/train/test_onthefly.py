@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.streaming.test_tokenize_files import LENGTHS, _check_near_ties, _tiny_model, one_thread  # noqa: F401 (fixture)
+from tests.streaming._fixtures import LENGTHS, check_near_ties, one_thread, tiny_model  # noqa: F401 (fixture)
 from vqdna.data import SequenceIndex, TokenDataset
 from vqdna.streaming import tokenize_files
 from vqdna.train.onthefly import GenomeWindows, OnTheFlyEncoder, OnTheFlyMLMCollator
@@ -37,7 +37,7 @@ def corpus(tmp_path_factory):
     shards of 500 bases: windows of the trainer fall across the tokenizer's windows and shards)."""
     tmp = tmp_path_factory.mktemp("otf")
     fasta = _fasta(tmp / "in.fa")
-    model = _tiny_model()
+    model = tiny_model()
     tokenize_files([fasta], str(tmp / "tokens"), model, window=100, shard_bases=500, device="cpu", dtype="fp32")
     return model, SequenceIndex.build([fasta], cache=str(tmp / "cache")), TokenDataset(str(tmp / "tokens"))
 
@@ -68,7 +68,7 @@ def _assert_codes_equal(model, index, tokens, window, device="cpu", dtype=None, 
             assert got[j].shape == files[j].shape
         if not np.array_equal(have, want):
             kw = {"tol": tol} if tol is not None else {}
-            differing += _check_near_ties(cpu_model, np.asarray(index.sequence(i)), have, want, **kw)
+            differing += check_near_ties(cpu_model, np.asarray(index.sequence(i)), have, want, **kw)
     assert differing <= 3  # near-ties, counted; more would be a halo or padding bug hidden by the tolerance
     return differing
 
@@ -89,7 +89,7 @@ def test_codes_equal_token_files_cuda(tmp_path, window, dtype):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     fasta = _fasta(tmp_path / "in.fa")
-    model = _tiny_model()
+    model = tiny_model()
     tokenize_files([fasta], str(tmp_path / "tokens"), model, window=100, shard_bases=500, device="cuda", dtype=dtype)
     index = SequenceIndex.build([fasta], cache=str(tmp_path / "cache"))
     differing = _assert_codes_equal(model, index, TokenDataset(str(tmp_path / "tokens")), window, "cuda", dtype,
@@ -249,9 +249,7 @@ def test_cli_pretrain_genomes(mlm_corpus, tmp_path, capsys):
     got = capsys.readouterr().err.split("vqdna pretrain: error: ", 1)[1]
     assert got == want and "broken" in got and str(bad) in got
     # resuming the run (checkpoint-2 in --out) with another tokenizer is refused, naming both
-    from tests.streaming.test_tokenize_files import _tiny_model
-
-    other = _tiny_model(seed=1)
+    other = tiny_model(seed=1)
     other.save_pretrained(str(tmp_path / "other"))
     argv[argv.index("--tokenizer") + 1] = str(tmp_path / "other")
     assert main(argv) == 1

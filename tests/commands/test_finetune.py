@@ -1,6 +1,7 @@
-"""Clean logs from the model commands (issue 18): no load report for the expected head swap (a real
-mismatch still raises), no CPU pin_memory or is_gradient_checkpointing warnings, no progress bars with
---no-progress, and the passive OpenMP wait policy the CLI sets before torch loads."""
+"""`vqdna finetune` (vqdna/commands/finetune.py): clean logs (issue 18) - no load report for the expected
+head swap (a real mismatch still raises), no CPU pin_memory or is_gradient_checkpointing warnings, no
+progress bars with --no-progress, the passive OpenMP wait policy applied - and the preset's choices in
+results.json."""
 
 import json
 import os
@@ -51,23 +52,6 @@ def test_apply_lora_raises_no_future_warning():
         warnings.simplefilter("always")
         apply_lora(model)
     assert not [w for w in caught if "gradient_checkpointing" in str(w.message)], [str(w.message) for w in caught]
-
-
-def test_passive_openmp_reexecs_before_torch_unless_the_user_chose(monkeypatch):
-    from vqdna import cli
-
-    calls = []
-    monkeypatch.setattr(cli.os, "execv", lambda path, argv: calls.append((path, argv)))
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    cli.passive_openmp(None)
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and not calls  # the user's choice stays
-    monkeypatch.delenv("OMP_WAIT_POLICY")
-    cli.passive_openmp(["finetune"])  # in-process (tests, embedding programs): no re-exec
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and not calls
-    monkeypatch.delenv("OMP_WAIT_POLICY")
-    cli.passive_openmp(None)  # as the program: torch is loaded already, so the process restarts itself
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert calls == [(sys.executable, [sys.executable, *sys.orig_argv[1:]])]
 
 
 def test_cli_finetune_log_is_clean(tmp_path):
