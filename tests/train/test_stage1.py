@@ -1,5 +1,6 @@
 """Stage-1 training on the bundled phage lambda genome (real sequence): the loss falls, an interrupted
-and resumed run equals an uninterrupted one bitwise, checkpoints hold no pickle, the CLI works."""
+and resumed run equals an uninterrupted one bitwise, checkpoints hold no pickle (the
+`vqdna train-tokenizer` command: tests/commands/test_train_tokenizer.py)."""
 
 import json
 import math
