@@ -204,6 +204,7 @@ def _worker(rank, world, port, kind, x, zs, state, out_dir):
             else:
                 m([z[rank * half : (rank + 1) * half] for z in zs])
         torch.save({k: v.clone() for k, v in m.state_dict().items()}, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it (rank 0 aborted once)
     finally:
         dist.destroy_process_group()
 

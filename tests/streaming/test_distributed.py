@@ -38,6 +38,7 @@ def _rank_main(rank, world, init_file, inputs, out, model_dir):
     try:
         model = VQDNATokenizerModel.from_pretrained(model_dir)
         tokenize_files(inputs, out, model, window=40, batch_size=4, shard_bases=250)
+        dist.barrier()  # as the CLI does: no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
     with open(f"{init_file}.rank{rank}.json", "w") as f:

@@ -109,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
             verify=args.verify,
             progress=not args.no_progress,
         )
+        if distributed:  # success only: a rank that failed must not wait here for the others
+            dist.barrier()  # no rank tears the process group down while another still talks to it
     except (FastaFormatError, TokenFileError, TokenizeError) as exc:
         return _error(str(exc))
     except OSError as exc:  # disk full, permissions, a vanished input
