@@ -216,31 +216,42 @@ def test_sequence_classification_and_regression_losses(rng):
     torch.testing.assert_close(out.loss, F.mse_loss(out.logits[:, 0], y))
 
 
-@pytest.mark.parametrize("pooling", ["mean", "mean_layers"])
+@pytest.mark.parametrize("pooling", ["mean", "mean_layers", "mean_wide"])
 def test_mean_pooling_ignores_padding(rng, pooling):
-    clf = tiny_model(VQDNAForSequenceClassification, num_labels=2, classifier_pooling=pooling)
+    clf = tiny_model(VQDNAForSequenceClassification, num_labels=2, classifier_pooling=pooling, classifier_width=24)
+    if pooling == "mean_wide":  # a bias that moves every token's features (the default init's is 0)
+        torch.nn.init.normal_(clf.token_layer[0].bias, std=0.5, generator=rng)
     codes, ids, mask = random_ids(3, 7, rng)
     batch = clf(ids, mask).logits
     for i, c in enumerate(codes):
         torch.testing.assert_close(batch[i], clf(*build_inputs([c], SIZES)).logits[0], atol=1e-5, rtol=0)
     states = clf.vqdna(ids, mask, output_hidden_states=True).hidden_states
     assert len(states) == clf.config.num_hidden_layers + 1
-    chosen = states if pooling == "mean_layers" else states[-1:]
+    if pooling == "mean_wide":  # relu(W x + b) of each token's states of every layer, then the token mean
+        w, b = clf.token_layer[0].weight, clf.token_layer[0].bias
+        chosen = [torch.relu(torch.cat(states, -1) @ w.T + b)]
+        assert w.shape == (24, clf.config.hidden_size * len(states)) and clf.config.pooled_size == 24
+    else:
+        chosen = states if pooling == "mean_layers" else states[-1:]
+        assert clf.config.pooled_size == clf.config.hidden_size * len(chosen)
+        assert not hasattr(clf, "token_layer")
     pooled = torch.stack([torch.cat([h[i, : len(c) + 2].mean(0) for h in chosen]) for i, c in enumerate(codes)])
-    assert pooled.shape[1] == clf.config.pooled_size == clf.config.hidden_size * len(chosen)
+    assert pooled.shape[1] == clf.config.pooled_size
     torch.testing.assert_close(batch, clf.classifier(clf.pooler(pooled)))
     # hidden states are returned only when asked for, whichever pooling needs them
     assert clf(ids, mask).hidden_states is None and len(clf(ids, mask, output_hidden_states=True).hidden_states) == len(states)
 
 
 def test_unknown_pooling_is_refused():
-    with pytest.raises(ValueError, match="classifier_pooling must be cls\\|mean\\|mean_layers"):
+    with pytest.raises(ValueError, match="classifier_pooling must be cls\\|mean\\|mean_layers\\|mean_wide"):
         VQDNAConfig(classifier_pooling="max")
+    with pytest.raises(ValueError, match="classifier_width must be >= 1, got 0"):
+        VQDNAConfig(classifier_width=0)
     with pytest.raises(ValueError, match="classifier_strands must be forward\\|both"):
         VQDNAConfig(classifier_strands="reverse")
 
 
-@pytest.mark.parametrize("pooling", ["cls", "mean", "mean_layers"])
+@pytest.mark.parametrize("pooling", ["cls", "mean", "mean_layers", "mean_wide"])
 def test_both_strands_pool_the_mean_of_each_strands_features(rng, pooling):
     """classifier_strands "both": the head's input is the mean of the forward model's pooled features of
     input_ids and of rc_input_ids (one encoder pass over both); swapping the strands changes nothing;

@@ -166,7 +166,7 @@ def _encoded_task(tmp_path, labels=None, sizes=(320, 80, 80)):
 
 
 @pytest.mark.parametrize("kind,pooling", [("classification", "cls"), ("regression", "cls"),
-                                          ("classification", "mean_layers")])
+                                          ("classification", "mean_layers"), ("classification", "mean_wide")])
 def test_probe_head_is_what_the_model_computes(tmp_path, monkeypatch, kind, pooling):
     """The probe's state, loaded into the classifier, reproduces the probe's own dev metric through the
     model's forward (pooler = standardise + tanh, classifier = the fitted linear model), and the frozen
@@ -192,9 +192,13 @@ def test_probe_head_is_what_the_model_computes(tmp_path, monkeypatch, kind, pool
     assert edges[0][1][probe["regularization"]] == max(edges[0][1].values()) == probe["dev"]["mcc" if kind == "classification" else "spearman"]
     metric, fn = ("mcc", classification_metrics) if kind == "classification" else ("spearman", regression_metrics)
     assert probe["dev"][metric] > 0.5 and probe["test"][metric] > 0.5, probe
-    assert set(probe["state"]) == {"pooler.0.weight", "pooler.0.bias", "classifier.weight", "classifier.bias"}
+    wide = {"token_layer.0.weight", "token_layer.0.bias"} if pooling == "mean_wide" else set()
+    assert set(probe["state"]) == {"pooler.0.weight", "pooler.0.bias", "classifier.weight", "classifier.bias"} | wide
     assert probe["state"]["classifier.weight"].shape == (num_labels, model.config.pooled_size)
-    # the pooler standardises with the training split's statistics (dev chooses the strength, test is scored)
+    # the pooler standardises with the training split's statistics (dev chooses the strength, test is scored),
+    # of the features of the probe's token layer for "mean_wide" (probe_head set it in the model)
+    if wide:
+        assert all(torch.equal(model.state_dict()[k], probe["state"][k]) for k in wide)
     train = pooled_features(model, data["train"], model.config.codebook_sizes)
     scale = PROBE_SCALE / np.maximum(train.std(0), 1e-6)
     torch.testing.assert_close(probe["state"]["pooler.0.weight"], torch.diag(torch.tensor(scale, dtype=torch.float32)))
@@ -207,6 +211,48 @@ def test_probe_head_is_what_the_model_computes(tmp_path, monkeypatch, kind, pool
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     got = fn(logits.double().numpy(), batch["labels"].numpy())
     assert got[metric] == pytest.approx(probe["dev"][metric], abs=1e-6)
+
+
+def test_wide_probe_token_layer_is_random_features_of_standardised_states(tmp_path, monkeypatch):
+    """"mean_wide"'s probe token layer: relu(R (x - mean) / std + b) with mean and std over the real tokens
+    (both strands) of the first TOKEN_STATS_ITEMS training items, so the pre-activations average to b
+    (in [-1, 1]) over those tokens; R ~ N(0, 1 / S); the same model and data give the same layer; later
+    items do not count."""
+    import vqdna.train.finetune as ft
+    from vqdna.models.bert import load_classifier
+
+    folder, _ = _mlm.pretrained()
+    tok = _mlm.tokenizer()
+    _mlm.write_gue(tmp_path / "task", sizes=(24, 8, 8))
+    seqs, labels = load_task(str(tmp_path / "task"))[0]["train"]
+    labels = torch.as_tensor(labels)
+    data = ft.encode_task(tok, seqs, labels, None, "both")
+    monkeypatch.setattr(ft, "TOKEN_STATS_ITEMS", 16)
+    model = load_classifier(folder, num_labels=2, classifier_pooling="mean_wide", classifier_width=512).eval()
+    state = ft.token_layer_probe_state(model, data, tok.codebook_sizes, batch_size=5)
+    w, b = state["token_layer.0.weight"].double(), state["token_layer.0.bias"].double()
+    size = model.config.layers_size
+    assert w.shape == (512, size) and b.shape == (512,)
+    batch = ft.ClassificationCollator(tok.codebook_sizes)([data[i] for i in range(16)])
+    with torch.no_grad():
+        xs = [torch.cat(model.vqdna(batch[k + "input_ids"], batch[k + "attention_mask"], output_hidden_states=True)
+                        .hidden_states, -1)[batch[k + "attention_mask"].bool()] for k in ("", "rc_")]
+    x = torch.cat(xs).double()
+    pre = x @ w.T + b
+    g = torch.Generator().manual_seed(ft.TOKEN_LAYER_SEED)
+    want_r = torch.randn(512, size, generator=g, dtype=torch.float64) / math.sqrt(size)
+    want_b = torch.rand(512, generator=g, dtype=torch.float64) * 2 - 1
+    # (x - mean) averages to 0 over exactly these tokens, leaving b; std scales R back to unit-free
+    torch.testing.assert_close(pre.mean(0), want_b, atol=2e-5, rtol=0)
+    torch.testing.assert_close(w * x.std(0, unbiased=False), want_r, atol=1e-5, rtol=1e-4)
+    assert 0.3 < float((pre > 0).double().mean()) < 0.7  # about half the features fire
+    torch.testing.assert_close(ft.token_layer_probe_state(model, data, tok.codebook_sizes, batch_size=16), state)
+    later = ft.encode_task(tok, seqs[:16] + seqs[:8], torch.cat([labels[:16], labels[:8]]), None, "both")
+    assert torch.equal(ft.token_layer_probe_state(model, later, tok.codebook_sizes, batch_size=5)["token_layer.0.bias"],
+                       state["token_layer.0.bias"])
+    monkeypatch.setattr(ft, "TOKEN_STATS_ITEMS", 8)
+    assert not torch.equal(ft.token_layer_probe_state(model, data, tok.codebook_sizes)["token_layer.0.bias"],
+                           state["token_layer.0.bias"])
 
 
 def test_finetune_starts_from_the_probe_head(tmp_path, monkeypatch):
@@ -269,9 +315,11 @@ def _fake_run():
     return {"lr": 1e-3, "seed": 0, "best_epoch": 1, "dev": m, "test": m, "dev_by_epoch": [0.5]}
 
 
-def test_probe_pooler_stays_frozen_and_is_saved(tmp_path):
-    """From the probe head, the pooler (the probe's standardisation) does not train, the classifier does,
-    and the adapter checkpoint carries both (a fresh model would otherwise get a random pooler)."""
+@pytest.mark.parametrize("pooling", ["cls", "mean_wide"])
+def test_probe_pooler_stays_frozen_and_is_saved(tmp_path, pooling):
+    """From the probe head, the pooler (the probe's standardisation) and "mean_wide"'s token layer (its
+    random features) do not train, the classifier does, and the adapter checkpoint carries them all (a fresh
+    model would otherwise get a random pooler and token layer)."""
     import glob
 
     from safetensors.torch import load_file
@@ -281,20 +329,22 @@ def test_probe_pooler_stays_frozen_and_is_saved(tmp_path):
 
     folder, _ = _mlm.pretrained()
     data, task = _encoded_task(tmp_path, sizes=(64, 32, 32))
-    base = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+    base = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, classifier_pooling=pooling)
     state = probe_head(base, data, task, 2)["state"]
     model, _ = train_lora(folder, _mlm.tokenizer(), data, task, 2, lr=1e-2, epochs=1, batch_size=16, seed=0,
                           out_dir=str(tmp_path / "run"), lora=dict(r=8, alpha=16, dropout=0.0), weight_decay=0.01,
-                          head_state=state, dropout=0.0)
+                          head_state=state, dropout=0.0, head_config={"classifier_pooling": pooling})
     params = dict(model.named_parameters())
-    pooler = [n for n in params if ".pooler." in n and "modules_to_save" in n]
-    assert pooler and not any(params[n].requires_grad for n in pooler)
-    assert torch.equal(params["base_model.model.pooler.modules_to_save.default.0.weight"], state["pooler.0.weight"])
+    fixed = ["pooler"] + (["token_layer"] if pooling == "mean_wide" else [])
+    saved = load_file(glob.glob(str(tmp_path / "run" / "checkpoint-*" / "adapter_model.safetensors"))[0])
+    for module in fixed:
+        names = [n for n in params if f".{module}." in n and "modules_to_save" in n]
+        assert names and not any(params[n].requires_grad for n in names)
+        assert torch.equal(params[f"base_model.model.{module}.modules_to_save.default.0.weight"], state[f"{module}.0.weight"])
+        key = next(k for k in saved if module in k and k.endswith("0.weight"))
+        assert torch.equal(saved[key], state[f"{module}.0.weight"])
     assert not torch.equal(params["base_model.model.classifier.modules_to_save.default.weight"].detach(),
                            state["classifier.weight"])
-    saved = load_file(glob.glob(str(tmp_path / "run" / "checkpoint-*" / "adapter_model.safetensors"))[0])
-    key = next(k for k in saved if "pooler" in k and k.endswith("0.weight"))
-    assert torch.equal(saved[key], state["pooler.0.weight"])
 
 
 def _fake_train_lora(dev_mcc):
@@ -422,7 +472,7 @@ def test_finetune_reports_the_kmer_baseline(tmp_path, monkeypatch):
     assert "3-mer frequencies (both strands) + logistic regression" in ft.format_results(res)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "mean_layers"])
+@pytest.mark.parametrize("pooling", ["mean", "mean_layers", "mean_wide"])
 def test_finetune_pooling_override(tmp_path, monkeypatch, pooling):
     """pooling= reaches both the probe (its head's width follows it) and every fine-tuning run; bad values
     are refused."""
@@ -434,7 +484,7 @@ def test_finetune_pooling_override(tmp_path, monkeypatch, pooling):
     fake = _fake_train_lora(0.5)
     monkeypatch.setattr(ft, "train_lora", lambda *a, **k: seen.append((k["head_config"], k["head_state"])) or fake(*a, **k))
     res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, pooling=pooling)
-    width = {"mean": 64, "mean_layers": 64 * 3}[pooling]  # bert-tiny: hidden 64, 2 layers + embeddings
+    width = {"mean": 64, "mean_layers": 64 * 3, "mean_wide": 2048}[pooling]  # bert-tiny: hidden 64, 2 layers + embeddings
     assert [p for p, _ in seen] == [{"classifier_pooling": pooling}] and res["pooling"] == pooling
     assert seen[0][1]["classifier.weight"].shape == (2, width)
     with pytest.raises(ValueError, match="pooling"):

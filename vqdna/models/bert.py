@@ -62,7 +62,7 @@ NAMED_CONFIGS = {
 }
 
 
-POOLINGS = ("cls", "mean", "mean_layers")  # config.classifier_pooling: see VQDNAForSequenceClassification
+POOLINGS = ("cls", "mean", "mean_layers", "mean_wide")  # config.classifier_pooling: see VQDNAForSequenceClassification
 
 
 class VQDNAConfig(PretrainedConfig):
@@ -92,6 +92,7 @@ class VQDNAConfig(PretrainedConfig):
         classifier_dropout=None,
         classifier_pooling="cls",
         classifier_strands="forward",
+        classifier_width=2048,
         tokenizer_sha256=None,
         **kwargs,
     ):
@@ -111,12 +112,15 @@ class VQDNAConfig(PretrainedConfig):
         self.classifier_dropout = classifier_dropout
         self.classifier_pooling = classifier_pooling
         self.classifier_strands = classifier_strands
+        self.classifier_width = int(classifier_width)  # the token layer of "mean_wide"
         self.tokenizer_sha256 = tokenizer_sha256
         super().__init__(**kwargs)
         if hidden_size % num_attention_heads:
             raise ValueError(f"hidden_size {hidden_size} is not a multiple of num_attention_heads {num_attention_heads}")
         if classifier_pooling not in POOLINGS:
             raise ValueError(f"classifier_pooling must be {'|'.join(POOLINGS)}, got {classifier_pooling!r}")
+        if self.classifier_width < 1:
+            raise ValueError(f"classifier_width must be >= 1, got {classifier_width}")
         if classifier_strands not in STRANDS:
             raise ValueError(f"classifier_strands must be {'|'.join(STRANDS)}, got {classifier_strands!r}")
         if attention_backend not in ("auto", "flash", "sdpa", "reference"):
@@ -127,10 +131,16 @@ class VQDNAConfig(PretrainedConfig):
         return len(self.codebook_sizes)
 
     @property
+    def layers_size(self) -> int:
+        """Width of a token's states of the embeddings and of every layer, concatenated."""
+        return self.hidden_size * (self.num_hidden_layers + 1)
+
+    @property
     def pooled_size(self) -> int:
-        """Width of the classifier's pooled input: hidden_size, or hidden_size * (num_hidden_layers + 1)
-        for "mean_layers"."""
-        return self.hidden_size * (self.num_hidden_layers + 1 if self.classifier_pooling == "mean_layers" else 1)
+        """Width of the classifier's pooled input: hidden_size ("cls", "mean"), layers_size ("mean_layers")
+        or classifier_width ("mean_wide")."""
+        return {"mean_layers": self.layers_size, "mean_wide": self.classifier_width}.get(self.classifier_pooling,
+                                                                                         self.hidden_size)
 
     @classmethod
     def named(cls, name: str, **overrides) -> "VQDNAConfig":
@@ -461,7 +471,10 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
     """Sequence classification or regression from the CLS token (config.classifier_pooling "cls", as
     BERT), the mean over real tokens ("mean"), or those means of the embeddings and of every layer,
     concatenated ("mean_layers": width P = hidden * (layers + 1); the pooler is P x P, so meant for small
-    models: 100 M head parameters at bert-base); with config.classifier_strands "both", the mean of that
+    models: 100 M head parameters at bert-base), or ("mean_wide") the mean over real tokens of a wide ReLU
+    layer, `token_layer`, on each token's states of the embeddings and every layer (width P =
+    config.classifier_width: a bag of nonlinear token features, where a linear read-out of mean states is a
+    bag of linear ones); with config.classifier_strands "both", the mean of that
     feature over the sequence and its reverse complement (strand-symmetric: a binding site reads the same
     on either strand); then the pooler (dense + tanh) and the classifier:
     num_labels == 1 -> regression (MSE), integer labels -> single-label cross-entropy, float multi-hot
@@ -471,12 +484,14 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
     # used and the pooler and classifier are new. Ignored here, so transformers prints no load report for
     # it; any other missing or unexpected tensor is still reported (and load_classifier raises).
     _keys_to_ignore_on_load_unexpected = [r"^transform\.", r"^decoders\."]
-    _keys_to_ignore_on_load_missing = [r"^pooler\.", r"^classifier\."]
+    _keys_to_ignore_on_load_missing = [r"^token_layer\.", r"^pooler\.", r"^classifier\."]
 
     def __init__(self, config: VQDNAConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.vqdna = VQDNAModel(config)
+        if config.classifier_pooling == "mean_wide":
+            self.token_layer = nn.Sequential(nn.Linear(config.layers_size, config.classifier_width), nn.ReLU())
         self.pooler = nn.Sequential(nn.Linear(config.pooled_size, config.pooled_size), nn.Tanh())
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
@@ -486,9 +501,10 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
     def pool(self, input_ids, attention_mask=None, output_hidden_states=False, rc_input_ids=None,
              rc_attention_mask=None):
         """Runs the encoder; returns (the head's input [B, config.pooled_size], the encoder's output). The
-        head's input is the last layer's CLS token, its mean over real (unpadded) tokens, or ("mean_layers")
-        those means of the embeddings' output and of every layer, concatenated. The output carries
-        hidden_states when output_hidden_states (always computed for "mean_layers").
+        head's input is the last layer's CLS token, its mean over real (unpadded) tokens, ("mean_layers")
+        those means of the embeddings' output and of every layer, concatenated, or ("mean_wide") the mean of
+        token_layer over those concatenated states. The output carries hidden_states when
+        output_hidden_states (always computed for "mean_layers" and "mean_wide").
         With config.classifier_strands "both", rc_input_ids [B, L, n_levels] (and rc_attention_mask [B, L])
         are the codes of the reverse complements, padded to the same L (`ClassificationCollator` does): the
         head's input is the mean of the two strands' features, the encoder runs once on the 2B rows
@@ -510,15 +526,18 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
 
     def _pool_strand(self, input_ids, attention_mask, output_hidden_states):
         pooling = self.config.classifier_pooling
-        out = self.vqdna(input_ids, attention_mask, output_hidden_states=output_hidden_states or pooling == "mean_layers",
-                         return_dict=True)
+        layers = pooling in ("mean_layers", "mean_wide")
+        out = self.vqdna(input_ids, attention_mask, output_hidden_states=output_hidden_states or layers, return_dict=True)
         if pooling == "cls":
             return out.last_hidden_state[:, 0], out
         if attention_mask is None:
             attention_mask = default_attention_mask(input_ids, self.config.codebook_sizes)
         w = attention_mask.to(out.last_hidden_state.dtype)[..., None]
         count = w.sum(1).clamp(min=1)
-        chosen = out.hidden_states if pooling == "mean_layers" else (out.last_hidden_state,)
+        if pooling == "mean_wide":
+            chosen = (self.token_layer(torch.cat(out.hidden_states, dim=-1)),)
+        else:
+            chosen = out.hidden_states if pooling == "mean_layers" else (out.last_hidden_state,)
         return torch.cat([(h * w).sum(1) / count for h in chosen], dim=-1), out
 
     def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=None, return_dict=None,

@@ -4,8 +4,8 @@ A task folder holds train.csv, dev.csv, test.csv with header `sequence,label`. I
 classification task (metrics MCC, macro-F1, accuracy; MCC selects), other numbers a regression task
 (Spearman selects; also Pearson and MSE). The encoder is frozen; LoRA (r 8, alpha 16, dropout 0.05 by
 default) adapts the modules the model names (`lora_target_modules`) and the classifier head trains in
-full, as does the pooler when the head starts at random (from the linear probe it stays the probe's fixed
-standardisation). For every seed and learning rate of the grid the model trains for `epochs` epochs,
+full, as do the pooler and the token layer when the head starts at random (from the linear probe they stay
+the probe's fixed standardisation and random features). For every seed and learning rate of the grid the model trains for `epochs` epochs,
 evaluated on dev after each; the (learning rate, epoch) with the best dev metric is chosen per seed, the
 probe head itself competing as epoch 0, and its test metrics reported; the JSON summary gives the mean
 and standard deviation over seeds, beside the probe head alone and (optionally) a k-mer baseline.
@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
-HEAD_MODULES = ["pooler", "classifier"]
+HEAD_MODULES = ["token_layer", "pooler", "classifier"]  # those the model has; "token_layer": "mean_wide" only
 
 
 def read_gue_csv(path: str):
@@ -208,6 +208,45 @@ def dev_win_probability(task: str, labels: np.ndarray, pred_a: np.ndarray, pred_
 # (weights 10-100x larger) raised the probe's test MCC from 0.627 to 0.653, and LoRA fine-tuning from it
 # then diverged (gradient norms ~600, dev MCC 0.44-0.56 in the first epochs).
 PROBE_SCALE = 0.5
+# "mean_wide"'s probe token layer: random ReLU features of each token's standardised states (their mean and
+# std over the real tokens of the first TOKEN_STATS_ITEMS training items), bias uniform in [-1, 1], drawn
+# from a fixed seed so that the probe depends on the model and the data only.
+TOKEN_STATS_ITEMS = 1024
+TOKEN_LAYER_SEED = 0
+
+
+def token_layer_probe_state(model, dataset, codebook_sizes, batch_size: int = 64) -> dict:
+    """{"token_layer.0.weight" [W, S], "token_layer.0.bias" [W]} (float32) of the probe's token layer:
+    relu(R (x - mean) / std + b), R [W, S] ~ N(0, 1 / S), b ~ U(-1, 1), over a token's concatenated states
+    x [S = config.layers_size]."""
+    collate = ClassificationCollator(codebook_sizes)
+    device = next(model.parameters()).device
+    n = min(len(dataset), TOKEN_STATS_ITEMS)
+    total = total_sq = None
+    count = 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, n, batch_size):
+            batch = collate([dataset[j] for j in range(i, min(i + batch_size, n))])
+            for ids, mask in ((batch["input_ids"], batch["attention_mask"]),
+                              (batch.get("rc_input_ids"), batch.get("rc_attention_mask"))):
+                if ids is None:
+                    continue
+                out = model.vqdna(ids.to(device), mask.to(device), output_hidden_states=True, return_dict=True)
+                x = torch.cat(out.hidden_states, dim=-1)[mask.to(device).bool()].double()
+                total = x.sum(0) if total is None else total + x.sum(0)
+                total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
+                count += x.shape[0]
+    model.train(was_training)
+    mean = total / count
+    std = (total_sq / count - mean * mean).clamp(min=0).sqrt().clamp(min=1e-6)
+    g = torch.Generator().manual_seed(TOKEN_LAYER_SEED)
+    width, size = model.config.classifier_width, mean.numel()
+    r = torch.randn(width, size, generator=g, dtype=torch.float64) / math.sqrt(size)
+    b = torch.rand(width, generator=g, dtype=torch.float64) * 2 - 1
+    weight = r / std.cpu()
+    return {"token_layer.0.weight": weight.float(), "token_layer.0.bias": (b - weight @ mean.cpu()).float()}
 
 
 def pooled_features(model, dataset, codebook_sizes, batch_size: int = 64) -> np.ndarray:
@@ -238,7 +277,10 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
     into the adapters, and minibatch training of a head on mean-pooled features (nearly collinear: the
     task lives in their small directions) converges far more slowly than a full-batch fit.
 
-    Returns {"state": {pooler / classifier tensors}, "regularization", "dev", "test"} (metrics of the
+    With "mean_wide" pooling the token layer is first set to random ReLU features of standardised token
+    states (`token_layer_probe_state`), and x is their mean over tokens.
+
+    Returns {"state": {token layer / pooler / classifier tensors}, "regularization", "dev", "test"} (metrics of the
     probe head alone, before any fine-tuning) and "dev_pred" (its dev `predictions`).
     """
     from sklearn.linear_model import LogisticRegression, Ridge
@@ -247,6 +289,10 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
+    token_state = {}
+    if model.config.classifier_pooling == "mean_wide":
+        token_state = token_layer_probe_state(model, data["train"], model.config.codebook_sizes, batch_size)
+        model.load_state_dict(token_state, strict=False)
     feats = {split: pooled_features(model, data[split], model.config.codebook_sizes, batch_size) for split in SPLITS}
     model.to("cpu")
     mean = feats["train"].mean(0)
@@ -278,6 +324,7 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
 
     regularization, best = choose_on_dev("the probe head", REGULARIZATION, fit)
     state = {
+        **token_state,
         "pooler.0.weight": torch.diag(torch.tensor(PROBE_SCALE / std, dtype=torch.float32)),
         "pooler.0.bias": torch.tensor(-PROBE_SCALE * mean / std, dtype=torch.float32),
         "classifier.weight": torch.tensor(best["weight"], dtype=torch.float32),
@@ -351,9 +398,10 @@ def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, s
         # The probe's pooler is a fixed standardisation. Trained, its off-diagonal entries (zero, moved by
         # AdamW at ~lr per step) mix features the head weighs by their small directions: on the species
         # example the dev MCC fell below the probe's with a trained pooler and rose above it frozen.
-        # It stays in modules_to_save, so the adapter checkpoint still carries it.
+        # It stays in modules_to_save, so the adapter checkpoint still carries it; so does "mean_wide"'s
+        # token layer, the probe's random features, frozen likewise (the probe's weights read those features).
         for name, p in model.named_parameters():
-            if ".pooler." in name:
+            if ".pooler." in name or ".token_layer." in name:
                 p.requires_grad_(False)
     metric, fn = task_metrics(task)
 
@@ -410,7 +458,7 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
     dropout: the model's hidden, attention and classifier dropout while fine-tuning (None keeps the pre-trained
     config's). It defaults to 0: the probe head is fitted on dropout-free features, and on the species example
     dropout 0.1 kept the training loss above ln 5 with the probe head and cost 0.05 test MCC after 3 epochs.
-    pooling: the classifier's pooling (cls | mean | mean_layers; None keeps the pre-trained config's).
+    pooling: the classifier's pooling (one of bert.POOLINGS; None keeps the pre-trained config's).
     strands: "forward" pools each sequence, "both" the mean over it and its reverse complement (None keeps the
     pre-trained config's): on GUE mouse 0 the probe's test MCC went 0.3385 -> 0.4277 with "both" (examples/RESULTS.md).
     baseline_k: also fit the k-mer baseline of vqdna.train.baseline (None: none), reported as "baseline".
@@ -495,7 +543,7 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
               "baseline": baseline, "test": summary, "chosen": chosen, "runs": runs,
               "runtime": {"torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}}
     os.makedirs(out_dir, exist_ok=True)
-    if probe is not None:  # a seed may report the probe head itself: keep it (pooler and classifier tensors)
+    if probe is not None:  # a seed may report the probe head itself: keep it (its head's tensors)
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in probe["state"].items()}, os.path.join(out_dir, "probe_head.safetensors"))

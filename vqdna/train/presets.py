@@ -30,7 +30,7 @@ class PretrainRecipe:
     min_lr: float
     warmup_steps: float  # steps, or a fraction of steps when < 1
     mlm_probability: float
-    pooling: str  # classifier pooling saved in the model's config: cls | mean | mean_layers
+    pooling: str  # classifier pooling saved in the model's config: one of bert.POOLINGS
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,9 @@ _FIELD_ARGS = {
     "min_lr": (float, "final learning rate of the cosine decay"),
     "warmup_steps": (float, "steps, or a fraction of --steps when < 1"),
     "mlm_probability": (float, "fraction of positions masked"),
-    "pooling": (_pooling, "classifier input: cls (the CLS token), mean (the last layer's token mean) or mean_layers "
-                          "(the token means of the embeddings and of every layer, concatenated)"),
+    "pooling": (_pooling, "classifier input: cls (the CLS token), mean (the last layer's token mean), mean_layers "
+                          "(the token means of the embeddings and of every layer, concatenated) or mean_wide (the "
+                          "token mean of a wide ReLU layer on those states: 2048 nonlinear features)"),
     "strands": (str, "forward: the head reads each sequence; both: the mean of its features over the sequence and its "
                      "reverse complement (twice the compute per sequence)"),
     "lrs": (_parse_floats, "learning-rate grid, comma separated"),
