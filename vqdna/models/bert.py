@@ -63,6 +63,7 @@ NAMED_CONFIGS = {
 
 
 POOLINGS = ("cls", "mean", "mean_layers", "mean_wide")  # config.classifier_pooling: see VQDNAForSequenceClassification
+CLASSIFIER_WIDTH = 2048  # default config.classifier_width: the token layer of "mean_wide"
 
 
 class VQDNAConfig(PretrainedConfig):
@@ -92,7 +93,7 @@ class VQDNAConfig(PretrainedConfig):
         classifier_dropout=None,
         classifier_pooling="cls",
         classifier_strands="forward",
-        classifier_width=2048,
+        classifier_width=CLASSIFIER_WIDTH,
         tokenizer_sha256=None,
         **kwargs,
     ):

@@ -222,31 +222,27 @@ def token_layer_probe_state(model, dataset, codebook_sizes, batch_size: int = 64
     collate = ClassificationCollator(codebook_sizes)
     device = next(model.parameters()).device
     n = min(len(dataset), TOKEN_STATS_ITEMS)
-    total = total_sq = None
-    count = 0
+    size = model.config.layers_size
+    total, total_sq, count = torch.zeros(size, dtype=torch.float64), torch.zeros(size, dtype=torch.float64), 0
     was_training = model.training
     model.eval()
     with torch.no_grad():
         for i in range(0, n, batch_size):
             batch = collate([dataset[j] for j in range(i, min(i + batch_size, n))])
-            for ids, mask in ((batch["input_ids"], batch["attention_mask"]),
-                              (batch.get("rc_input_ids"), batch.get("rc_attention_mask"))):
-                if ids is None:
-                    continue
-                out = model.vqdna(ids.to(device), mask.to(device), output_hidden_states=True, return_dict=True)
-                x = torch.cat(out.hidden_states, dim=-1)[mask.to(device).bool()].double()
-                total = x.sum(0) if total is None else total + x.sum(0)
-                total_sq = (x * x).sum(0) if total_sq is None else total_sq + (x * x).sum(0)
-                count += x.shape[0]
+            # both strands in one encoder pass, as the model pools them (the collator pads them to one length)
+            ids = torch.cat([batch["input_ids"], batch.get("rc_input_ids", batch["input_ids"][:0])])
+            mask = torch.cat([batch["attention_mask"], batch.get("rc_attention_mask", batch["attention_mask"][:0])])
+            out = model.vqdna(ids.to(device), mask.to(device), output_hidden_states=True, return_dict=True)
+            x = torch.cat(out.hidden_states, dim=-1)[mask.to(device).bool()].double().cpu()
+            total, total_sq, count = total + x.sum(0), total_sq + (x * x).sum(0), count + x.shape[0]
     model.train(was_training)
     mean = total / count
     std = (total_sq / count - mean * mean).clamp(min=0).sqrt().clamp(min=1e-6)
     g = torch.Generator().manual_seed(TOKEN_LAYER_SEED)
-    width, size = model.config.classifier_width, mean.numel()
-    r = torch.randn(width, size, generator=g, dtype=torch.float64) / math.sqrt(size)
-    b = torch.rand(width, generator=g, dtype=torch.float64) * 2 - 1
-    weight = r / std.cpu()
-    return {"token_layer.0.weight": weight.float(), "token_layer.0.bias": (b - weight @ mean.cpu()).float()}
+    r = torch.randn(model.config.classifier_width, size, generator=g, dtype=torch.float64) / math.sqrt(size)
+    b = torch.rand(model.config.classifier_width, generator=g, dtype=torch.float64) * 2 - 1
+    weight = r / std
+    return {"token_layer.0.weight": weight.float(), "token_layer.0.bias": (b - weight @ mean).float()}
 
 
 def pooled_features(model, dataset, codebook_sizes, batch_size: int = 64) -> np.ndarray:

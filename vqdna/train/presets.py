@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from vqdna.models.bert import POOLINGS, STRANDS
+from vqdna.models.bert import CLASSIFIER_WIDTH, POOLINGS, STRANDS
 
 DEFAULT_PRESET = "paper"
 
@@ -109,7 +109,7 @@ _FIELD_ARGS = {
     "mlm_probability": (float, "fraction of positions masked"),
     "pooling": (_pooling, "classifier input: cls (the CLS token), mean (the last layer's token mean), mean_layers "
                           "(the token means of the embeddings and of every layer, concatenated) or mean_wide (the "
-                          "token mean of a wide ReLU layer on those states: 2048 nonlinear features)"),
+                          f"token mean of a wide ReLU layer on those states: {CLASSIFIER_WIDTH} nonlinear features)"),
     "strands": (str, "forward: the head reads each sequence; both: the mean of its features over the sequence and its "
                      "reverse complement (twice the compute per sequence)"),
     "lrs": (_parse_floats, "learning-rate grid, comma separated"),
