@@ -242,11 +242,38 @@ def test_mean_pooling_ignores_padding(rng, pooling):
     assert clf(ids, mask).hidden_states is None and len(clf(ids, mask, output_hidden_states=True).hidden_states) == len(states)
 
 
+@pytest.mark.parametrize("window", [2, 3, 9])
+def test_wide_window_pools_every_window_of_real_tokens(rng, window):
+    """classifier_window W: "mean_wide"'s token layer reads the states of W consecutive real tokens, token t's
+    then t + 1's, ..., and the head's input is its mean over every such window; a window reaching padding does
+    not count, so a padded sequence pools as alone, and one with fewer than W tokens pools to zeros."""
+    clf = tiny_model(VQDNAForSequenceClassification, num_labels=2, classifier_pooling="mean_wide",
+                     classifier_width=24, classifier_window=window)
+    torch.nn.init.normal_(clf.token_layer[0].bias, std=0.5, generator=rng)
+    codes, ids, mask = random_ids(4, 7, rng)
+    assert clf.token_layer[0].weight.shape == (24, window * clf.config.layers_size) and clf.config.pooled_size == 24
+    states = torch.cat(clf.vqdna(ids, mask, output_hidden_states=True).hidden_states, -1)
+    w, b = clf.token_layer[0].weight, clf.token_layer[0].bias
+    want = []
+    for i, c in enumerate(codes):
+        x = states[i, : len(c) + 2]  # CLS, the codes, SEP
+        wins = [torch.cat(list(x[t : t + window])) for t in range(len(x) - window + 1)]
+        want.append(torch.relu(torch.stack(wins) @ w.T + b).mean(0) if wins else torch.zeros(24))
+    pooled = clf.pool(ids, mask)[0]
+    torch.testing.assert_close(pooled, torch.stack(want), atol=1e-5, rtol=0)
+    if window == 9:  # lengths 3..9 tokens: only a full-length one has a window
+        assert [bool(p.any()) for p in pooled] == [len(c) + 2 >= 9 for c in codes]
+    for i, c in enumerate(codes):
+        torch.testing.assert_close(clf.pool(*build_inputs([c], SIZES))[0][0], pooled[i], atol=1e-5, rtol=0)
+
+
 def test_unknown_pooling_is_refused():
     with pytest.raises(ValueError, match="classifier_pooling must be cls\\|mean\\|mean_layers\\|mean_wide"):
         VQDNAConfig(classifier_pooling="max")
     with pytest.raises(ValueError, match="classifier_width must be >= 1, got 0"):
         VQDNAConfig(classifier_width=0)
+    with pytest.raises(ValueError, match="classifier_window must be >= 1, got 0"):
+        VQDNAConfig(classifier_window=0)
     with pytest.raises(ValueError, match="classifier_strands must be forward\\|both"):
         VQDNAConfig(classifier_strands="reverse")
 

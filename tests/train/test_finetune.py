@@ -175,7 +175,7 @@ def test_probe_head_is_what_the_model_computes(tmp_path, monkeypatch, kind, pool
     from transformers import AutoModelForSequenceClassification
 
     import vqdna.train.baseline as baseline
-    from vqdna.train.finetune import PROBE_SCALE, classification_metrics, pooled_features, probe_head, regression_metrics
+    from vqdna.train.finetune import PROBE_SCALES, classification_metrics, pooled_features, probe_head, regression_metrics
 
     edges = []
     monkeypatch.setattr(baseline, "warn_at_grid_edge", lambda *a: edges.append(a))
@@ -188,8 +188,12 @@ def test_probe_head_is_what_the_model_computes(tmp_path, monkeypatch, kind, pool
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels,
                                                                classifier_pooling=pooling).eval()
     probe = probe_head(model, data, task, num_labels)
-    assert len(edges) == 1 and edges[0][0] == "the probe head" and list(edges[0][1]) == list(baseline.REGULARIZATION)
-    assert edges[0][1][probe["regularization"]] == max(edges[0][1].values()) == probe["dev"]["mcc" if kind == "classification" else "spearman"]
+    # one strength grid per scale; the chosen (scale, strength) is dev's best of them all
+    assert [what for what, _ in edges] == [f"the probe head (scale {s:g})" for s in PROBE_SCALES]
+    assert all(list(dev) == list(baseline.REGULARIZATION) for _, dev in edges)
+    dev_by_scale = dict(zip(PROBE_SCALES, (dev for _, dev in edges)))
+    assert dev_by_scale[probe["scale"]][probe["regularization"]] == max(max(d.values()) for d in dev_by_scale.values()) \
+        == probe["dev"]["mcc" if kind == "classification" else "spearman"]
     metric, fn = ("mcc", classification_metrics) if kind == "classification" else ("spearman", regression_metrics)
     assert probe["dev"][metric] > 0.5 and probe["test"][metric] > 0.5, probe
     wide = {"token_layer.0.weight", "token_layer.0.bias"} if pooling == "mean_wide" else set()
@@ -200,7 +204,7 @@ def test_probe_head_is_what_the_model_computes(tmp_path, monkeypatch, kind, pool
     if wide:
         assert all(torch.equal(model.state_dict()[k], probe["state"][k]) for k in wide)
     train = pooled_features(model, data["train"], model.config.codebook_sizes)
-    scale = PROBE_SCALE / np.maximum(train.std(0), 1e-6)
+    scale = probe["scale"] / np.maximum(train.std(0), 1e-6)
     torch.testing.assert_close(probe["state"]["pooler.0.weight"], torch.diag(torch.tensor(scale, dtype=torch.float32)))
     torch.testing.assert_close(probe["state"]["pooler.0.bias"], torch.tensor(-scale * train.mean(0), dtype=torch.float32))
     model.load_state_dict(probe["state"], strict=False)
@@ -253,6 +257,17 @@ def test_wide_probe_token_layer_is_random_features_of_standardised_states(tmp_pa
     monkeypatch.setattr(ft, "TOKEN_STATS_ITEMS", 8)
     assert not torch.equal(ft.token_layer_probe_state(model, data, tok.codebook_sizes)["token_layer.0.bias"],
                            state["token_layer.0.bias"])
+    # a window of 3 tokens: R [P, 3 S] ~ N(0, 1 / 3S) over the window's states, each standardised as a token's
+    monkeypatch.setattr(ft, "TOKEN_STATS_ITEMS", 16)
+    wide = load_classifier(folder, num_labels=2, classifier_pooling="mean_wide", classifier_width=512,
+                           classifier_window=3).eval()
+    state3 = ft.token_layer_probe_state(wide, data, tok.codebook_sizes, batch_size=5)
+    w3, b3 = state3["token_layer.0.weight"].double(), state3["token_layer.0.bias"].double()
+    g = torch.Generator().manual_seed(ft.TOKEN_LAYER_SEED)
+    want_r3 = torch.randn(512, 3 * size, generator=g, dtype=torch.float64) / math.sqrt(3 * size)
+    want_b3 = torch.rand(512, generator=g, dtype=torch.float64) * 2 - 1
+    torch.testing.assert_close(w3 * x.std(0, unbiased=False).repeat(3), want_r3, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b3 + w3 @ x.mean(0).repeat(3), want_b3, atol=2e-5, rtol=0)
 
 
 def test_finetune_starts_from_the_probe_head(tmp_path, monkeypatch):
@@ -264,7 +279,7 @@ def test_finetune_starts_from_the_probe_head(tmp_path, monkeypatch):
     real = ft.train_lora
     monkeypatch.setattr(ft, "train_lora", lambda *a, **k: seen.append(k.get("head_state")) or real(*a, **k))
     res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, batch_size=16, head_init="probe")
-    assert res["head_init"] == "probe" and set(res["probe"]) == {"regularization", "feature_std", "dev", "test", "state_file"}
+    assert res["head_init"] == "probe" and set(res["probe"]) == {"scale", "regularization", "feature_std", "dev", "test", "state_file"}
     assert len(seen) == 1 and torch.is_tensor(seen[0]["classifier.weight"])
     res = finetune(data, folder, str(tmp_path / "out2"), lrs=(1e-3,), epochs=1, batch_size=16, head_init="random")
     assert res["probe"] is None and seen[-1] is None
@@ -489,6 +504,26 @@ def test_finetune_pooling_override(tmp_path, monkeypatch, pooling):
     assert seen[0][1]["classifier.weight"].shape == (2, width)
     with pytest.raises(ValueError, match="pooling"):
         finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, pooling="max")
+
+
+def test_finetune_window_override(tmp_path, monkeypatch):
+    """window= reaches the probe (its token layer reads window x the states of a token) and every fine-tuning
+    run, results.json says it (None: the model's, 1); bad values are refused."""
+    import vqdna.train.finetune as ft
+
+    folder, _ = _mlm.pretrained()
+    data = _mlm.write_gue(tmp_path / "task", sizes=(32, 16, 16))
+    seen = []
+    fake = _fake_train_lora(0.5)
+    monkeypatch.setattr(ft, "train_lora", lambda *a, **k: seen.append((k["head_config"], k["head_state"])) or fake(*a, **k))
+    res = finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, pooling="mean_wide", window=3)
+    (head, state), = seen
+    assert head == {"classifier_pooling": "mean_wide", "classifier_window": 3} and res["window"] == 3
+    assert state["token_layer.0.weight"].shape == (2048, 3 * 64 * 3)  # bert-tiny: 3 states of 64 per token
+    assert finetune(data, folder, str(tmp_path / "o2"), lrs=(1e-3,), epochs=1, pooling="mean_wide")["window"] == 1
+    assert seen[-1][1]["token_layer.0.weight"].shape == (2048, 64 * 3)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        finetune(data, folder, str(tmp_path / "out"), lrs=(1e-3,), epochs=1, window=0)
 
 
 def test_finetune_strands_both_pools_each_sequence_and_its_reverse_complement(tmp_path, monkeypatch):

@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                    seeds=[int(s) for s in args.seeds.split(",")], task=args.task, max_length=args.max_length,
                    lora_r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                    head_init=recipe.head_init, dropout=recipe.dropout, pooling=recipe.pooling, strands=recipe.strands,
-                   min_dev_confidence=recipe.min_dev_confidence,
+                   window=recipe.window, min_dev_confidence=recipe.min_dev_confidence,
                    baseline_k=args.baseline, progress=not args.no_progress)
     print(format_results(res))
     print(f"results in {args.out}/results.json")

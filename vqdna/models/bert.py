@@ -64,6 +64,7 @@ NAMED_CONFIGS = {
 
 POOLINGS = ("cls", "mean", "mean_layers", "mean_wide")  # config.classifier_pooling: see VQDNAForSequenceClassification
 CLASSIFIER_WIDTH = 2048  # default config.classifier_width: the token layer of "mean_wide"
+CLASSIFIER_WINDOW = 1  # default config.classifier_window: consecutive tokens the token layer of "mean_wide" reads
 
 
 class VQDNAConfig(PretrainedConfig):
@@ -94,6 +95,7 @@ class VQDNAConfig(PretrainedConfig):
         classifier_pooling="cls",
         classifier_strands="forward",
         classifier_width=CLASSIFIER_WIDTH,
+        classifier_window=CLASSIFIER_WINDOW,
         tokenizer_sha256=None,
         **kwargs,
     ):
@@ -114,6 +116,7 @@ class VQDNAConfig(PretrainedConfig):
         self.classifier_pooling = classifier_pooling
         self.classifier_strands = classifier_strands
         self.classifier_width = int(classifier_width)  # the token layer of "mean_wide"
+        self.classifier_window = int(classifier_window)  # its input: this many consecutive tokens' states
         self.tokenizer_sha256 = tokenizer_sha256
         super().__init__(**kwargs)
         if hidden_size % num_attention_heads:
@@ -122,6 +125,8 @@ class VQDNAConfig(PretrainedConfig):
             raise ValueError(f"classifier_pooling must be {'|'.join(POOLINGS)}, got {classifier_pooling!r}")
         if self.classifier_width < 1:
             raise ValueError(f"classifier_width must be >= 1, got {classifier_width}")
+        if self.classifier_window < 1:
+            raise ValueError(f"classifier_window must be >= 1, got {classifier_window}")
         if classifier_strands not in STRANDS:
             raise ValueError(f"classifier_strands must be {'|'.join(STRANDS)}, got {classifier_strands!r}")
         if attention_backend not in ("auto", "flash", "sdpa", "reference"):
@@ -475,7 +480,8 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
     models: 100 M head parameters at bert-base), or ("mean_wide") the mean over real tokens of a wide ReLU
     layer, `token_layer`, on each token's states of the embeddings and every layer (width P =
     config.classifier_width: a bag of nonlinear token features, where a linear read-out of mean states is a
-    bag of linear ones); with config.classifier_strands "both", the mean of that
+    bag of linear ones; with config.classifier_window W > 1, on the states of each W consecutive tokens,
+    concatenated: a bag of nonlinear features of windows, as a k-mer count is one of k bases); with config.classifier_strands "both", the mean of that
     feature over the sequence and its reverse complement (strand-symmetric: a binding site reads the same
     on either strand); then the pooler (dense + tanh) and the classifier:
     num_labels == 1 -> regression (MSE), integer labels -> single-label cross-entropy, float multi-hot
@@ -492,7 +498,8 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
         self.num_labels = config.num_labels
         self.vqdna = VQDNAModel(config)
         if config.classifier_pooling == "mean_wide":
-            self.token_layer = nn.Sequential(nn.Linear(config.layers_size, config.classifier_width), nn.ReLU())
+            self.token_layer = nn.Sequential(
+                nn.Linear(config.classifier_window * config.layers_size, config.classifier_width), nn.ReLU())
         self.pooler = nn.Sequential(nn.Linear(config.pooled_size, config.pooled_size), nn.Tanh())
         p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = nn.Dropout(p)
@@ -504,7 +511,8 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
         """Runs the encoder; returns (the head's input [B, config.pooled_size], the encoder's output). The
         head's input is the last layer's CLS token, its mean over real (unpadded) tokens, ("mean_layers")
         those means of the embeddings' output and of every layer, concatenated, or ("mean_wide") the mean of
-        token_layer over those concatenated states. The output carries hidden_states when
+        token_layer over those concatenated states (of each config.classifier_window consecutive real
+        tokens, concatenated in order). The output carries hidden_states when
         output_hidden_states (always computed for "mean_layers" and "mean_wide").
         With config.classifier_strands "both", rc_input_ids [B, L, n_levels] (and rc_attention_mask [B, L])
         are the codes of the reverse complements, padded to the same L (`ClassificationCollator` does): the
@@ -534,11 +542,18 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
         if attention_mask is None:
             attention_mask = default_attention_mask(input_ids, self.config.codebook_sizes)
         w = attention_mask.to(out.last_hidden_state.dtype)[..., None]
-        count = w.sum(1).clamp(min=1)
         if pooling == "mean_wide":
-            chosen = (self.token_layer(torch.cat(out.hidden_states, dim=-1)),)
+            states, window = torch.cat(out.hidden_states, dim=-1), self.config.classifier_window
+            if window > 1:  # [B, L, S] -> [B, L - W + 1, W * S]: token t's states, then t + 1's, ...; windows
+                # that reach a padded position do not count (right padding: every window of real tokens is kept)
+                short = max(window - states.shape[1], 0)  # fewer positions than one window: none counts
+                states, w = F.pad(states, (0, 0, 0, short)), F.pad(w, (0, 0, 0, short))
+                states = states.unfold(1, window, 1).transpose(2, 3).flatten(2)
+                w = w.unfold(1, window, 1).amin(-1)
+            chosen = (self.token_layer(states),)
         else:
             chosen = out.hidden_states if pooling == "mean_layers" else (out.last_hidden_state,)
+        count = w.sum(1).clamp(min=1)
         return torch.cat([(h * w).sum(1) / count for h in chosen], dim=-1), out
 
     def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=None, return_dict=None,

@@ -202,12 +202,15 @@ def dev_win_probability(task: str, labels: np.ndarray, pred_a: np.ndarray, pred_
     return wins / rounds
 
 
-# The probe head: pooler(x) = tanh(PROBE_SCALE * (x - mean) / std) keeps standardised features in tanh's
-# near-linear range; the regularisation is chosen on dev from the k-mer baseline's grid (baseline.REGULARIZATION).
-# A sharper probe fits better but fine-tunes worse: on the species example, scale 0.1 with C up to 1e4
+# The probe head: pooler(x) = tanh(scale * (x - mean) / std), the scale and the regularisation (the k-mer
+# baseline's grid, baseline.REGULARIZATION) chosen together on dev; on a tie the first scale. 0.5 squashes
+# outlying features, 0.2 keeps them nearly linear; which fits better depends on the task: on the mean_wide
+# probes of the --preset small models (examples/RESULTS.md) dev MCC was 0.5584 (0.5) / 0.6012 (0.2) on GUE
+# mouse 0, but 0.5386 / 0.5184 on prom_core_tata and 0.7619 / 0.7602 on the species example. Not smaller: a
+# sharper probe fits better but fine-tunes worse: on the species example, scale 0.1 with C up to 1e4
 # (weights 10-100x larger) raised the probe's test MCC from 0.627 to 0.653, and LoRA fine-tuning from it
 # then diverged (gradient norms ~600, dev MCC 0.44-0.56 in the first epochs).
-PROBE_SCALE = 0.5
+PROBE_SCALES = (0.5, 0.2)
 # "mean_wide"'s probe token layer: random ReLU features of each token's standardised states (their mean and
 # std over the real tokens of the first TOKEN_STATS_ITEMS training items), bias uniform in [-1, 1], drawn
 # from a fixed seed so that the probe depends on the model and the data only.
@@ -216,9 +219,10 @@ TOKEN_LAYER_SEED = 0
 
 
 def token_layer_probe_state(model, dataset, codebook_sizes, batch_size: int = 64) -> dict:
-    """{"token_layer.0.weight" [W, S], "token_layer.0.bias" [W]} (float32) of the probe's token layer:
-    relu(R (x - mean) / std + b), R [W, S] ~ N(0, 1 / S), b ~ U(-1, 1), over a token's concatenated states
-    x [S = config.layers_size]."""
+    """{"token_layer.0.weight" [P, V * S], "token_layer.0.bias" [P]} (float32) of the probe's token layer:
+    relu(R (x - mean) / std + b), R [P, V * S] ~ N(0, 1 / (V S)), b ~ U(-1, 1), over the concatenated states
+    x of a window of V = config.classifier_window tokens (S = config.layers_size each; mean and std are a
+    token's, repeated for each position of the window); P = config.classifier_width."""
     collate = ClassificationCollator(codebook_sizes)
     device = next(model.parameters()).device
     n = min(len(dataset), TOKEN_STATS_ITEMS)
@@ -238,8 +242,10 @@ def token_layer_probe_state(model, dataset, codebook_sizes, batch_size: int = 64
     model.train(was_training)
     mean = total / count
     std = (total_sq / count - mean * mean).clamp(min=0).sqrt().clamp(min=1e-6)
+    window = model.config.classifier_window
+    mean, std = mean.repeat(window), std.repeat(window)
     g = torch.Generator().manual_seed(TOKEN_LAYER_SEED)
-    r = torch.randn(model.config.classifier_width, size, generator=g, dtype=torch.float64) / math.sqrt(size)
+    r = torch.randn(model.config.classifier_width, window * size, generator=g, dtype=torch.float64) / math.sqrt(window * size)
     b = torch.rand(model.config.classifier_width, generator=g, dtype=torch.float64) * 2 - 1
     weight = r / std
     return {"token_layer.0.weight": weight.float(), "token_layer.0.bias": (b - weight @ mean).float()}
@@ -266,9 +272,9 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
     Pretrained Features and Underperform Out-of-Distribution").
 
     With the pre-trained encoder frozen, the pooler is set to standardise its input over the training set,
-    pooler(x) = tanh(PROBE_SCALE (x - mean) / std), and the classifier is fitted on exactly those features
-    by L2-regularised logistic regression (classification) or ridge regression (regression), the strength
-    chosen on dev. LoRA fine-tuning then starts from a head that already solves the task as well as the
+    pooler(x) = tanh(scale (x - mean) / std), and the classifier is fitted on exactly those features
+    by L2-regularised logistic regression (classification) or ridge regression (regression), the scale (of
+    PROBE_SCALES) and the strength chosen together on dev. LoRA fine-tuning then starts from a head that already solves the task as well as the
     frozen features allow: a random head's first steps would push large, feature-distorting gradients
     into the adapters, and minibatch training of a head on mean-pooled features (nearly collinear: the
     task lives in their small directions) converges far more slowly than a full-batch fit.
@@ -276,7 +282,7 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
     With "mean_wide" pooling the token layer is first set to random ReLU features of standardised token
     states (`token_layer_probe_state`), and x is their mean over tokens.
 
-    Returns {"state": {token layer / pooler / classifier tensors}, "regularization", "dev", "test"} (metrics of the
+    Returns {"state": {token layer / pooler / classifier tensors}, "scale", "regularization", "dev", "test"} (metrics of the
     probe head alone, before any fine-tuning) and "dev_pred" (its dev `predictions`).
     """
     from sklearn.linear_model import LogisticRegression, Ridge
@@ -293,12 +299,12 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
     model.to("cpu")
     mean = feats["train"].mean(0)
     std = np.maximum(feats["train"].std(0), 1e-6)
-    pooled = {split: np.tanh(PROBE_SCALE * (x - mean) / std) for split, x in feats.items()}
+    standard = {split: (x - mean) / std for split, x in feats.items()}
     y = {split: data[split].labels.numpy() for split in SPLITS}
     metric = task_metrics(task)[0]
     hidden = mean.shape[0]
 
-    def fit(reg):
+    def fit(pooled, reg):
         weight = np.zeros((num_labels, hidden))
         bias = np.zeros(num_labels)
         if task == "classification":
@@ -318,17 +324,23 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
         dev = head_metrics(task, logits, y["dev"])
         return dev[metric], {"weight": weight, "bias": bias, "dev": dev, "dev_pred": predictions(task, logits)}
 
-    regularization, best = choose_on_dev("the probe head", REGULARIZATION, fit)
+    choices = {}  # scale -> (regularization, best fit, the pooled features)
+    for scale in PROBE_SCALES:
+        pooled = {split: np.tanh(scale * x) for split, x in standard.items()}
+        choices[scale] = (*choose_on_dev(f"the probe head (scale {scale:g})", REGULARIZATION,
+                                         lambda reg, pooled=pooled: fit(pooled, reg)), pooled)
+    scale = max(PROBE_SCALES, key=lambda s: choices[s][1]["dev"][metric])  # max keeps the first of equals
+    regularization, best, pooled = choices[scale]
     state = {
         **token_state,
-        "pooler.0.weight": torch.diag(torch.tensor(PROBE_SCALE / std, dtype=torch.float32)),
-        "pooler.0.bias": torch.tensor(-PROBE_SCALE * mean / std, dtype=torch.float32),
+        "pooler.0.weight": torch.diag(torch.tensor(scale / std, dtype=torch.float32)),
+        "pooler.0.bias": torch.tensor(-scale * mean / std, dtype=torch.float32),
         "classifier.weight": torch.tensor(best["weight"], dtype=torch.float32),
         "classifier.bias": torch.tensor(best["bias"], dtype=torch.float32),
     }
     test = head_metrics(task, pooled["test"] @ best["weight"].T + best["bias"], y["test"])
     spread = {"min": float(std.min()), "median": float(np.median(std)), "max": float(std.max())}
-    return {"state": state, "regularization": regularization, "feature_std": spread, "dev": best["dev"],
+    return {"state": state, "scale": scale, "regularization": regularization, "feature_std": spread, "dev": best["dev"],
             "test": test, "dev_pred": best["dev_pred"]}
 
 
@@ -439,7 +451,7 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
              lora_r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.05, weight_decay: float = 0.01,
              tokenizer=None, head_init: str = "probe", dropout: float | None = 0.0, pooling: str | None = None,
              baseline_k: int | None = None, min_dev_confidence: float = 0.95, strands: str | None = None,
-             progress: bool = False) -> dict:
+             window: int | None = None, progress: bool = False) -> dict:
     """Grid over learning rates (epochs chosen on dev) per seed; writes out_dir/results.json and returns
     it. model_dir: a pre-trained VQDNA model directory (with its tokenizer unless `tokenizer` is given).
     head_init: "probe" starts every run from the linear-probe head of `probe_head` (LP-FT), "random" from
@@ -457,6 +469,8 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
     pooling: the classifier's pooling (one of bert.POOLINGS; None keeps the pre-trained config's).
     strands: "forward" pools each sequence, "both" the mean over it and its reverse complement (None keeps the
     pre-trained config's): on GUE mouse 0 the probe's test MCC went 0.3385 -> 0.4277 with "both" (examples/RESULTS.md).
+    window: "mean_wide"'s token layer reads this many consecutive tokens (config.classifier_window; None keeps the
+    pre-trained config's).
     baseline_k: also fit the k-mer baseline of vqdna.train.baseline (None: none), reported as "baseline".
     progress: a progress bar per run (else one log line per epoch)."""
     from vqdna.data.alphabet import STRANDS
@@ -471,6 +485,8 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
         raise ValueError(f"pooling must be {'|'.join(POOLINGS)} or None, got {pooling!r}")
     if strands is not None and strands not in STRANDS:
         raise ValueError(f"strands must be {'|'.join(STRANDS)} or None, got {strands!r}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window!r}")
     if not 0.0 <= min_dev_confidence <= 1.0:
         raise ValueError(f"min_dev_confidence must be in [0, 1], got {min_dev_confidence!r}")
     tok = tokenizer or VQDNATokenizer.from_pretrained(model_dir)
@@ -479,7 +495,11 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
     head = {} if pooling is None else {"classifier_pooling": pooling}  # config overrides of the classifier
     if strands is not None:
         head["classifier_strands"] = strands
-    used_strands = strands or VQDNAConfig.from_pretrained(model_dir).classifier_strands
+    if window is not None:
+        head["classifier_window"] = window
+    pretrained = VQDNAConfig.from_pretrained(model_dir)
+    used_strands = strands or pretrained.classifier_strands
+    used_window = window or pretrained.classifier_window
     baseline = None
     if baseline_k is not None:  # it reads the strands the model reads: like for like
         from vqdna.train.baseline import kmer_baseline
@@ -504,8 +524,8 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
                         "std median %.3g): LoRA steps can swamp it; --pooling mean_layers or mean fine-tunes stably",
                         probe["feature_std"]["median"])
         del base
-        log.warning("probe head (regularization %g): dev %s %.4f, test %.4f", probe["regularization"], metric,
-                    probe["dev"][metric], probe["test"][metric])
+        log.warning("probe head (scale %g, regularization %g): dev %s %.4f, test %.4f", probe["scale"],
+                    probe["regularization"], metric, probe["dev"][metric], probe["test"][metric])
     runs, chosen = [], []
     for seed in seeds:
         per_seed = []
@@ -535,7 +555,7 @@ def finetune(data_dir: str, model_dir: str, out_dir: str, lrs=(1e-5, 3e-5, 5e-5)
               "sizes": {s: len(d) for s, d in data.items()}, "lora": lora, "lrs": list(lrs), "epochs": epochs,
               "batch_size": batch_size, "seeds": list(seeds), "head_init": head_init, "dropout": dropout,
               "min_dev_confidence": min_dev_confidence,
-              "pooling": pooling, "strands": used_strands, "probe": {k: v for k, v in probe.items() if k not in ("state", "dev_pred")} if probe else None,
+              "pooling": pooling, "strands": used_strands, "window": used_window, "probe": {k: v for k, v in probe.items() if k not in ("state", "dev_pred")} if probe else None,
               "baseline": baseline, "test": summary, "chosen": chosen, "runs": runs,
               "runtime": {"torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}}
     os.makedirs(out_dir, exist_ok=True)

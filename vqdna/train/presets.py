@@ -47,6 +47,7 @@ class FinetuneRecipe:
     head_init: str  # probe | random
     pooling: str | None  # classifier pooling; None keeps the pre-trained model's
     strands: str | None  # forward | both (the mean over each sequence and its reverse complement); None: the model's
+    window: int | None  # tokens "mean_wide"'s token layer reads at a time (config.classifier_window); None: the model's
     min_dev_confidence: float  # a fine-tuned model replaces its probe head only when it beats it in this
     # fraction of paired bootstrap resamples of dev (vqdna.train.finetune.dev_win_probability)
 
@@ -62,10 +63,11 @@ PRETRAIN_PRESETS = {
 
 FINETUNE_PRESETS = {
     "paper": FinetuneRecipe(lrs=(1e-5, 3e-5, 5e-5), epochs=3, batch_size=32, lora_r=8, lora_alpha=16, lora_dropout=0.05,
-                            dropout=0.0, head_init="probe", pooling=None, strands=None, min_dev_confidence=0.95),
+                            dropout=0.0, head_init="probe", pooling=None, strands=None, window=None,
+                            min_dev_confidence=0.95),
     # measured in examples/RESULTS.md: 83 min for 3 seeds on 5,000 training windows of 200 bp (one thread)
     "small": FinetuneRecipe(lrs=(5e-4,), epochs=5, batch_size=32, lora_r=8, lora_alpha=16, lora_dropout=0.0,
-                            dropout=0.0, head_init="probe", pooling="mean_layers", strands="both",
+                            dropout=0.0, head_init="probe", pooling="mean_layers", strands="both", window=None,
                             min_dev_confidence=0.95),
 }
 
@@ -112,6 +114,9 @@ _FIELD_ARGS = {
                           f"token mean of a wide ReLU layer on those states: {CLASSIFIER_WIDTH} nonlinear features)"),
     "strands": (str, "forward: the head reads each sequence; both: the mean of its features over the sequence and its "
                      "reverse complement (twice the compute per sequence)"),
+    "window": (int, "with mean_wide: the token layer reads the states of this many consecutive tokens, concatenated, "
+                    "and the mean runs over every such window (a bag of window features, as a k-mer count is one of "
+                    "k bases); its cost per token grows with it"),
     "lrs": (_parse_floats, "learning-rate grid, comma separated"),
     "epochs": (int, "epochs per run (the best epoch, the probe head as epoch 0, is chosen on dev)"),
     "lora_r": (int, "LoRA rank"),
