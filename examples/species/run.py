@@ -129,9 +129,11 @@ def main() -> int:
     p.add_argument("--pretrain-steps", type=int, default=PRE.steps)
     p.add_argument("--max-length", type=int, default=PRE.max_length, help="pre-training window in tokens")
     p.add_argument("--config", default=PRE.config)
-    p.add_argument("--pooling", default=PRE.pooling, choices=POOLINGS,
-                   help="classifier input: the CLS token, the last layer's mean over the window's tokens, or "
-                        "those means of every layer, concatenated")
+    p.add_argument("--pooling", default=FT.pooling, choices=POOLINGS,
+                   help="classifier input: the CLS token, the last layer's mean over the window's tokens, "
+                        "those means of every layer, concatenated, or the mean of a wide ReLU layer on those states")
+    p.add_argument("--token-window", type=int, default=FT.window,
+                   help="with mean_wide: consecutive tokens the wide layer reads (vqdna finetune --window)")
     p.add_argument("--strands", default=FT.strands, choices=STRANDS,
                    help="the head reads each window (forward) or the mean over it and its reverse complement (both); "
                         "the 6-mer baseline counts the same strands")
@@ -191,7 +193,8 @@ def main() -> int:
     torch.manual_seed(args.seed)
     res = finetune(task, mlm_dir, os.path.join(args.out, "finetune"), lrs=[float(x) for x in args.lrs.split(",")],
                    epochs=args.epochs, batch_size=FT.batch_size, seeds=(args.seed,), tokenizer=tok,
-                   lora_dropout=args.lora_dropout, pooling=args.pooling, strands=args.strands, baseline_k=6)
+                   lora_dropout=args.lora_dropout, pooling=args.pooling, strands=args.strands,
+                   window=args.token_window, baseline_k=6)
     base = res["baseline"]["test"]
     mcc = res["test"]["mcc"]["mean"]
     print(f"[{time.time() - t0:6.0f} s] linear-probe head alone (before fine-tuning): test MCC "

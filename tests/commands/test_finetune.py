@@ -75,7 +75,7 @@ def test_cli_finetune_log_is_clean(tmp_path):
         assert item not in log, log
     res = json.loads((out / "results.json").read_text())
     assert res["runtime"]["omp_wait_policy"] == "PASSIVE"
-    assert res["pooling"] == "mean_layers" and res["lrs"] == [5e-4] and res["lora"]["dropout"] == 0.0
+    assert res["pooling"] == "mean_wide" and res["window"] == 3 and res["lrs"] == [5e-4] and res["lora"]["dropout"] == 0.0
     assert res["strands"] == "both" and res["baseline"]["strands"] == "both"
     assert res["baseline"]["k"] == 3 and res["chosen"][0]["source"] in ("probe", "finetuned")
     assert "3-mer frequencies (both strands) + logistic regression" in proc.stdout

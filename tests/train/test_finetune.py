@@ -570,7 +570,7 @@ def test_cls_probe_is_what_lora_steps_swamp(tmp_path):
     steps (each LoRA entry moves by ~lr, whatever its gradient) shift them by more than their spread.
     Measured here: a few LoRA steps at lr 5e-4 from the CLS probe push the training loss far above ln 2
     with gradient norms > 50, while from the mean-pooled probe the loss stays low and the norms small.
-    Hence `--pooling` on both commands and mean_layers in `--preset small`."""
+    Hence `--pooling` on both commands and token means (now mean_wide) in `--preset small`."""
     from vqdna.models.bert import load_classifier
     from vqdna.train.finetune import ClassificationCollator, probe_head
 

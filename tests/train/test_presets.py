@@ -38,8 +38,8 @@ def test_small_preset_is_the_measured_cpu_recipe():
     assert (recipe.config, recipe.steps, recipe.batch_size, recipe.max_length, recipe.lr, recipe.warmup_steps,
             recipe.pooling) == ("bert-mini", 1500, 32, 128, 1e-3, 0.1, "mean_layers")
     recipe, _ = _recipe(FINETUNE + ["--preset", "small"])
-    assert (recipe.lrs, recipe.epochs, recipe.lora_dropout, recipe.dropout, recipe.pooling, recipe.strands) == \
-        ((5e-4,), 5, 0.0, 0.0, "mean_layers", "both")
+    assert (recipe.lrs, recipe.epochs, recipe.lora_dropout, recipe.dropout, recipe.pooling, recipe.strands,
+            recipe.window) == ((5e-4,), 5, 0.0, 0.0, "mean_wide", "both", 3)
 
 
 def test_explicit_flags_win_over_any_preset():
@@ -82,8 +82,9 @@ def test_help_says_which_preset_fits_a_cpu(command):
     sub = build_parser()._subparsers._group_actions[0].choices[command]
     text = " ".join(sub.format_help().split())
     assert "--preset {paper,small}" in text and "fits a CPU" in text and "examples/RESULTS.md" in text
-    assert ("14.8 min" if command == "pretrain" else "83 min for 3 seeds") in text
+    assert ("14.8 min" if command == "pretrain" else "31 min per seed") in text
     assert "--pooling" in text and "--no-progress" in text
-    assert "small: mean_layers" in text  # each flag names the presets' values
+    # each flag names the presets' values
+    assert ("small: mean_layers" if command == "pretrain" else "small: mean_wide") in text
     if command == "finetune":
-        assert "--strands {forward,both}" in text and "small: both" in text
+        assert "--strands {forward,both}" in text and "small: both" in text and "small: 3)" in text
