@@ -285,9 +285,9 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
     Returns {"state": {token layer / pooler / classifier tensors}, "scale", "regularization", "dev", "test"} (metrics of the
     probe head alone, before any fine-tuning) and "dev_pred" (its dev `predictions`).
     """
-    from sklearn.linear_model import LogisticRegression, Ridge
+    from sklearn.linear_model import Ridge
 
-    from vqdna.train.baseline import REGULARIZATION, choose_on_dev
+    from vqdna.train.baseline import REGULARIZATION, choose_on_dev, logistic_regression
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
@@ -308,7 +308,7 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
         weight = np.zeros((num_labels, hidden))
         bias = np.zeros(num_labels)
         if task == "classification":
-            clf = LogisticRegression(C=reg, max_iter=5000).fit(pooled["train"], y["train"])
+            clf = logistic_regression(reg).fit(pooled["train"], y["train"])
             rows = clf.classes_.astype(np.int64)
             if len(rows) == 2:  # sklearn's binary model has one row: split it into two opposite logits
                 weight[rows] = np.stack([-clf.coef_[0], clf.coef_[0]]) / 2
