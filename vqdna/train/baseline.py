@@ -22,8 +22,8 @@ REGULARIZATION = tuple(10.0**e for e in range(-6, 4))
 # Both logistic fits solve to a gradient tolerance of 1e-6, not sklearn's default 1e-4, which stops short of the
 # optimum: there the features' last float bits decide the side of the examples near the boundary. On the GUE mouse 0
 # probe (2,048 features, C 10), scaling every feature by 1 + 1e-6 noise flipped 4 dev and 6 test predictions at 1e-4
-# (test MCC 0.5435 against 0.5484) and none at 1e-6 or 1e-8 (test 0.5583; 1,171 lbfgs iterations, 12 s): the same
-# model's probe moved by float rounding between machines (examples/RESULTS.md), not by its features.
+# (test MCC 0.5435 against 0.5484) and none at 1e-6 or 1e-8 (test 0.5583; 1,171 lbfgs iterations, 12 s). At 1e-4 the
+# same model's probe moved by 0.007 test MCC with the batch shapes of its feature passes (examples/RESULTS.md).
 LOGISTIC_TOL = 1e-6
 LOGISTIC_MAX_ITER = 100_000  # the probe's weakest strength (C 1e3) took ~13,000 iterations there
 
