@@ -33,9 +33,10 @@ def test_kmer_baseline_classification_chooses_on_dev(tmp_path, monkeypatch):
 
     splits, task = load_task(_mlm.write_gue(tmp_path / "task", sizes=(200, 80, 80)))
     fitted = []  # every strength is fitted by the shared, converged estimator
-    monkeypatch.setattr(baseline, "logistic_regression", lambda c: fitted.append(c) or logistic_regression(c))
+    linear_model = baseline.linear_model
+    monkeypatch.setattr(baseline, "linear_model", lambda t, c: fitted.append((t, c)) or linear_model(t, c))
     res = kmer_baseline(splits, task, k=2)
-    assert fitted == list(REGULARIZATION)
+    assert fitted == [("classification", c) for c in REGULARIZATION]
     assert res["k"] == 2 and res["regularization"] in REGULARIZATION
     assert res["test"]["mcc"] > 0.5 and set(res["test"]) == {"mcc", "f1", "accuracy"}  # chance is 0
     # the chosen strength is the best on dev: refit every strength by hand
@@ -65,6 +66,15 @@ def test_logistic_fits_are_solved_to_the_optimum():
     np.testing.assert_allclose(fit.decision_function(x[400:]), optimum.decision_function(x[400:]), atol=0.05)
     np.testing.assert_array_equal(fit.predict(x[400:]), optimum.predict(x[400:]))
     assert baseline.LOGISTIC_TOL <= 1e-6 and fit.n_iter_[0] < baseline.LOGISTIC_MAX_ITER
+
+
+def test_linear_model_is_one_strength_convention():
+    """C of logistic regression and 1 / alpha of ridge are the same strength: both fits read REGULARIZATION so."""
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    logistic, ridge = baseline.linear_model("classification", 1e-3), baseline.linear_model("regression", 1e-3)
+    assert isinstance(logistic, LogisticRegression) and logistic.C == 1e-3 and logistic.tol == baseline.LOGISTIC_TOL
+    assert isinstance(ridge, Ridge) and ridge.alpha == pytest.approx(1e3)
 
 
 def test_kmer_baseline_regression(tmp_path):

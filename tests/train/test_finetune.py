@@ -179,8 +179,8 @@ def test_probe_head_is_what_the_model_computes(tmp_path, monkeypatch, kind, pool
 
     edges, fitted = [], []
     monkeypatch.setattr(baseline, "warn_at_grid_edge", lambda *a: edges.append(a))
-    logistic = baseline.logistic_regression  # the baseline's converged estimator fits every logistic probe
-    monkeypatch.setattr(baseline, "logistic_regression", lambda c: fitted.append(c) or logistic(c))
+    linear_model = baseline.linear_model  # the baseline's estimators (logistic: the converged one) fit every probe
+    monkeypatch.setattr(baseline, "linear_model", lambda t, c: fitted.append((t, c)) or linear_model(t, c))
 
     gc = lambda seqs: [f"{np.mean([c in 'GC' for c in s]):.4f}" for s in seqs]  # noqa: E731
     data, task = _encoded_task(tmp_path, labels=gc if kind == "regression" else None)
@@ -193,7 +193,7 @@ def test_probe_head_is_what_the_model_computes(tmp_path, monkeypatch, kind, pool
     # one strength grid per scale; the chosen (scale, strength) is dev's best of them all
     assert [what for what, _ in edges] == [f"the probe head (scale {s:g})" for s in PROBE_SCALES]
     assert all(list(dev) == list(baseline.REGULARIZATION) for _, dev in edges)
-    assert fitted == (list(baseline.REGULARIZATION) * len(PROBE_SCALES) if kind == "classification" else [])
+    assert fitted == [(kind, c) for c in baseline.REGULARIZATION] * len(PROBE_SCALES)
     dev_by_scale = dict(zip(PROBE_SCALES, (dev for _, dev in edges)))
     assert dev_by_scale[probe["scale"]][probe["regularization"]] == max(max(d.values()) for d in dev_by_scale.values()) \
         == probe["dev"]["mcc" if kind == "classification" else "spearman"]

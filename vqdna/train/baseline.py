@@ -36,6 +36,17 @@ def logistic_regression(c: float):
     return LogisticRegression(C=c, tol=LOGISTIC_TOL, max_iter=LOGISTIC_MAX_ITER)
 
 
+def linear_model(task: str, strength: float):
+    """The unfitted estimator of both linear fits (this baseline and the probe head) at one strength of
+    REGULARIZATION: `logistic_regression(strength)` for "classification", ridge with alpha = 1 / strength for
+    "regression" (the one place the C = 1 / alpha convention is written)."""
+    if task == "classification":
+        return logistic_regression(strength)
+    from sklearn.linear_model import Ridge
+
+    return Ridge(alpha=1.0 / strength)
+
+
 def warn_at_grid_edge(what: str, dev_by_strength: dict) -> None:
     """Log a warning when dev's best strength is the weakest or strongest of the grid and beats its inner neighbour:
     the best may lie beyond the grid. dev_by_strength: {strength: dev metric (higher is better)} over the grid (a
@@ -96,7 +107,6 @@ def kmer_baseline(splits: dict, task: str, k: int = 6, regularization=REGULARIZA
     complement's (`both_strands_kmer_features`), matching a model that reads both strands.
     Returns {"k", "strands", "regularization" (the chosen C = 1/alpha), "dev", "test"} (metric dicts).
     """
-    from sklearn.linear_model import Ridge
     from sklearn.preprocessing import StandardScaler
 
     from vqdna.train.finetune import task_metrics
@@ -120,8 +130,7 @@ def kmer_baseline(splits: dict, task: str, k: int = 6, regularization=REGULARIZA
         return out
 
     def fit(reg):
-        model = (logistic_regression(reg) if task == "classification" else Ridge(alpha=1.0 / reg)).fit(
-            x["train"], y["train"])
+        model = linear_model(task, reg).fit(x["train"], y["train"])
         dev = metrics_fn(scores(model, "dev"), y["dev"])
         return dev[metric], (model, dev)
 

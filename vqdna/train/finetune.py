@@ -285,9 +285,7 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
     Returns {"state": {token layer / pooler / classifier tensors}, "scale", "regularization", "dev", "test"} (metrics of the
     probe head alone, before any fine-tuning) and "dev_pred" (its dev `predictions`).
     """
-    from sklearn.linear_model import Ridge
-
-    from vqdna.train.baseline import REGULARIZATION, choose_on_dev, logistic_regression
+    from vqdna.train.baseline import REGULARIZATION, choose_on_dev, linear_model
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model.to(device)
@@ -307,19 +305,18 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
     def fit(pooled, reg):
         weight = np.zeros((num_labels, hidden))
         bias = np.zeros(num_labels)
+        fitted = linear_model(task, reg).fit(pooled["train"], y["train"])
         if task == "classification":
-            clf = logistic_regression(reg).fit(pooled["train"], y["train"])
-            rows = clf.classes_.astype(np.int64)
+            rows = fitted.classes_.astype(np.int64)
             if len(rows) == 2:  # sklearn's binary model has one row: split it into two opposite logits
-                weight[rows] = np.stack([-clf.coef_[0], clf.coef_[0]]) / 2
-                bias[rows] = np.array([-clf.intercept_[0], clf.intercept_[0]]) / 2
+                weight[rows] = np.stack([-fitted.coef_[0], fitted.coef_[0]]) / 2
+                bias[rows] = np.array([-fitted.intercept_[0], fitted.intercept_[0]]) / 2
             else:
-                weight[rows], bias[rows] = clf.coef_, clf.intercept_
+                weight[rows], bias[rows] = fitted.coef_, fitted.intercept_
             absent = np.setdiff1d(np.arange(num_labels), rows)
             bias[absent] = bias[rows].min() - 10.0  # a class never seen in training starts unlikely
         else:
-            ridge = Ridge(alpha=1.0 / reg).fit(pooled["train"], y["train"])
-            weight[0], bias[0] = ridge.coef_, ridge.intercept_
+            weight[0], bias[0] = fitted.coef_, fitted.intercept_
         logits = pooled["dev"] @ weight.T + bias
         dev = head_metrics(task, logits, y["dev"])
         return dev[metric], {"weight": weight, "bias": bias, "dev": dev, "dev_pred": predictions(task, logits)}
