@@ -29,10 +29,40 @@ def _max_jobs() -> str:
     return str(max(1, min(os.cpu_count() or 1, int(free_gb // 3))))
 
 
+def _cuda_home_from_nvcc():
+    """The CUDA toolkit root as the nvcc on PATH reports it (its TOP, from `nvcc -dryrun`), or None.
+
+    torch's cpp_extension takes CUDA_HOME, when unset, as the folder above nvcc's: wrong when that nvcc is a
+    wrapper outside the toolkit (here /usr/local/bin/nvcc exec-ing /usr/local/cuda-13.0/bin/nvcc), where the
+    build then fails on `cuda_runtime.h: No such file` in the first cuda*.cpp (seen building against torch
+    2.11+cu130, the lent GPU machines' stack)."""
+    import re
+    import subprocess
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    try:
+        out = subprocess.run([nvcc, "-dryrun", "-E", "-x", "cu", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    top = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    if top is None:
+        return None
+    home = os.path.realpath(top.group(1).strip())
+    return home if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")) else None
+
+
 def _extensions():
     if os.environ.get("VQDNA_BUILD_EXT", "1") == "0":
         print("vqdna: VQDNA_BUILD_EXT=0, building a pure-Python package")
         return [], {}
+    want_cuda = os.environ.get("VQDNA_BUILD_CUDA", "auto").lower()
+    if want_cuda not in ("0", "false", "no") and not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
+        home = _cuda_home_from_nvcc()  # before cpp_extension is imported: it reads CUDA_HOME at import
+        if home:
+            os.environ["CUDA_HOME"] = home
     import torch
     from torch.utils import cpp_extension
 
@@ -46,7 +76,6 @@ def _extensions():
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-march=x86-64-v3" if _is_x86() else "-mcpu=native"]
     nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
     define_macros = []
-    want_cuda = os.environ.get("VQDNA_BUILD_CUDA", "auto").lower()
     nvcc = cpp_extension.CUDA_HOME is not None and shutil.which("nvcc") is not None
     has_cuda_torch = torch.version.cuda is not None
     build_cuda = want_cuda in ("1", "true", "yes") or (want_cuda == "auto" and nvcc and has_cuda_torch)
@@ -83,5 +112,6 @@ def _is_x86() -> bool:
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
-ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # as pip's build backend and `python setup.py` run it; tests import the helpers
+    ext_modules, cmdclass = _extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)
