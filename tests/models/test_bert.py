@@ -307,6 +307,41 @@ def test_both_strands_pool_the_mean_of_each_strands_features(rng, pooling):
         both(ids, mask, rc_input_ids=rc_ids[:, :-1])
 
 
+@pytest.mark.parametrize("strands", ["forward", "both"])
+@pytest.mark.parametrize("pooling", bert.POOLINGS)
+def test_head_runs_in_its_own_dtype_under_autocast(rng, pooling, strands):
+    """Under bf16 autocast (what the Trainer's bf16 does on a GPU) the encoder runs in bf16 and the head does not:
+    the logits are float32 and equal the float32 head applied to that bf16 encoder's states. The pooler here
+    standardises features whose spread is a few thousandths of their size, as the probe head's does (a token
+    layer bias of 100): a bf16 mean or pooler input would move them by whole standard deviations."""
+    clf = tiny_model(VQDNAForSequenceClassification, num_labels=3, classifier_pooling=pooling,
+                     classifier_strands=strands, classifier_width=24, classifier_window=2)
+    codes, ids, mask = random_ids(5, 7, rng)
+    kw = {}
+    if strands == "both":
+        kw["rc_input_ids"], kw["rc_attention_mask"] = build_inputs([c.flip(0) for c in codes], SIZES, pad_to=ids.shape[1])
+    with torch.no_grad():
+        if pooling == "mean_wide":
+            clf.token_layer[0].bias.add_(100.0)
+        x = clf.pool(ids, mask, **kw)[0]
+        mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+        clf.pooler[0].weight.copy_(torch.diag(1 / std))
+        clf.pooler[0].bias.copy_(-mean / std)
+        seen = []
+        hook = clf.vqdna.register_forward_hook(lambda module, args, out: seen.append(out))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = clf(ids, mask, **kw).logits
+        hook.remove()
+        both_ids = torch.cat([ids, kw["rc_input_ids"]]) if kw else ids  # the rows the encoder read
+        both_mask = torch.cat([mask, kw["rc_attention_mask"]]) if kw else mask
+        float_states = clf.vqdna(both_ids, both_mask).last_hidden_state
+        assert not torch.equal(seen[0].last_hidden_state.float(), float_states)  # the encoder did run in bf16
+        clf.vqdna.forward = lambda *args, **kwargs: seen[0]  # the same bf16 states, the head outside autocast
+        want = clf(ids, mask, **kw).logits
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, want, atol=1e-6, rtol=0)
+
+
 def test_bert_base_parameter_count():
     config = VQDNAConfig()  # defaults = BERT-base over a (64, 512)-code, 384-dim tokenizer
     assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (12, 768, 12)

@@ -533,17 +533,34 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
                                         output_hidden_states)
         return pooled.view(2, input_ids.shape[0], -1).mean(0), out
 
+    def _head_precision(self, device):
+        """A context in which the head (pooling means, token layer, pooler, classifier) computes in its own
+        parameters' dtype whatever autocast is active. The pooler standardises features whose spread between
+        sequences is a small fraction of their size (token means; the probe head's pooler divides by that
+        spread), so bf16 rounding of the means, of the token layer's output or of the pooler's input moves them
+        by much of a standard deviation: under CPU bf16 autocast, GUE mouse 0's probe head went from dev MCC
+        0.6511 / test 0.5583 to 0.6449 / 0.5490 with the encoder's states kept in float32, while rounding only
+        those states to bf16 gave 0.6508 / 0.5583 (examples/RESULTS.md). So the encoder may run in bf16 (the
+        Trainer's bf16 on a GPU), the head does not."""
+        return torch.autocast(device_type=device.type, enabled=False)
+
     def _pool_strand(self, input_ids, attention_mask, output_hidden_states):
         pooling = self.config.classifier_pooling
         layers = pooling in ("mean_layers", "mean_wide")
         out = self.vqdna(input_ids, attention_mask, output_hidden_states=output_hidden_states or layers, return_dict=True)
+        with self._head_precision(input_ids.device):
+            return self._pool_states(out, input_ids, attention_mask), out
+
+    def _pool_states(self, out, input_ids, attention_mask):
+        """The head's input [B, config.pooled_size] (in the head's dtype) from the encoder's output."""
+        pooling, dtype = self.config.classifier_pooling, self.classifier.weight.dtype
         if pooling == "cls":
-            return out.last_hidden_state[:, 0], out
+            return out.last_hidden_state[:, 0].to(dtype)
         if attention_mask is None:
             attention_mask = default_attention_mask(input_ids, self.config.codebook_sizes)
-        w = attention_mask.to(out.last_hidden_state.dtype)[..., None]
+        w = attention_mask.to(dtype)[..., None]
         if pooling == "mean_wide":
-            states, window = torch.cat(out.hidden_states, dim=-1), self.config.classifier_window
+            states, window = torch.cat([h.to(dtype) for h in out.hidden_states], dim=-1), self.config.classifier_window
             if window > 1:  # [B, L, S] -> [B, L - W + 1, W * S]: token t's states, then t + 1's, ...; windows
                 # that reach a padded position do not count (right padding: every window of real tokens is kept)
                 short = max(window - states.shape[1], 0)  # fewer positions than one window: none counts
@@ -554,14 +571,15 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
         else:
             chosen = out.hidden_states if pooling == "mean_layers" else (out.last_hidden_state,)
         count = w.sum(1).clamp(min=1)
-        return torch.cat([(h * w).sum(1) / count for h in chosen], dim=-1), out
+        return torch.cat([(h.to(dtype) * w).sum(1) / count for h in chosen], dim=-1)
 
     def forward(self, input_ids, attention_mask=None, labels=None, output_hidden_states=None, return_dict=None,
                 rc_input_ids=None, rc_attention_mask=None):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         pooled, out = self.pool(input_ids, attention_mask, output_hidden_states=bool(output_hidden_states),
                                 rc_input_ids=rc_input_ids, rc_attention_mask=rc_attention_mask)
-        logits = self.classifier(self.dropout(self.pooler(pooled)))
+        with self._head_precision(pooled.device):
+            logits = self.classifier(self.dropout(self.pooler(pooled)))
         # only when asked for: Trainer's evaluation would otherwise gather every layer of every sequence
         states = out.hidden_states if output_hidden_states else None
         loss = None
