@@ -220,6 +220,33 @@ def test_probe_head_is_what_the_model_computes(tmp_path, monkeypatch, kind, pool
     assert got[metric] == pytest.approx(probe["dev"][metric], abs=1e-6)
 
 
+def test_probe_features_are_computed_in_the_fine_tuning_precision(tmp_path, monkeypatch):
+    """Where fine-tuning runs under bf16 autocast (a GPU: fine_tune_bf16), the probe's features are computed under
+    it too, so the probe head is exactly the fine-tuning's epoch 0. With bf16 forced on this CPU: the probe's
+    features are not the float32 ones, and its dev metric is what the classifier computes under bf16 autocast."""
+    import vqdna.train.finetune as ft
+    from vqdna.models.bert import load_classifier
+
+    data, task = _encoded_task(tmp_path)
+    folder, _ = _mlm.pretrained()
+    model = load_classifier(folder, num_labels=2, classifier_pooling="mean_wide", classifier_width=256).eval()
+    sizes = _mlm.tokenizer().codebook_sizes
+    monkeypatch.setattr(ft, "fine_tune_bf16", lambda device: True)
+    probe = ft.probe_head(model, data, task, 2)
+    bf16 = ft.pooled_features(model, data["dev"], sizes)
+    monkeypatch.setattr(ft, "fine_tune_bf16", lambda device: False)
+    assert np.abs(bf16 - ft.pooled_features(model, data["dev"], sizes)).max() > 1e-4  # bf16 did run
+    model.load_state_dict(probe["state"], strict=False)
+    collate = ft.ClassificationCollator(sizes)
+    logits = []
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in range(0, len(data["dev"]), 64):  # pooled_features' batches: the same bf16 arithmetic
+            batch = collate([data["dev"][j] for j in range(i, min(i + 64, len(data["dev"])))])
+            logits.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double())
+    got = ft.classification_metrics(torch.cat(logits).numpy(), data["dev"].labels.numpy())["mcc"]
+    assert got == pytest.approx(probe["dev"]["mcc"], abs=1e-6) and probe["dev"]["mcc"] > 0.5
+
+
 def test_wide_probe_token_layer_is_random_features_of_standardised_states(tmp_path, monkeypatch):
     """"mean_wide"'s probe token layer: relu(R (x - mean) / std + b) with mean and std over the real tokens
     (both strands) of the first TOKEN_STATS_ITEMS training items, so the pre-activations average to b

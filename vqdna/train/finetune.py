@@ -218,6 +218,19 @@ TOKEN_STATS_ITEMS = 1024
 TOKEN_LAYER_SEED = 0
 
 
+def fine_tune_bf16(device: torch.device) -> bool:
+    """Whether `train_lora`'s Trainer runs under bf16 autocast on `device` (a CUDA device that supports it)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def training_precision(device: torch.device):
+    """The autocast context fine-tuning computes in on `device`. The probe head's features are computed in it
+    too, so the probe is exactly the fine-tuning's epoch 0: the head itself computes in float32 either way
+    (bert's `_head_precision`), but a bf16 encoder moved GUE mouse 0's float32-fitted probe from dev MCC
+    0.6511 to 0.6479 (examples/RESULTS.md)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=fine_tune_bf16(device))
+
+
 def token_layer_probe_state(model, dataset, codebook_sizes, batch_size: int = 64) -> dict:
     """{"token_layer.0.weight" [P, V * S], "token_layer.0.bias" [P]} (float32) of the probe's token layer:
     relu(R (x - mean) / std + b), R [P, V * S] ~ N(0, 1 / (V S)), b ~ U(-1, 1), over the concatenated states
@@ -230,7 +243,7 @@ def token_layer_probe_state(model, dataset, codebook_sizes, batch_size: int = 64
     total, total_sq, count = torch.zeros(size, dtype=torch.float64), torch.zeros(size, dtype=torch.float64), 0
     was_training = model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), training_precision(device):
         for i in range(0, n, batch_size):
             batch = collate([dataset[j] for j in range(i, min(i + batch_size, n))])
             # both strands in one encoder pass, as the model pools them (the collator pads them to one length)
@@ -252,13 +265,14 @@ def token_layer_probe_state(model, dataset, codebook_sizes, batch_size: int = 64
 
 
 def pooled_features(model, dataset, codebook_sizes, batch_size: int = 64) -> np.ndarray:
-    """The head's input [n, config.pooled_size] (float64) for every item of `dataset`, the encoder in eval mode."""
+    """The head's input [n, config.pooled_size] (float64) for every item of `dataset`, the encoder in eval mode and
+    in the fine-tuning's precision (`training_precision`)."""
     collate = ClassificationCollator(codebook_sizes)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), training_precision(device):
         for i in range(0, len(dataset), batch_size):
             batch = collate([dataset[j] for j in range(i, min(i + batch_size, len(dataset)))])
             inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
@@ -423,7 +437,7 @@ def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, s
         lr_scheduler_type="linear", warmup_steps=0.05, eval_strategy="epoch", save_strategy="epoch",
         save_total_limit=1, load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=True,
         logging_strategy="epoch", seed=seed, report_to="none", remove_unused_columns=False,
-        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(), disable_tqdm=not progress,
+        bf16=fine_tune_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu")), disable_tqdm=not progress,
         dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for host-to-GPU copies; on a CPU it only warns
         **cpu_ddp_args(),
     )
