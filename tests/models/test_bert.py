@@ -307,19 +307,24 @@ def test_both_strands_pool_the_mean_of_each_strands_features(rng, pooling):
         both(ids, mask, rc_input_ids=rc_ids[:, :-1])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 @pytest.mark.parametrize("strands", ["forward", "both"])
 @pytest.mark.parametrize("pooling", bert.POOLINGS)
-def test_head_runs_in_its_own_dtype_under_autocast(rng, pooling, strands):
+def test_head_runs_in_its_own_dtype_under_autocast(rng, pooling, strands, device):
     """Under bf16 autocast (what the Trainer's bf16 does on a GPU) the encoder runs in bf16 and the head does not:
     the logits are float32 and equal the float32 head applied to that bf16 encoder's states. The pooler here
     standardises features whose spread is a few thousandths of their size, as the probe head's does (a token
     layer bias of 100): a bf16 mean or pooler input would move them by whole standard deviations."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     clf = tiny_model(VQDNAForSequenceClassification, num_labels=3, classifier_pooling=pooling,
-                     classifier_strands=strands, classifier_width=24, classifier_window=2)
+                     classifier_strands=strands, classifier_width=24, classifier_window=2).to(device)
     codes, ids, mask = random_ids(5, 7, rng)
+    ids, mask = ids.to(device), mask.to(device)
     kw = {}
     if strands == "both":
-        kw["rc_input_ids"], kw["rc_attention_mask"] = build_inputs([c.flip(0) for c in codes], SIZES, pad_to=ids.shape[1])
+        rc = build_inputs([c.flip(0) for c in codes], SIZES, pad_to=ids.shape[1])
+        kw["rc_input_ids"], kw["rc_attention_mask"] = rc[0].to(device), rc[1].to(device)
     with torch.no_grad():
         if pooling == "mean_wide":
             clf.token_layer[0].bias.add_(100.0)
@@ -329,7 +334,7 @@ def test_head_runs_in_its_own_dtype_under_autocast(rng, pooling, strands):
         clf.pooler[0].bias.copy_(-mean / std)
         seen = []
         hook = clf.vqdna.register_forward_hook(lambda module, args, out: seen.append(out))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             logits = clf(ids, mask, **kw).logits
         hook.remove()
         both_ids = torch.cat([ids, kw["rc_input_ids"]]) if kw else ids  # the rows the encoder read

@@ -231,6 +231,7 @@ def test_probe_features_are_computed_in_the_fine_tuning_precision(tmp_path, monk
     folder, _ = _mlm.pretrained()
     model = load_classifier(folder, num_labels=2, classifier_pooling="mean_wide", classifier_width=256).eval()
     sizes = _mlm.tokenizer().codebook_sizes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the probe on this CPU, as the check below
     monkeypatch.setattr(ft, "fine_tune_bf16", lambda device: True)
     probe = ft.probe_head(model, data, task, 2)
     bf16 = ft.pooled_features(model, data["dev"], sizes)
