@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.build._setup_py import setup_py
+
 pytestmark = pytest.mark.nvcc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,24 +43,11 @@ def _report(cmd, proc):
 
 
 def _cuda_include_dir():
-    """CUDA's include dir, found from nvcc (which may be a wrapper script) or CUDA_HOME."""
-    candidates = []
-    # nvcc's own view of its include dir (robust to wrapper scripts and symlinks).
-    try:
-        proc = subprocess.run([NVCC, "--dryrun", "-c", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60)
-        for m in re.finditer(r'INCLUDES="([^"]*)"', proc.stdout + proc.stderr):
-            candidates += [p[2:] for p in m.group(1).split() if p.startswith("-I")]
-    except (OSError, subprocess.SubprocessError):
-        pass
-    real = Path(os.path.realpath(NVCC))
-    candidates.append(str(real.parent.parent / "include"))
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append(os.path.join(os.environ[var], "include"))
-    candidates.append("/usr/local/cuda/include")
-    for c in candidates:
-        if os.path.isfile(os.path.join(c, "cuda_runtime_api.h")):
-            return c
+    """CUDA's include dir as the build sees it: the toolkit root setup.py gives torch's cpp_extension (nvcc's own
+    TOP, right even when the nvcc on PATH is a wrapper script), else CUDA_HOME / CUDA_PATH."""
+    for home in (setup_py()._cuda_home_from_nvcc(), os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if home and os.path.isfile(os.path.join(home, "include", "cuda_runtime_api.h")):
+            return os.path.join(home, "include")
     return None
 
 

@@ -1,7 +1,6 @@
 """setup.py's build helpers: the CUDA toolkit root for torch's cpp_extension, found from the nvcc on PATH even when
 that nvcc is a wrapper script outside the toolkit (as on this project's CPU machines)."""
 
-import importlib.util
 import os
 import shutil
 import stat
@@ -9,14 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _setup_module():
-    spec = importlib.util.spec_from_file_location("vqdna_setup", ROOT / "setup.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # not __main__: defines the helpers, builds nothing
-    return module
+from tests.build._setup_py import setup_py
 
 
 def _executable(path: Path, text: str) -> Path:
@@ -37,13 +29,13 @@ def test_cuda_home_is_nvccs_top_not_the_wrappers_folder(tmp_path, monkeypatch):
     wrapper.mkdir(parents=True)
     _executable(wrapper / "nvcc", f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
     monkeypatch.setenv("PATH", f"{wrapper}{os.pathsep}{os.environ['PATH']}")
-    assert _setup_module()._cuda_home_from_nvcc() == os.path.realpath(toolkit)
+    assert setup_py()._cuda_home_from_nvcc() == os.path.realpath(toolkit)
 
 
 def test_cuda_home_is_none_without_a_toolkit(tmp_path, monkeypatch):
     """No nvcc, or an nvcc whose TOP holds no cuda_runtime.h: None (torch's own search then applies)."""
     monkeypatch.setenv("PATH", str(tmp_path))
-    setup = _setup_module()
+    setup = setup_py()
     assert setup._cuda_home_from_nvcc() is None
     _executable(tmp_path / "nvcc", f'#!/bin/sh\necho "#$ TOP={tmp_path}" >&2\n')
     assert setup._cuda_home_from_nvcc() is None
@@ -52,5 +44,5 @@ def test_cuda_home_is_none_without_a_toolkit(tmp_path, monkeypatch):
 @pytest.mark.nvcc
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found on PATH")
 def test_cuda_home_of_this_machines_nvcc():
-    home = _setup_module()._cuda_home_from_nvcc()
+    home = setup_py()._cuda_home_from_nvcc()
     assert home is not None and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
