@@ -7,6 +7,7 @@ the launchers' host-side decisions in the headers (stem limits, EMA path, vector
 with their Python mirror, vqdna/kernels/cuda_launch.py. Skipped when nvcc is not on PATH.
 """
 
+import functools
 import os
 import re
 import shutil
@@ -42,6 +43,7 @@ def _report(cmd, proc):
     return f"$ {' '.join(map(str, cmd))}\nexit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
 
 
+@functools.cache  # one nvcc -dryrun for every source's check
 def _cuda_include_dir():
     """CUDA's include dir as the build sees it: the toolkit root setup.py gives torch's cpp_extension (nvcc's own
     TOP, right even when the nvcc on PATH is a wrapper script), else CUDA_HOME / CUDA_PATH."""
