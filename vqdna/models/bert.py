@@ -533,7 +533,8 @@ class VQDNAForSequenceClassification(VQDNAPreTrainedModel):
                                         output_hidden_states)
         return pooled.view(2, input_ids.shape[0], -1).mean(0), out
 
-    def _head_precision(self, device):
+    @staticmethod
+    def _head_precision(device):
         """A context in which the head (pooling means, token layer, pooler, classifier) computes in its own
         parameters' dtype whatever autocast is active. The pooler standardises features whose spread between
         sequences is a small fraction of their size (token means; the probe head's pooler divides by that

@@ -218,6 +218,11 @@ TOKEN_STATS_ITEMS = 1024
 TOKEN_LAYER_SEED = 0
 
 
+def training_device() -> torch.device:
+    """The device the probe head's features and `train_lora`'s Trainer compute on: the GPU when there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def fine_tune_bf16(device: torch.device) -> bool:
     """Whether `train_lora`'s Trainer runs under bf16 autocast on `device` (a CUDA device that supports it)."""
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
@@ -301,7 +306,7 @@ def probe_head(model, data, task: str, num_labels: int, batch_size: int = 64) ->
     """
     from vqdna.train.baseline import REGULARIZATION, choose_on_dev, linear_model
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = training_device()
     model.to(device)
     token_state = {}
     if model.config.classifier_pooling == "mean_wide":
@@ -431,14 +436,15 @@ def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, s
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if batch_size % world:
         raise ValueError(f"global batch size {batch_size} is not divisible by the world size {world}")
+    device = training_device()
     args = TrainingArguments(  # batch_size is global: the same optimisation whatever the GPU count
         output_dir=out_dir, num_train_epochs=epochs, per_device_train_batch_size=batch_size // world,
         per_device_eval_batch_size=max(batch_size, 64), learning_rate=lr, weight_decay=weight_decay,
         lr_scheduler_type="linear", warmup_steps=0.05, eval_strategy="epoch", save_strategy="epoch",
         save_total_limit=1, load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=True,
         logging_strategy="epoch", seed=seed, report_to="none", remove_unused_columns=False,
-        bf16=fine_tune_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu")), disable_tqdm=not progress,
-        dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for host-to-GPU copies; on a CPU it only warns
+        bf16=fine_tune_bf16(device), disable_tqdm=not progress,
+        dataloader_pin_memory=device.type == "cuda",  # pinning is for host-to-GPU copies; on a CPU it only warns
         **cpu_ddp_args(),
     )
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["dev"],
