@@ -13,15 +13,13 @@ import re
 import shutil
 import subprocess
 import sysconfig
-from pathlib import Path
 
 import pytest
 
-from tests.build._setup_py import setup_py
+from tests.build._setup_py import ROOT, setup_py
 
 pytestmark = pytest.mark.nvcc
 
-ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 OPS_DIR = CSRC / "ops"
 CU_SOURCES = sorted(OPS_DIR.glob("*/*.cu"))
