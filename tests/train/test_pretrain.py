@@ -148,6 +148,24 @@ def test_the_recipe():
     assert trainer.model.config.train_max_length == 64
 
 
+def test_machine_args_follow_the_machine(monkeypatch):
+    """machine_args: bf16 and pinned batches only with a GPU (bf16 where it is supported, unless the caller
+    says), and a CPU torchrun world gets use_cpu and gloo (without them each rank would train alone)."""
+    from vqdna.train.pretrain import machine_args
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert machine_args() == {"bf16": False, "dataloader_pin_memory": False}
+    assert machine_args(True)["bf16"] is True
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert machine_args() == {"bf16": False, "dataloader_pin_memory": False, "use_cpu": True, "ddp_backend": "gloo"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for supported in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        assert machine_args() == {"bf16": supported, "dataloader_pin_memory": True}  # GPUs: NCCL, the default
+    assert machine_args(False)["bf16"] is False
+
+
 @pytest.mark.slow
 def test_pretrain_ddp_two_ranks_gloo(tmp_path):
     """`torchrun --nproc_per_node 2 vqdna pretrain` on CPU (gloo): one model written, the global batch split."""

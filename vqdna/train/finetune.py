@@ -404,7 +404,7 @@ def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, s
 
     from vqdna.models.bert import load_classifier
 
-    from vqdna.train.pretrain import cpu_ddp_args
+    from vqdna.train.pretrain import machine_args
 
     set_seed(seed)
     problem_type = "single_label_classification" if task == "classification" else "regression"
@@ -443,9 +443,7 @@ def train_lora(model_dir, tok, data, task, num_labels, lr, epochs, batch_size, s
         lr_scheduler_type="linear", warmup_steps=0.05, eval_strategy="epoch", save_strategy="epoch",
         save_total_limit=1, load_best_model_at_end=True, metric_for_best_model=metric, greater_is_better=True,
         logging_strategy="epoch", seed=seed, report_to="none", remove_unused_columns=False,
-        bf16=fine_tune_bf16(device), disable_tqdm=not progress,
-        dataloader_pin_memory=device.type == "cuda",  # pinning is for host-to-GPU copies; on a CPU it only warns
-        **cpu_ddp_args(),
+        disable_tqdm=not progress, **machine_args(fine_tune_bf16(device)),
     )
     trainer = Trainer(model=model, args=args, train_dataset=data["train"], eval_dataset=data["dev"],
                       data_collator=ClassificationCollator(tok.codebook_sizes), compute_metrics=compute_metrics)

@@ -175,8 +175,6 @@ def pretrain(
                                        mlm_probability, seed=seed, encode_device=encode_device)
     if len(train) == 0:
         raise ValueError("the token dataset holds no codes" if isinstance(train, CodeWindows) else "the genomes hold no bases")
-    if bf16 is None:
-        bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     args = TrainingArguments(
         output_dir=out_dir,
         max_steps=steps,
@@ -190,7 +188,6 @@ def pretrain(
         adam_beta2=0.98,
         adam_epsilon=1e-6,
         max_grad_norm=1.0,
-        bf16=bf16,
         logging_steps=logging_steps,
         save_steps=save_steps,
         save_total_limit=2,
@@ -199,8 +196,7 @@ def pretrain(
         remove_unused_columns=False,
         report_to="none",
         ddp_find_unused_parameters=False,
-        dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for host-to-GPU copies; on a CPU it only warns
-        **{**cpu_ddp_args(), **(extra_args or {})},
+        **{**machine_args(bf16), **(extra_args or {})},
     )
     last = get_last_checkpoint(out_dir) if resume and os.path.isdir(out_dir) else None
     if last:
@@ -327,6 +323,16 @@ def write_training_data(out_dir: str, records, tokenizer, window: int, seed: int
                  "window": int(window), "seed": int(seed), "data_path": data_path})
     with open(os.path.join(out_dir, TRAINING_DATA), "w") as f:
         json.dump(data, f, indent=1, default=str)
+
+
+def machine_args(bf16: bool | None = None) -> dict:
+    """The TrainingArguments that follow from this machine, for both trainers (pre-training, fine-tuning): bf16
+    where a GPU supports it (unless `bf16` says otherwise), pinned batches only with a GPU (pinning is for
+    host-to-GPU copies; on a CPU it only warns), and cpu_ddp_args."""
+    cuda = torch.cuda.is_available()
+    if bf16 is None:
+        bf16 = cuda and torch.cuda.is_bf16_supported()
+    return {"bf16": bf16, "dataloader_pin_memory": cuda, **cpu_ddp_args()}
 
 
 def cpu_ddp_args() -> dict:
